@@ -1,0 +1,40 @@
+"""Every option of every config group composes, and instantiates where this machine can run it."""
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF_DIR, compose_config
+
+GROUPS = ["data", "model", "callbacks", "logger", "trainer"]
+NEEDS_OTHER_HARDWARE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "multinode")}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_instantiates(group, option, tmp_path, data_dir):
+    cfg = compose_config("train", [f"{group}={option}"], tmp_path, data_dir)
+    node = cfg[group]
+    OmegaConf.resolve(cfg)
+    if (group, option) in NEEDS_OTHER_HARDWARE:
+        assert issubclass(get_class(node._target_), pl.Trainer)
+        return
+    if group in ("callbacks", "logger"):
+        objects = [instantiate(entry) for entry in (node or {}).values()]
+        assert all(obj is not None for obj in objects)
+    else:
+        assert instantiate(node) is not None
+
+
+def test_train_config_defaults(tmp_path, data_dir):
+    cfg = compose_config("train", [], tmp_path, data_dir)
+    assert cfg.data._target_.endswith("MNIST1DDataModule")
+    assert cfg.model.net._target_.endswith("MNIST1DCNN")
+    assert cfg.trainer.accelerator == "cpu"
+    assert cfg.model.scheduler.T_max == cfg.trainer.max_epochs

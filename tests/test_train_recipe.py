@@ -1,0 +1,47 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_hessian import recipes
+from tests.conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.num_train=400", "data.num_test=100", "data.batch_size=50", "trainer.check_val_every_n_epoch=1"]
+
+
+def test_train_recipe_fits_tests_and_checkpoints(tmp_path, data_dir):
+    cfg = compose_config("train", SMALL + ["trainer.max_epochs=4"], tmp_path, data_dir)
+    metrics = recipes.train(cfg)
+    assert metrics["test/acc"] > 0.3  # 10 classes: chance is 0.1
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "csv" / "metrics.csv").exists()
+
+
+def run_recipe(args, cwd):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "train.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.batch_size=0", "error: data: batch_size must be a positive integer, got 0"),
+        ("data.batch_size=100000", "batch_size=100000 exceeds the 4000 training samples"),
+        ("model=nosuchmodel", "Could not find 'model/nosuchmodel'"),
+    ],
+)
+def test_bad_config_gives_one_clear_line(override, expected, tmp_path, data_dir):
+    result = run_recipe([override, "trainer.max_epochs=1", f"paths.data_dir={data_dir}"], tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_cifar_folder_names_the_key(tmp_path):
+    result = run_recipe(["data=cifar10", "model=resnet20", f"data.data_dir={tmp_path}/none"], tmp_path)
+    assert result.returncode == 2
+    assert "data.data_dir" in result.stderr and "Traceback" not in result.stderr
