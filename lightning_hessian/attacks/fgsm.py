@@ -1,0 +1,50 @@
+"""Fast Gradient Sign Method (Goodfellow, Shlens, Szegedy, ICLR 2015)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_hessian.attacks._common import (
+    LossFn,
+    attack_context,
+    check_batch,
+    check_clamp,
+    check_eps,
+    detached_copy,
+    input_grad,
+    into_range,
+)
+
+
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    loss_fn: LossFn | None = None,
+    clamp: tuple[float, float] | None = None,
+    targeted: bool = False,
+) -> torch.Tensor:
+    """One signed-gradient step of size ``eps`` (L-inf): ``x + eps * sign(grad_x loss)``, clamped to ``clamp``.
+
+    Args:
+        model: maps ``x`` to logits; run in eval mode, its mode and buffers restored afterwards.
+        x: clean inputs ``(N, ...)``, in the units the model takes (``eps`` and ``clamp`` are in these units).
+        y: int64 labels ``(N,)``; with ``targeted=True`` the classes to move towards.
+        eps: L-inf radius, > 0.
+        loss_fn: ``loss_fn(logits, y) -> scalar`` summed or averaged over samples; default cross-entropy.
+        clamp: valid input range ``(lo, hi)``; None for no clamping.
+        targeted: descend the loss towards ``y`` instead of ascending it away from ``y``.
+
+    Returns:
+        Detached adversarial inputs with ``||x_adv - x||_inf <= eps``.
+    """
+    eps = check_eps(eps)
+    check_batch(x, y)
+    clamp = check_clamp(clamp, x)
+    with attack_context(model):
+        x, y = detached_copy(x), detached_copy(y)
+        step = input_grad(model, x, y, loss_fn).sign() * eps
+        return into_range(x - step if targeted else x + step, clamp).detach()

@@ -1,0 +1,76 @@
+"""What the Hessian callbacks differentiate: the loss (by protocol) and a fixed probe set of samples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The default loss for ``(x, y)`` batches."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            "the default Hessian loss needs (x, y) batches; for other batches pass loss_fn=... or define "
+            "hessian_loss(batch) on the LightningModule"
+        )
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def resolve_loss_fn(pl_module: pl.LightningModule, loss_fn: LossFn | None) -> LossFn:
+    """An explicit ``loss_fn``, else the module's ``hessian_loss(batch)``, else cross-entropy on ``(x, y)``.
+
+    The returned function takes ``(model, batch)``; the model it is given is ``pl_module`` itself.
+    """
+    if loss_fn is not None:
+        return loss_fn
+    if callable(getattr(pl_module, "hessian_loss", None)):
+        return lambda model, batch: model.hessian_loss(batch)
+    return cross_entropy_loss
+
+
+def draw_probe_indices(dataset_size: int, probe_size: int, seed: int) -> list[int]:
+    """``probe_size`` distinct sample indices, the same for a given seed on every rank and every call."""
+    if probe_size > dataset_size:
+        raise ValueError(
+            f"probe_size={probe_size} exceeds the {dataset_size} training samples: lower probe_size"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(dataset_size, generator=generator)[:probe_size].sort().values.tolist()
+
+
+def probe_batches(
+    dataset: Dataset,
+    indices: Sequence[int],
+    batch_size: int,
+    collate_fn: Callable | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Any]:
+    """This rank's share of the probe samples, collated into batches (ranks split the indices evenly)."""
+    shard = list(indices[rank::world_size])
+    loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    return list(loader)
+
+
+def train_dataset_of(trainer: pl.Trainer) -> tuple[Dataset, Callable | None]:
+    """The training dataset and collate function the Trainer is using."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        trainer.fit_loop.setup_data()
+        loader = trainer.train_dataloader
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0]
+    elif isinstance(loader, dict):
+        loader = next(iter(loader.values()))
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"cannot draw a probe set from a {type(loader).__name__}; pass probe batches explicitly")
+    return loader.dataset, loader.collate_fn

@@ -1,0 +1,238 @@
+"""What each quantizable layer costs: parameter counts and MACs of a model, turned into size and BOPS tables.
+
+These are the ``costs[resource][layer][bits]`` tables :func:`~lightning_hessian.quant.allocation.allocate_bits`
+takes, HAWQ-V3's budgets between two uniform precisions, and the float baselines for reports. Layers are
+the ``Conv1d``/``Conv2d``/``Linear`` modules of the model, named by their module path.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_hessian.quant.allocation import MAX_BITS, MIN_BITS
+
+QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+FLOAT_BITS = 32
+_UNITS = {"bits": 1, "bytes": 8}
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One quantizable layer: weight elements ``params`` (the ``n_i`` that is quantized), ``bias``
+    elements (kept in 32 bits), and multiply-accumulates per sample ``macs`` in one forward pass."""
+
+    kind: str
+    params: int
+    bias: int
+    macs: int
+
+
+def layer_stats(
+    model: nn.Module, example_input: Any, layers: Iterable[str] | None = None
+) -> dict[str, LayerStats]:
+    """Parameter counts and per-sample MACs of the quantizable layers, from one forward pass.
+
+    Args:
+        model: any ``nn.Module``; its ``Conv1d``/``Conv2d``/``Linear`` modules are found by traversal.
+        example_input: a batch the model accepts: a tensor, a tuple/list of positional arguments or a
+            dict of keyword arguments; its first tensor's leading dimension is the batch size.
+        layers: module paths to keep (default: every quantizable layer).
+
+    MACs count the weight multiplications (``output elements x in_channels / groups x kernel size``
+    for convolutions, ``output elements x in_features`` for linear layers), summed over every call
+    of the layer and divided by the batch size. The model's train/eval modes and buffers are left as
+    they were (the pass runs in eval mode without gradients).
+    """
+    found = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
+    if not found:
+        raise ValueError(
+            f"model {type(model).__name__} has no quantizable layer (Conv1d, Conv2d or Linear) to cost"
+        )
+    if layers is not None:
+        if isinstance(layers, str):
+            raise TypeError(f"layers must be a list of module paths, got the string {layers!r}")
+        layers = list(layers)
+        unknown = [name for name in layers if name not in found]
+        if unknown:
+            raise ValueError(f"layers: {unknown} are not quantizable layers of the model; choose from {list(found)}")
+        found = {name: found[name] for name in layers}
+    batch = _batch_size(example_input)
+    totals = dict.fromkeys(found, 0)
+
+    def hook(name: str):
+        def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if isinstance(module, nn.Linear):
+                per_output = module.in_features
+            else:
+                per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+            totals[name] += output.numel() * per_output
+
+        return count
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [module.register_forward_hook(hook(name)) for name, module in found.items()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, Mapping):
+                model(**example_input)
+            elif isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    unused = [name for name, total in totals.items() if total == 0]
+    if unused:
+        warnings.warn(
+            f"layers {unused} did not run in the forward pass of example_input; their MACs are 0", stacklevel=2
+        )
+    return {
+        name: LayerStats(
+            type(module).__name__,
+            module.weight.numel(),
+            module.bias.numel() if module.bias is not None else 0,
+            totals[name] // batch,
+        )
+        for name, module in found.items()
+    }
+
+
+def layer_costs(
+    model: nn.Module,
+    example_input: Any,
+    layers: Iterable[str] | None = None,
+    bit_choices: Iterable[int] = (2, 4, 8),
+    activation_bits: int | None = None,
+    size_unit: str = "bits",
+) -> dict[str, dict[str, dict[int, float]]]:
+    """``{"size": size_costs(...), "bops": bops_costs(...)}`` for the model's quantizable layers."""
+    stats = layer_stats(model, example_input, layers)
+    return {
+        "size": size_costs(stats, bit_choices, size_unit),
+        "bops": bops_costs(stats, bit_choices, activation_bits),
+    }
+
+
+def size_costs(
+    stats: Mapping[str, LayerStats], bit_choices: Iterable[int] = (2, 4, 8), unit: str = "bits"
+) -> dict[str, dict[int, float]]:
+    """``size[layer][b] = params * b`` weight bits (or ``/ 8`` bytes with ``unit="bytes"``)."""
+    bits, divisor = _check_bit_choices(bit_choices), _unit(unit)
+    return {name: {b: s.params * b / divisor for b in bits} for name, s in stats.items()}
+
+
+def bops_costs(
+    stats: Mapping[str, LayerStats], bit_choices: Iterable[int] = (2, 4, 8), activation_bits: int | None = None
+) -> dict[str, dict[int, float]]:
+    """HAWQ-V3's bit operations ``bops[layer][b] = MACs * b * b_a`` per sample.
+
+    ``activation_bits=None`` pairs each weight width with the same activation width (HAWQ-V3's
+    W4A4/W8A8 mixed setting); an integer fixes the activations (e.g. 8 for W*A8).
+    """
+    bits = _check_bit_choices(bit_choices)
+    a = _check_activation_bits(activation_bits)
+    return {name: {b: float(s.macs * b * (a or b)) for b in bits} for name, s in stats.items()}
+
+
+def budget_between(
+    costs_resource: Mapping[str, Mapping[int, float]], fraction: float, low_bits: int = 4, high_bits: int = 8
+) -> float:
+    """HAWQ-V3's budget: ``fraction`` of the way from every layer at ``low_bits`` to every layer at ``high_bits``.
+
+    ``costs_resource`` is one resource's table, e.g. ``costs["size"]``; ``fraction`` 0 gives the
+    all-``low_bits`` cost and 1 the all-``high_bits`` cost.
+    """
+    if not isinstance(fraction, Real) or not 0 <= fraction <= 1:
+        raise ValueError(
+            f"fraction must be in [0, 1] (0: all {low_bits}-bit, 1: all {high_bits}-bit), got {fraction!r}"
+        )
+    for bits in (low_bits, high_bits):
+        missing = [name for name, table in costs_resource.items() if bits not in table]
+        if missing:
+            raise ValueError(f"costs_resource has no {bits}-bit cost for layers {missing}; add {bits} to bit_choices")
+    low = math.fsum(table[low_bits] for table in costs_resource.values())
+    high = math.fsum(table[high_bits] for table in costs_resource.values())
+    return low + fraction * (high - low)
+
+
+def model_size(stats: Mapping[str, LayerStats], bits: Mapping[str, int] | None = None, unit: str = "bits") -> float:
+    """Storage of the quantizable layers: weights at ``bits[layer]`` (32 when absent), biases at 32 bits.
+
+    ``bits=None`` gives the float (32-bit) size for reports.
+    """
+    bits = bits or {}
+    _check_known(stats, bits)
+    total = sum(s.params * bits.get(name, FLOAT_BITS) + s.bias * FLOAT_BITS for name, s in stats.items())
+    return total / _unit(unit)
+
+
+def model_bops(
+    stats: Mapping[str, LayerStats], bits: Mapping[str, int] | None = None, activation_bits: int | None = None
+) -> float:
+    """Per-sample bit operations ``sum MACs * b_w * b_a`` of the quantizable layers.
+
+    Layers absent from ``bits`` (all of them for ``bits=None``) count as float: ``b_w = b_a = 32``.
+    ``activation_bits`` as in :func:`bops_costs`.
+    """
+    bits = bits or {}
+    _check_known(stats, bits)
+    a = _check_activation_bits(activation_bits)
+    total = 0
+    for name, s in stats.items():
+        if name in bits:
+            total += s.macs * bits[name] * (a or bits[name])
+        else:
+            total += s.macs * FLOAT_BITS * FLOAT_BITS
+    return float(total)
+
+
+def _batch_size(example_input: Any) -> int:
+    values = example_input.values() if isinstance(example_input, Mapping) else example_input
+    if isinstance(values, torch.Tensor):
+        values = [values]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 0:
+            return value.shape[0]
+    raise ValueError(
+        "example_input must be a batched tensor, a tuple/list or a dict holding one "
+        f"(its leading dimension is the batch size), got {type(example_input).__name__}"
+    )
+
+
+def _check_bit_choices(bit_choices: Iterable[int]) -> list[int]:
+    bits = list(bit_choices)
+    bad = [b for b in bits if not isinstance(b, Integral) or isinstance(b, bool) or not MIN_BITS <= b <= MAX_BITS]
+    if not bits or bad:
+        raise ValueError(f"bit_choices must be integers in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    return sorted({int(b) for b in bits})
+
+
+def _check_activation_bits(activation_bits: int | None) -> int | None:
+    a = activation_bits
+    if a is not None and (not isinstance(a, Integral) or isinstance(a, bool) or not 2 <= a <= FLOAT_BITS):
+        raise ValueError(f"activation_bits must be None (same as the weights) or an integer in 2..32, got {a!r}")
+    return activation_bits
+
+
+def _check_known(stats: Mapping[str, LayerStats], bits: Mapping[str, int]) -> None:
+    unknown = [name for name in bits if name not in stats]
+    if unknown:
+        raise ValueError(f"bits has layers {unknown} that are not in stats")
+
+
+def _unit(unit: str) -> int:
+    if unit not in _UNITS:
+        raise ValueError(f"unit must be one of {list(_UNITS)}, got {unit!r}")
+    return _UNITS[unit]

@@ -1,0 +1,147 @@
+"""AdaHessian on 2 ranks (gloo, fork): identical parameters on every rank, equal to 1 process on the union."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from lightning_hessian.optim import AdaHessian, AdaHessianCallback
+
+pytestmark = [
+    pytest.mark.ddp,
+    pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True"),
+]
+
+WORLD, BATCH, STEPS = 2, 8, 4  # BATCH per rank; the single-process reference uses WORLD * BATCH
+OPT = dict(lr=0.1, n_samples=2, weight_decay=0.01)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> nn.Module:
+    """Two Conv1d (3-D kernels, averaged) and a linear head; smooth, so every parameter keeps learning."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(1, 4, 5, stride=2), nn.Tanh(), nn.Conv1d(4, 4, 3, stride=2), nn.Tanh(), nn.Flatten(),
+        nn.Linear(32, 10),
+    ).double()
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    n = WORLD * BATCH * STEPS
+    return torch.randn(n, 1, 40, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
+
+
+def _raw_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    opt = AdaHessian(model.parameters(), **OPT)
+    x, y = _data()
+    for step in range(STEPS):
+        rows = slice((step * WORLD + rank) * BATCH, (step * WORLD + rank + 1) * BATCH)  # this rank's shard
+        opt.zero_grad()
+        with ddp.no_sync():  # DDP cannot all-reduce a create_graph backward; AdaHessian averages itself
+            F.cross_entropy(ddp(x[rows]), y[rows]).backward(create_graph=True)
+        opt.step()
+    torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _single_process_reference() -> dict[str, torch.Tensor]:
+    model = _model()
+    opt = AdaHessian(model.parameters(), **OPT)
+    x, y = _data()
+    for step in range(STEPS):
+        rows = slice(step * WORLD * BATCH, (step + 1) * WORLD * BATCH)  # the union of the ranks' shards
+        opt.zero_grad()
+        F.cross_entropy(model(x[rows]), y[rows]).backward(create_graph=True)
+        opt.step()
+    return model.state_dict()
+
+
+def _assert_ranks_identical_and_equal_to(out: Path, reference: dict[str, torch.Tensor]) -> None:
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    decayed = {k: v * (1 - OPT["lr"] * OPT["weight_decay"]) ** STEPS for k, v in _model().state_dict().items()}
+    for name, ref in reference.items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0][name], ref, rtol=0, atol=1e-12)
+        assert (ref - decayed[name]).abs().max() > 1e-2, name  # every parameter learned, not just decayed
+
+
+def test_raw_ddp_ranks_match_each_other_and_the_union_run(tmp_path: Path) -> None:
+    torch.multiprocessing.start_processes(
+        _raw_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="fork"
+    )
+    _assert_ranks_identical_and_equal_to(tmp_path, _single_process_reference())
+
+
+class _Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = _model()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return AdaHessian(self.parameters(), **OPT)
+
+    def train_dataloader(self):
+        # Lightning's own sampler shuffles; this one deals rank r the samples r, r + WORLD, ... in order.
+        data = torch.utils.data.TensorDataset(*_data())
+        sampler = DistributedSampler(
+            data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
+        return torch.utils.data.DataLoader(data, batch_size=BATCH * WORLD // self.trainer.world_size, sampler=sampler)
+
+
+class _SaveParams(pl.Callback):
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.net.state_dict(), self.out / f"rank{trainer.global_rank}.pt")
+
+
+def _lightning_fit(devices: int, out: Path, strategy="auto") -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, precision="64-true", max_epochs=1,
+        callbacks=[AdaHessianCallback(), _SaveParams(out)], use_distributed_sampler=False, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(_Module())
+
+
+def test_lightning_ddp_ranks_match_each_other_and_the_union_run(tmp_path: Path) -> None:
+    # Each step's two shards of BATCH samples are together the single-process batch of 2 * BATCH.
+    ddp_dir, ref_dir = tmp_path / "ddp", tmp_path / "ref"
+    ddp_dir.mkdir()
+    ref_dir.mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _lightning_fit(WORLD, ddp_dir, DDPStrategy(start_method="fork", process_group_backend="gloo"))
+        _lightning_fit(1, ref_dir)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_ranks_identical_and_equal_to(ddp_dir, torch.load(ref_dir / "rank0.pt", weights_only=True))

@@ -1,0 +1,315 @@
+"""allocate_bits / pareto_frontier against brute-force enumeration, and their input errors."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+from ortools.linear_solver import pywraplp
+from ortools.sat.python import cp_model
+
+from lightning_hessian.quant.allocation import (
+    CPSAT_RESOLUTION,
+    InfeasibleBudgetError,
+    NotProvenOptimalWarning,
+    allocate_bits,
+    allocation_total,
+    pareto_frontier,
+)
+
+RESOURCES = ("size", "bops", "latency")
+
+
+def random_instance(seed: int, num_layers: int, num_budgets: int, max_configs: int = 600_000, sigma: float = 2.0):
+    """Layers in disjoint tie groups with random candidates; costs grow with bits, sensitivity shrinks.
+
+    Layer traces are log-normal with ``sigma`` (HAWQ sensitivities span orders of magnitude).
+    Returns (sensitivity, costs, budgets, ties, groups) with budgets a random fraction of the way
+    from the cheapest to the dearest cost of each resource.
+    """
+    rng = random.Random(seed)
+    layers = [f"layer{i}" for i in range(num_layers)]
+    groups, i = [], 0
+    while i < num_layers:
+        size = rng.choice([1, 1, 1, 2, 3])
+        groups.append(layers[i : i + size])
+        i += size
+    sens, costs, configs = {}, {r: {} for r in RESOURCES[:num_budgets]}, 1
+    for group in groups:
+        k = 2 if configs * 3 > max_configs else rng.choice([2, 3, 3, 4])
+        configs *= k
+        bits = sorted(rng.sample([2, 3, 4, 5, 6, 8], k))
+        for layer in group:
+            trace, params, macs = rng.lognormvariate(0, sigma), rng.randint(100, 50_000), rng.randint(1_000, 1_000_000)
+            sens[layer] = {b: trace * 4.0**-b * rng.uniform(0.5, 1.5) for b in bits}
+            table = {
+                "size": {b: float(params * b) for b in bits},
+                "bops": {b: float(macs * b * b) for b in bits},
+                "latency": {b: rng.uniform(0.1, 1.0) * b for b in bits},
+            }
+            for r in costs:
+                costs[r][layer] = table[r]
+    budgets = {}
+    for r, per_layer in costs.items():
+        lo = sum(min(per_layer[layer][b] for b in sens[g[0]]) for g in groups for layer in g)
+        hi = sum(max(per_layer[layer][b] for b in sens[g[0]]) for g in groups for layer in g)
+        budgets[r] = lo + rng.uniform(0.2, 0.8) * (hi - lo)
+    ties = [tuple(g) for g in groups if len(g) > 1]
+    return sens, costs, budgets, ties, groups
+
+
+def brute_force(sens, costs, budgets, groups, slack=None):
+    """Optimal (objective, allocation) by enumerating every per-group choice (vectorised).
+
+    ``slack[r]`` is subtracted from budget ``r`` (to test CP-SAT's documented guarantee).
+    """
+    slack = slack or {}
+    obj, used, choices = np.zeros(1), {r: np.zeros(1) for r in budgets}, []
+    for g in groups:
+        bits = sorted(sens[g[0]])
+        choices.append(bits)
+        s = np.array([sum(sens[layer][b] for layer in g) for b in bits])
+        obj = (obj[:, None] + s[None, :]).ravel()
+        for r in budgets:
+            c = np.array([sum(costs[r][layer][b] for layer in g) for b in bits])
+            used[r] = (used[r][:, None] + c[None, :]).ravel()
+    feasible = np.ones(obj.shape, dtype=bool)
+    for r, b in budgets.items():
+        feasible &= used[r] <= b - slack.get(r, 0.0)
+    if not feasible.any():
+        return math.inf, None
+    best = int(np.argmin(np.where(feasible, obj, np.inf)))
+    index = np.unravel_index(best, [len(c) for c in choices])
+    allocation = {layer: bits[k] for g, bits, k in zip(groups, choices, index) for layer in g}
+    return obj[best], allocation
+
+
+def assert_valid(allocation, sens, costs, budgets, ties):
+    assert list(allocation) == list(sens)
+    for layer, bits in allocation.items():
+        assert bits in sens[layer]
+    for tie in ties:
+        assert len({allocation[layer] for layer in tie}) == 1
+    for r, b in budgets.items():
+        assert allocation_total(costs[r], allocation) <= b * (1 + 1e-9)
+
+
+CASES = [(seed, 12 + seed % 9, 1 + seed % 3) for seed in range(12)]
+
+
+@pytest.mark.parametrize("solver", ["cbc", "scip"])
+@pytest.mark.parametrize("seed,num_layers,num_budgets", CASES)
+def test_mip_matches_brute_force(solver, seed, num_layers, num_budgets):
+    sens, costs, budgets, ties, groups = random_instance(seed, num_layers, num_budgets)
+    best, _ = brute_force(sens, costs, budgets, groups)
+    allocation = allocate_bits(sens, costs, budgets, ties=ties, solver=solver)
+    assert_valid(allocation, sens, costs, budgets, ties)
+    assert allocation_total(sens, allocation) == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["cbc", "scip"])
+@pytest.mark.parametrize("seed", range(4))
+def test_mip_exact_when_sensitivities_span_many_orders(solver, seed):
+    # Small layers' differences fall far below the solvers' absolute tolerances unless the objective is scaled.
+    sens, costs, budgets, ties, groups = random_instance(100 + seed, 14, 1 + seed % 3, sigma=6.0)
+    best, _ = brute_force(sens, costs, budgets, groups)
+    allocation = allocate_bits(sens, costs, budgets, ties=ties, solver=solver)
+    assert_valid(allocation, sens, costs, budgets, ties)
+    assert allocation_total(sens, allocation) == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed,num_layers,num_budgets", CASES)
+def test_cpsat_within_documented_resolution(seed, num_layers, num_budgets):
+    sens, costs, budgets, ties, groups = random_instance(seed, num_layers, num_budgets)
+    allocation = allocate_bits(sens, costs, budgets, ties=ties, solver="cp-sat")
+    assert_valid(allocation, sens, costs, budgets, ties)
+    # Guarantee: objective <= optimum under budgets tightened by G * C_r / R, plus G * S / R.
+    G = len(groups)
+    spread = sum(max(sum(sens[layer][b] for layer in g) for b in sens[g[0]]) -
+                 min(sum(sens[layer][b] for layer in g) for b in sens[g[0]]) for g in groups)
+    slack = {}
+    for r in budgets:
+        per_group = [[sum(costs[r][layer][b] for layer in g) for b in sens[g[0]]] for g in groups]
+        slack[r] = G * sum(max(c) - min(c) for c in per_group) / CPSAT_RESOLUTION
+    best, _ = brute_force(sens, costs, budgets, groups)
+    tightened, _ = brute_force(sens, costs, budgets, groups, slack)
+    objective = allocation_total(sens, allocation)
+    assert objective >= best * (1 - 1e-9)
+    assert objective <= tightened + G * spread / CPSAT_RESOLUTION + 1e-12 * abs(tightened)
+    # At this resolution the documented guarantee means the exact optimum on these instances.
+    assert objective == pytest.approx(best, rel=1e-9)
+
+
+def test_budget_exactly_at_optimum_boundary_is_feasible():
+    sens, costs, _, ties, groups = random_instance(3, 14, 2)
+    target = {layer: min(sens[g[0]]) for g in groups for layer in g}  # every layer at its fewest bits
+    budgets = {r: allocation_total(costs[r], target) for r in costs}
+    for solver in ("cbc", "scip", "cp-sat"):
+        assert allocate_bits(sens, costs, budgets, ties=ties, solver=solver) == target
+
+
+def test_infeasible_budget_names_each_resource_and_minimum():
+    sens, costs, budgets, ties, groups = random_instance(5, 15, 3)
+    # Brute force with the resource itself as objective and no budget: its smallest value under the ties.
+    minimums = {r: brute_force(costs[r], costs, {}, groups)[0] for r in costs}
+    budgets["size"] = minimums["size"] * 0.99
+    with pytest.raises(InfeasibleBudgetError) as info:
+        allocate_bits(sens, costs, budgets, ties=ties)
+    message = str(info.value)
+    for r in costs:
+        assert f"{r!r}: smallest achievable {minimums[r]:.12g}" in message
+        assert f"budget {budgets[r]:.12g}" in message
+    assert info.value.minimums["size"] == pytest.approx(minimums["size"], rel=1e-12)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("solver", ["cbc", "scip", "cp-sat"])
+def test_jointly_infeasible_budgets(solver):
+    # size <= 5 forces (a, b) = (2, 8) and bops <= 5 forces (8, 2): each alone is met, not both.
+    sens = {"a": {2: 1.0, 8: 0.0}, "b": {2: 1.0, 8: 0.0}}
+    costs = {
+        "size": {"a": {2: 0.0, 8: 10.0}, "b": {2: 10.0, 8: 0.0}},
+        "bops": {"a": {2: 10.0, 8: 0.0}, "b": {2: 0.0, 8: 10.0}},
+    }
+    with pytest.raises(InfeasibleBudgetError, match="not all together") as info:
+        allocate_bits(sens, costs, {"size": 5.0, "bops": 5.0}, solver=solver)
+    assert info.value.minimums == {"size": 0.0, "bops": 0.0}
+
+
+def test_ties_respected_and_change_the_optimum():
+    sens = {"a": {4: 10.0, 8: 0.0}, "b": {4: 0.0, 8: 0.0}}
+    costs = {"size": {"a": {4: 4.0, 8: 8.0}, "b": {4: 4.0, 8: 8.0}}}
+    assert allocate_bits(sens, costs, {"size": 12.0}) == {"a": 8, "b": 4}
+    # Tied, 8/8 costs 16 > 12: both must drop to 4 bits.
+    assert allocate_bits(sens, costs, {"size": 12.0}, ties=[("a", "b")]) == {"a": 4, "b": 4}
+    assert allocate_bits(sens, costs, {"size": 16.0}, ties=[("b", "a")]) == {"a": 8, "b": 8}
+
+
+def test_overlapping_ties_merge():
+    sens = {n: {4: 1.0, 8: 0.0} for n in "abc"}
+    sens["c"] = {4: 0.0, 8: 0.0}
+    costs = {"size": {n: {4: 4.0, 8: 8.0} for n in "abc"}}
+    bits = allocate_bits(sens, costs, {"size": 20.0}, ties=[("a", "b"), ("b", "c")])
+    assert bits == {"a": 4, "b": 4, "c": 4}  # a,b at 8 alone would fit (20), but c is tied to them
+
+
+@pytest.mark.parametrize("solver", ["cbc", "scip", "cp-sat"])
+def test_time_limit_unproven_warns_and_empty_raises(solver, monkeypatch):
+    """Solver statuses at the time limit: feasible-but-unproven warns, nothing found raises."""
+    sens, costs, budgets, ties, groups = random_instance(7, 16, 3)
+    best, _ = brute_force(sens, costs, budgets, groups)
+    if solver == "cp-sat":
+        cls, method, feasible, nothing = cp_model.CpSolver, "solve", cp_model.FEASIBLE, cp_model.UNKNOWN
+    else:
+        cls, method, feasible, nothing = pywraplp.Solver, "Solve", pywraplp.Solver.FEASIBLE, pywraplp.Solver.NOT_SOLVED
+    solve = getattr(cls, method)
+    monkeypatch.setattr(cls, method, lambda self, *a: (solve(self, *a), feasible)[1])
+    with pytest.warns(NotProvenOptimalWarning, match="time_limit_s=2.5 before proving optimality"):
+        allocation = allocate_bits(sens, costs, budgets, ties=ties, solver=solver, time_limit_s=2.5)
+    assert_valid(allocation, sens, costs, budgets, ties)
+    assert allocation_total(sens, allocation) == pytest.approx(best, rel=1e-9)
+    monkeypatch.setattr(cls, method, lambda self, *a: (solve(self, *a), nothing)[1])
+    with pytest.raises(TimeoutError, match="no allocation within time_limit_s=2.5"):
+        allocate_bits(sens, costs, budgets, ties=ties, solver=solver, time_limit_s=2.5)
+
+
+def test_over_budget_solver_answer_is_resolved_with_tighter_budget(monkeypatch):
+    """An answer over budget (the solver's integrality tolerance) is never returned: the row is tightened."""
+    import lightning_hessian.quant.allocation as allocation
+
+    sens, costs, budgets, ties, groups = random_instance(9, 13, 2)
+    real, calls = allocation._solve_mip, []
+
+    def sloppy(problem, name, time_limit_s, rhs_cut):
+        calls.append(dict(rhs_cut))
+        if len(calls) == 1:  # first answer: optimal for budgets 10% too loose
+            return real(problem, name, time_limit_s, {r: -0.1 * b for r, b in problem.budgets.items()})
+        return real(problem, name, time_limit_s, rhs_cut)
+
+    monkeypatch.setattr(allocation, "_solve_mip", sloppy)
+    bits = allocate_bits(sens, costs, budgets, ties=ties)
+    assert len(calls) == 2 and calls[0] == {"size": 0.0, "bops": 0.0} and max(calls[1].values()) > 0
+    assert_valid(bits, sens, costs, budgets, ties)
+    tightened, _ = brute_force(sens, costs, budgets, groups, slack=calls[1])
+    assert allocation_total(sens, bits) == pytest.approx(tightened, rel=1e-9)
+
+
+def test_pareto_frontier_matches_brute_force_sweep():
+    sens, costs, budgets, ties, groups = random_instance(11, 12, 2)
+    points = pareto_frontier(sens, costs, "size", 6, budgets={"bops": budgets["bops"]}, ties=ties)
+    lo = sum(min(sum(costs["size"][layer][b] for layer in g) for b in sens[g[0]]) for g in groups)
+    hi = sum(max(sum(costs["size"][layer][b] for layer in g) for b in sens[g[0]]) for g in groups)
+    swept = [p.budget for p in points]
+    expected = [lo + (hi - lo) * i / 5 for i in range(6)]
+    objectives = []
+    for budget, objective, allocation in points:
+        best, _ = brute_force(sens, costs, {"size": budget, "bops": budgets["bops"]}, groups)
+        assert objective == pytest.approx(best, rel=1e-9)
+        assert allocation_total(costs["size"], allocation) <= budget * (1 + 1e-9)
+        objectives.append(objective)
+    assert all(b in expected for b in swept) and swept == sorted(swept)
+    assert all(x >= y - 1e-12 for x, y in zip(objectives, objectives[1:]))  # more budget, less loss
+    # Points infeasible under the fixed bops budget are left out, not reported.
+    feasible = [b for b in expected if brute_force(sens, costs, {"size": b, "bops": budgets["bops"]}, groups)[1]]
+    assert swept == feasible
+
+
+def test_pareto_frontier_explicit_budgets_and_errors():
+    sens = {"a": {4: 1.0, 8: 0.0}, "b": {4: 2.0, 8: 0.0}}
+    costs = {"size": {"a": {4: 4.0, 8: 8.0}, "b": {4: 4.0, 8: 8.0}}}
+    points = pareto_frontier(sens, costs, "size", [4.0, 8.0, 12.0, 16.0])
+    assert [(p.budget, p.objective) for p in points] == [(8.0, 3.0), (12.0, 1.0), (16.0, 0.0)]
+    assert points[1].allocation == {"a": 4, "b": 8}
+    with pytest.raises(InfeasibleBudgetError, match="smallest achievable 8"):
+        pareto_frontier(sens, costs, "size", [1.0, 2.0])
+    with pytest.raises(ValueError, match="resource='latency'"):
+        pareto_frontier(sens, costs, "latency", 5)
+    with pytest.raises(ValueError, match="budgets_or_num_points"):
+        pareto_frontier(sens, costs, "size", 1)
+    with pytest.raises(ValueError, match="swept resource"):
+        pareto_frontier(sens, costs, "size", 3, budgets={"size": 10.0})
+
+
+SENS = {"a": {4: 1.0, 8: 0.0}, "b": {4: 2.0, 8: 0.0}}
+COSTS = {"size": {"a": {4: 4.0, 8: 8.0}, "b": {4: 4.0, 8: 8.0}}}
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (dict(ties=[("a", "zzz")]), ValueError, "ties: unknown layer 'zzz'"),
+        (dict(ties=("a", "b")), TypeError, "ties must be groups of layer names"),
+        (dict(costs={"size": {**COSTS["size"], "c": {4: 1.0}}}), ValueError, r"costs\['size'\]: unknown layer 'c'"),
+        (dict(costs={"size": {"a": COSTS["size"]["a"]}}), ValueError, r"costs\['size'\] has no entry for layer 'b'"),
+        (dict(costs={"size": {"a": {4: 4.0}, "b": COSTS["size"]["b"]}}), ValueError, r"lacks bit widths \[8\]"),
+        (dict(costs={"size": {"a": {4: -1.0, 8: 8.0}, "b": COSTS["size"]["b"]}}), ValueError, r">= 0"),
+        (dict(sensitivity={"a": {1: 1.0, 8: 0.0}, "b": SENS["b"]}), ValueError, r"bit width 1 is not an integer"),
+        (dict(sensitivity={"a": {4: 1.0, 16: 0.0}, "b": SENS["b"]}), ValueError, r"bit width 16 .* 2\.\.8"),
+        (dict(sensitivity={"a": {4: 1.0, 8.0: 0.0}, "b": SENS["b"]}), ValueError, r"bit width 8\.0"),
+        (dict(sensitivity={"a": {4: float("nan"), 8: 0.0}, "b": SENS["b"]}), ValueError, r"sensitivity\['a'\]\[4\]"),
+        (dict(sensitivity={}), ValueError, "sensitivity must be a non-empty"),
+        (dict(budgets={"size": -1.0}), ValueError, r"budgets\['size'\] must be a number >= 0"),
+        (dict(budgets={"latency": 1.0}), ValueError, r"budgets\['latency'\] has no cost table"),
+        (dict(solver="glpk"), ValueError, "solver='glpk' is not supported"),
+        (dict(time_limit_s=0), ValueError, "time_limit_s must be a positive"),
+        (
+            dict(sensitivity={"a": {4: 1.0, 8: 0.0}, "b": {2: 3.0, 4: 2.0, 8: 0.0}}, ties=[("a", "b")],
+                 costs={"size": {"a": {4: 4.0, 8: 8.0}, "b": {2: 2.0, 4: 4.0, 8: 8.0}}}),
+            ValueError,
+            "different candidate bit widths",
+        ),
+    ],
+)
+def test_bad_input_raises_clear_error(kwargs, error, pattern):
+    args = dict(sensitivity=SENS, costs=COSTS, budgets={"size": 12.0})
+    args.update(kwargs)
+    with pytest.raises(error, match=pattern):
+        allocate_bits(**args)
+
+
+def test_unbudgeted_resources_and_infinite_budget_leave_choice_free():
+    costs = {**COSTS, "bops": {"a": {4: 1.0, 8: 1e9}, "b": {4: 1.0, 8: 1e9}}}
+    assert allocate_bits(SENS, costs, {"size": math.inf}) == {"a": 8, "b": 8}
+    assert allocate_bits(SENS, costs, {}, solver="cp-sat") == {"a": 8, "b": 8}
