@@ -1,0 +1,553 @@
+"""Quantized layers, module swapping, BatchNorm folding and the integer simulation mode.
+
+``quantize_model`` swaps ``Conv1d``/``Conv2d``/``Linear`` (fake-quantized weights per channel, a ``QuantAct``
+on the input), ``ResidualAdd`` (both inputs requantized to one output scale) and adaptive average pools
+on any model, by module traversal; layer names are the module paths of the float model. Layers it
+cannot quantize are reported and warned about (``torch.fx`` also scans for functional ops when the
+model is traceable).
+
+Training runs with BatchNorm unfolded; ``fold_batchnorm`` then folds the frozen statistics into the
+preceding conv for deployment. ``set_integer_simulation`` switches the quantized modules to the exact
+integer arithmetic of ``lightning_hessian.quant.integer``: tensors then flow as ``ScaledTensor`` (values
+``n * scale`` with integer ``n``, in float64, which holds every ``|n| < 2^53`` exactly), convolutions
+accumulate integer codes exactly, and every requantization is the dyadic ``quantizers.requantize``.
+
+Example::
+
+    qmodel, report = quantize_model(model, {"features.0": 8, "features.3": 4, ...})  # or bits=8
+    calibrate(qmodel, [x1, x2])                 # or fine-tune: ranges track in training mode
+    fold_batchnorm(qmodel, x1)                  # freeze BN statistics into the convs
+    set_integer_simulation(qmodel.eval())       # exact integer arithmetic, float64 carriers
+    imodel = to_integer_model(qmodel, x1)       # lightning_hessian.quant.integer: bit-identical logits
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_hessian.models import ResidualAdd
+from lightning_hessian.quant.quantizers import (
+    ActivationQuantizer,
+    bias_codes,
+    dyadic,
+    quantize,
+    quantize_bias,
+    quantize_weight,
+    requantize,
+    validate_bits,
+    weight_codes,
+    weight_scale,
+)
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_PASS_THROUGH = (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, ResidualAdd,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+
+# Ops under which a ScaledTensor keeps its scale: elementwise ops that commute with a positive scale
+# (ReLU; dropout, which is the identity in eval) and pure data movement.
+_KEEP_SCALE = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.dropout, F.dropout1d,
+               F.dropout2d, torch.clone, Tensor.clone, Tensor.contiguous}
+_MOVE_SCALE = {torch.flatten, Tensor.flatten, torch.reshape, Tensor.reshape, Tensor.view, torch.unsqueeze,
+               Tensor.unsqueeze, torch.squeeze, Tensor.squeeze, torch.permute, Tensor.permute,
+               torch.transpose, Tensor.transpose}
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                    "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
+_FX_ALLOWED = {"relu", "relu_", "dropout", "dropout1d", "dropout2d", "clone", "contiguous", "flatten", "reshape",
+               "view", "unsqueeze", "squeeze", "permute", "transpose", "size", "dim", "getattr", "getitem"}
+
+
+class ScaledTensor(Tensor):
+    """A float64 tensor of values ``n * scale`` (integers ``n``) tagged with ``scale``: the simulation's carrier.
+
+    ``scale`` broadcasts against the tensor (a scalar per tensor, or per channel). ``scale is None`` means
+    the values are plain floats: ``is_input`` marks the raw model input (before the first quantizer),
+    otherwise a non-integer op touched the tensor. Reshapes and ReLU keep the scale; any other op returns
+    a plain tensor, which is how the integer conversion detects float ops between quantized layers.
+    """
+
+    scale: Tensor | None
+    is_input: bool
+
+    @staticmethod
+    def wrap(data: Tensor, scale: Tensor | None, is_input: bool = False) -> ScaledTensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            out = data.as_subclass(ScaledTensor)
+        out.scale, out.is_input = scale, is_input
+        return out
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    def integers(self) -> Tensor:
+        """The integer codes ``n`` as int64 (exact: ``|n| < 2^50`` leaves the float64 rounding below 1/2)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.round(self / self.scale).long()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        src = args[0] if args else kwargs.get("input")
+        if not isinstance(src, ScaledTensor):
+            return out
+        keeps = func in _KEEP_SCALE or func in _MOVE_SCALE
+        name = getattr(func, "__name__", "")
+        if not keeps and (name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))):
+            src.scale, src.is_input = None, False  # modified in place by a float op
+        if not keeps or out is src or not isinstance(out, Tensor):  # out is src: in-place or a no-op
+            return out
+        scale = src.scale
+        if func in _MOVE_SCALE and scale is not None and scale.numel() > 1:
+            full = scale.expand(src.shape).contiguous()
+            scale = func(full, *args[1:], **kwargs) if args else func(**{**kwargs, "input": full})
+        return ScaledTensor.wrap(out, scale, src.is_input)
+
+
+def _is_quantized(x: Tensor) -> bool:
+    return isinstance(x, ScaledTensor) and x.quantized
+
+
+def _check_simulation(quantizer: ActivationQuantizer) -> None:
+    if quantizer.training:
+        raise RuntimeError("integer simulation runs in eval mode (frozen ranges): call model.eval() first")
+    if not quantizer.calibrated:
+        raise RuntimeError("integer simulation needs calibrated activation ranges: run a few training-mode "
+                           "batches (or calibrate(model, inputs)) first")
+
+
+class QuantAct(ActivationQuantizer):
+    """Activation quantizer module (model inputs, after a ReLU, at every quantized layer's input).
+
+    Fake-quantizes in training and eval; in integer simulation it requantizes an incoming integer
+    tensor by a dyadic multiplier (or quantizes a float input once) and returns a ``ScaledTensor``.
+    """
+
+    simulate: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.simulate:
+            return super().forward(x)
+        _check_simulation(self)
+        scale = self.scale().double()
+        qmin, qmax = self.qrange()
+        if _is_quantized(x):
+            n = requantize(x.integers(), *dyadic(x.scale / scale), qmin, qmax)
+        else:
+            n = quantize(x.double(), scale, qmin, qmax)
+        return ScaledTensor.wrap(n.double() * scale, scale)
+
+
+class _QuantLayer:
+    """Shared behaviour of the quantized conv/linear layers (mixed in before the torch layer class)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_bits: int
+    act: QuantAct
+    simulate: bool
+
+    def _init_quant(self, weight_bits: int, act_bits: int, momentum: float | None) -> None:
+        self.weight_bits = validate_bits(weight_bits, "weight_bits")
+        self.act = QuantAct(act_bits, signed=None, momentum=momentum)
+        self.simulate = False
+
+    def integer_params(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Weight codes (int64), int32 bias codes (int64, or None) and the accumulator scale ``s_w * s_in``
+        (float64, per output channel): the single source of the integer parameters for simulation and export.
+        """
+        codes, scale = weight_codes(self.weight, self.weight_bits)
+        acc_scale = scale.double() * self.act.scale().double()
+        bias = None if self.bias is None else bias_codes(self.bias, acc_scale)
+        return codes.long(), bias, acc_scale
+
+    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _channel_scale(self, scale: Tensor, out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(x)
+        if self.simulate:
+            codes, bias, acc_scale = self.integer_params()
+            acc = self._apply(x.integers().double(), codes.double(), None if bias is None else bias.double())
+            scale = self._channel_scale(acc_scale, acc)
+            return ScaledTensor.wrap(acc * scale, scale)
+        weight = quantize_weight(self.weight, self.weight_bits)
+        bias = self.bias
+        if bias is not None and self.act.calibrated:
+            bias = quantize_bias(bias, weight_scale(self.weight, self.weight_bits) * self.act.scale())
+        return self._apply(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_bits={self.weight_bits}"
+
+
+class _QuantConv(_QuantLayer):
+    @classmethod
+    def from_float(cls, conv: nn.Module, weight_bits: int, act_bits: int = 8, momentum: float | None = None):
+        """Quantized copy of ``conv`` sharing its parameters."""
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+                weight_bits=weight_bits, act_bits=act_bits, momentum=momentum)
+        q.weight, q.bias = conv.weight, conv.bias
+        return q.train(conv.training)
+
+    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv_forward(x, weight, bias)
+
+    def _channel_scale(self, scale: Tensor, out: Tensor) -> Tensor:
+        return scale.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    """``nn.Conv1d`` with per-channel fake-quantized weights, an int32 bias and a quantized input."""
+
+    def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(weight_bits, act_bits, momentum)
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """``nn.Conv2d`` with per-channel fake-quantized weights, an int32 bias and a quantized input."""
+
+    def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(weight_bits, act_bits, momentum)
+
+
+class QuantLinear(_QuantLayer, nn.Linear):
+    """``nn.Linear`` with per-channel fake-quantized weights, an int32 bias and a quantized input."""
+
+    def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(weight_bits, act_bits, momentum)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int = 8, momentum: float | None = None):
+        """Quantized copy of ``linear`` sharing its parameters."""
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype, weight_bits=weight_bits,
+                act_bits=act_bits, momentum=momentum)
+        q.weight, q.bias = linear.weight, linear.bias
+        return q.train(linear.training)
+
+    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def _channel_scale(self, scale: Tensor, out: Tensor) -> Tensor:
+        return scale
+
+
+class QuantResidualAdd(nn.Module):
+    """Quantized ``a + b``: in simulation both inputs are requantized to the output scale, added and clamped."""
+
+    def __init__(self, bits: int = 8, momentum: float | None = None):
+        super().__init__()
+        self.act = ActivationQuantizer(bits, signed=None, momentum=momentum)
+        self.simulate = False
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if not self.simulate:
+            return self.act(a + b)
+        _check_simulation(self.act)
+        if not (_is_quantized(a) and _is_quantized(b)):
+            raise RuntimeError("QuantResidualAdd in integer simulation needs quantized inputs on both branches "
+                               "(a float op or unquantized layer feeds it)")
+        scale = self.act.scale().double()
+        qmin, qmax = self.act.qrange()
+        n = sum(requantize(t.integers(), *dyadic(t.scale / scale)) for t in (a, b)).clamp(qmin, qmax)
+        return ScaledTensor.wrap(n.double() * scale, scale)
+
+
+def window_sum(x: Tensor, output_size: tuple[int | None, ...]) -> Tensor:
+    """Sum over the equal windows of an adaptive average pool (``(N, C, *spatial)``; dtype kept)."""
+    spatial = x.shape[2:]
+    out = [s if o is None else o for o, s in zip(output_size, spatial)]
+    if any(s % o for o, s in zip(out, spatial)):
+        raise ValueError(f"integer average pooling needs input size {tuple(spatial)} divisible by the output "
+                         f"size {tuple(out)} (equal windows)")
+    shape = [x.shape[0], x.shape[1]]
+    for o, s in zip(out, spatial):
+        shape += [o, s // o]
+    return x.reshape(shape).sum(dim=tuple(3 + 2 * i for i in range(len(out))), dtype=x.dtype)
+
+
+class QuantAdaptiveAvgPool(nn.Module):
+    """Adaptive average pool; in simulation an integer window sum whose scale absorbs the ``1/window``.
+
+    The division never happens in integers: the sum keeps scale ``s / window`` and the next requantization's
+    dyadic multiplier carries the ``1/window`` (one rounding instead of two).
+    """
+
+    def __init__(self, output_size: int | tuple[int | None, ...], dims: int):
+        super().__init__()
+        self.output_size = (output_size,) * dims if isinstance(output_size, int) or output_size is None \
+            else tuple(output_size)
+        self.dims = dims
+        self.simulate = False
+
+    @classmethod
+    def from_float(cls, pool: nn.Module) -> QuantAdaptiveAvgPool:
+        return cls(pool.output_size, 1 if isinstance(pool, nn.AdaptiveAvgPool1d) else 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pool = F.adaptive_avg_pool1d if self.dims == 1 else F.adaptive_avg_pool2d
+        if not self.simulate:
+            return pool(x, self.output_size)
+        if not _is_quantized(x):
+            raise RuntimeError("QuantAdaptiveAvgPool in integer simulation needs a quantized input")
+        if x.scale.dim() > self.dims and any(d != 1 for d in x.scale.shape[-self.dims:]):
+            raise RuntimeError("integer average pooling needs a per-tensor or per-channel input scale")
+        summed = window_sum(x.integers(), self.output_size)
+        scale = x.scale / (x.shape[2:].numel() // summed.shape[2:].numel())
+        return ScaledTensor.wrap(summed.double() * scale, scale)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+QUANT_MODULES = (QuantAct, QuantConv1d, QuantConv2d, QuantLinear, QuantResidualAdd, QuantAdaptiveAvgPool)
+_SWAP = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names (module paths) of the layers ``quantize_model`` can quantize: plain Conv1d, Conv2d, Linear."""
+    return [name for name, m in model.named_modules() if type(m) in _SWAP or isinstance(m, _QuantLayer)]
+
+
+@dataclass
+class QuantizationReport:
+    """What ``quantize_model`` did: per-layer weight bits, and everything that stays in float."""
+
+    weight_bits: dict[str, int]
+    act_bits: int
+    float_layers: dict[str, str] = field(default_factory=dict)  # name -> why it stays float
+    batchnorms: list[str] = field(default_factory=list)  # fold with fold_batchnorm before deployment
+    fx_error: str | None = None  # why the torch.fx scan for functional ops could not run
+
+    def __str__(self) -> str:
+        lines = ["| layer | weight bits |", "|---|---|"]
+        lines += [f"| {name} | {bits} |" for name, bits in self.weight_bits.items()]
+        lines += [f"| {name} | float ({why}) |" for name, why in self.float_layers.items()]
+        lines.append(f"activations: {self.act_bits} bits; BatchNorm to fold: {', '.join(self.batchnorms) or 'none'}")
+        if self.fx_error:
+            lines.append(f"functional ops not scanned (torch.fx could not trace: {self.fx_error})")
+        return "\n".join(lines)
+
+
+def _resolve_bits(bits: int | Mapping[str, int], layers: list[str]) -> dict[str, int]:
+    if isinstance(bits, Mapping):
+        unknown = sorted(set(bits) - set(layers))
+        if unknown:
+            raise ValueError(f"bits names unknown layers {unknown}; quantizable layers are {layers}")
+        return {name: validate_bits(bits[name], f"bits[{name!r}]") for name in layers if name in bits}
+    return dict.fromkeys(layers, validate_bits(bits, "bits"))
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (ResidualAdd, ActivationQuantizer, *QUANT_MODULES)) or super().is_leaf_module(m, qualname)
+
+
+def _functional_float_ops(model: nn.Module) -> tuple[dict[str, str], str | None]:
+    """Functional ops in ``forward`` code that would run in float, found by ``torch.fx`` when it can trace."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as err:  # fx cannot trace data-dependent Python control flow; the scan is best effort
+        return {}, f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    found = {}
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            if target not in _FX_ALLOWED:
+                found[f"<{node.name}>"] = f"functional {target} in forward()"
+    return found, None
+
+
+def _float_leftovers(model: nn.Module, weight_bits: Mapping[str, int]) -> dict[str, str]:
+    leftovers = {}
+    for name, m in model.named_modules():
+        if not name or isinstance(m, (*_BATCHNORMS, *QUANT_MODULES, ActivationQuantizer)) or name in weight_bits:
+            continue
+        if type(m) in _SWAP:
+            leftovers[name] = f"{type(m).__name__} not in bits"
+        elif list(m.parameters(recurse=False)) or (not list(m.children()) and not isinstance(m, _PASS_THROUGH)):
+            leftovers[name] = f"{type(m).__name__}: unsupported layer type"
+    return leftovers
+
+
+def quantize_model(model: nn.Module, bits: int | Mapping[str, int], act_bits: int = 8,
+                   momentum: float | None = None) -> tuple[nn.Module, QuantizationReport]:
+    """Quantized copy of ``model`` (the original is untouched) and a report of what was quantized.
+
+    Args:
+        model: any ``nn.Module``; Conv1d/Conv2d/Linear become ``QuantConv1d``/``QuantConv2d``/``QuantLinear``
+            at the same module path, ``ResidualAdd`` becomes ``QuantResidualAdd`` and adaptive average
+            pools become ``QuantAdaptiveAvgPool``.
+        bits: weight bits (2..8) for every quantizable layer, or a dict ``{layer name: bits}`` (layers
+            missing from the dict stay in float and are reported).
+        act_bits: bit width of every activation quantizer (2..8).
+        momentum: ``None`` for running min/max activation ranges, else the EMA momentum.
+
+    Layers left in float (unsupported types, layers missing from ``bits``, functional ops found by
+    ``torch.fx``) trigger one ``UserWarning`` listing them; BatchNorm stays unfolded for training.
+    """
+    layers = quantizable_layers(model)
+    if not layers:
+        raise ValueError("model has no quantizable layer (nn.Conv1d, nn.Conv2d or nn.Linear)")
+    validate_bits(act_bits, "act_bits")
+    weight_bits = _resolve_bits(bits, layers)
+    qmodel = copy.deepcopy(model)
+    for name, m in list(qmodel.named_modules()):
+        if name in weight_bits and type(m) in _SWAP:
+            _set_module(qmodel, name, _SWAP[type(m)].from_float(m, weight_bits[name], act_bits, momentum))
+        elif isinstance(m, ResidualAdd):
+            _set_module(qmodel, name, QuantResidualAdd(act_bits, momentum).train(m.training))
+        elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            _set_module(qmodel, name, QuantAdaptiveAvgPool.from_float(m).train(m.training))
+    functional, fx_error = _functional_float_ops(model)
+    report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits,
+                                float_layers={**_float_leftovers(model, weight_bits), **functional},
+                                batchnorms=[n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)],
+                                fx_error=fx_error)
+    if report.float_layers:
+        listed = "; ".join(f"{n} ({why})" for n, why in report.float_layers.items())
+        warnings.warn(f"quantize_model: {len(report.float_layers)} layer(s)/op(s) left in float: {listed}",
+                      UserWarning, stacklevel=2)
+    return qmodel, report
+
+
+def set_integer_simulation(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every quantized module of ``model`` to (or back from) the exact integer arithmetic.
+
+    In simulation the model must be in eval mode; its output is a float64 ``ScaledTensor`` whose values
+    equal, bit for bit, the dequantized output of ``to_integer_model(model, ...)``.
+    """
+    if enabled:
+        missing = [n for n, m in model.named_modules() if isinstance(m, ActivationQuantizer) and not m.calibrated]
+        if missing:
+            raise ValueError(f"activation quantizers {missing} have no calibrated range: run a few training-mode "
+                             "batches (or calibrate(model, inputs)) before enabling integer simulation")
+    for m in model.modules():
+        if isinstance(m, QUANT_MODULES):
+            m.simulate = enabled
+    return model
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, inputs: Iterable[Tensor]) -> nn.Module:
+    """Track activation ranges on ``inputs`` with only the quantizers in training mode.
+
+    Everything else (BatchNorm statistics, dropout) runs in eval mode; all modes are restored afterwards.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, ActivationQuantizer):
+            m.train()
+    try:
+        for x in inputs:
+            model(x)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return model
+
+
+def _conv_bn_pairs(model: nn.Module, example_input: Tensor) -> dict[str, str]:
+    """BatchNorm name -> name of the conv/linear whose output it (alone among modules) consumes."""
+    producers, consumers, pairs = {}, {}, {}
+    keep = []  # hold traced tensors so their ids stay unique
+
+    def pre_hook(name):
+        def hook(module, args):
+            for a in args:
+                if isinstance(a, Tensor):
+                    keep.append(a)
+                    consumers[id(a)] = consumers.get(id(a), 0) + 1
+                    if isinstance(module, _BATCHNORMS) and id(a) in producers:
+                        pairs[name] = producers[id(a)]
+        return hook
+
+    def out_hook(name):
+        def hook(module, args, out):
+            keep.append(out)
+            producers[id(out)] = name
+        return hook
+
+    handles = []
+    for name, m in model.named_modules():
+        if not list(m.children()):
+            handles.append(m.register_forward_pre_hook(pre_hook(name)))
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            handles.append(m.register_forward_hook(out_hook(name)))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    out_ids = {producer: i for i, producer in producers.items()}
+    return {bn: conv for bn, conv in pairs.items() if consumers[out_ids[conv]] == 1}
+
+
+@torch.no_grad()
+def _fold(layer: nn.Module, bn: nn.Module, bn_name: str) -> None:
+    if bn.running_mean is None:
+        raise ValueError(f"BatchNorm {bn_name!r} has no running statistics (track_running_stats=False) to fold")
+    if bn.num_features != layer.weight.shape[0]:
+        raise ValueError(f"BatchNorm {bn_name!r} has {bn.num_features} features but its layer has "
+                         f"{layer.weight.shape[0]} output channels")
+    factor = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        factor = factor * bn.weight.double()
+    bias = torch.zeros_like(factor) if layer.bias is None else layer.bias.double()
+    bias = (bias - bn.running_mean.double()) * factor
+    if bn.bias is not None:
+        bias = bias + bn.bias.double()
+    w = layer.weight
+    w.copy_((w.double() * factor.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.to(w.dtype))
+    else:
+        layer.bias.copy_(bias.to(w.dtype))
+
+
+def fold_batchnorm(model: nn.Module, example_input: Tensor) -> dict[str, str]:
+    """Fold each BatchNorm's frozen statistics into the conv/linear feeding it; replace it by ``nn.Identity``.
+
+    Works on float and quantized models, in place. The pairs are found by running ``example_input``
+    once (eval mode, no state changed): a BatchNorm is folded when its input is the output of a
+    Conv1d/Conv2d/Linear that no other module consumes. Create optimizers after folding (a bias-free
+    conv gains a new bias parameter). Returns ``{batchnorm name: layer name}``; BatchNorms that could
+    not be folded are warned about.
+    """
+    pairs = _conv_bn_pairs(model, example_input)
+    modules = dict(model.named_modules())
+    for bn_name, layer_name in pairs.items():
+        _fold(modules[layer_name], modules[bn_name], bn_name)
+        _set_module(model, bn_name, nn.Identity())
+    left = [n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
+    if left:
+        warnings.warn(f"fold_batchnorm: BatchNorm layers {left} do not directly follow a conv/linear layer and "
+                      "stay unfolded (they block integer-only conversion)", UserWarning, stacklevel=2)
+    return pairs

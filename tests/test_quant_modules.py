@@ -1,0 +1,269 @@
+"""Quantized modules: swapping on any model, reports and warnings, fake-quant forward, BN folding, simulation."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_hessian.models import MNIST1DCNN, MNIST1DMLP, ResidualAdd, resnet20
+from lightning_hessian.quant.modules import (
+    QuantAct,
+    QuantAdaptiveAvgPool,
+    QuantConv1d,
+    QuantConv2d,
+    QuantLinear,
+    QuantResidualAdd,
+    ScaledTensor,
+    calibrate,
+    fold_batchnorm,
+    quantizable_layers,
+    quantize_model,
+    set_integer_simulation,
+)
+from lightning_hessian.quant.quantizers import fake_quantize, quantize_bias, quantize_weight, weight_scale
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def test_swap_keeps_names_and_parameters():
+    model = resnet20(width=8)
+    names = quantizable_layers(model)
+    assert names[0] == "conv1" and names[-1] == "fc" and "layers.3.shortcut.0" in names and len(names) == 22
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resnet20 is fully quantizable: no warning
+        qmodel, report = quantize_model(model, 4)
+    modules = dict(qmodel.named_modules())
+    assert report.weight_bits == dict.fromkeys(names, 4) and report.float_layers == {}
+    assert "layers.3.shortcut.1" in report.batchnorms and len(report.batchnorms) == 21
+    assert isinstance(modules["conv1"], QuantConv2d) and isinstance(modules["fc"], QuantLinear)
+    assert isinstance(modules["layers.4.add"], QuantResidualAdd)
+    assert isinstance(modules["pool"], QuantAdaptiveAvgPool)
+    assert quantizable_layers(qmodel) == names
+    float_state = model.state_dict()
+    for key, value in float_state.items():
+        assert torch.equal(qmodel.state_dict()[key], value)
+    assert type(model.conv1) is nn.Conv2d  # the float model is untouched
+    assert {modules[n].weight_bits for n in names} == {4}
+
+
+def test_bits_dict_and_errors():
+    model = MNIST1DCNN()
+    bits = {"features.0": 8, "features.2": 4, "features.4": 6, "classifier": 2}
+    qmodel, report = quantize_model(model, bits, act_bits=6)
+    assert {n: qmodel.get_submodule(n).weight_bits for n in bits} == bits
+    assert qmodel.features[0].act.bits == 6
+    with pytest.raises(ValueError, match="features.9"):
+        quantize_model(model, {"features.9": 8})
+    with pytest.raises(ValueError, match=r"bits\['classifier'\]"):
+        quantize_model(model, {"classifier": 9})
+    with pytest.raises(ValueError, match="act_bits"):
+        quantize_model(model, 8, act_bits=1)
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        quantize_model(nn.Sequential(nn.ReLU()), 8)
+    with pytest.warns(UserWarning, match="classifier"):
+        qmodel, report = quantize_model(model, {"features.0": 8, "features.2": 8, "features.4": 8})
+    assert type(qmodel.classifier) is nn.Linear and "classifier" in report.float_layers
+
+
+class _Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = self.lstm(h)[0]
+        return self.fc2(h + x)  # a functional add
+
+
+def test_float_leftovers_are_warned():
+    with pytest.warns(UserWarning, match="left in float") as record:
+        qmodel, report = quantize_model(_Odd(), 8)
+    message = str(record[0].message)
+    assert "lstm (LSTM: unsupported layer type)" in message and "functional add" in message
+    assert set(report.float_layers) == {"lstm", "<add>"}
+    assert isinstance(qmodel.fc1, QuantLinear) and isinstance(qmodel.lstm, nn.LSTM)
+    assert report.fx_error is None
+    # an untraceable model still gets its module-level scan, and says why fx could not run
+    _, report = quantize_model(MNIST1DCNN(), 8)
+    assert report.fx_error is not None and report.float_layers == {}
+
+
+def test_fake_quant_forward_is_the_quantized_formula():
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 5)
+    x = torch.randn(30, 12)
+    qmodel, _ = quantize_model(nn.Sequential(layer), 3, act_bits=4)
+    q = qmodel[0]
+    calibrate(qmodel, [x])
+    act = q.act
+    assert act.is_signed and act.running_max == x.max()
+    xq = fake_quantize(x, act.scale(), *act.qrange())
+    expected = F.linear(xq, quantize_weight(layer.weight, 3),
+                        quantize_bias(layer.bias, weight_scale(layer.weight, 3) * act.scale()))
+    assert torch.equal(qmodel(x), expected)
+    # gradients reach the float weights through the STE
+    qmodel.train()
+    qmodel(x).square().mean().backward()
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+
+
+def test_quantized_model_close_to_float_at_8_bits():
+    torch.manual_seed(0)
+    model = MNIST1DMLP().eval()
+    x = torch.randn(200, 40)
+    qmodel, _ = quantize_model(model, 8)
+    calibrate(qmodel, [x])
+    with torch.no_grad():
+        out, ref = qmodel.eval()(x), model(x)
+    assert float((out - ref).abs().max()) < 0.03 * float(ref.abs().max())
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.95
+
+
+def test_calibrate_leaves_no_trace():
+    model = _randomize_bn(MNIST1DCNN(batch_norm=True))
+    qmodel, _ = quantize_model(model, 8)
+    qmodel.train()
+    bn_before = copy.deepcopy(qmodel.features[1].state_dict())
+    calibrate(qmodel, [torch.randn(16, 40), torch.randn(16, 40)])
+    assert qmodel.training and all(m.training for m in qmodel.modules())
+    for key, value in qmodel.features[1].state_dict().items():
+        assert torch.equal(value, bn_before[key])
+    assert all(bool(m.act.calibrated) for m in qmodel.modules() if isinstance(m, (QuantConv1d, QuantLinear)))
+
+
+@pytest.mark.parametrize("conv, shape", [(nn.Conv1d(3, 5, 3, padding=1), (4, 3, 11)),
+                                         (nn.Conv2d(3, 5, 3, stride=2, bias=False), (4, 3, 9, 9)),
+                                         (nn.Linear(6, 5), (4, 6))])
+def test_fold_batchnorm_float_exact(conv, shape):
+    bn = nn.BatchNorm1d(5) if conv.weight.dim() < 4 else nn.BatchNorm2d(5)
+    model = _randomize_bn(nn.Sequential(conv, bn, nn.ReLU()), seed=3)
+    x = torch.randn(*shape)
+    ref = model(x)
+    pairs = fold_batchnorm(model, x[:1])
+    assert pairs == {"1": "0"} and isinstance(model[1], nn.Identity)
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: MNIST1DCNN(batch_norm=True), (32, 40)),
+                                         (lambda: resnet20(width=8), (8, 3, 16, 16))])
+def test_fold_batchnorm_whole_float_models(make, shape):
+    torch.manual_seed(0)
+    model = _randomize_bn(make())
+    x = torch.randn(*shape)
+    ref = model(x)
+    pairs = fold_batchnorm(model, x[:2])
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+    assert len(pairs) in (3, 21)
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
+
+
+def test_fold_batchnorm_warns_on_unfoldable():
+    model = _randomize_bn(nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4), nn.ReLU(), nn.BatchNorm1d(4)))
+    with pytest.warns(UserWarning, match=r"\['0', '3'\]"):
+        assert fold_batchnorm(model, torch.randn(2, 4)) == {}
+
+
+@torch.no_grad()
+def test_fold_batchnorm_quantized_model_matches_unfolded():
+    torch.manual_seed(0)
+    model = _randomize_bn(MNIST1DCNN(batch_norm=True))
+    x = torch.randn(300, 40)
+    qmodel, _ = quantize_model(model, 8)
+    calibrate(qmodel, [x])
+    before = qmodel.eval()(x)
+    codes_before = qmodel.features[0].integer_params()[0]
+    fold_batchnorm(qmodel, x[:4])
+    after = qmodel(x)
+    # per-channel weight codes are invariant under folding a positive per-channel factor
+    assert torch.equal(qmodel.features[0].integer_params()[0], codes_before)
+    # the bias is requantized on the folded grid (a shift below s_w * s_in / 2 per channel) and flips a few
+    # activation codes: about 10% of the quantization error itself (a fold that drops the bias: 100x)
+    assert float((after - before).abs().mean()) < 0.3 * float((before - model(x)).abs().mean())
+    assert (after.argmax(1) == before.argmax(1)).float().mean() > 0.98
+
+
+@torch.no_grad()
+def test_simulation_mode_requirements_and_outputs():
+    torch.manual_seed(0)
+    x = torch.randn(64, 40)
+    qmodel, _ = quantize_model(MNIST1DMLP(), 8)
+    with pytest.raises(ValueError, match="no calibrated range"):
+        set_integer_simulation(qmodel)
+    calibrate(qmodel, [x])
+    set_integer_simulation(qmodel)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        qmodel.train()(x)
+    out = qmodel.eval()(x)
+    assert isinstance(out, ScaledTensor) and out.dtype == torch.float64
+    codes = out.integers()
+    torch.testing.assert_close(codes.double() * out.scale, out.as_subclass(torch.Tensor), rtol=0, atol=0)
+    fake = set_integer_simulation(qmodel, False)(x)
+    assert not isinstance(fake, ScaledTensor)
+    assert float((out.float() - fake).abs().max()) < 0.05 * float(fake.abs().max())
+
+
+def test_residual_add_simulation_formula():
+    add = QuantResidualAdd(bits=8)
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    add.train()(a, b)
+    assert torch.equal(add.eval()(a, b), fake_quantize(a + b, add.act.scale(), *add.act.qrange()))
+    add.simulate = True
+    sa, sb = torch.tensor(0.01, dtype=torch.float64), torch.tensor(0.03, dtype=torch.float64)
+    na, nb = torch.randint(-300, 300, (6, 5)), torch.randint(-100, 100, (6, 5))
+    out = add(ScaledTensor.wrap(na * sa, sa), ScaledTensor.wrap(nb * sb, sb))
+    s = add.act.scale().double()
+    exact = torch.clamp(torch.floor(na * (sa / s) + 0.5) + torch.floor(nb * (sb / s) + 0.5), -127, 127)
+    assert torch.equal(out.integers(), exact.long())  # dyadic error < 2^-29 never moves these roundings
+    with pytest.raises(RuntimeError, match="quantized inputs"):
+        add(torch.randn(2), torch.randn(2))
+
+
+def test_scaled_tensor_tracks_float_ops():
+    s = torch.tensor([0.5, 0.25, 2.0], dtype=torch.float64).view(1, 3, 1)
+    t = ScaledTensor.wrap(torch.randint(-5, 5, (2, 3, 4)).double() * s, s)
+    flat = t.flatten(1)
+    assert isinstance(flat, ScaledTensor) and flat.scale.shape == (2, 12)
+    assert torch.equal(flat.integers(), t.integers().flatten(1))
+    assert isinstance(F.relu(t), ScaledTensor)
+    assert not isinstance(t * 2, ScaledTensor)  # a float op drops the scale
+    assert t.double() is t and t.quantized  # a no-op conversion keeps it
+    t.mul_(2)  # an in-place float op marks the tensor as float
+    assert not t.quantized
+    u = ScaledTensor.wrap(torch.ones(3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    u += 1
+    assert not u.quantized
+    v = ScaledTensor.wrap(torch.ones(3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    v[0] = 0.5
+    assert not v.quantized
+
+
+def test_standalone_quantact_and_residual_model():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = QuantAct(8)
+            self.fc1, self.relu, self.add, self.fc2 = nn.Linear(6, 6), nn.ReLU(), ResidualAdd(), nn.Linear(6, 2)
+
+        def forward(self, x):
+            x = self.inp(x)
+            return self.fc2(self.add(self.relu(self.fc1(x)), x))
+
+    qmodel, report = quantize_model(Block(), 8)
+    assert isinstance(qmodel.add, QuantResidualAdd) and isinstance(qmodel.inp, QuantAct)
+    assert report.float_layers == {}

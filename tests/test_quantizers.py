@@ -1,0 +1,172 @@
+"""Quantizer math: round-trip bounds, per-channel scales, STE gradients, ranges, bias, dyadic requantization."""
+
+import pytest
+import torch
+
+from lightning_hessian.quant.quantizers import (
+    INT32_MAX,
+    MAX_SHIFT,
+    ActivationQuantizer,
+    bias_codes,
+    dyadic,
+    fake_quantize,
+    qrange,
+    quantize_bias,
+    quantize_weight,
+    requantize,
+    round_ste,
+    validate_bits,
+    weight_codes,
+)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_weight_roundtrip_per_channel(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(6, 4, 3) * torch.logspace(-3, 1, 6).view(-1, 1, 1)
+    codes, scale = weight_codes(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    expected = torch.stack([w[c].abs().max() / qmax for c in range(6)])
+    torch.testing.assert_close(scale, expected, rtol=0, atol=0)
+    assert torch.equal(codes, codes.round()) and codes.abs().max() <= qmax
+    wq = quantize_weight(w, bits)
+    half = (scale / 2).view(-1, 1, 1)
+    assert bool(((wq - w).abs() <= half * (1 + 1e-5)).all())
+    # the largest weight of each channel is reproduced by the code +-qmax
+    flat = codes.flatten(1)
+    assert torch.equal(flat.abs().amax(1), torch.full((6,), float(qmax)))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_activation_roundtrip_and_clamp(signed):
+    bits, scale = 4, torch.tensor(0.1)
+    qmin, qmax = qrange(bits, signed)
+    assert (qmin, qmax) == ((-7, 7) if signed else (0, 15))
+    x = torch.linspace(qmin * 0.1 - 1, qmax * 0.1 + 1, 1001)
+    y = fake_quantize(x, scale, qmin, qmax)
+    inside = (x >= qmin * 0.1) & (x <= qmax * 0.1)
+    assert bool(((y - x)[inside].abs() <= 0.05 + 1e-6).all())
+    torch.testing.assert_close(y[x < qmin * 0.1], torch.full_like(y[x < qmin * 0.1], qmin * 0.1))
+    torch.testing.assert_close(y[x > qmax * 0.1], torch.full_like(y[x > qmax * 0.1], qmax * 0.1))
+
+
+def test_ste_gradients():
+    scale = torch.tensor(0.25)
+    x = torch.tensor([-5.0, -1.6, -0.3, 0.0, 0.6, 1.7, 4.0], requires_grad=True)
+    upstream = torch.arange(1.0, 8.0)
+    fake_quantize(x, scale, -7, 7).backward(upstream)
+    inside = torch.tensor([0, 1, 1, 1, 1, 1, 0], dtype=torch.float32)
+    assert torch.equal(x.grad, upstream * inside)  # identity inside [-1.75, 1.75], zero outside
+
+    r = torch.randn(5, requires_grad=True)
+    round_ste(r * 3).sum().backward()
+    assert torch.equal(r.grad, torch.full((5,), 3.0))
+
+    w = torch.randn(4, 3, requires_grad=True)
+    quantize_weight(w, 3).sum().backward()
+    assert torch.equal(w.grad, torch.ones(4, 3))
+
+    b = torch.randn(4, requires_grad=True)
+    quantize_bias(b, torch.full((4,), 1e-3)).sum().backward()
+    assert torch.equal(b.grad, torch.ones(4))
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, 16])
+def test_bit_width_validation_names_argument(bad):
+    with pytest.raises(ValueError, match="act_bits"):
+        ActivationQuantizer(bits=bad)
+    with pytest.raises(ValueError, match="weight_bits"):
+        validate_bits(bad, "weight_bits")
+    with pytest.raises(ValueError, match="bits"):
+        quantize_weight(torch.randn(2, 2), bad)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "8", None])
+def test_bit_width_type_validation(bad):
+    with pytest.raises(TypeError, match="act_bits"):
+        ActivationQuantizer(bits=bad)
+
+
+def test_other_argument_validation():
+    with pytest.raises(ValueError, match="momentum"):
+        ActivationQuantizer(momentum=1.5)
+    with pytest.raises(TypeError, match="signed"):
+        ActivationQuantizer(signed="yes")
+
+
+def test_running_minmax_and_freeze():
+    q = ActivationQuantizer(bits=8, signed=True)
+    x = torch.randn(3, 50)
+    assert torch.equal(q.eval()(x), x)  # uncalibrated: pass-through
+    q.train()
+    for row in x:
+        q(row)
+    assert q.running_min == x.min() and q.running_max == x.max()
+    torch.testing.assert_close(q.scale(), x.abs().max() / 127, rtol=0, atol=0)
+    q.eval()
+    q(10 * torch.randn(100))
+    assert q.running_min == x.min() and q.running_max == x.max()  # frozen in eval
+
+
+def test_ema_range():
+    q = ActivationQuantizer(bits=8, momentum=0.1).train()
+    batches = [torch.randn(20) * (i + 1) for i in range(4)]
+    lo, hi = batches[0].min(), batches[0].max()
+    for i, b in enumerate(batches):
+        q(b)
+        if i:
+            lo, hi = 0.9 * lo + 0.1 * b.min(), 0.9 * hi + 0.1 * b.max()
+    torch.testing.assert_close(q.running_min, lo)
+    torch.testing.assert_close(q.running_max, hi)
+
+
+def test_unsigned_after_relu_auto():
+    q = ActivationQuantizer(bits=8).train()
+    x = torch.relu(torch.randn(100))
+    y = q(x)
+    assert not q.is_signed and q.qrange() == (0, 255)
+    torch.testing.assert_close(q.scale(), x.max() / 255, rtol=0, atol=0)
+    assert bool(((y - x).abs() <= q.scale() / 2 + 1e-7).all())
+    q.train()(torch.tensor([-1.0]))
+    assert q.is_signed  # a negative value flips the auto code to signed
+
+
+def test_bias_codes_int32():
+    scale = torch.tensor([1e-3, 2e-4, 5e-2], dtype=torch.float64)
+    b = torch.tensor([0.1234, -0.05, 3.0])
+    codes = bias_codes(b, scale)
+    assert codes.dtype == torch.int64
+    assert torch.equal(codes, torch.round(b.double() / scale).long())
+    assert bool(((codes * scale - b.double()).abs() <= scale / 2).all())
+    assert bias_codes(torch.tensor([1e6]), torch.tensor([1e-6])).item() == INT32_MAX  # clamped to int32
+
+
+def test_dyadic_precision():
+    torch.manual_seed(0)
+    mult = torch.exp2(torch.empty(2000, dtype=torch.float64).uniform_(-40, 20))
+    m, c = dyadic(mult)
+    approx = m.double() / torch.exp2(c.double())
+    assert bool((c >= 1).all()) and bool((c <= MAX_SHIFT).all()) and bool((m < 2**30).all())
+    normal = mult >= 2.0**-24
+    assert bool((m[normal] >= 2**29).all())
+    assert float(((approx - mult).abs() / mult)[normal].max()) <= 2.0**-29
+    # below 2^-24 the mantissa shortens, but any int32 input moves by less than 2^-24 codes
+    assert float(((approx - mult).abs() * 2**31)[~normal].max()) <= 2.0**-24
+    with pytest.raises(ValueError, match="too large"):
+        dyadic(torch.tensor([2.0**30]))
+    with pytest.raises(ValueError, match="positive"):
+        dyadic(torch.tensor([0.0]))
+
+
+def test_requantize_matches_python_integers():
+    torch.manual_seed(1)
+    n = torch.cat([torch.randint(-(2**31), 2**31, (3000,)), torch.tensor([-(2**31), 2**31 - 1, 0, 1, -1])])
+    mult = torch.exp2(torch.empty(n.numel(), dtype=torch.float64).uniform_(-30, 2))
+    m, c = dyadic(mult)
+    out = requantize(n, m, c)
+    expected = [(ni * mi + (1 << (ci - 1))) >> ci for ni, mi, ci in zip(n.tolist(), m.tolist(), c.tolist())]
+    assert out.tolist() == expected
+    assert requantize(n, m, c, -127, 127).tolist() == [min(max(e, -127), 127) for e in expected]
+    # round half up on exact ties
+    half_m, half_c = dyadic(torch.tensor(0.5))
+    assert requantize(torch.tensor([-5, -3, 3, 5]), half_m, half_c).tolist() == [-2, -1, 2, 3]
