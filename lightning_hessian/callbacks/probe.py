@@ -57,7 +57,9 @@ def probe_batches(
 ) -> list[Any]:
     """This rank's share of the probe samples, collated into batches (ranks split the indices evenly)."""
     shard = list(indices[rank::world_size])
-    loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    # a private generator: iterating a DataLoader otherwise draws from the global RNG (training's stream)
+    loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                        generator=torch.Generator())
     return list(loader)
 
 

@@ -1,0 +1,342 @@
+"""AdaptiveBatchSizeCallback: ABS / ABSA (grow the batch as the Hessian flattens) and the FB, GG baselines."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_hessian.callbacks.probe import LossFn
+from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
+
+SCHEDULES = ("abs", "fb", "gg", "bl")
+MODES = ("dataloader", "accumulate")
+
+
+class AdaptiveBatchSizeCallback(Callback):
+    """Adaptive batch size from the Hessian's top eigenvalue (ABS), with adversarial training (ABSA).
+
+    ``schedule="abs"``: after every epoch the top eigenvalue of the (eval-mode) loss Hessian is measured on a
+    fixed probe set. The first epoch's value is the reference; when the eigenvalue has fallen to
+    ``reference / decay_ratio`` the global batch grows by ``factor`` and the reference is reset; after
+    ``duration`` epochs without growth it grows anyway. The learning rate is multiplied by the same factor
+    (in the optimizer and the schedulers' base LRs, optionally warmed up over ``warmup_epochs``); the
+    user's own scheduler still applies on top. Growth stops at ``max_batch_size``, and probing with it.
+    With ``adversarial=True`` (ABSA) an ``AdversarialAugmentCallback`` replaces a fraction of every batch
+    (``adversarial_fraction``, halved at each growth, 0 at the cap and in the second half of training):
+    the one in the Trainer's callbacks if there is one (choose attack and ``eps`` there), else FGSM at its
+    default ``eps``.
+
+    Baselines in the same callback: ``"fb"`` trains at ``max_batch_size`` from the start with the LR scaled
+    linearly and a ``fb_warmup_epochs`` warmup (Goyal et al.); ``"gg"`` multiplies the batch instead of
+    decaying the LR wherever the scheduler decays it (Smith et al.); ``"bl"`` changes nothing.
+
+    ``mode="dataloader"`` changes the per-device ``batch_size`` of the datamodule (or module) and reloads
+    the train dataloader; ``mode="accumulate"`` raises ``trainer.accumulate_grad_batches``. Either way the
+    global batch is per-device batch x devices x nodes x accumulation, and every rank takes rank 0's
+    decision. Batch sizes are ``base * factor**n <= max_batch_size``.
+
+    Example::
+
+        from lightning_hessian import AdaptiveBatchSizeCallback
+        trainer = Trainer(max_epochs=60, callbacks=[AdaptiveBatchSizeCallback(max_batch_size=4096)])
+        trainer.fit(model, datamodule=dm)   # dm.batch_size is the starting (small) batch
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        schedule: str = "abs",
+        factor: int = 2,
+        decay_ratio: float = 2.0,
+        duration: int = 10,
+        mode: str = "dataloader",
+        warmup_epochs: float = 0.0,
+        fb_warmup_epochs: float = 5.0,
+        adversarial: bool = False,
+        adversarial_fraction: float = 0.2,
+        probe_size: int = 1024,
+        probe_batch_size: int = 1024,
+        seed: int = 0,
+        loss_fn: LossFn | None = None,
+        eig_tol: float = 1e-3,
+        plot: bool = True,
+    ):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size <= 0:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+            raise ValueError(f"factor must be an integer >= 2 (batch sizes stay whole), got {factor!r}")
+        if not decay_ratio > 1:
+            raise ValueError(f"decay_ratio must be > 1, got {decay_ratio!r}")
+        if isinstance(duration, bool) or not isinstance(duration, int) or duration < 1:
+            raise ValueError(f"duration must be a positive integer (epochs), got {duration!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= adversarial_fraction <= 1:
+            raise ValueError(f"adversarial_fraction must be in [0, 1], got {adversarial_fraction!r}")
+        if warmup_epochs < 0 or fb_warmup_epochs < 0:
+            raise ValueError("warmup_epochs and fb_warmup_epochs must be >= 0")
+        if adversarial and schedule != "abs":
+            raise ValueError("adversarial=True (ABSA) goes with schedule='abs'")
+        self.max_batch_size, self.schedule, self.factor = max_batch_size, schedule, factor
+        self.decay_ratio, self.duration, self.mode = decay_ratio, duration, mode
+        self.warmup_epochs, self.fb_warmup_epochs = warmup_epochs, fb_warmup_epochs
+        self.adversarial, self.initial_adversarial_fraction = adversarial, adversarial_fraction
+        self.plot = plot
+        self._probe = HessianSpectrumCallback(
+            top_k=1, trace=False, probe_size=probe_size, probe_batch_size=probe_batch_size, seed=seed,
+            loss_fn=loss_fn, eig_tol=eig_tol, plot=False,
+        )
+        # schedule state (all of it in state_dict)
+        self.base_batch_size: int | None = None
+        self.batch_size: int | None = None
+        self.lr_factor = 1.0
+        self.reference: float | None = None
+        self.epochs_since_growth = 0
+        self.adversarial_fraction = adversarial_fraction if adversarial else 0.0
+        self.warmup: dict[str, float] | None = None
+        self.probe_seconds = 0.0
+        self.history: list[dict[str, Any]] = []
+        self._adversary: Any = None
+        self._epoch_start_lrs: list[float] = []
+        self._group_lrs: list[float] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(schedule=self.schedule, max_batch_size=self.max_batch_size)
+
+    # ---- set-up ------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.schedule == "abs":
+            self._probe.setup(trainer, pl_module, stage)
+        if self.mode == "dataloader":
+            self._batch_holder(trainer, pl_module)  # fails early if there is none
+            trainer.reload_dataloaders_every_n_epochs = 1
+        if self.adversarial:
+            self._adversary = self._find_or_add_adversary(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"AdaptiveBatchSizeCallback scales one optimizer's LR; found {len(trainer.optimizers)}")
+        per_device = self._per_device_batch(trainer, pl_module)
+        accumulate = trainer.accumulate_grad_batches
+        current = per_device * trainer.world_size * accumulate
+        if self.batch_size is None:  # a fresh run (a resumed one has its schedule from the checkpoint)
+            self.base_batch_size = self.batch_size = current
+            if self.max_batch_size < current:
+                raise ValueError(
+                    f"max_batch_size={self.max_batch_size} is below the starting global batch {current} "
+                    f"(= batch_size {per_device} x {trainer.world_size} devices x {accumulate} accumulation)"
+                )
+            if self.schedule == "fb":
+                self._grow(trainer, pl_module, self._largest_reachable() // current)
+                self.warmup = {"start_epoch": 0.0, "epochs": self.fb_warmup_epochs, "from_ratio": 1 / self.lr_factor}
+        else:
+            self._realise(trainer, pl_module, self.batch_size // self.base_batch_size)
+        dataset_size = len(trainer.train_dataloader.dataset) if trainer.train_dataloader is not None else None
+        if dataset_size is not None and self._largest_reachable() > dataset_size:
+            raise ValueError(
+                f"max_batch_size={self.max_batch_size} exceeds the {dataset_size} training samples: lower "
+                "max_batch_size"
+            )
+        if self.schedule == "abs" and not self._capped():
+            self._probe.on_train_start(trainer, pl_module)
+        if self._adversary is not None:
+            self._adversary.fraction = self.adversarial_fraction
+
+    # ---- per batch: LR warmup ---------------------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if not self.warmup:
+            return
+        progress = trainer.current_epoch + idx / max(trainer.num_training_batches, 1) - self.warmup["start_epoch"]
+        if progress >= self.warmup["epochs"]:
+            self.warmup = None
+            return
+        ratio = self.warmup["from_ratio"] + (1 - self.warmup["from_ratio"]) * progress / self.warmup["epochs"]
+        groups = trainer.optimizers[0].param_groups
+        self._group_lrs = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] *= ratio
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._group_lrs:  # schedulers only ever see the full (un-warmed) LR
+            for g, lr in zip(trainer.optimizers[0].param_groups, self._group_lrs):
+                g["lr"] = lr
+            self._group_lrs = []
+
+    # ---- per epoch: the schedule -------------------------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start_lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        eigenvalue, growth = None, 1
+        if self.schedule == "abs" and not self._capped():
+            start = time.perf_counter()
+            eigenvalue = self._top_eigenvalue(trainer, pl_module)
+            self.probe_seconds += time.perf_counter() - start
+            growth = self._abs_decision(eigenvalue)
+        elif self.schedule == "gg":
+            growth = self._gg_decision(trainer)
+        growth = trainer.strategy.broadcast(growth, src=0)
+        if growth > 1:
+            self._grow(trainer, pl_module, growth)
+        if self.adversarial:
+            self._update_adversarial_fraction(trainer, grew=growth > 1)
+        record = {"epoch": trainer.current_epoch, "batch_size": self.batch_size, "lr": self._epoch_start_lrs[0],
+                  "eigenvalue": eigenvalue, "adversarial_fraction": self.adversarial_fraction}
+        self.history.append(record)
+        metrics = {"abs/batch_size": float(record["batch_size"]), "abs/lr": record["lr"],
+                   "abs/adversarial_fraction": self.adversarial_fraction}
+        if eigenvalue is not None:
+            metrics["abs/eigenvalue"] = eigenvalue
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.plot and self.history and trainer.is_global_zero:
+            from lightning_hessian.plots import plot_batch_schedule
+
+            plot_batch_schedule(self.history, Path(trainer.default_root_dir) / "hessian" / "batch_schedule.png")
+
+    # ---- decisions ---------------------------------------------------------------------------------------
+
+    def _abs_decision(self, eigenvalue: float) -> int:
+        """The ABS rule: grow when the eigenvalue halved (by ``decay_ratio``) or ``duration`` epochs passed."""
+        if self.reference is None:
+            self.reference = eigenvalue
+            return 1
+        if eigenvalue <= self.reference / self.decay_ratio:
+            self.reference = eigenvalue
+            return self.factor
+        self.epochs_since_growth += 1
+        return self.factor if self.epochs_since_growth >= self.duration else 1
+
+    def _gg_decision(self, trainer: pl.Trainer) -> int:
+        """Where the scheduler decayed the LR by ``f``, undo the decay and grow the batch by ``f`` instead."""
+        groups = trainer.optimizers[0].param_groups
+        decay = self._epoch_start_lrs[0] / groups[0]["lr"] if groups[0]["lr"] > 0 else 1.0
+        if decay < 1.5 or self._capped():
+            return 1
+        growth = min(round(decay), self._largest_reachable() // self.batch_size)
+        if growth > 1:
+            for g in groups:
+                g["lr"] *= growth
+            self.lr_factor /= growth  # the LR change is the scheduler's own, not a batch scaling
+        return growth
+
+    def _top_eigenvalue(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        try:
+            value = self._probe.compute(pl_module)["eigenvalues"][0]
+        except Exception as err:  # never end the run over a probe: keep the schedule as it is
+            rank_zero_warn(f"AdaptiveBatchSizeCallback: Hessian probe failed ({err!r}); batch size unchanged")
+            return None
+        return value if math.isfinite(value) else None
+
+    def _update_adversarial_fraction(self, trainer: pl.Trainer, grew: bool) -> None:
+        if grew:
+            self.adversarial_fraction /= 2
+        if self._capped() or trainer.current_epoch + 1 >= (trainer.max_epochs or 0) / 2:
+            self.adversarial_fraction = 0.0
+        self._adversary.fraction = self.adversarial_fraction
+
+    # ---- realising a batch size --------------------------------------------------------------------------
+
+    def _grow(self, trainer: pl.Trainer, pl_module: pl.LightningModule, growth: int) -> None:
+        growth = min(growth, self._largest_reachable() // self.batch_size)
+        if growth <= 1:
+            return
+        self.batch_size *= growth
+        self.epochs_since_growth = 0
+        self._realise(trainer, pl_module, growth)
+        if self.schedule != "gg":
+            self._scale_lr(trainer, growth)
+            if self.warmup_epochs > 0:
+                self.warmup = {"start_epoch": trainer.current_epoch + 1.0, "epochs": self.warmup_epochs,
+                               "from_ratio": 1 / growth}
+
+    def _realise(self, trainer: pl.Trainer, pl_module: pl.LightningModule, growth: int) -> None:
+        """Make the per-device batch (or the accumulation) ``growth`` times larger from the next epoch on."""
+        if self.mode == "accumulate":
+            trainer.accumulate_grad_batches *= growth
+        else:
+            holder = self._batch_holder(trainer, pl_module)
+            holder.batch_size *= growth
+            # reload the train dataloader at the next epoch start (also when called from on_train_start,
+            # after Lightning already built this epoch's loader)
+            trainer.fit_loop._last_train_dl_reload_epoch = float("-inf")
+
+    def _scale_lr(self, trainer: pl.Trainer, growth: float) -> None:
+        self.lr_factor *= growth
+        for g in trainer.optimizers[0].param_groups:
+            g["lr"] *= growth
+            if "initial_lr" in g:
+                g["initial_lr"] *= growth
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [lr * growth for lr in scheduler.base_lrs]
+            if hasattr(scheduler, "_last_lr"):
+                scheduler._last_lr = [g["lr"] for g in trainer.optimizers[0].param_groups]
+
+    def _largest_reachable(self) -> int:
+        size = self.base_batch_size
+        while size * self.factor <= self.max_batch_size:
+            size *= self.factor
+        return size if self.schedule != "fb" else self.max_batch_size // self.base_batch_size * self.base_batch_size
+
+    def _capped(self) -> bool:
+        return self.batch_size is not None and self.batch_size * self.factor > self.max_batch_size
+
+    @staticmethod
+    def _batch_holder(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        for holder in (trainer.datamodule, pl_module, getattr(pl_module, "hparams", None)):
+            if holder is not None and isinstance(getattr(holder, "batch_size", None), int):
+                return holder
+        raise ValueError(
+            "mode='dataloader' needs an integer `batch_size` attribute on the datamodule or the LightningModule "
+            "that its train_dataloader() reads; add one, or use mode='accumulate'"
+        )
+
+    def _per_device_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        if self.mode == "dataloader":
+            return self._batch_holder(trainer, pl_module).batch_size
+        loader = trainer.train_dataloader
+        if loader is None or getattr(loader, "batch_size", None) is None:
+            raise ValueError("mode='accumulate' needs a train DataLoader with a fixed batch_size")
+        return loader.batch_size
+
+    def _find_or_add_adversary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Any:
+        from lightning_hessian.callbacks.adversarial import AdversarialAugmentCallback
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, AdversarialAugmentCallback):
+                return callback
+        adversary = AdversarialAugmentCallback(attack="fgsm", fraction=self.adversarial_fraction)
+        trainer.callbacks.append(adversary)
+        adversary.setup(trainer, pl_module, stage)
+        return adversary
+
+    # ---- checkpoint --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "base_batch_size": self.base_batch_size, "batch_size": self.batch_size, "lr_factor": self.lr_factor,
+            "reference": self.reference, "epochs_since_growth": self.epochs_since_growth,
+            "adversarial_fraction": self.adversarial_fraction, "warmup": self.warmup,
+            "probe_seconds": self.probe_seconds, "history": self.history,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key, value in state_dict.items():
+            setattr(self, key, value)

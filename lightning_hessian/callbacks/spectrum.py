@@ -1,0 +1,214 @@
+"""HessianSpectrumCallback: the loss Hessian's top eigenvalues, trace and density during training."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_hessian.callbacks.no_trace import leave_no_trace
+from lightning_hessian.callbacks.probe import LossFn, draw_probe_indices, probe_batches, resolve_loss_fn, train_dataset_of
+from lightning_hessian.hessian import (
+    HessianOperator,
+    hutchinson_trace,
+    per_layer_top_eigenvalue,
+    per_layer_trace,
+    spectral_density,
+    top_eigenvalues,
+)
+
+
+class HessianSpectrumCallback(Callback):
+    """Log the loss Hessian's top-k eigenvalues, trace and (optionally) density and per-layer values.
+
+    The Hessian is taken on a fixed probe set (``probe_size`` training samples drawn once with ``seed``, or
+    the given ``probe_data`` batches), so the curve over training follows the model, not sampling noise.
+    It runs every ``every_n_epochs`` epochs (or every ``every_n_steps`` optimizer steps), in eval mode by
+    default (``mode="train"`` uses batch statistics), and leaves the model exactly as it found it. Under
+    DDP each rank takes its share of the probe set and the Hessian-vector products are all-reduced, so the
+    values equal a single process's on the whole probe set.
+
+    The loss is ``loss_fn(module, batch)`` if given, else the module's ``hessian_loss(batch)``, else
+    cross-entropy on ``(x, y)`` batches. History is kept in the checkpoint; plots (history, density) are
+    written to ``<default_root_dir>/hessian/`` and to TensorBoard when that logger is used.
+
+    Example::
+
+        from lightning_hessian import HessianSpectrumCallback
+        trainer = Trainer(callbacks=[HessianSpectrumCallback(top_k=3, per_layer=True)])
+        trainer.fit(model, datamodule=dm)   # logs hessian/eig_1..3, hessian/trace, hessian/<layer>/...
+    """
+
+    def __init__(
+        self,
+        top_k: int = 1,
+        trace: bool = True,
+        density: bool = False,
+        per_layer: bool = False,
+        every_n_epochs: int = 1,
+        every_n_steps: int | None = None,
+        probe_size: int = 1024,
+        probe_batch_size: int = 1024,
+        probe_data: list[Any] | None = None,
+        seed: int = 0,
+        loss_fn: LossFn | None = None,
+        mode: str = "eval",
+        params: list[str] | None = None,
+        eig_tol: float = 1e-3,
+        trace_rel_tol: float = 0.05,
+        trace_max_samples: int = 200,
+        plot: bool = True,
+    ):
+        for name, value in (("top_k", top_k), ("every_n_epochs", every_n_epochs), ("probe_size", probe_size),
+                            ("probe_batch_size", probe_batch_size), ("trace_max_samples", trace_max_samples)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps <= 0):
+            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        if not 0 < trace_rel_tol < 1:
+            raise ValueError(f"trace_rel_tol must be in (0, 1), got {trace_rel_tol!r}")
+        self.top_k, self.trace, self.density, self.per_layer = top_k, trace, density, per_layer
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.probe_size, self.probe_batch_size, self.probe_data = probe_size, probe_batch_size, probe_data
+        self.seed, self.loss_fn, self.mode, self.params = seed, loss_fn, mode, params
+        self.eig_tol, self.trace_rel_tol, self.trace_max_samples = eig_tol, trace_rel_tol, trace_max_samples
+        self.plot = plot
+        self.history: list[dict[str, Any]] = []
+        self._batches: list[Any] | None = None
+        self._loss: LossFn | None = None
+        self._warm_start: torch.Tensor | None = None
+        self._last_density: dict[str, list[float]] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            top_k=self.top_k, every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps,
+            probe_size=self.probe_size, mode=self.mode,
+        )
+
+    # ---- hooks -------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._loss = resolve_loss_fn(pl_module, self.loss_fn)
+        if self.params is not None:
+            HessianOperator(pl_module, self._loss, [], params=self.params)  # raises if nothing is selected
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe_data is not None:
+            batches = list(self.probe_data)[trainer.global_rank :: trainer.world_size]
+        else:
+            dataset, collate_fn = train_dataset_of(trainer)
+            indices = draw_probe_indices(len(dataset), self.probe_size, self.seed)
+            batches = probe_batches(dataset, indices, self.probe_batch_size, collate_fn,
+                                    trainer.global_rank, trainer.world_size)
+        self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
+        with leave_no_trace(pl_module, self.mode):
+            loss = self._loss(pl_module, self._batches[0])
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(
+                "loss_fn must return a scalar tensor (the mean loss over the batch), got "
+                f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
+            )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._probe_and_log(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_steps is None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._probe_and_log(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.plot and self.history and trainer.is_global_zero:
+            self.write_plots(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+
+    # ---- work --------------------------------------------------------------------------------------------
+
+    def compute(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """One measurement on the probe set (the callback's hooks call this; usable on its own)."""
+        record: dict[str, Any] = {}
+        with leave_no_trace(pl_module, self.mode):
+            op = HessianOperator(pl_module, self._loss, self._batches, params=self.params)
+            eig = top_eigenvalues(op, k=self.top_k, tol=self.eig_tol, v0=self._warm_start, seed=self.seed)
+            self._warm_start = eig.eigenvectors.detach()
+            record["eigenvalues"] = [float(v) for v in eig.eigenvalues]
+            if self.trace:
+                tr = hutchinson_trace(op, rel_tol=self.trace_rel_tol, max_samples=self.trace_max_samples,
+                                      seed=self.seed + len(self.history))
+                record["trace"], record["trace_std_error"] = float(tr.estimate), float(tr.std_error)
+            if self.per_layer:
+                eigs = per_layer_top_eigenvalue(op, tol=self.eig_tol, seed=self.seed)
+                record["layer_eigenvalue"] = {name: float(r.eigenvalues[0]) for name, r in eigs.items()}
+                if self.trace:
+                    traces = per_layer_trace(op, rel_tol=self.trace_rel_tol, max_samples=self.trace_max_samples,
+                                             seed=self.seed)
+                    record["layer_trace"] = {name: float(t.estimate) for name, t in traces.items()}
+            if self.density:
+                dens = spectral_density(op, seed=self.seed)
+                self._last_density = {"grid": dens.grid.tolist(), "density": dens.density.tolist()}
+        return record
+
+    def _probe_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._batches is None:
+            return
+        start = time.perf_counter()
+        try:
+            record = self.compute(pl_module)
+        except Exception as err:  # a diagnostic never ends a training run
+            rank_zero_warn(f"HessianSpectrumCallback: probe at step {trainer.global_step} failed ({err!r}); "
+                           "training continues")
+            return
+        values = [*record["eigenvalues"], record.get("trace", 0.0)]
+        if not all(math.isfinite(v) for v in values):
+            rank_zero_warn(f"HessianSpectrumCallback: non-finite Hessian values at step {trainer.global_step} "
+                           f"({values}); not logged, training continues")
+            return
+        record.update(step=trainer.global_step, epoch=trainer.current_epoch, seconds=time.perf_counter() - start)
+        self.history.append(record)
+        pl_module.log_dict(self._metrics(record), on_step=self.every_n_steps is not None,
+                           on_epoch=self.every_n_steps is None, sync_dist=False)
+
+    @staticmethod
+    def _metrics(record: dict[str, Any]) -> dict[str, float]:
+        metrics = {f"hessian/eig_{i + 1}": v for i, v in enumerate(record["eigenvalues"])}
+        if "trace" in record:
+            metrics["hessian/trace"] = record["trace"]
+            metrics["hessian/trace_std_error"] = record["trace_std_error"]
+        for name, v in record.get("layer_eigenvalue", {}).items():
+            metrics[f"hessian/{name}/eig_1"] = v
+        for name, v in record.get("layer_trace", {}).items():
+            metrics[f"hessian/{name}/trace"] = v
+        return metrics
+
+    def write_plots(self, trainer: pl.Trainer) -> list[Path]:
+        """Write the history (and last density) plots; return their paths."""
+        from lightning_hessian.plots import plot_spectral_density, plot_spectrum_history
+
+        out = Path(trainer.default_root_dir) / "hessian"
+        paths = [plot_spectrum_history(self.history, out / "spectrum_history.png")]
+        if self._last_density is not None:
+            paths.append(plot_spectral_density(self._last_density["grid"], self._last_density["density"],
+                                               out / "spectral_density.png"))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                import matplotlib.image
+
+                for path in paths:
+                    image = torch.from_numpy(matplotlib.image.imread(path)[..., :3]).permute(2, 0, 1)
+                    logger.experiment.add_image(f"hessian/{path.stem}", image, trainer.global_step)
+        return paths

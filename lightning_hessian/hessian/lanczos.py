@@ -1,0 +1,289 @@
+"""Extreme eigenpairs by thick-restart (block) Lanczos with full reorthogonalisation.
+
+The solver keeps an orthonormal basis ``V`` and the projection ``T = V^T H V`` of the operator, so restarts
+(keep the best Ritz vectors, continue from the residual directions) and warm starts from several vectors
+(e.g. last epoch's eigenvectors) are the same operation. It is written as a "reverse communication" loop
+(``request`` vectors, ``feed`` their products) so several solvers can share one batched ``matmat`` call:
+``blocks.per_layer_top_eigenvalue`` runs one per layer in lockstep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightning_hessian.hessian.operator import LinearOperator
+
+WHICH = ("LA", "LM", "SA")
+
+
+@dataclass
+class EigenResult:
+    """Eigenpairs of a Hessian operator.
+
+    ``eigenvalues`` (float64, CPU) are ordered by ``which``: descending for "LA", descending magnitude for
+    "LM", ascending for "SA"; ``eigenvectors`` is ``(k, dim)`` (rows, unit norm, on the operator's device);
+    ``residual_norms[i] = ||H x_i - lambda_i x_i||``; ``num_hvps`` counts the HVPs this call made;
+    ``converged`` says every residual met ``tol * |lambda_i|``.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residual_norms: torch.Tensor
+    num_hvps: int
+    converged: bool
+    iterations: int
+
+
+def order_by(theta: torch.Tensor, which: str) -> torch.Tensor:
+    """Indices of ``theta`` from most to least wanted."""
+    if which == "LA":
+        return torch.argsort(theta, descending=True)
+    if which == "SA":
+        return torch.argsort(theta)
+    return torch.argsort(theta.abs(), descending=True)
+
+
+def check_common(op: LinearOperator, k: int, which: str, tol: float, max_iter: int) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if k > op.dim:
+        raise ValueError(f"k={k} exceeds the operator dimension {op.dim}")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+
+
+def start_vectors(
+    dim: int, v0: torch.Tensor | None, seed: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``v0`` as ``(p, dim)`` rows, or one seeded Gaussian vector (drawn on CPU: same on every device/rank)."""
+    if v0 is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(1, dim, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    v0 = v0.detach().to(device=device, dtype=dtype)
+    if v0.dim() == 1:
+        v0 = v0[None]
+    if v0.dim() != 2 or v0.shape[1] != dim or v0.shape[0] == 0:
+        raise ValueError(f"v0 must have shape (dim,) or (p, dim) with dim={dim}, got {tuple(v0.shape)}")
+    if not bool(torch.isfinite(v0).all()):
+        raise ValueError("v0 holds NaN or Inf")
+    return v0
+
+
+class KrylovSolver:
+    """One thick-restart Lanczos run on an operator of size ``dim`` (reverse communication).
+
+    ``request()`` returns the rows whose products are needed next (``None`` once finished);
+    ``feed(HX)`` gives them back. ``ncv`` bounds the basis (memory ``ncv * dim``); ``block_size`` is how
+    many vectors go to the operator at once (default: the number of start vectors).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        k: int,
+        which: str,
+        start: torch.Tensor,
+        tol: float,
+        max_iter: int,
+        ncv: int | None,
+        block_size: int | None,
+        seed: int,
+    ):
+        self.dim, self.k, self.which, self.tol, self.max_iter = dim, k, which, tol, max_iter
+        self.block = block_size or start.shape[0]
+        p = start.shape[0]
+        default = max(2 * k + 2 * max(self.block, p), k + p + self.block + 20)
+        self.cap = min(dim, ncv if ncv is not None else default)
+        if self.cap < dim and self.cap < k + p + self.block + 1:
+            raise ValueError(f"ncv={self.cap} too small: need at least k + len(v0) + block_size + 1")
+        self.V = torch.zeros(self.cap, dim, dtype=start.dtype, device=start.device)
+        self.T = torch.zeros(self.cap, self.cap, dtype=torch.float64)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.eps = torch.finfo(start.dtype).eps
+        self.scale = 0.0  # running estimate of ||H||, for the breakdown threshold
+        self.n = 0  # basis vectors whose products are known (columns of T filled)
+        self.m = 0  # basis vectors in use; V[n:m] are pending
+        self._append(start.clone())
+        if self.m == 0:
+            raise ValueError("v0 is zero")
+        self.num_hvps = 0
+        self.iterations = 0
+        self.theta = torch.zeros(0, dtype=torch.float64)
+        self.S = torch.zeros(0, 0, dtype=torch.float64)
+        self.residuals = torch.zeros(0, dtype=torch.float64)
+        self.converged = False
+
+    # ------------------------------------------------------------------------------------- basis work
+    def _orthogonalise(self, W: torch.Tensor, upto: int) -> torch.Tensor:
+        """Coefficients ``h`` of ``W`` on ``V[:upto]`` (two Gram-Schmidt passes); ``W`` is updated in place."""
+        if upto == 0:
+            return W.new_zeros(W.shape[0], 0)
+        basis = self.V[:upto]
+        h = W @ basis.T
+        W -= h @ basis
+        h2 = W @ basis.T
+        W -= h2 @ basis
+        return h + h2
+
+    def _append(self, W: torch.Tensor) -> torch.Tensor:
+        """Orthonormalise the rows of ``W`` (already orthogonal to the basis up to rounding) against the
+        basis and each other, and append the new directions.
+
+        Returns ``B`` with ``W_j = sum_l B[l, j] q_l`` over the appended ``q_l``; a row that adds no new
+        direction (an invariant subspace, or the whole space, is spanned) is dropped.
+        """
+        rows: list[torch.Tensor] = []
+        coeffs = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64)
+        for j in range(W.shape[0]):
+            w = W[j]
+            for _ in range(2):
+                if self.m:
+                    base = self.V[: self.m]
+                    w -= (base @ w) @ base
+                for idx, q in enumerate(rows):
+                    c = torch.dot(q, w)
+                    w -= c * q
+                    coeffs[idx, j] += float(c)
+            beta = float(torch.linalg.vector_norm(w))
+            if beta > 100 * self.eps * self.scale and self.m + len(rows) < self.cap:
+                coeffs[len(rows), j] = beta
+                rows.append(w / beta)
+        for q in rows:
+            self.V[self.m] = q
+            self.m += 1
+        return coeffs[: len(rows)]
+
+    def _random_direction(self) -> None:
+        """Add a random direction orthogonal to the basis (after an invariant subspace is found)."""
+        w = torch.randn(1, self.dim, generator=self.gen, dtype=torch.float64).to(self.V)
+        self._orthogonalise(w, self.m)
+        self.V[self.m] = w[0] / torch.linalg.vector_norm(w[0])
+        self.m += 1
+
+    def request(self) -> torch.Tensor | None:
+        """Rows ``X`` (``(c, dim)``) whose products ``H X`` are needed next, or ``None`` when finished."""
+        if self.converged or self.num_hvps >= self.max_iter:
+            return None
+        if self.m == self.n:  # no pending direction: the basis spans an invariant subspace
+            if self.m >= self.dim:
+                return None
+            if self.m + 1 > self.cap:
+                self._restart()
+            self._random_direction()
+        elif self.m + self.block > self.cap and self.m < self.dim and self.n > self.k:
+            self._restart()
+        c = min(self.block, self.m - self.n, self.max_iter - self.num_hvps)
+        return self.V[self.n : self.n + c]
+
+    def feed(self, HX: torch.Tensor) -> None:
+        """Take the products of the rows last returned by ``request``."""
+        c = HX.shape[0]
+        j0, j1 = self.n, self.n + c
+        W = HX.to(self.V).clone()
+        h = self._orthogonalise(W, self.m).double().cpu()
+        self.T[j0:j1, : self.m] = h
+        self.T[: self.m, j0:j1] = h.T
+        self.scale = max(self.scale, float(h.abs().max()))
+        self.n = j1
+        m_before = self.m
+        B = self._append(W)
+        if B.shape[0]:
+            self.T[m_before : self.m, j0:j1] = B
+            self.T[j0:j1, m_before : self.m] = B.T
+        self.num_hvps += c
+        self.iterations += 1
+        self._ritz()
+
+    # ------------------------------------------------------------------------------------ Rayleigh-Ritz
+    def _ritz(self) -> None:
+        n = self.n
+        Tn = self.T[:n, :n]
+        theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.T))
+        order = order_by(theta, self.which)
+        self.theta, self.S = theta[order], S[:, order]
+        self.residuals = torch.linalg.vector_norm(self.T[n : self.m, :n] @ self.S, dim=0)
+        if n >= self.k:
+            wanted = self.residuals[: self.k] <= self.tol * self.theta[: self.k].abs()
+            self.converged = bool(wanted.all()) or n >= self.dim
+
+    def _restart(self) -> None:
+        """Keep the most wanted Ritz vectors and the pending directions; drop the rest of the basis."""
+        n, m = self.n, self.m
+        pending = m - n
+        room = self.cap - pending - self.block
+        keep = max(self.k, min(room, (room + self.k) // 2))
+        S = self.S[:, :keep]
+        Y = S.T.to(self.V) @ self.V[:n]
+        P = self.V[n:m].clone()
+        C = self.T[n:m, :n] @ S
+        self.V.zero_()
+        self.V[:keep] = Y
+        self.V[keep : keep + pending] = P
+        self.T.zero_()
+        self.T[:keep, :keep] = torch.diag(self.theta[:keep])
+        self.T[keep : keep + pending, :keep] = C
+        self.T[:keep, keep : keep + pending] = C.T
+        self.n, self.m = keep, keep + pending
+        self._ritz()
+
+    def result(self) -> EigenResult:
+        k = min(self.k, self.n)
+        vectors = self.S[:, :k].T.to(self.V) @ self.V[: self.n]
+        return EigenResult(
+            eigenvalues=self.theta[:k].clone(),
+            eigenvectors=vectors,
+            residual_norms=self.residuals[:k].clone(),
+            num_hvps=self.num_hvps,
+            converged=self.converged and k == self.k,
+            iterations=self.iterations,
+        )
+
+
+def top_eigenvalues(
+    op: LinearOperator,
+    k: int = 1,
+    which: str = "LA",
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    v0: torch.Tensor | None = None,
+    seed: int = 0,
+    ncv: int | None = None,
+    block_size: int | None = None,
+) -> EigenResult:
+    """The ``k`` extreme eigenpairs of ``op`` by thick-restart Lanczos with full reorthogonalisation.
+
+    Args:
+        op: a ``HessianOperator`` (or anything with ``dim``, ``dtype``, ``device`` and ``matmat``).
+        k: number of eigenpairs.
+        which: ``"LA"`` largest algebraic, ``"LM"`` largest magnitude, ``"SA"`` smallest algebraic.
+        max_iter: budget of Hessian-vector products (each vector counts).
+        tol: stop when every wanted pair has ``||H x - lambda x|| <= tol * |lambda|``; the eigenvalue
+            error is then at most ``tol * |lambda|`` and usually far smaller (quadratic in the residual).
+        v0: warm start, ``(dim,)`` or ``(p, dim)`` (e.g. the previous call's ``eigenvectors``). Several
+            rows are summed (unit rows) into one start vector, which converges in fewer HVPs than a block
+            start; with ``block_size`` they start a block instead. Default: a Gaussian vector from ``seed``.
+        ncv: basis size before a thick restart (memory ``ncv * dim``); default
+            ``max(2k + 2b, k + 2b + 20)`` for block size ``b``.
+        block_size: run block Lanczos with this many vectors per ``matmat`` call (default 1; cheaper per
+            vector when batched HVPs are, but usually more HVPs in all).
+    """
+    check_common(op, k, which, tol, max_iter)
+    if block_size is not None and (not isinstance(block_size, int) or not 1 <= block_size <= op.dim):
+        raise ValueError(f"block_size must be an int in [1, dim], got {block_size!r}")
+    start = start_vectors(op.dim, v0, seed, op.dtype, op.device)
+    if block_size is None and start.shape[0] > 1:
+        start = (start / torch.linalg.vector_norm(start, dim=1, keepdim=True)).sum(0, keepdim=True)
+    elif block_size is not None and start.shape[0] < block_size:  # pad the block with seeded Gaussians
+        g = torch.Generator().manual_seed(seed)
+        extra = torch.randn(block_size - start.shape[0], op.dim, generator=g, dtype=torch.float64)
+        start = torch.cat([start, extra.to(start)])
+    solver = KrylovSolver(op.dim, k, which, start, tol, max_iter, ncv, block_size, seed)
+    while (X := solver.request()) is not None:
+        solver.feed(op.matmat(X))
+    return solver.result()

@@ -1,0 +1,421 @@
+"""The Hessian of a loss over a data set as a linear operator on flat parameter vectors.
+
+Every algorithm in this package (Lanczos, power iteration, Hutchinson, SLQ, per-layer blocks) needs only
+``op.matmat(V)``: several Hessian-vector products (HVPs) at once. ``HessianOperator`` provides them for any
+``loss_fn(model, batch) -> scalar``, over one batch or many (weighted by sample count), and all-reduced
+across ranks when a ``torch.distributed`` process group is initialised.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+ParamSpec = str | nn.Module | torch.Tensor
+
+HVP_FORMS = ("reverse", "reverse-batched", "forward")
+
+
+@runtime_checkable
+class LinearOperator(Protocol):
+    """What the spectrum algorithms need: a symmetric operator on vectors of length ``dim``."""
+
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor: ...
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def _is_container(x: Any) -> bool:
+    return isinstance(x, (tuple, list, Mapping))
+
+
+def _as_batches(data: Any) -> tuple[list[Batch] | None, Iterable[Batch] | None]:
+    """Split ``data`` into a materialised list of batches or a re-iterable source (e.g. a DataLoader).
+
+    One batch is a tensor, a dict, or a tuple/list holding at least one non-container (``(x, y)``); a
+    tuple/list whose items are all containers is a list of batches; other iterables are sources of batches.
+    """
+    if isinstance(data, (torch.Tensor, Mapping)):
+        return [data], None
+    if isinstance(data, (tuple, list)):
+        if len(data) == 0:
+            raise ValueError("data is empty: pass one batch such as (x, y) or a non-empty iterable of batches")
+        return ([data], None) if not all(_is_container(b) for b in data) else (list(data), None)
+    if isinstance(data, Iterable):
+        if iter(data) is data:  # a generator or iterator can be read once only: keep its batches
+            batches = list(data)
+            if not batches:
+                raise ValueError("data yielded no batches")
+            return batches, None
+        return None, data
+    raise TypeError(f"data must be a batch (tensor, tuple, list, dict) or an iterable of batches, got {type(data)}")
+
+
+def _first_tensor(batch: Batch) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _prepare(batch: Batch, device: torch.device) -> Batch:
+    """Move tensors to ``device`` and make inference-mode tensors usable by autograd (a copy)."""
+    if isinstance(batch, torch.Tensor):
+        if batch.device != device:
+            batch = batch.to(device)
+        if batch.is_inference():
+            with torch.inference_mode(False):
+                return batch.clone()
+        return batch
+    if isinstance(batch, Mapping):
+        out = {k: _prepare(v, device) for k, v in batch.items()}
+        return type(batch)(out) if isinstance(batch, dict) else out
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_prepare(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_prepare(v, device) for v in batch)
+    return batch
+
+
+def _select_params(model: nn.Module, params: Sequence[ParamSpec] | None) -> list[tuple[str, nn.Parameter]]:
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError("model has no parameters with requires_grad=True: pass params= to select some")
+        return chosen
+    if isinstance(params, (str, nn.Module, torch.Tensor)):
+        params = [params]
+    by_id = {id(p): n for n, p in named}
+    selected: set[str] = set()
+    for spec in params:
+        if isinstance(spec, str):
+            hits = {n for n, _ in named if n == spec or fnmatch.fnmatchcase(n, spec) or n.startswith(spec + ".")}
+        elif isinstance(spec, nn.Module):
+            hits = {by_id[id(p)] for p in spec.parameters() if id(p) in by_id}
+            if not hits:
+                raise ValueError(f"params: module {type(spec).__name__} has no parameters inside model")
+        elif isinstance(spec, torch.Tensor):
+            if id(spec) not in by_id:
+                raise ValueError("params: a tensor given in params is not a parameter of model")
+            hits = {by_id[id(spec)]}
+        else:
+            raise TypeError(f"params entries must be names/glob patterns, modules or parameters, got {type(spec)}")
+        if not hits:
+            raise ValueError(f"params: pattern {spec!r} matches no parameter name (see model.named_parameters())")
+        selected |= hits
+    return [(n, p) for n, p in named if n in selected]
+
+
+class HessianOperator:
+    """Hessian of the sample-weighted mean loss over ``data`` w.r.t. the selected parameters.
+
+    Args:
+        model: the network; its train/eval mode is used as is (the caller decides). A
+            ``DistributedDataParallel`` wrapper is unwrapped.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` tensor, the mean loss over the batch.
+        data: one batch (``(x, y)``, a dict, a tensor) or an iterable of batches (list, DataLoader).
+            Tensors are moved to the parameters' device.
+        params: ``None`` for every parameter with ``requires_grad``; else a list of names, glob patterns
+            (``"features.*.weight"``), module-name prefixes, modules or parameters. Explicitly selected
+            parameters are used even when frozen; ``requires_grad`` itself is never changed.
+        hvp: ``"reverse"`` (double backward; several vectors share one first-order graph and loop over
+            the second backward), ``"reverse-batched"`` (double backward with ``is_grads_batched``),
+            ``"forward"`` (forward-over-reverse, ``jvp`` of ``grad``; several vectors through ``vmap``),
+            or ``"auto"``: on the first call with one vector and the first with several, time each form
+            on the first batch and keep the fastest (the timed products are the real ones, reused).
+        batch_size_fn: ``batch -> int`` sample count; default: size of the first tensor's first dim.
+        cache_graph: keep the first-order gradient graph of every batch between calls, so one reverse HVP
+            costs one backward pass (memory: the activations of all batches). Default: on for
+            materialised data (one batch or a list), off for DataLoaders and other re-iterable sources.
+            Build a new operator (or call ``clear_cache``) after the parameters change.
+        chunk_size: most vectors pushed through one batched call (bounds memory of ``matmat``).
+        distributed: all-reduce HVPs and sample counts over the default (or ``process_group``) group.
+            Default: when a process group is initialised. Every rank must make the same calls.
+
+    Vectors are flat: ``op.flatten`` / ``op.unflatten`` convert to and from per-parameter tensors, in the
+    order of ``op.names`` / ``op.params``; ``op.slices[name]`` locates a parameter in the flat vector.
+    ``op.num_hvps`` counts full-data HVPs, one per vector (timing probes of ``hvp="auto"`` excluded).
+    HVPs run with gradients enabled, outside inference mode and with the math SDPA backend (attention has
+    a double backward there), so the operator may be used under ``torch.inference_mode()``; no ``.grad``
+    is written.
+
+    Example::
+
+        op = HessianOperator(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+        top = top_eigenvalues(op, k=5)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        params: Sequence[ParamSpec] | None = None,
+        hvp: str = "auto",
+        *,
+        batch_size_fn: Callable[[Batch], int] | None = None,
+        cache_graph: bool | None = None,
+        chunk_size: int = 32,
+        distributed: bool | None = None,
+        process_group: Any = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model)}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
+        if hvp != "auto" and hvp not in HVP_FORMS:
+            raise ValueError(f"hvp must be 'auto' or one of {HVP_FORMS}, got {hvp!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        self.model = model
+        self.loss_fn = loss_fn
+        named = _select_params(model, params)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+        self.slices: dict[str, slice] = {}
+        offset = 0
+        for n, p in named:
+            self.slices[n] = slice(offset, offset + p.numel())
+            offset += p.numel()
+        self.dim = offset
+        self.batch_size_fn = batch_size_fn
+        batches, self._source = _as_batches(data)
+        self._batches = None if batches is None else [_prepare(b, self.device) for b in batches]
+        self.cache_graph = self._batches is not None if cache_graph is None else bool(cache_graph)
+        self.chunk_size = chunk_size
+        self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
+        if self.distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs an initialised torch.distributed process group")
+        self.process_group = process_group
+        self.hvp = hvp
+        self.hvp_choice: dict[str, str] = {} if hvp == "auto" else {"single": hvp, "multi": hvp}
+        self.hvp_timings: dict[str, dict[str, float]] = {}
+        self.num_hvps = 0
+        self._wrapper = _LossModule(model, loss_fn)
+        self._keys = tuple("model." + n for n in self.names)
+        self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor | None]]] = {}
+
+    # ----------------------------------------------------------------------------------------- vectors
+    def flatten(self, tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-parameter tensors (list in ``op.names`` order, or dict by name) -> one flat vector."""
+        if isinstance(tensors, Mapping):
+            tensors = [tensors[n] for n in self.names]
+        if len(tensors) != len(self.params):
+            raise ValueError(f"flatten: expected {len(self.params)} tensors, got {len(tensors)}")
+        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
+
+    def unflatten(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        """Flat ``(dim,)`` or batched ``(k, dim)`` vector -> views shaped like the parameters."""
+        if vec.shape[-1] != self.dim:
+            raise ValueError(f"vector length {vec.shape[-1]} != op.dim {self.dim}")
+        lead = vec.shape[:-1]
+        return [vec[..., self.slices[n]].reshape(*lead, *p.shape) for n, p in zip(self.names, self.params)]
+
+    # ---------------------------------------------------------------------------------------- products
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` of length ``dim``."""
+        if v.dim() != 1:
+            raise ValueError(f"matvec expects a 1-D vector of length {self.dim}, got shape {tuple(v.shape)}")
+        return self.matmat(v[None])[0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``(H V^T)^T`` for ``V`` of shape ``(k, dim)``: k HVPs in batched calls."""
+        if V.dim() != 2 or V.shape[1] != self.dim:
+            raise ValueError(f"matmat expects shape (k, {self.dim}), got {tuple(V.shape)}")
+        V = V.to(device=self.device, dtype=self.dtype)
+        k = V.shape[0]
+        with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            V = V.clone()  # an inference tensor from the caller becomes a normal one
+            total = torch.zeros(k, self.dim, device=self.device, dtype=self.dtype)
+            count = 0
+            kind = "single" if k == 1 else "multi"
+            for index, batch in enumerate(self._iter_batches()):
+                n = self._batch_size(batch)
+                if kind not in self.hvp_choice:
+                    hv = self._calibrate(kind, index, batch, V)
+                else:
+                    hv = self._hvp(self.hvp_choice[kind], index, batch, V)
+                total.add_(hv, alpha=float(n))
+                count += n
+            total, count = self._reduce(total, count)
+        self.num_hvps += k
+        return total / count
+
+    def loss(self) -> float:
+        """Sample-weighted mean loss over the data (all ranks when distributed)."""
+        total, count = torch.zeros((), device=self.device, dtype=torch.float64), 0
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            for batch in self._iter_batches():
+                n = self._batch_size(batch)
+                total += float(n) * self._check_loss(self._wrapper(batch)).double()
+                count += n
+        total, count = self._reduce(total, count)
+        return float(total / count)
+
+    def clear_cache(self) -> None:
+        """Drop the cached first-order graphs (needed after the parameters change)."""
+        self._graphs.clear()
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _iter_batches(self) -> Iterable[Batch]:
+        if self._batches is not None:
+            yield from self._batches
+            return
+        empty = True
+        for batch in self._source:
+            empty = False
+            yield _prepare(batch, self.device)
+        if empty:
+            raise ValueError("data yielded no batches")
+
+    def _batch_size(self, batch: Batch) -> int:
+        if self.batch_size_fn is not None:
+            return int(self.batch_size_fn(batch))
+        first = _first_tensor(batch)
+        if first is None or first.dim() == 0:
+            raise ValueError("cannot infer the batch size (no tensor with a batch dim): pass batch_size_fn=")
+        return int(first.shape[0])
+
+    def _reduce(self, total: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
+        if self.distributed:
+            packed = torch.cat([total.reshape(-1), total.new_tensor([float(count)])])
+            dist.all_reduce(packed, group=self.process_group)
+            total, count = packed[:-1].reshape(total.shape), float(packed[-1])
+        if count <= 0:
+            raise ValueError("data holds no samples")
+        return total, count
+
+    @staticmethod
+    def _check_loss(loss: Any) -> torch.Tensor:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar tensor (the mean loss over the batch)")
+        return loss.reshape(())
+
+    def _loss_at(self, leaves: Sequence[torch.Tensor], batch: Batch) -> torch.Tensor:
+        return self._check_loss(functional_call(self._wrapper, dict(zip(self._keys, leaves)), (batch,)))
+
+    def _first_order(self, index: int, batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Leaves and differentiable gradients of one batch (cached when ``cache_graph``)."""
+        if index in self._graphs:
+            return self._graphs[index]
+        leaves = [p.detach().requires_grad_(True) for p in self.params]
+        loss = self._loss_at(leaves, batch)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        out = (leaves, [g if g is not None and g.requires_grad else None for g in grads])
+        if self.cache_graph:
+            self._graphs[index] = out
+        return out
+
+    def _hvp(self, form: str, index: int, batch: Batch, V: torch.Tensor) -> torch.Tensor:
+        """HVPs of one batch for the rows of ``V`` (flat in, flat out)."""
+        if form == "forward":
+            return self._hvp_forward(batch, V)
+        leaves, grads = self._first_order(index, batch)
+        pairs = [(g, i) for i, g in enumerate(grads) if g is not None]
+        out = torch.zeros_like(V)
+        if not pairs:  # the loss is at most linear in every selected parameter
+            return out
+        outputs = [g for g, _ in pairs]
+        if form == "reverse-batched" and V.shape[0] > 1:
+            for start in range(0, V.shape[0], self.chunk_size):
+                rows = V[start : start + self.chunk_size]
+                parts = self.unflatten(rows)
+                hv = torch.autograd.grad(
+                    outputs, leaves, grad_outputs=[parts[i] for _, i in pairs], retain_graph=True,
+                    is_grads_batched=True, allow_unused=True, materialize_grads=True,
+                )
+                out[start : start + rows.shape[0]] = torch.cat([h.reshape(rows.shape[0], -1) for h in hv], 1)
+            return out
+        for r in range(V.shape[0]):
+            parts = self.unflatten(V[r])
+            hv = torch.autograd.grad(
+                outputs, leaves, grad_outputs=[parts[i] for _, i in pairs], retain_graph=True,
+                allow_unused=True, materialize_grads=True,
+            )
+            out[r] = torch.cat([h.reshape(-1) for h in hv])
+        return out
+
+    def _hvp_forward(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
+        primals = tuple(p.detach() for p in self.params)
+        grad_fn = grad(lambda leaves: self._loss_at(leaves, batch))
+
+        def one(tangent: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return jvp(grad_fn, (primals,), (tangent,))[1]
+
+        if V.shape[0] == 1:
+            return torch.cat([h.reshape(-1) for h in one(tuple(self.unflatten(V[0])))])[None]
+        out = torch.empty_like(V)
+        for start in range(0, V.shape[0], self.chunk_size):
+            rows = V[start : start + self.chunk_size]
+            hv = vmap(one)(tuple(self.unflatten(rows)))
+            out[start : start + rows.shape[0]] = torch.cat([h.reshape(rows.shape[0], -1) for h in hv], 1)
+        return out
+
+    def _calibrate(self, kind: str, index: int, batch: Batch, V: torch.Tensor) -> torch.Tensor:
+        """Time each HVP form on this batch (the products are kept), choose the fastest for ``kind``."""
+        probe = V[: 1 if kind == "single" else 2]
+        forms = ("reverse", "forward") if kind == "single" else HVP_FORMS
+        if self.cache_graph:
+            self._first_order(index, batch)  # a one-time cost, not part of a cached reverse HVP
+        timings: dict[str, float] = {}
+        result, errors = None, []
+        for form in forms:
+            try:
+                self._sync()
+                start = time.perf_counter()
+                hv = self._hvp(form, index, batch, probe)
+                self._sync()
+                timings[form] = time.perf_counter() - start
+                result = hv
+            except RuntimeError as err:  # a form this model does not support (e.g. no vmap batching rule)
+                timings[form] = float("inf")
+                errors.append(err)
+        if result is None:
+            raise errors[0]
+        if self.distributed:  # every rank must pick the same form
+            packed = torch.tensor([timings[f] for f in forms], dtype=torch.float64, device=self.device)
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.process_group)
+            timings = dict(zip(forms, packed.tolist()))
+        choice = min(forms, key=lambda f: timings[f])
+        self.hvp_choice[kind] = choice
+        self.hvp_timings[kind] = timings
+        if V.shape[0] == probe.shape[0]:
+            return result
+        return torch.cat([result, self._hvp(choice, index, batch, V[probe.shape[0] :])])
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,79 @@
+"""Under DDP the Hessian callbacks give the single-process values, and every rank takes the same decisions."""
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader
+
+from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
+from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
+from tests.test_spectrum_callback import TinyModule, make_data
+
+pytestmark = pytest.mark.ddp
+
+
+def ddp(devices: int):
+    if devices == 1:
+        return {"devices": 1}
+    return {"devices": devices, "strategy": DDPStrategy(start_method="fork", process_group_backend="gloo")}
+
+
+def test_spectrum_two_ranks_equal_one_process():
+    metrics = []
+    for devices in (1, 2):
+        pl.seed_everything(0)
+        # weights stay put (and no BatchNorm statistics move), so both runs see the same Hessian
+        module = TinyModule(lr=0.0, batch_norm=False)
+        cb = HessianSpectrumCallback(top_k=2, probe_size=80, probe_batch_size=16, eig_tol=1e-8,
+                                     trace_rel_tol=0.5, trace_max_samples=64, plot=False)
+        trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
+                             **ddp(devices))
+        trainer.fit(module, DataLoader(make_data(), batch_size=16))
+        metrics.append({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("hessian/")})
+    one, two = metrics
+    assert set(one) == {"hessian/eig_1", "hessian/eig_2", "hessian/trace", "hessian/trace_std_error"} == set(two)
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+
+
+class RecordPerRank(pl.Callback):
+    def __init__(self, folder):
+        self.folder = folder
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows.append(len(batch[1]))
+
+    def on_train_end(self, trainer, pl_module):
+        abs_cb = next(c for c in trainer.callbacks if isinstance(c, AdaptiveBatchSizeCallback))
+        record = {"history": abs_cb.history, "rows": self.rows, "step": trainer.global_step,
+                  "weights": [p.sum().item() for p in pl_module.parameters()]}
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_abs_ranks_agree_on_every_change(tmp_path):
+    pl.seed_everything(0)
+    cb = AdaptiveBatchSizeCallback(max_batch_size=64, duration=1, probe_size=32, probe_batch_size=16, plot=False)
+    trainer = pl.Trainer(max_epochs=4, callbacks=[cb, RecordPerRank(tmp_path)], logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         accelerator="cpu", **ddp(2))
+
+    class Data(pl.LightningDataModule):
+        batch_size = 8  # per device: global 16
+
+        def train_dataloader(self):
+            return DataLoader(make_data(), batch_size=self.batch_size, shuffle=True)
+
+    trainer.fit(TinyModule(), datamodule=Data())
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["history"] == rank1["history"]
+    assert [h["batch_size"] for h in rank0["history"]] == [16, 32, 64, 64]  # duration=1: grows every epoch
+    assert rank0["rows"] == rank1["rows"]
+    # 48 samples per rank; the first epoch only sets the reference, then each growth applies from the next
+    # epoch: 2 epochs of 6 steps of 8, 1 epoch of 3 steps of 16, 1 epoch of 32 + 16
+    assert rank0["rows"] == [8] * 12 + [16] * 3 + [32, 16]
+    assert rank0["weights"] == pytest.approx(rank1["weights"], abs=0)

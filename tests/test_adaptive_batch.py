@@ -1,0 +1,140 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
+
+N = 128
+EIGS = [10, 8, 4.9, 4, 2.4, 2.5, 2.3, 2.2, 2.0, 1.0]
+
+
+class Data(pl.LightningDataModule):
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size = batch_size
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(N, 5, generator=g)
+        self.data = TensorDataset(x, (x.sum(1) > 0).long())
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
+
+
+class Module(pl.LightningModule):
+    def __init__(self, milestones=None):
+        super().__init__()
+        self.net = nn.Linear(5, 2)
+        self.milestones = milestones
+        self.seen = []  # (epoch, batch rows, lr) per training step
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append((self.current_epoch, len(y), self.trainer.optimizers[0].param_groups[0]["lr"]))
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        if not self.milestones:
+            return opt
+        return [opt], [torch.optim.lr_scheduler.MultiStepLR(opt, self.milestones, gamma=0.5)]
+
+
+@pytest.fixture
+def scripted_eigenvalues(monkeypatch):
+    monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue",
+                        lambda self, trainer, module: EIGS[trainer.current_epoch])
+
+
+def fit(callback, epochs=9, batch_size=8, milestones=None, ckpt_path=None, extra=(), root=None):
+    pl.seed_everything(0)
+    module, data = Module(milestones), Data(batch_size)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[callback, *extra], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=bool(extra), default_root_dir=root)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+@pytest.mark.parametrize("mode", ["dataloader", "accumulate"])
+def test_abs_schedule_matches_hand_computed_sequence(mode, scripted_eigenvalues, tmp_path):
+    cb = AdaptiveBatchSizeCallback(max_batch_size=64, duration=3, mode=mode, probe_size=16, plot=True)
+    module, trainer = fit(cb, root=tmp_path)
+    # ref 10 -> 4.9 halves (grow, ref 4.9) -> 2.4 halves (grow, ref 2.4) -> 3 epochs flat (grow) -> cap 64
+    assert [h["batch_size"] for h in cb.history] == [8, 8, 16, 16, 32, 32, 32, 64, 64]
+    assert [h["lr"] for h in cb.history] == pytest.approx([0.1, 0.1, 0.1, 0.2, 0.2, 0.4, 0.4, 0.4, 0.8])
+    assert [h["eigenvalue"] for h in cb.history] == EIGS[:8] + [None]  # no probing once capped
+    # optimizer steps: 3 epochs x 16 + 2 x 8 + 3 x 4 + 1 x 2
+    assert trainer.global_step == 78
+    rows = {}
+    for epoch, n, _ in module.seen:
+        rows.setdefault(epoch, set()).add(n)
+    expected_rows = {8: 8, 16: 16, 32: 32, 64: 64} if mode == "dataloader" else dict.fromkeys((8, 16, 32, 64), 8)
+    assert [rows[e] for e in range(9)] == [{expected_rows[h["batch_size"]]} for h in [cb.history[0]] + cb.history[:-1]]
+    assert (tmp_path / "hessian" / "batch_schedule.png").exists()
+
+
+def test_fb_trains_large_batch_with_linear_warmup(scripted_eigenvalues):
+    cb = AdaptiveBatchSizeCallback(max_batch_size=64, schedule="fb", fb_warmup_epochs=2)
+    module, trainer = fit(cb, epochs=4)
+    assert [h["batch_size"] for h in cb.history] == [64] * 4
+    assert trainer.global_step == 4 * 2
+    lrs = [lr for _, _, lr in module.seen]
+    # warmup from the base LR 0.1 to 0.8 over two epochs (4 steps), then flat
+    assert lrs == pytest.approx([0.1, 0.1 + 0.7 / 4, 0.1 + 0.7 / 2, 0.1 + 0.7 * 3 / 4, 0.8, 0.8, 0.8, 0.8])
+
+
+def test_gg_grows_the_batch_where_the_lr_would_decay():
+    cb = AdaptiveBatchSizeCallback(max_batch_size=32, schedule="gg")
+    module, _ = fit(cb, epochs=6, milestones=[2, 4])
+    assert [h["batch_size"] for h in cb.history] == [8, 16, 16, 32, 32, 32]
+    per_epoch_lr = {epoch: lr for epoch, _, lr in module.seen}
+    assert [per_epoch_lr[e] for e in range(6)] == pytest.approx([0.1] * 6)
+
+
+def test_bl_changes_nothing():
+    cb = AdaptiveBatchSizeCallback(max_batch_size=64, schedule="bl")
+    _, trainer = fit(cb, epochs=2)
+    assert trainer.global_step == 2 * 16 and {h["batch_size"] for h in cb.history} == {8}
+
+
+@pytest.mark.parametrize("mode", ["dataloader", "accumulate"])
+def test_resume_mid_schedule_equals_uninterrupted(mode, scripted_eigenvalues, tmp_path):
+    def run(epochs, ckpt=None, folder="a"):
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)
+        cb = AdaptiveBatchSizeCallback(max_batch_size=64, duration=3, mode=mode, probe_size=16, plot=False)
+        module, trainer = fit(cb, epochs=epochs, ckpt_path=ckpt, extra=[checkpoint])
+        return cb, module, trainer
+
+    full_cb, full_module, full_trainer = run(9, folder="full")
+    run(5, folder="part")
+    state = torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)
+    assert any("AdaptiveBatchSizeCallback" in k for k in state["callbacks"])
+    cb, module, trainer = run(9, ckpt=str(tmp_path / "part" / "last.ckpt"), folder="part")
+    assert cb.history == full_cb.history
+    assert trainer.global_step == full_trainer.global_step
+    resumed_rows = [n for e, n, _ in module.seen]
+    assert resumed_rows == [n for e, n, _ in full_module.seen if e >= 5]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"max_batch_size": 64, "factor": 1.5}, "factor"), ({"max_batch_size": 0}, "max_batch_size"),
+     ({"max_batch_size": 64, "schedule": "xyz"}, "schedule"), ({"max_batch_size": 64, "mode": "x"}, "mode"),
+     ({"max_batch_size": 64, "adversarial_fraction": 1.5}, "adversarial_fraction")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptiveBatchSizeCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "max_batch_size, match", [(4, "below the starting global batch 8"), (256, "exceeds the 128 training samples")]
+)
+def test_bad_budgets_fail_before_training(max_batch_size, match, scripted_eigenvalues):
+    with pytest.raises(ValueError, match=match):
+        fit(AdaptiveBatchSizeCallback(max_batch_size=max_batch_size, probe_size=16), epochs=1)

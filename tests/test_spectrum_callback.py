@@ -1,0 +1,146 @@
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_hessian.callbacks.probe import draw_probe_indices
+from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
+
+N_TRAIN = 96
+
+
+class TinyModule(pl.LightningModule):
+    """A small MLP with BatchNorm and dropout (so mode, buffers and RNG all matter)."""
+
+    def __init__(self, lr: float = 0.05, batch_norm: bool = True):
+        super().__init__()
+        norm = nn.BatchNorm1d(8) if batch_norm else nn.Identity()
+        self.net = nn.Sequential(nn.Linear(6, 8), norm, nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 3))
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def make_data(seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_TRAIN, 6, generator=g)
+    return TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long())
+
+
+def fit(callbacks, max_epochs=2, seed=0, ckpt_path=None, default_root_dir=None, enable_checkpointing=False):
+    pl.seed_everything(seed)
+    module = TinyModule()
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=enable_checkpointing, default_root_dir=default_root_dir,
+    )
+    trainer.fit(module, DataLoader(make_data(), batch_size=16, shuffle=True), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def dense_eval_hessian(module: TinyModule, indices: list[int]) -> torch.Tensor:
+    x, y = make_data()[indices]
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    buffers = {k: v.detach() for k, v in module.named_buffers()}
+    names = list(params)
+    module.eval()
+
+    def loss(*flat):
+        out = torch.func.functional_call(module, ({**dict(zip(names, flat)), **buffers}), (x,))
+        return F.cross_entropy(out, y)
+
+    blocks = torch.func.hessian(loss, argnums=tuple(range(len(names))))(*params.values())
+    sizes = [p.numel() for p in params.values()]
+    return torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(names))], 1)
+                      for i in range(len(names))], 0)
+
+
+def test_logged_values_match_dense_hessian_and_leave_no_trace(tmp_path):
+    cb = HessianSpectrumCallback(top_k=3, per_layer=True, probe_size=64, probe_batch_size=24, seed=5,
+                                 eig_tol=1e-7, trace_rel_tol=0.02, trace_max_samples=2000)
+    module, trainer = fit([cb], default_root_dir=tmp_path)
+    plain, _ = fit([])
+    # the callback changed nothing: same final weights and BatchNorm statistics as a run without it
+    for (name, a), b in zip(module.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert module.training
+    assert [h["epoch"] for h in cb.history] == [0, 1]
+
+    H = dense_eval_hessian(module, draw_probe_indices(N_TRAIN, 64, seed=5)).double()
+    exact = torch.linalg.eigvalsh(H).flip(0)[:3]
+    got = torch.tensor(cb.history[-1]["eigenvalues"], dtype=torch.float64)
+    assert torch.allclose(got, exact, rtol=1e-4), (got, exact)
+    trace = cb.history[-1]["trace"]
+    assert abs(trace - H.trace().item()) <= 4 * cb.history[-1]["trace_std_error"] + 1e-3 * abs(H.trace().item())
+    # per layer: the first Linear's block is the top-left 6*8+8 square
+    n0 = 6 * 8 + 8
+    block = torch.linalg.eigvalsh(H[:n0, :n0]).max().item()
+    assert math.isclose(cb.history[-1]["layer_eigenvalue"]["net.0"], block, rel_tol=1e-4)
+    assert trainer.callback_metrics["hessian/eig_1"].item() == pytest.approx(exact[0].item(), rel=1e-4)
+    assert (tmp_path / "hessian" / "spectrum_history.png").stat().st_size > 1000
+
+
+def test_history_survives_checkpoint_and_resume(tmp_path):
+    def callbacks():
+        return [HessianSpectrumCallback(top_k=1, probe_size=48, eig_tol=1e-6),
+                pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+
+    full = callbacks()
+    fit(full, max_epochs=3, enable_checkpointing=True)
+    first = callbacks()
+    fit(first, max_epochs=2, enable_checkpointing=True)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)  # primitives only
+    resumed = callbacks()
+    fit(resumed, max_epochs=3, ckpt_path=str(tmp_path / "last.ckpt"), enable_checkpointing=True)
+    assert any("HessianSpectrumCallback" in key for key in state["callbacks"])
+    assert len(resumed[0].history) == 3
+    for a, b in zip(resumed[0].history, full[0].history):
+        assert a["step"] == b["step"]
+        assert a["eigenvalues"] == pytest.approx(b["eigenvalues"], rel=1e-5)
+
+
+def test_failed_probe_warns_and_training_goes_on():
+    calls = {"n": 0}
+
+    def flaky_loss(model, batch):
+        calls["n"] += 1
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        return loss * float("nan") if calls["n"] > 1 else loss
+
+    cb = HessianSpectrumCallback(probe_size=32, loss_fn=flaky_loss, trace=False)
+    with pytest.warns(UserWarning, match="training continues"):
+        _, trainer = fit([cb], max_epochs=2)
+    assert trainer.current_epoch == 2 and cb.history == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"top_k": 0}, "top_k"), ({"every_n_steps": -1}, "every_n_steps"), ({"mode": "test"}, "mode"),
+     ({"trace_rel_tol": 2.0}, "trace_rel_tol")],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HessianSpectrumCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"probe_size": 500}, "probe_size=500 exceeds"), ({"params": ["no_such_layer*"]}, "no_such_layer"),
+     ({"probe_size": 32, "loss_fn": lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")}, "scalar")],
+)
+def test_misconfiguration_fails_before_training(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fit([HessianSpectrumCallback(**kwargs)], max_epochs=1)
