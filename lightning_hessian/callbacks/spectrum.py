@@ -14,7 +14,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_hessian.callbacks.no_trace import leave_no_trace
-from lightning_hessian.callbacks.probe import LossFn, draw_probe_indices, probe_batches, resolve_loss_fn, train_dataset_of
+from lightning_hessian.callbacks.probe import (
+    LossFn,
+    draw_probe_indices,
+    probe_batches,
+    resolve_loss_fn,
+    train_dataset_of,
+)
 from lightning_hessian.hessian import (
     HessianOperator,
     hutchinson_trace,

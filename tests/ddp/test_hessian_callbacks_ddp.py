@@ -4,7 +4,6 @@ import json
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
