@@ -19,6 +19,12 @@ torch.set_num_threads(1)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own temporary directory, so nothing a Trainer writes lands in the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A session-wide data dir, so MNIST-1D is generated once per test run."""

@@ -1,0 +1,427 @@
+"""AdversarialAugmentCallback: adversarial training for any Lightning run, plus robust-accuracy metrics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, MutableMapping, MutableSequence, Sequence
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_hessian.attacks import attack_success_rate, fgsm, pgd, trust_region
+from lightning_hessian.callbacks.no_trace import leave_no_trace
+
+Attack = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Schedule = Callable[[int], float] | Mapping[int, float]
+ATTACKS = ("fgsm", "pgd", "trust_region")
+MODES = ("replace", "append")
+NORMS = ("linf", "l2")
+
+
+class AdversarialAugmentCallback(Callback):
+    """Replace (or append) a fraction of every training batch with adversarial examples; measure robustness.
+
+    At each training batch, ``round(fraction * N)`` randomly chosen samples are attacked with ``attack`` on
+    the LightningModule itself (``pl_module(x)`` must return logits) and, with ``mode="replace"``, take the
+    place of their clean rows; with ``mode="append"`` they are added to the batch with their labels (so the
+    batch grows to ``N + round(fraction * N)``; other per-sample entries of a dict batch are not extended).
+    Attacks run in eval mode, leave the parameters' ``.grad`` and the module's modes untouched, and use
+    their own seeded random source, so the global RNG stream is unchanged. Under DDP each rank attacks its
+    own shard, with no collectives.
+
+    ``eps`` is in the units of the inputs as the model receives them (default 0.1: a tenth of a standard
+    deviation for standardised data such as the project's MNIST-1D and CIFAR-10 datamodules; for CIFAR-10
+    that is about 6/255 in pixel units). ``clamp="auto"`` keeps adversarial inputs inside
+    ``trainer.datamodule.input_range`` when the datamodule has one, else does not clamp.
+
+    ``fraction`` and ``eps`` are plain attributes that may be changed at any time (``AdaptiveBatchSizeCallback``
+    halves ``fraction`` at each batch growth), or follow ``fraction_schedule`` / ``eps_schedule``: a callable
+    ``epoch -> value`` or a dict ``{first_epoch: value}``, applied at every epoch start.
+
+    Batches are ``(x, y)`` tuples or lists, or dicts; ``input_key`` / ``target_key`` give the position or key
+    (default 0 and 1, or ``"x"`` and ``"y"`` for dicts). Lists and dicts get new tensors in their slots;
+    tuples, being immutable, have their tensors' contents swapped in place (``Tensor.set_``), which never
+    writes into the loader's storage. The batch objects are changed in place, so a loader must yield fresh
+    batches (``DataLoader`` does), not the same objects again.
+
+    With ``robust_eval=True`` every validation epoch also measures accuracy under ``robust_eval_attack``
+    (default PGD with ``robust_eval_steps`` steps at ``robust_eval_eps``, default ``eps``), with random
+    starts drawn from a generator seeded with ``seed`` (plus the rank) at each validation epoch start.
+    Logged per epoch: ``adv/fraction`` (mean over the epoch's batches), ``adv/success_rate`` (share of the
+    attacked training samples the model misclassifies after the attack, all ranks pooled) and
+    ``adv/robust_acc``.
+
+    Example::
+
+        from lightning_hessian import AdversarialAugmentCallback
+        adv = AdversarialAugmentCallback(attack="pgd", eps=0.2, steps=5, fraction=0.5, robust_eval=True)
+        Trainer(max_epochs=20, callbacks=[adv]).fit(model, datamodule=MNIST1DDataModule())
+    """
+
+    def __init__(
+        self,
+        attack: str | Attack = "fgsm",
+        eps: float = 0.1,
+        fraction: float = 0.5,
+        mode: str = "replace",
+        norm: str = "linf",
+        steps: int = 10,
+        step_size: float | None = None,
+        clamp: str | tuple[float, float] | None = "auto",
+        input_key: int | str | None = None,
+        target_key: int | str | None = None,
+        fraction_schedule: Schedule | None = None,
+        eps_schedule: Schedule | None = None,
+        robust_eval: bool = False,
+        robust_eval_attack: str | Attack = "pgd",
+        robust_eval_steps: int = 10,
+        robust_eval_eps: float | None = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            attack: ``"fgsm"``, ``"pgd"``, ``"trust_region"`` (bounded by ``eps``) or a callable
+                ``(model, x, y) -> x_adv``.
+            eps: attack radius in input units, > 0.
+            fraction: share of each batch to attack, in [0, 1].
+            mode: ``"replace"`` the attacked rows, or ``"append"`` the adversarial copies.
+            norm: ``"linf"`` or ``"l2"`` ball for PGD and the trust-region attack (FGSM is L-inf only).
+            steps, step_size: PGD steps and step length (default ``2.5 * eps / steps``).
+            clamp: valid input range ``(lo, hi)``, None for none, or ``"auto"`` (the datamodule's
+                ``input_range``).
+            input_key, target_key: where inputs and int labels sit in a batch (index or dict key).
+            fraction_schedule, eps_schedule: ``epoch -> value`` callables or ``{first_epoch: value}`` dicts.
+            robust_eval: measure accuracy under ``robust_eval_attack`` every validation epoch.
+            robust_eval_attack: ``"pgd"``, ``"fgsm"``, ``"trust_region"`` or a callable ``(model, x, y)``.
+            robust_eval_steps: PGD steps of the robust evaluation.
+            robust_eval_eps: radius of the robust evaluation; None uses ``eps`` (as constructed).
+            seed: seeds the choice of attacked rows, PGD's random starts and the robust evaluation.
+        """
+        _check_attack(attack, "attack")
+        _check_attack(robust_eval_attack, "robust_eval_attack")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if norm != "linf" and "fgsm" in (attack, robust_eval_attack):
+            raise ValueError(f"FGSM is an L-inf attack: use norm='linf' or attack='pgd', got norm={norm!r}")
+        _check_positive_int(steps, "steps")
+        _check_positive_int(robust_eval_steps, "robust_eval_steps")
+        if step_size is not None:
+            _check_positive(step_size, "step_size")
+        if robust_eval_eps is not None:
+            _check_positive(robust_eval_eps, "robust_eval_eps")
+        if not (clamp is None or clamp == "auto" or _is_range(clamp)):
+            raise ValueError(f"clamp must be 'auto', None or a pair (lo, hi) with lo < hi, got {clamp!r}")
+        for name, key in (("input_key", input_key), ("target_key", target_key)):
+            if key is not None and (isinstance(key, bool) or not isinstance(key, (int, str))):
+                raise TypeError(f"{name} must be an int (tuple/list position), a str (dict key) or None, got {key!r}")
+        _check_schedule(fraction_schedule, "fraction_schedule", lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check_schedule(eps_schedule, "eps_schedule", lambda v: 0 < v < math.inf, "positive and finite")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.attack, self.mode, self.norm, self.steps, self.step_size = attack, mode, norm, steps, step_size
+        self.clamp, self.input_key, self.target_key = clamp, input_key, target_key
+        self.fraction_schedule, self.eps_schedule = fraction_schedule, eps_schedule
+        self.robust_eval, self.robust_eval_attack = robust_eval, robust_eval_attack
+        self.robust_eval_steps = robust_eval_steps
+        self.robust_eval_eps = eps if robust_eval_eps is None else robust_eval_eps
+        self.seed = seed
+        self.fraction = fraction
+        self.eps = eps
+        self._initial_eps = self.eps
+        # run totals (in state_dict)
+        self.batches_seen = 0
+        self.samples_attacked = 0
+        self.samples_fooled = 0
+        self._range: tuple[float, float] | None = None
+        self._differentiable = False
+        self._train_counts = torch.zeros(4, dtype=torch.float64)  # epoch: sum of fractions, batches, fooled, attacked
+        self._eval_counts = torch.zeros(2, dtype=torch.float64)  # this validation: correct, total
+        self._eval_ok = False
+        self._eval_generator: torch.Generator | None = None
+
+    # ---- attributes that may change during training ----------------------------------------------------
+
+    @property
+    def fraction(self) -> float:
+        """Share of each training batch that is attacked, in [0, 1]."""
+        return self._fraction
+
+    @fraction.setter
+    def fraction(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"fraction must be a number in [0, 1], got {value!r}")
+        self._fraction = float(value)
+
+    @property
+    def eps(self) -> float:
+        """Attack radius in input units, > 0."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self._eps = _check_positive(value, "eps")
+
+    @property
+    def state_key(self) -> str:
+        name = self.attack if isinstance(self.attack, str) else getattr(self.attack, "__name__", "callable")
+        return self._generate_state_key(attack=name, eps=self._initial_eps, mode=self.mode, norm=self.norm)
+
+    # ---- hooks -------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.clamp != "auto":
+            self._range = None if self.clamp is None else (float(self.clamp[0]), float(self.clamp[1]))
+            return
+        found = getattr(trainer.datamodule, "input_range", None)
+        if found is None:
+            rank_zero_info("AdversarialAugmentCallback: clamp='auto' found no `input_range` on the datamodule; "
+                           "adversarial inputs are not clamped (pass clamp=(lo, hi) to bound them)")
+            self._range = None
+        elif _is_range(found):
+            self._range = (float(found[0]), float(found[1]))
+        else:
+            raise ValueError(f"clamp='auto' needs datamodule.input_range to be a pair (lo, hi) with lo < hi, got "
+                             f"{found!r}; pass clamp=(lo, hi) or clamp=None")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.fraction_schedule is not None:
+            self.fraction = _scheduled(self.fraction_schedule, epoch, self.fraction)
+        if self.eps_schedule is not None:
+            self.eps = _scheduled(self.eps_schedule, epoch, self.eps)
+        self._train_counts.zero_()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        x, y = self._inputs_and_targets(batch)
+        n = x.shape[0]
+        k = round(self.fraction * n)
+        self.batches_seen += 1
+        self._train_counts[:2] += torch.tensor([self.fraction, 1], dtype=torch.float64)
+        if k == 0:
+            return
+        if not self._differentiable:
+            self._check_differentiable(pl_module, x, "attack")
+        seed = _mix(self.seed, self.batches_seen, trainer.global_rank)
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values.to(x.device)
+        x_clean, y_clean = x[rows], y[rows].long()
+        attack = self._attack(self.attack, self.eps, self.steps, self.step_size,
+                              torch.Generator(device=x.device).manual_seed(seed))
+        x_adv = _checked_output(attack(pl_module, x_clean, y_clean), x_clean, "attack").to(x.dtype)
+        fooled = round(float(attack_success_rate(pl_module, x_adv, y_clean)) * k)
+        self.samples_attacked += k
+        self.samples_fooled += fooled
+        self._train_counts[2:] += torch.tensor([fooled, k], dtype=torch.float64)
+        if self.mode == "replace":
+            new_x = x.clone()
+            new_x[rows] = x_adv
+            _put(batch, self._key(batch, "input"), x, new_x)
+        else:
+            _put(batch, self._key(batch, "input"), x, torch.cat([x, x_adv]))
+            _put(batch, self._key(batch, "target"), y, torch.cat([y, y[rows]]))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fraction_sum, batches, fooled, attacked = _all_ranks_sum(trainer, pl_module, self._train_counts)
+        metrics = {}
+        if batches > 0:
+            metrics["adv/fraction"] = fraction_sum / batches
+        if attacked > 0:
+            metrics["adv/success_rate"] = fooled / attacked
+        if metrics:
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.robust_eval or trainer.sanity_checking:
+            return
+        self._eval_counts.zero_()
+        self._eval_generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self.robust_eval or trainer.sanity_checking:
+            return
+        x, y = self._inputs_and_targets(batch)
+        y = y.long()
+        if not self._differentiable:
+            self._check_differentiable(pl_module, x, "robust_eval_attack")
+        attack = self._attack(self.robust_eval_attack, self.robust_eval_eps, self.robust_eval_steps, None,
+                              self._eval_generator)
+        try:
+            x_adv = _checked_output(attack(pl_module, x, y), x, "robust_eval_attack")
+            wrong = round(float(attack_success_rate(pl_module, x_adv, y)) * len(y))
+        except Exception as err:
+            if not self._eval_ok:  # the first batch: a misconfiguration, fail fast
+                raise
+            rank_zero_warn(f"AdversarialAugmentCallback: robust evaluation of batch {batch_idx} failed ({err!r}); "
+                           "skipped, training continues")  # a diagnostic never ends a training run
+            return
+        self._eval_ok = True
+        self._eval_counts += torch.tensor([len(y) - wrong, len(y)], dtype=torch.float64)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.robust_eval or trainer.sanity_checking:
+            return
+        correct, total = _all_ranks_sum(trainer, pl_module, self._eval_counts)
+        if total > 0:
+            pl_module.log("adv/robust_acc", correct / total, on_step=False, on_epoch=True, sync_dist=False)
+
+    # ---- checkpoint --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "eps": self.eps, "batches_seen": self.batches_seen,
+                "samples_attacked": self.samples_attacked, "samples_fooled": self.samples_fooled}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key, value in state_dict.items():
+            setattr(self, key, value)
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+
+    def _attack(
+        self, attack: str | Attack, eps: float, steps: int, step_size: float | None, generator: torch.Generator | None
+    ) -> Attack:
+        if callable(attack):
+            return attack
+        if attack == "fgsm":
+            return partial(fgsm, eps=eps, clamp=self._range)
+        if attack == "pgd":
+            return partial(pgd, eps=eps, steps=steps, step_size=step_size, norm=self.norm, clamp=self._range,
+                           generator=generator)
+        return partial(trust_region, eps=eps, norm=self.norm, clamp=self._range)
+
+    def _key(self, batch: Any, role: str) -> int | str:
+        key = self.input_key if role == "input" else self.target_key
+        if key is not None:
+            return key
+        if isinstance(batch, Mapping):
+            return "x" if role == "input" else "y"
+        return 0 if role == "input" else 1
+
+    def _inputs_and_targets(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's inputs and int64 labels, or a ValueError naming the key argument to fix."""
+        if not isinstance(batch, (Mapping, tuple, list)):
+            raise ValueError(f"AdversarialAugmentCallback needs tuple, list or dict batches holding inputs and "
+                             f"labels, got a {type(batch).__name__}")
+        layout = f"dict with keys {list(batch)}" if isinstance(batch, Mapping) else \
+            f"{type(batch).__name__} of length {len(batch)}"
+        found = []
+        for role, name in (("input", "input_key"), ("target", "target_key")):
+            key = self._key(batch, role)
+            try:
+                value = batch[key]
+            except (KeyError, IndexError, TypeError):
+                raise ValueError(f"AdversarialAugmentCallback found no {role}s at {name}={key!r} in a batch that is "
+                                 f"a {layout}: set {name}= to where they are") from None
+            found.append(value)
+        x, y = found
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+            raise ValueError(f"the inputs at input_key={self._key(batch, 'input')!r} must be a floating-point tensor "
+                             f"(N, ...), got {_describe(x)}: set input_key= to the inputs")
+        if (not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool
+                or y.shape != x.shape[:1]):
+            raise ValueError(f"the targets at target_key={self._key(batch, 'target')!r} must be integer class labels "
+                             f"of shape ({x.shape[0]},), got {_describe(y)}: set target_key= to the labels")
+        return x, y
+
+    def _check_differentiable(self, pl_module: pl.LightningModule, x: torch.Tensor, name: str) -> None:
+        """Fail clearly when ``pl_module(x)`` gives no logits with a gradient w.r.t. ``x``."""
+        with leave_no_trace(pl_module, "eval"):
+            probe = x[:1].detach().clone().requires_grad_(True)
+            out = pl_module(probe)
+            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                raise ValueError(f"{name}: pl_module(x) must return logits of shape (N, classes) for the attacks, "
+                                 f"got {_describe(out)}; pass {name}=<callable (model, x, y) -> x_adv> otherwise")
+            grad = None
+            if out.requires_grad:
+                (grad,) = torch.autograd.grad(out.sum(), probe, allow_unused=True)
+        if grad is None:
+            raise ValueError(f"{name}: pl_module(x)'s output does not depend on x through autograd (is forward under "
+                             f"torch.no_grad() or does it detach?); gradient attacks need d logits / d x: fix forward, "
+                             f"or pass {name}=<callable (model, x, y) -> x_adv>")
+        self._differentiable = True
+
+
+# ---- module helpers ----------------------------------------------------------------------------------------
+
+
+def _all_ranks_sum(trainer: pl.Trainer, pl_module: pl.LightningModule, counts: torch.Tensor) -> list[float]:
+    """``counts`` summed over the ranks (every rank calls this at the same hook, so the reduction never hangs)."""
+    return trainer.strategy.reduce(counts.clone().to(pl_module.device), reduce_op="sum").cpu().tolist()
+
+
+def _put(batch: Any, key: int | str, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Store ``new`` at ``key``: in the slot of a list or dict, else (tuples) in ``old``'s own tensor object."""
+    if isinstance(batch, (MutableMapping, MutableSequence)):
+        batch[key] = new
+    else:
+        old.set_(new)
+
+
+def _checked_output(x_adv: Any, x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+        raise TypeError(f"{name} must return adversarial inputs of shape {tuple(x.shape)}, got {_describe(x_adv)}")
+    return x_adv.detach()
+
+
+def _mix(*values: int) -> int:
+    """A seed from several integers (same on every call and process)."""
+    seed = 0
+    for v in values:
+        seed = (seed * 1_000_003 + v) % (2**63 - 1)
+    return seed
+
+
+def _scheduled(schedule: Schedule, epoch: int, current: float) -> float:
+    if callable(schedule):
+        return schedule(epoch)
+    started = [e for e in schedule if e <= epoch]
+    return schedule[max(started)] if started else current
+
+
+def _check_attack(attack: Any, name: str) -> None:
+    if not (callable(attack) or attack in ATTACKS):
+        raise ValueError(f"{name} must be one of {ATTACKS} or a callable (model, x, y) -> x_adv, got {attack!r}")
+
+
+def _check_schedule(schedule: Any, name: str, valid: Callable[[float], bool], rule: str) -> None:
+    if schedule is None or callable(schedule):
+        return
+    if not isinstance(schedule, Mapping) or not all(
+        isinstance(e, int) and not isinstance(e, bool) and e >= 0
+        and isinstance(v, (int, float)) and not isinstance(v, bool) and valid(v)
+        for e, v in schedule.items()
+    ):
+        raise ValueError(f"{name} must be None, a callable epoch -> value, or a dict {{first_epoch: value}} with "
+                         f"integer epochs >= 0 and values {rule}, got {schedule!r}")
+
+
+def _check_positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number in input units, got {value!r}")
+    return float(value)
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _is_range(value: Any) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and float(value[0]) < float(value[1]))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
