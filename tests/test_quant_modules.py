@@ -267,3 +267,12 @@ def test_standalone_quantact_and_residual_model():
     qmodel, report = quantize_model(Block(), 8)
     assert isinstance(qmodel.add, QuantResidualAdd) and isinstance(qmodel.inp, QuantAct)
     assert report.float_layers == {}
+
+
+def test_quantized_model_moves_like_any_module():
+    from lightning_hessian.models import MNIST1DCNN
+    from lightning_hessian.quant import quantize_model
+
+    qmodel, _ = quantize_model(MNIST1DCNN(), 8)
+    moved = qmodel.double().float().to("cpu")
+    assert all(p.dtype == torch.float32 for p in moved.parameters())

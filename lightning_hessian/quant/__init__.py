@@ -1,0 +1,51 @@
+"""Hessian-aware mixed-precision quantization (HAWQ): quantizers, quantized modules, sensitivity, bit
+allocation with OR-Tools, the ``HAWQModule`` LightningModule, and integer-only inference with export."""
+
+from lightning_hessian.quant.allocation import (
+    InfeasibleBudgetError,
+    NotProvenOptimalWarning,
+    ParetoPoint,
+    allocate_bits,
+    allocation_total,
+    pareto_frontier,
+)
+from lightning_hessian.quant.costs import (
+    LayerStats,
+    bops_costs,
+    budget_between,
+    layer_costs,
+    layer_stats,
+    model_bops,
+    model_size,
+    size_costs,
+)
+from lightning_hessian.quant.export import export_onnx, export_program
+from lightning_hessian.quant.hawq import HAWQModule
+from lightning_hessian.quant.integer import IntegerModel, to_integer_model
+from lightning_hessian.quant.modules import (
+    QuantAct,
+    QuantAdaptiveAvgPool,
+    QuantConv1d,
+    QuantConv2d,
+    QuantizationReport,
+    QuantLinear,
+    QuantResidualAdd,
+    calibrate,
+    fold_batchnorm,
+    quantizable_layers,
+    quantize_model,
+    set_integer_simulation,
+)
+from lightning_hessian.quant.quantizers import ActivationQuantizer, dyadic, quantize_weight, requantize, validate_bits
+from lightning_hessian.quant.report import BitReport, LayerRow, bit_report
+from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity, weight_perturbation
+
+__all__ = [
+    "ActivationQuantizer", "BitReport", "HAWQModule", "InfeasibleBudgetError", "IntegerModel", "LayerRow",
+    "LayerStats", "NotProvenOptimalWarning", "ParetoPoint", "QuantAct", "QuantAdaptiveAvgPool", "QuantConv1d",
+    "QuantConv2d", "QuantLinear", "QuantResidualAdd", "QuantizationReport", "Sensitivity", "allocate_bits",
+    "allocation_total", "bit_report", "bops_costs", "budget_between", "calibrate", "dyadic", "export_onnx",
+    "export_program", "fold_batchnorm", "layer_costs", "layer_sensitivity", "layer_stats", "model_bops",
+    "model_size", "pareto_frontier", "quantizable_layers", "quantize_model", "quantize_weight", "requantize",
+    "set_integer_simulation", "size_costs", "to_integer_model", "validate_bits", "weight_perturbation",
+]

@@ -169,7 +169,7 @@ class _QuantLayer:
         bias = None if self.bias is None else bias_codes(self.bias, acc_scale)
         return codes.long(), bias, acc_scale
 
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def _channel_scale(self, scale: Tensor, out: Tensor) -> Tensor:
@@ -179,14 +179,14 @@ class _QuantLayer:
         x = self.act(x)
         if self.simulate:
             codes, bias, acc_scale = self.integer_params()
-            acc = self._apply(x.integers().double(), codes.double(), None if bias is None else bias.double())
+            acc = self._layer_op(x.integers().double(), codes.double(), None if bias is None else bias.double())
             scale = self._channel_scale(acc_scale, acc)
             return ScaledTensor.wrap(acc * scale, scale)
         weight = quantize_weight(self.weight, self.weight_bits)
         bias = self.bias
         if bias is not None and self.act.calibrated:
             bias = quantize_bias(bias, weight_scale(self.weight, self.weight_bits) * self.act.scale())
-        return self._apply(x, weight, bias)
+        return self._layer_op(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_bits={self.weight_bits}"
@@ -203,7 +203,7 @@ class _QuantConv(_QuantLayer):
         q.weight, q.bias = conv.weight, conv.bias
         return q.train(conv.training)
 
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)
 
     def _channel_scale(self, scale: Tensor, out: Tensor) -> Tensor:
@@ -242,7 +242,7 @@ class QuantLinear(_QuantLayer, nn.Linear):
         q.weight, q.bias = linear.weight, linear.bias
         return q.train(linear.training)
 
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
     def _channel_scale(self, scale: Tensor, out: Tensor) -> Tensor:

@@ -1,0 +1,485 @@
+"""``HAWQModule``: Hessian-aware mixed-precision quantization-aware fine-tuning of any LightningModule.
+
+HAWQ (V1-V3) in one Lightning wrapper: measure each layer's Hessian sensitivity on a fixed probe set,
+choose per-layer bit widths by the exact multiple-choice knapsack under size/BOPS budgets, swap in
+quantized layers, and fine-tune with the wrapped module's own steps (optionally distilling from the float
+model). The swap happens in ``configure_model``, so under DDP every rank quantizes its copy before the
+model is wrapped; the bit configuration travels in the checkpoint as plain Python values, so
+``trainer.test(HAWQModule(float_module), ckpt_path=...)`` rebuilds the same quantized network.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
+from torch import nn
+from torchmetrics import Metric
+
+from lightning_hessian.callbacks.no_trace import leave_no_trace
+from lightning_hessian.callbacks.probe import (
+    LossFn,
+    draw_probe_indices,
+    probe_batches,
+    resolve_loss_fn,
+    train_dataset_of,
+)
+from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits
+from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
+from lightning_hessian.quant.modules import quantizable_layers, quantize_model
+from lightning_hessian.quant.quantizers import ActivationQuantizer, validate_bits
+from lightning_hessian.quant.report import BitReport, bit_report
+from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
+
+RESOURCES = ("size", "bops")
+
+
+class HAWQModule(LightningModule):
+    """Quantize a trained LightningModule to mixed precision chosen from Hessian sensitivity, then fine-tune.
+
+    Args:
+        module: the trained float LightningModule, or a checkpoint path loaded with ``module_class``.
+        module_class: a LightningModule class (``module_class.load_from_checkpoint(module)``) or any
+            callable ``path -> LightningModule`` (e.g. a ``functools.partial`` passing ``net=``).
+        bits: a fixed configuration instead of a plan: an int for every layer (uniform 8 or 4, say) or
+            ``{layer: bits}`` (layers left out stay in float).
+        budgets: plan the bits: ``{"size": ..., "bops": ...}``. A value in ``[0, 1]`` is HAWQ-V3's
+            fraction of the way from every layer at ``min(bit_choices)`` to every layer at
+            ``max(bit_choices)``; a value above 1 is absolute (weight bits for ``"size"``, per-sample
+            bit operations ``MACs * b_w * act_bits`` for ``"bops"``).
+        bit_choices: candidate weight bit widths (2..8) for the plan.
+        act_bits: activation bit width (2..8) of every layer.
+        ties: groups of layer names that must share a bit width (e.g. a residual block's shortcut conv
+            and the conv it is added to).
+        metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i``) or ``"eigenvalue"`` (HAWQ-V1: top eigenvalue).
+        probe_data: batches for the sensitivity (a list of batches or a DataLoader); default
+            ``probe_size`` training samples drawn with ``seed`` (split over the ranks under DDP).
+        probe_size, probe_batch_size: size of the default probe set and of its batches.
+        seed: seed of the probe draw and of the Hutchinson probes.
+        trace_rel_tol, max_samples: Hutchinson stopping rule (relative standard error of every layer's
+            trace) and its cap on probes.
+        cache_dir: folder of the sensitivity cache (re-planning the same model and probe is then free).
+        loss_fn: ``loss_fn(module, batch)`` for the Hessian; default ``module.hessian_loss`` or
+            cross-entropy on ``(x, y)`` batches.
+        example_input: an input of ``module`` for the size/BOPS costs; default the first tensor of the
+            first probe batch.
+        momentum: activation range tracking: ``None`` running min/max, else the EMA momentum.
+        optimizer: factory ``optimizer(params)`` for the fine-tune; default the module's own
+            ``configure_optimizers``.
+        distill_weight: ``w`` in ``(1 - w) * task_loss + w * T^2 * KL(teacher || student)`` on the logits
+            of the float model (0 disables distillation); the wrapped ``training_step`` must call ``self(...)``.
+        temperature: distillation temperature ``T``.
+        solver: OR-Tools solver of :func:`~lightning_hessian.quant.allocation.allocate_bits`.
+        report_dir: where ``hawq_report.md``/``.png`` go; default ``<trainer.default_root_dir>/hawq``.
+
+    Training, validation and test steps are the wrapped module's, so its metrics are logged unchanged.
+
+    Example::
+
+        hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(4, 8), cache_dir="cache")
+        trainer = Trainer(max_epochs=3)
+        trainer.fit(hawq, datamodule=dm)
+        trainer.test(HAWQModule(trained), datamodule=dm, ckpt_path=trainer.checkpoint_callback.best_model_path)
+    """
+
+    def __init__(
+        self,
+        module: LightningModule | str | os.PathLike,
+        module_class: type[LightningModule] | Callable[[str], LightningModule] | None = None,
+        *,
+        bits: int | Mapping[str, int] | None = None,
+        budgets: Mapping[str, float] | None = None,
+        bit_choices: Sequence[int] = (4, 8),
+        act_bits: int = 8,
+        ties: Iterable[Iterable[str]] = (),
+        metric: str = "trace",
+        probe_data: Iterable[Any] | None = None,
+        probe_size: int = 512,
+        probe_batch_size: int = 256,
+        seed: int = 0,
+        trace_rel_tol: float = 0.05,
+        max_samples: int = 200,
+        cache_dir: str | os.PathLike | None = None,
+        loss_fn: LossFn | None = None,
+        example_input: Any = None,
+        momentum: float | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        distill_weight: float = 0.0,
+        temperature: float = 1.0,
+        solver: str = "cbc",
+        report_dir: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        module = _load_module(module, module_class)
+        self.layers = quantizable_layers(module)
+        if not self.layers:
+            raise ValueError(
+                f"module {type(module).__name__} has no quantizable layer (nn.Conv1d, nn.Conv2d or nn.Linear): "
+                "nothing to quantize"
+            )
+        if bits is not None and budgets is not None:
+            raise ValueError("pass either bits= (a fixed configuration) or budgets= (a plan), not both")
+        self.fixed_bits = None if bits is None else self._check_bits(bits)
+        self.budgets = None if budgets is None else _check_budgets(budgets)
+        self.bit_choices = sorted({validate_bits(b, "bit_choices") for b in bit_choices})
+        if not self.bit_choices:
+            raise ValueError("bit_choices must hold at least one bit width in 2..8, e.g. (4, 8)")
+        self.act_bits = validate_bits(act_bits, "act_bits")
+        self.ties = self._check_ties(ties)
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size),
+                            ("max_samples", max_samples)):
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(distill_weight, Real) and 0 <= distill_weight <= 1):
+            raise ValueError(f"distill_weight must be in [0, 1] (0: no distillation), got {distill_weight!r}")
+        if not (isinstance(temperature, Real) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver={solver!r} is not supported; use one of {SOLVERS}")
+        self.metric, self.seed, self.solver, self.momentum = metric, seed, solver, momentum
+        self.probe_data, self.probe_size, self.probe_batch_size = probe_data, probe_size, probe_batch_size
+        self.trace_rel_tol, self.max_samples = trace_rel_tol, max_samples
+        self.cache_dir, self.report_dir = cache_dir, report_dir
+        self.loss_fn, self.example_input, self.optimizer_factory = loss_fn, example_input, optimizer
+        self.distill_weight, self.temperature = float(distill_weight), float(temperature)
+        self.save_hyperparameters({
+            "bits": self.fixed_bits if isinstance(bits, Mapping) else bits,
+            "budgets": self.budgets, "bit_choices": self.bit_choices, "act_bits": self.act_bits,
+            "ties": [list(g) for g in self.ties], "metric": metric, "probe_size": probe_size,
+            "probe_batch_size": probe_batch_size, "seed": seed, "trace_rel_tol": trace_rel_tol,
+            "max_samples": max_samples, "momentum": momentum, "distill_weight": self.distill_weight,
+            "temperature": self.temperature, "solver": solver,
+        })
+        self.module = module
+        object.__setattr__(self, "float_module", module)  # the teacher: not a submodule, not trained or saved
+        # Weight bits per layer (0: float) and the activation bits, so a state dict rebuilds its own network.
+        self.register_buffer("hawq_bits", torch.zeros(len(self.layers) + 1, dtype=torch.int64))
+        self.weight_bits: dict[str, int] | None = None
+        self.sensitivity: Sensitivity | None = None
+        self.stats: dict[str, LayerStats] | None = None
+        self._quantized_with: tuple | None = None
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _check_bits(self, bits: int | Mapping[str, int]) -> int | dict[str, int]:
+        if not isinstance(bits, Mapping):
+            return validate_bits(bits, "bits")
+        unknown = [name for name in bits if name not in self.layers]
+        if unknown:
+            raise ValueError(f"bits names unknown layers {unknown}; the quantizable layers are {self.layers}")
+        return {name: validate_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
+
+    def _check_ties(self, ties: Iterable[Iterable[str]]) -> list[tuple[str, ...]]:
+        if isinstance(ties, str) or not isinstance(ties, Iterable):
+            raise TypeError(f"ties must be groups of layer names, e.g. [('conv1', 'shortcut.0')], got {ties!r}")
+        groups = []
+        for group in ties:
+            if isinstance(group, str) or not isinstance(group, Iterable):
+                raise TypeError(f"ties must be groups of layer names, e.g. [('conv1', 'shortcut.0')], got {group!r}")
+            group = tuple(group)
+            unknown = [name for name in group if name not in self.layers]
+            if unknown:
+                raise ValueError(f"ties: unknown layer names {unknown}; the quantizable layers are {self.layers}")
+            groups.append(group)
+        return groups
+
+    # ---------------------------------------------------------------------------------------- planning
+    def measure_sensitivity(self, batches: Any) -> Sensitivity:
+        """Hessian sensitivity of the float module's quantizable layers on ``batches`` (eval mode)."""
+        model = self.float_module
+        loss = resolve_loss_fn(model, self.loss_fn)
+        with leave_no_trace(model, "eval"), torch.device("cpu"):  # probes are drawn on CPU generators
+            self.sensitivity = layer_sensitivity(
+                model, loss, batches, self.layers, self.bit_choices, rel_tol=self.trace_rel_tol,
+                max_samples=self.max_samples, eigenvalues=self.metric == "eigenvalue", seed=self.seed,
+                cache_dir=self.cache_dir,
+            )
+        negative = [name for name, t in self.sensitivity.trace.items() if t < 0]
+        if negative:
+            rank_zero_warn(f"HAWQModule: negative Hessian trace for layers {negative}: the module is not at a "
+                           "minimum of the loss (train it further), so their sensitivity is not meaningful")
+        return self.sensitivity
+
+    def measure_costs(self, example_input: Any) -> dict[str, dict[str, dict[int, float]]]:
+        """``{"size": bits, "bops": per-sample bit operations}`` tables of the layers for ``bit_choices``."""
+        device = next(self.float_module.parameters()).device
+        self.stats = layer_stats(self.float_module, move_data_to_device(example_input, device), self.layers)
+        return {
+            "size": size_costs(self.stats, self.bit_choices),
+            "bops": bops_costs(self.stats, self.bit_choices, self.act_bits),
+        }
+
+    def resolve_budgets(self, costs: Mapping[str, Mapping[str, Mapping[int, float]]]) -> dict[str, float]:
+        """Absolute budgets: fractions in ``[0, 1]`` turned into HAWQ-V3 budgets between the extreme widths."""
+        lo, hi = self.bit_choices[0], self.bit_choices[-1]
+        return {r: budget_between(costs[r], v, lo, hi) if v <= 1 else float(v) for r, v in (self.budgets or {}).items()}
+
+    def plan(self, batches: Any, example_input: Any = None) -> dict[str, int]:
+        """Measure sensitivities and costs on ``batches`` and solve for the bits within ``budgets``."""
+        if self.budgets is None:
+            raise ValueError("plan() needs budgets=, e.g. HAWQModule(module, budgets={'size': 0.5})")
+        sensitivity = self.measure_sensitivity(batches)
+        costs = self.measure_costs(example_input if example_input is not None else self._example(batches))
+        budgets = self.resolve_budgets(costs)
+        try:
+            return allocate_bits(sensitivity.omega(self.metric), costs, budgets, self.ties, self.solver)
+        except InfeasibleBudgetError as err:
+            raise InfeasibleBudgetError(f"HAWQModule budgets={self.budgets}: {err}", err.minimums, err.budgets) from err
+
+    def quantize(self, bits: int | Mapping[str, int]) -> nn.Module:
+        """Replace ``self.module`` by a quantized copy of the float module with these weight bits."""
+        bits = self._check_bits(bits)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            qmodule, report = quantize_model(self.float_module, bits, self.act_bits, self.momentum)
+        for w in caught:
+            if not str(w.message).startswith("quantize_model:"):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        modules = dict(self.float_module.named_modules())
+        left = {n: why for n, why in report.float_layers.items() if not isinstance(modules.get(n), Metric)}
+        if left:
+            listed = "; ".join(f"{n} ({why})" for n, why in left.items())
+            rank_zero_warn(f"HAWQModule: {len(left)} layer(s)/op(s) left in float: {listed}")
+        self.module = qmodule
+        self.weight_bits = dict(report.weight_bits)
+        self._quantized_with = (self.weight_bits, self.act_bits, self.momentum)
+        codes = [self.weight_bits.get(name, 0) for name in self.layers] + [self.act_bits]
+        self.hawq_bits.copy_(torch.tensor(codes, dtype=torch.int64))
+        return qmodule
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a HAWQModule state dict, first re-quantizing to the bits it was saved with."""
+        codes = state_dict.get("hawq_bits")
+        if codes is not None and int(codes[-1]) > 0:
+            codes = [int(c) for c in codes]
+            if len(codes) != len(self.layers) + 1:
+                raise ValueError(f"the state dict holds bits for {len(codes) - 1} layers but the module has "
+                                 f"{len(self.layers)} quantizable layers: a different architecture")
+            self.act_bits = codes[-1]
+            bits = {name: b for name, b in zip(self.layers, codes) if b > 0}
+            if self._quantized_with != (bits, self.act_bits, self.momentum):
+                self.quantize(bits)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Any]) -> None:
+        """Activation ranges from ``batches`` (only the quantizers in training mode; all-reduced over ranks)."""
+        loss = resolve_loss_fn(self.module, self.loss_fn)
+        device = next(self.module.parameters()).device
+        quantizers = [m for m in self.module.modules() if isinstance(m, ActivationQuantizer)]
+        modes = {m: m.training for m in self.module.modules()}
+        self.module.eval()
+        for q in quantizers:
+            q.train()
+        try:
+            for batch in batches:
+                loss(self.module, move_data_to_device(batch, device))
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        if dist.is_available() and dist.is_initialized():
+            for q in quantizers:
+                dist.all_reduce(q.running_min, op=dist.ReduceOp.MIN)
+                dist.all_reduce(q.running_max, op=dist.ReduceOp.MAX)
+
+    def bit_report(self) -> BitReport:
+        """Per-layer bits, sensitivity, size and BOPS against float (needs ``measure_costs`` to have run)."""
+        if self.stats is None or self.weight_bits is None:
+            raise RuntimeError("bit_report() needs a quantized module and its layer costs (run configure_model)")
+        return bit_report(self.stats, self.weight_bits, self.sensitivity, self.act_bits)
+
+    # --------------------------------------------------------------------------------- Lightning hooks
+    def configure_model(self) -> None:
+        """Quantize before the strategy wraps the model: fixed bits, or a plan on the probe set.
+
+        A module without ``bits``/``budgets``, and a planned one without a Trainer (``load_from_checkpoint``)
+        or outside ``fit`` without ``probe_data``, waits for a checkpoint: ``load_state_dict`` brings the bits.
+        """
+        if self.weight_bits is not None or (self.fixed_bits is None and self.budgets is None):
+            return
+        trainer = self._trainer
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if trainer is None or not (fitting or self.probe_data is not None):
+            if self.fixed_bits is not None:
+                self.quantize(self.fixed_bits)
+            return
+        batches = self._probe_batches()
+        if self.fixed_bits is not None:
+            bits = self.fixed_bits
+            self.measure_costs(self.example_input if self.example_input is not None else self._example(batches))
+        else:
+            self.float_module.to(trainer.strategy.root_device)
+            bits = trainer.strategy.broadcast(self.plan(batches, self.example_input), src=0)
+        self.quantize(bits)
+        self.calibrate(batches)
+        if trainer.is_global_zero:
+            folder = self.report_dir if self.report_dir is not None else Path(trainer.default_root_dir) / "hawq"
+            self.bit_report().save(folder)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hawq"] = {
+            "bits": dict(self.weight_bits or {}),
+            "act_bits": self.act_bits,
+            "momentum": self.momentum,
+            "sensitivity": self.sensitivity.to_dict() if self.sensitivity is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("hawq")
+        if state is None:
+            raise ValueError("the checkpoint has no 'hawq' entry: it was not saved from a HAWQModule")
+        bits = {str(k): int(v) for k, v in state["bits"].items()}
+        fixed = self.fixed_bits
+        if fixed is not None and (fixed if isinstance(fixed, dict) else dict.fromkeys(self.layers, fixed)) != bits:
+            rank_zero_warn(f"HAWQModule: the checkpoint's bits {bits} replace bits={self.fixed_bits}")
+        self.act_bits, self.momentum = int(state["act_bits"]), state["momentum"]  # load_state_dict re-quantizes
+        if state.get("sensitivity") is not None:
+            self.sensitivity = Sensitivity.from_dict(state["sensitivity"])
+
+    def on_fit_start(self) -> None:
+        self._require_quantized()
+        if self.distill_weight > 0:
+            self.float_module.to(self.device).eval()
+
+    def on_validation_start(self) -> None:
+        self._require_quantized()
+
+    def on_test_start(self) -> None:
+        self._require_quantized()
+
+    def on_predict_start(self) -> None:
+        self._require_quantized()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.distill_weight == 0:
+            return self._delegate("training_step", batch, batch_idx)
+        calls = []
+        handle = self.module.register_forward_hook(
+            lambda module, args, kwargs, out: calls.append((args, kwargs, out)), with_kwargs=True
+        )
+        try:
+            out = self._delegate("training_step", batch, batch_idx)
+        finally:
+            handle.remove()
+        if not calls:
+            raise RuntimeError("distill_weight > 0 needs the wrapped training_step to compute its logits with "
+                               "self(...) (the module's forward), so the float teacher sees the same input")
+        args, kwargs, student = calls[-1]
+        with torch.no_grad():
+            teacher = self.float_module(*args, **kwargs)
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                      reduction="batchmean") * t * t
+        self.log("train/distill_kl", kl, on_step=True, on_epoch=True)
+        task = out["loss"] if isinstance(out, Mapping) else out
+        loss = (1 - self.distill_weight) * task + self.distill_weight * kl
+        return {**out, "loss": loss} if isinstance(out, Mapping) else loss
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._delegate("validation_step", *args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._delegate("test_step", *args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._delegate("predict_step", *args, **kwargs)
+
+    def on_train_epoch_start(self) -> None:
+        self._delegate("on_train_epoch_start")
+
+    def on_train_epoch_end(self) -> None:
+        self._delegate("on_train_epoch_end")
+
+    def on_validation_epoch_end(self) -> None:
+        self._delegate("on_validation_epoch_end")
+
+    def on_test_epoch_end(self) -> None:
+        self._delegate("on_test_epoch_end")
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(self.module.parameters())
+        return self._delegate("configure_optimizers")
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _delegate(self, hook: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped module's hook as Lightning would (its ``self.log`` goes to this run)."""
+        self.module.trainer = self._trainer
+        self.module._current_fx_name = self._current_fx_name
+        return getattr(self.module, hook)(*args, **kwargs)
+
+    def _require_quantized(self) -> None:
+        if self.weight_bits is None:
+            raise RuntimeError(
+                "HAWQModule has no bit configuration: pass bits= or budgets= and fit, or test/validate with "
+                "ckpt_path= pointing at a HAWQModule checkpoint"
+            )
+
+    def _probe_batches(self) -> list[Any]:
+        if self.probe_data is not None:
+            batches = list(self.probe_data)
+            if not batches:
+                raise ValueError("probe_data holds no batches")
+            return batches
+        trainer = self.trainer
+        dataset, collate = train_dataset_of(trainer)
+        indices = draw_probe_indices(len(dataset), min(self.probe_size, len(dataset)), self.seed)
+        return probe_batches(dataset, indices, self.probe_batch_size, collate, trainer.global_rank, trainer.world_size)
+
+    @staticmethod
+    def _example(batches: Sequence[Any]) -> torch.Tensor:
+        first = batches[0]
+        if isinstance(first, torch.Tensor):
+            return first
+        if isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor):
+            return first[0]
+        raise ValueError("cannot tell the module's input in the probe batches (not a tensor or (x, ...) tuple): "
+                         "pass example_input=")
+
+
+def _load_module(
+    module: LightningModule | str | os.PathLike, module_class: type[LightningModule] | Callable | None
+) -> LightningModule:
+    if isinstance(module, LightningModule):
+        return module
+    if isinstance(module, (str, os.PathLike)):
+        if module_class is None:
+            raise ValueError("module is a checkpoint path: pass module_class= (a LightningModule class, or a "
+                             "callable path -> LightningModule)")
+        if isinstance(module_class, type) and issubclass(module_class, LightningModule):
+            loaded = module_class.load_from_checkpoint(str(module), map_location="cpu")
+        else:
+            loaded = module_class(str(module))
+        if not isinstance(loaded, LightningModule):
+            raise TypeError(f"module_class returned a {type(loaded).__name__}, not a LightningModule")
+        return loaded
+    raise TypeError(f"module must be a LightningModule or a checkpoint path, got {type(module).__name__}")
+
+
+def _check_budgets(budgets: Mapping[str, float]) -> dict[str, float]:
+    if not isinstance(budgets, Mapping) or not budgets:
+        raise ValueError(f"budgets must be a non-empty mapping such as {{'size': 0.5}}, got {budgets!r}")
+    out = {}
+    for resource, value in budgets.items():
+        if resource not in RESOURCES:
+            raise ValueError(f"budgets: unknown resource {resource!r}; use {RESOURCES}")
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"budgets[{resource!r}] must be a finite number >= 0 (a fraction in [0, 1] or an "
+                             f"absolute budget), got {value!r}")
+        out[resource] = float(value)
+    return out

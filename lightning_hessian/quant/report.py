@@ -1,0 +1,171 @@
+"""What a mixed-precision plan does per layer: bits, Hessian sensitivity, size and BOPS against float.
+
+A :class:`BitReport` is the table HAWQ runs are judged by (which layers kept 8 bits and why); it renders
+as markdown and as a bar plot, and :meth:`BitReport.save` writes both into a run's output folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning_hessian.quant.costs import FLOAT_BITS, LayerStats
+from lightning_hessian.quant.sensitivity import Sensitivity
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One quantizable layer: its bits (``None``: left in float) and what they cost against float.
+
+    ``size_bits`` counts weights at ``bits`` and the bias at 32 bits; BOPS are per sample
+    (``MACs * b_w * b_a``, 32 x 32 for float). ``avg_trace``/``top_eigenvalue``/``omega`` are ``None``
+    when no sensitivity was measured.
+    """
+
+    name: str
+    kind: str
+    params: int
+    bits: int | None
+    avg_trace: float | None
+    top_eigenvalue: float | None
+    omega: float | None
+    size_bits: float
+    float_size_bits: float
+    bops: float
+    float_bops: float
+
+
+@dataclass(frozen=True)
+class BitReport:
+    """Per-layer rows and their totals; ``to_markdown()``, ``plot(path)`` and ``save(folder)``."""
+
+    rows: tuple[LayerRow, ...]
+    activation_bits: int | None
+
+    @property
+    def size_bits(self) -> float:
+        return sum(r.size_bits for r in self.rows)
+
+    @property
+    def float_size_bits(self) -> float:
+        return sum(r.float_size_bits for r in self.rows)
+
+    @property
+    def bops(self) -> float:
+        return sum(r.bops for r in self.rows)
+
+    @property
+    def float_bops(self) -> float:
+        return sum(r.float_bops for r in self.rows)
+
+    def to_markdown(self) -> str:
+        """A markdown table: one row per layer and a total row with the compression against float."""
+        lines = [
+            "| layer | type | weights | bits | Tr(H)/n | top eig. | Omega(bits) | size KB (float) | MBOPS (float) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.name} | {r.kind} | {r.params} | {r.bits if r.bits is not None else 'float'} | "
+                f"{_num(r.avg_trace)} | {_num(r.top_eigenvalue)} | {_num(r.omega)} | "
+                f"{_kb(r.size_bits)} ({_kb(r.float_size_bits)}) | {_mega(r.bops)} ({_mega(r.float_bops)}) |"
+            )
+        lines.append(
+            f"| **total** | | {sum(r.params for r in self.rows)} | | | | | "
+            f"{_kb(self.size_bits)} ({_kb(self.float_size_bits)}), {self.float_size_bits / self.size_bits:.2f}x | "
+            f"{_mega(self.bops)} ({_mega(self.float_bops)}), {self.float_bops / self.bops:.2f}x |"
+        )
+        acts = "as the weights" if self.activation_bits is None else f"{self.activation_bits} bits"
+        lines.append("")
+        lines.append(f"Activations: {acts}. Size: weights at their bits, biases at 32 bits. BOPS per sample.")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """Bar plot of the bits per layer over the layers' average Hessian trace (log scale); saved as PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = [r.name for r in self.rows]
+        xs = range(len(names))
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4.0))
+        try:
+            bits = [r.bits if r.bits is not None else FLOAT_BITS for r in self.rows]
+            colors = ["tab:gray" if r.bits is None else plt.cm.viridis((r.bits - 2) / 6) for r in self.rows]
+            ax.bar(xs, bits, color=colors)
+            ax.set_ylabel("weight bits (float shown as 32)")
+            ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=8)
+            traces = [r.avg_trace for r in self.rows]
+            if all(t is not None and t > 0 for t in traces):
+                twin = ax.twinx()
+                twin.plot(list(xs), traces, "o-", color="tab:red")
+                twin.set_yscale("log")
+                twin.set_ylabel("Tr(H)/n", color="tab:red")
+            ax.set_title(f"bits per layer: size {self.float_size_bits / self.size_bits:.2f}x smaller, "
+                         f"BOPS {self.float_bops / self.bops:.1f}x fewer than float")
+            fig.tight_layout()
+            fig.savefig(path, dpi=120)
+        finally:
+            plt.close(fig)
+        return path
+
+    def save(self, folder: str | Path, stem: str = "hawq_report") -> tuple[Path, Path]:
+        """Write ``<stem>.md`` and ``<stem>.png`` into ``folder``; return both paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        table = folder / f"{stem}.md"
+        table.write_text(self.to_markdown() + "\n")
+        return table, self.plot(folder / f"{stem}.png")
+
+
+def bit_report(
+    stats: Mapping[str, LayerStats],
+    bits: Mapping[str, int],
+    sensitivity: Sensitivity | None = None,
+    activation_bits: int | None = None,
+) -> BitReport:
+    """Report for the layers of ``stats`` (from :func:`~lightning_hessian.quant.costs.layer_stats`).
+
+    ``bits[layer]`` are the weight bits (layers absent stay float); ``sensitivity`` adds the Hessian
+    columns (``Omega`` at the chosen bits, from its trace); ``activation_bits`` as in
+    :func:`~lightning_hessian.quant.costs.bops_costs` (``None``: the same width as the weights).
+    """
+    unknown = [name for name in bits if name not in stats]
+    if unknown:
+        raise ValueError(f"bits names layers {unknown} that stats does not have; stats has {list(stats)}")
+    omega = sensitivity.omega() if sensitivity is not None else {}
+    rows = []
+    for name, s in stats.items():
+        b = bits.get(name)
+        wb, ab = (FLOAT_BITS, FLOAT_BITS) if b is None else (b, activation_bits or b)
+        has = sensitivity is not None and name in sensitivity.trace
+        rows.append(LayerRow(
+            name=name,
+            kind=s.kind,
+            params=s.params,
+            bits=b,
+            avg_trace=sensitivity.avg_trace[name] if has else None,
+            top_eigenvalue=sensitivity.top_eigenvalue.get(name) if has else None,
+            omega=omega[name].get(b) if has and b is not None else None,
+            size_bits=float(s.params * wb + s.bias * FLOAT_BITS),
+            float_size_bits=float((s.params + s.bias) * FLOAT_BITS),
+            bops=float(s.macs * wb * ab),
+            float_bops=float(s.macs * FLOAT_BITS * FLOAT_BITS),
+        ))
+    return BitReport(tuple(rows), activation_bits)
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.3g}"
+
+
+def _kb(size_bits: float) -> str:
+    return f"{size_bits / 8 / 1024:.2f}"
+
+
+def _mega(ops: float) -> str:
+    return f"{ops / 1e6:.2f}"

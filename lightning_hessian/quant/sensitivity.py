@@ -1,0 +1,283 @@
+"""How much each layer's quantization is expected to raise the loss: HAWQ's Hessian sensitivity.
+
+For a layer with weights ``W_i`` (``n_i`` elements) the second-order change of the loss under a
+perturbation ``dW_i`` is about ``dW_i^T H_i dW_i``, with ``H_i`` the layer's diagonal Hessian block.
+HAWQ-V2/V3 replace ``H_i`` by its average eigenvalue ``Tr(H_i) / n_i``, so quantizing to ``b`` bits costs
+
+    ``Omega_i(b) = Tr(H_i) / n_i * ||Q_b(W_i) - W_i||^2``
+
+(``Q_b``: the per-channel symmetric weight quantizer of :mod:`~lightning_hessian.quant.quantizers`).
+HAWQ-V1 ranks layers by the top eigenvalue of ``H_i`` instead (``metric="eigenvalue"`` uses it in place
+of the average trace). Both come from the spectrum engine's per-block routines
+(:mod:`lightning_hessian.hessian.blocks`) on one operator over the quantizable weights: a Rademacher
+probe ``z`` and one Hessian-vector product give ``z_i^T (H z)_i`` for every block at once.
+
+The Hessian part is the expensive one, so it is cached on disk (a JSON file keyed by a hash of the
+model's parameters and buffers, the probe data and the estimator settings); the perturbations are
+recomputed every call (no Hessian-vector product), so re-planning with other bit widths is free.
+Under ``torch.distributed`` each rank passes its share of the probe data and the products are
+all-reduced (see :class:`~lightning_hessian.hessian.operator.HessianOperator`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_hessian.hessian.blocks import per_layer_top_eigenvalue, per_layer_trace
+from lightning_hessian.hessian.operator import HessianOperator
+from lightning_hessian.hessian.trace import check_sampling
+from lightning_hessian.quant.modules import quantizable_layers
+from lightning_hessian.quant.quantizers import quantize_weight, validate_bits
+
+METRICS = ("trace", "eigenvalue")
+_CACHE_VERSION = 1
+
+
+@dataclass
+class Sensitivity:
+    """Per-layer Hessian sensitivity of a model's quantizable weights.
+
+    ``params[l]`` is ``n_l``; ``trace[l]`` the Hutchinson estimate of ``Tr(H_l)`` and
+    ``trace_std_error[l]`` its standard error; ``top_eigenvalue[l]`` the largest eigenvalue of ``H_l``
+    (empty unless requested); ``perturbation[l][b] = ||Q_b(W_l) - W_l||^2``. ``num_hvps`` counts the
+    Hessian-vector products this call made (0 when ``cached``).
+    """
+
+    params: dict[str, int]
+    trace: dict[str, float]
+    trace_std_error: dict[str, float]
+    perturbation: dict[str, dict[int, float]]
+    top_eigenvalue: dict[str, float] = field(default_factory=dict)
+    num_samples: int = 0
+    num_hvps: int = 0
+    converged: bool = True
+    cached: bool = False
+
+    @property
+    def avg_trace(self) -> dict[str, float]:
+        """``Tr(H_l) / n_l``: the average eigenvalue of each layer's Hessian block (HAWQ-V2/V3)."""
+        return {name: self.trace[name] / self.params[name] for name in self.trace}
+
+    def omega(self, metric: str = "trace") -> dict[str, dict[int, float]]:
+        """``Omega[l][b]``: ``Tr(H_l)/n_l`` (or the top eigenvalue, ``metric="eigenvalue"``) times
+        ``||Q_b(W_l) - W_l||^2``; the ``sensitivity`` table of
+        :func:`~lightning_hessian.quant.allocation.allocate_bits`."""
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if metric == "eigenvalue" and not self.top_eigenvalue:
+            raise ValueError("metric='eigenvalue' needs top eigenvalues: measure with eigenvalues=True")
+        curvature = self.avg_trace if metric == "trace" else self.top_eigenvalue
+        return {name: {b: curvature[name] * p for b, p in table.items()} for name, table in self.perturbation.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values only (a checkpoint entry that ``torch.load(weights_only=True)`` reads)."""
+        return {
+            "params": dict(self.params),
+            "trace": dict(self.trace),
+            "trace_std_error": dict(self.trace_std_error),
+            "perturbation": {name: dict(table) for name, table in self.perturbation.items()},
+            "top_eigenvalue": dict(self.top_eigenvalue),
+            "num_samples": self.num_samples,
+            "num_hvps": self.num_hvps,
+            "converged": self.converged,
+            "cached": self.cached,
+        }
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> Sensitivity:
+        """Inverse of :meth:`to_dict` (bit widths may come back as strings, e.g. from JSON)."""
+        return cls(
+            params={k: int(v) for k, v in state["params"].items()},
+            trace={k: float(v) for k, v in state["trace"].items()},
+            trace_std_error={k: float(v) for k, v in state["trace_std_error"].items()},
+            perturbation={k: {int(b): float(p) for b, p in t.items()} for k, t in state["perturbation"].items()},
+            top_eigenvalue={k: float(v) for k, v in state.get("top_eigenvalue", {}).items()},
+            num_samples=int(state.get("num_samples", 0)),
+            num_hvps=int(state.get("num_hvps", 0)),
+            converged=bool(state.get("converged", True)),
+            cached=bool(state.get("cached", False)),
+        )
+
+
+def weight_perturbation(weight: torch.Tensor, bit_choices: Iterable[int]) -> dict[int, float]:
+    """``||Q_b(W) - W||^2`` for each ``b`` (per-output-channel symmetric quantizer), in float64."""
+    w = weight.detach()
+    return {b: float((quantize_weight(w, b).double() - w.double()).square().sum()) for b in bit_choices}
+
+
+def layer_sensitivity(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    data: Any,
+    layers: Iterable[str] | None = None,
+    bit_choices: Iterable[int] = (2, 4, 8),
+    *,
+    rel_tol: float = 0.05,
+    min_samples: int = 32,
+    max_samples: int = 400,
+    batch: int = 16,
+    eigenvalues: bool = False,
+    eig_tol: float = 1e-3,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> Sensitivity:
+    """Measure :class:`Sensitivity` of ``model``'s quantizable layers on ``data``.
+
+    Args:
+        model: the float network, in the train/eval mode the Hessian should be taken in (the caller
+            decides; BatchNorm in eval mode is the usual choice).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss over the batch.
+        data: one batch or an iterable of batches (the probe set), as for ``HessianOperator``.
+        layers: module paths of ``Conv1d``/``Conv2d``/``Linear`` layers (default: all quantizable ones).
+            Only their ``weight`` is measured (biases stay in 32 bits and are not quantized by ``Q_b``).
+        bit_choices: bit widths (2..8) for the perturbations.
+        rel_tol: Hutchinson stops once every layer's trace has ``std_error <= rel_tol * |trace|``
+            (after at least ``min_samples`` probes, at most ``max_samples``; ``converged`` is false then).
+        batch: Rademacher probes per batched HVP call.
+        eigenvalues: also compute each block's top eigenvalue (Lanczos, ``eig_tol``): HAWQ-V1.
+        seed: seed of the probes and Lanczos start vectors (same seed, same result on every rank).
+        cache_dir: folder of the JSON cache; ``None`` disables caching. The key covers the model's
+            parameters, buffers and modes, every tensor of ``data`` (a shuffling DataLoader never hits)
+            and the settings above; under DDP each rank keys its own shard and all ranks hit or all measure.
+    """
+    names = _check_layers(model, layers)
+    bits = sorted({validate_bits(b, "bit_choices") for b in bit_choices})
+    if not bits:
+        raise ValueError("bit_choices must hold at least one bit width in 2..8")
+    check_sampling(None, rel_tol, batch, min_samples, max_samples)
+    modules = dict(model.named_modules())
+    weights = {name: modules[name].weight for name in names}
+    perturbation = {name: weight_perturbation(w, bits) for name, w in weights.items()}
+    settings = {
+        "version": _CACHE_VERSION, "layers": names, "rel_tol": rel_tol, "min_samples": min_samples,
+        "max_samples": max_samples, "batch": batch, "eigenvalues": eigenvalues, "eig_tol": eig_tol, "seed": seed,
+        "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
+    }
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"sensitivity-{_cache_key(model, data, settings)}.json"
+        found = _read_cache(path)
+        if _all_ranks(found is not None):
+            return Sensitivity.from_dict({**found, "perturbation": perturbation, "num_hvps": 0, "cached": True})
+    hessian = _measure(model, loss_fn, data, weights, rel_tol, min_samples, max_samples, batch, eigenvalues,
+                       eig_tol, seed)
+    if path is not None:
+        _write_cache(path, hessian)
+    return Sensitivity(perturbation=perturbation, **hessian)
+
+
+def _check_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
+    available = quantizable_layers(model)
+    if not available:
+        raise ValueError(f"model {type(model).__name__} has no quantizable layer (nn.Conv1d, nn.Conv2d or nn.Linear)")
+    if layers is None:
+        return available
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a list of module paths, got the string {layers!r}")
+    names = list(layers)
+    unknown = [name for name in names if name not in available]
+    if unknown or not names:
+        raise ValueError(f"layers: {unknown or 'empty list'} are not quantizable layers; choose from {available}")
+    return names
+
+
+def _measure(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    data: Any,
+    weights: Mapping[str, nn.Parameter],
+    rel_tol: float,
+    min_samples: int,
+    max_samples: int,
+    batch: int,
+    eigenvalues: bool,
+    eig_tol: float,
+    seed: int,
+) -> dict[str, Any]:
+    """The Hessian part: block traces from one set of probes, optionally block top eigenvalues."""
+    op = HessianOperator(model, loss_fn, data, params=list(weights.values()))
+    blocks = {name: [w] for name, w in weights.items()}
+    traces = per_layer_trace(op, blocks, rel_tol=rel_tol, confidence=None, batch=batch, min_samples=min_samples,
+                             max_samples=max_samples, seed=seed)
+    out: dict[str, Any] = {
+        "params": {name: w.numel() for name, w in weights.items()},
+        "trace": {name: t.estimate for name, t in traces.items()},
+        "trace_std_error": {name: t.std_error for name, t in traces.items()},
+        "num_samples": next(iter(traces.values())).num_samples,
+        "converged": all(t.converged for t in traces.values()),
+        "top_eigenvalue": {},
+    }
+    if eigenvalues:
+        eigs = per_layer_top_eigenvalue(op, blocks, k=1, tol=eig_tol, seed=seed)
+        out["top_eigenvalue"] = {name: float(e.eigenvalues[0]) for name, e in eigs.items()}
+        out["converged"] = out["converged"] and all(e.converged for e in eigs.values())
+    out["num_hvps"] = op.num_hvps
+    return out
+
+
+def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for key in sorted(obj, key=str):
+            yield from _tensors(obj[key])
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        for item in obj:
+            yield from _tensors(item)
+
+
+def _cache_key(model: nn.Module, data: Any, settings: Mapping[str, Any]) -> str:
+    """SHA-256 of the settings, every parameter and buffer (name, dtype, shape, values), the probe data."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name in sorted(state):
+        _update(digest, state[name], name)
+    digest.update(json.dumps([m.training for m in model.modules()]).encode())
+    for tensor in _tensors(data):
+        _update(digest, tensor, "data")
+    return digest.hexdigest()[:32]
+
+
+def _update(digest: Any, tensor: torch.Tensor, label: str) -> None:
+    t = tensor.detach().cpu().contiguous()
+    digest.update(f"{label}:{t.dtype}:{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_cache(path: Path, hessian: Mapping[str, Any]) -> None:
+    """Atomic write (a temporary file renamed), so concurrent ranks or runs never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({k: v for k, v in hessian.items() if k != "num_hvps"}, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _all_ranks(flag: bool) -> bool:
+    """``flag`` on every rank (all-reduced), so all ranks take the cache or all measure (HVPs are collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

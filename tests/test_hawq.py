@@ -1,0 +1,256 @@
+"""HAWQModule: plans against brute force, fine-tune and test, checkpoint round trip, distillation, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
+from lightning_hessian.models import MNIST1DCNN, ClassificationModule
+from lightning_hessian.quant.allocation import InfeasibleBudgetError
+from lightning_hessian.quant.hawq import HAWQModule
+from lightning_hessian.quant.modules import QuantConv1d, QuantLinear
+
+LAYERS = ["net.features.0", "net.features.2", "net.features.4", "net.classifier"]
+TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False)
+
+
+def make_data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 40, generator=g)
+    return x, (x[:, :20].sum(1) > 0).long() + 2 * (x[:, 20:].sum(1) > 0).long()
+
+
+def float_module(seed: int = 0) -> ClassificationModule:
+    torch.manual_seed(seed)
+    return ClassificationModule(MNIST1DCNN(channels=6, num_classes=4), optimizer=partial(torch.optim.Adam, lr=3e-3),
+                                num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def trained() -> ClassificationModule:
+    """A briefly trained float module (plain loop: near a minimum, so the Hessian traces are positive)."""
+    module = float_module()
+    x, y = make_data()
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+        opt.step()
+    return module
+
+
+def loaders() -> tuple[DataLoader, DataLoader]:
+    x, y = make_data()
+    xt, yt = make_data(128, seed=1)
+    return DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True), DataLoader(TensorDataset(xt, yt), 64)
+
+
+def brute_force(sens, costs, budgets, groups):
+    """Least summed sensitivity over every assignment of bits to tie groups within all budgets."""
+    best, best_bits = math.inf, None
+    choices = sorted(next(iter(sens.values())))
+    for combo in itertools.product(choices, repeat=len(groups)):
+        bits = {layer: b for group, b in zip(groups, combo) for layer in group}
+        if all(sum(costs[r][layer][bits[layer]] for layer in bits) <= budget for r, budget in budgets.items()):
+            total = sum(sens[layer][bits[layer]] for layer in bits)
+            if total < best:
+                best, best_bits = total, bits
+    return best_bits
+
+
+def test_planned_bits_meet_the_budget_and_equal_brute_force(trained):
+    x, y = make_data()
+    hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(2, 4, 8), probe_data=[(x, y)])
+    bits = hawq.plan([(x, y)])
+    sens = hawq.sensitivity.omega()
+    assert all(t > 0 for t in hawq.sensitivity.trace.values())
+    params = {name: s.params for name, s in hawq.stats.items()}
+    assert params == {"net.features.0": 30, "net.features.2": 108, "net.features.4": 108, "net.classifier": 120}
+    size = {name: {b: n * b for b in (2, 4, 8)} for name, n in params.items()}
+    budget = sum(params.values()) * (2 + 0.5 * (8 - 2))  # halfway from all-2 to all-8 bits
+    assert sum(size[name][b] for name, b in bits.items()) <= budget
+    assert bits == brute_force(sens, {"size": size}, {"size": budget}, [[name] for name in LAYERS])
+    assert len(set(bits.values())) > 1  # a real mix, not a uniform answer
+
+
+def test_plan_with_ties_and_two_budgets_equals_brute_force(trained):
+    x, y = make_data()
+    ties = [("net.features.2", "net.features.4")]
+    hawq = HAWQModule(trained, budgets={"size": 0.6, "bops": 0.3}, bit_choices=(2, 4, 8), ties=ties)
+    bits = hawq.plan([(x, y)])
+    assert bits["net.features.2"] == bits["net.features.4"]
+    stats = hawq.stats
+    size = {n: {b: s.params * b for b in (2, 4, 8)} for n, s in stats.items()}
+    bops = {n: {b: s.macs * b * 8 for b in (2, 4, 8)} for n, s in stats.items()}  # W b-bit x A 8-bit
+    budgets = {
+        "size": sum(size[n][2] + 0.6 * (size[n][8] - size[n][2]) for n in stats),
+        "bops": sum(bops[n][2] + 0.3 * (bops[n][8] - bops[n][2]) for n in stats),
+    }
+    groups = [["net.features.0"], ["net.features.2", "net.features.4"], ["net.classifier"]]
+    assert bits == brute_force(hawq.sensitivity.omega(), {"size": size, "bops": bops}, budgets, groups)
+
+
+def test_fine_tune_test_and_checkpoint_round_trip_into_a_fresh_module(trained, tmp_path):
+    train, test = loaders()
+    hawq = HAWQModule(trained, budgets={"size": 0.5}, probe_size=128, probe_batch_size=64, cache_dir=tmp_path / "c")
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, default_root_dir=tmp_path, **TRAINER)
+    trainer.fit(hawq, train)
+    assert trainer.global_step == 3
+    assert set(hawq.weight_bits) == set(LAYERS) and set(hawq.weight_bits.values()) <= {4, 8}
+    assert isinstance(hawq.module.net.features[0], QuantConv1d) and isinstance(hawq.module.net.classifier, QuantLinear)
+    assert not isinstance(trained.net.classifier, QuantLinear)  # the float module is left as it was
+    # The allocation is the plan of the float module on the probe set (cached, so no second Hessian).
+    x, y = train.dataset.tensors
+    probe = probe_batches(train.dataset, draw_probe_indices(len(x), 128, seed=0), 64)
+    again = HAWQModule(trained, budgets={"size": 0.5}, cache_dir=tmp_path / "c")
+    assert again.plan(probe) == hawq.weight_bits and again.sensitivity.cached
+    assert (tmp_path / "hawq" / "hawq_report.md").exists() and (tmp_path / "hawq" / "hawq_report.png").exists()
+    assert "net.classifier" in (tmp_path / "hawq" / "hawq_report.md").read_text()
+    metrics = trainer.test(hawq, test, verbose=False)[0]
+    assert 0.3 < metrics["test/acc"] <= 1 and math.isfinite(metrics["test/loss"])
+    path = tmp_path / "hawq.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["hawq"]["bits"] == hawq.weight_bits and all(type(b) is int for b in ckpt["hawq"]["bits"].values())
+    fresh = HAWQModule(float_module(seed=5))  # other weights, no bit configuration: all from the checkpoint
+    reloaded = pl.Trainer(**TRAINER).test(fresh, test, ckpt_path=path, verbose=False)[0]
+    assert reloaded == metrics
+    assert fresh.weight_bits == hawq.weight_bits and fresh.sensitivity.trace == hawq.sensitivity.trace
+    loaded = HAWQModule.load_from_checkpoint(path, module=float_module(seed=6)).eval()
+    hawq.eval()
+    torch.testing.assert_close(loaded(x), hawq(x), rtol=0, atol=0)
+
+
+def test_resume_from_a_checkpoint_into_a_bare_module_continues_exactly(trained, tmp_path):
+    x, y = make_data()
+    train = DataLoader(TensorDataset(x, y), batch_size=64)  # fixed order: the resumed epoch sees the same batches
+    opts = dict(probe_data=[(x[:64], y[:64])], optimizer=partial(torch.optim.Adam, lr=1e-3))
+
+    def fit(module, epochs, ckpt_path=None):
+        pl.seed_everything(0)
+        trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=2, default_root_dir=tmp_path, **TRAINER)
+        trainer.fit(module, train, ckpt_path=ckpt_path)
+        return trainer
+
+    straight = HAWQModule(trained, budgets={"size": 0.5}, **opts)
+    fit(straight, 2)
+    first = HAWQModule(trained, budgets={"size": 0.5}, **opts)
+    fit(first, 1).save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = HAWQModule(trained, optimizer=opts["optimizer"])  # bits, quantizer ranges, Adam state: all restored
+    assert fit(resumed, 2, tmp_path / "epoch1.ckpt").global_step == 4
+    assert resumed.weight_bits == straight.weight_bits
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_fixed_and_uniform_bits_and_layers_left_in_float(trained):
+    hawq = HAWQModule(trained, bits=4)
+    hawq.configure_model()  # no Trainer: a fixed configuration quantizes at once
+    assert hawq.weight_bits == dict.fromkeys(LAYERS, 4)
+    assert hawq.module.net.features[2].weight_bits == 4
+    assert hawq.hawq_bits.tolist() == [4, 4, 4, 4, 8]
+    mixed = HAWQModule(trained, bits={"net.features.0": 8, "net.features.2": 2, "net.features.4": 6})
+    with pytest.warns(UserWarning, match=r"left in float: net.classifier \(Linear not in bits\)"):
+        mixed.configure_model()
+    assert mixed.hawq_bits.tolist() == [8, 2, 6, 0, 8]
+    assert type(mixed.module.net.classifier) is nn.Linear
+    x, _ = make_data(8)
+    mixed.measure_costs(x)
+    report = mixed.bit_report()
+    assert [r.bits for r in report.rows] == [8, 2, 6, None]
+    assert report.rows[3].size_bits == report.rows[3].float_size_bits == (120 + 4) * 32
+    assert report.rows[1].size_bits == 108 * 2 + 6 * 32
+    # A state dict rebuilds its own quantized network, even into a module planned differently.
+    other = HAWQModule(float_module(seed=3), bits=8)
+    with pytest.warns(UserWarning, match="left in float"):
+        other.load_state_dict(mixed.state_dict())
+    assert other.weight_bits == mixed.weight_bits
+    torch.testing.assert_close(other.eval()(x), mixed.eval()(x), rtol=0, atol=0)
+
+
+def test_distillation_loss_is_the_weighted_task_loss_plus_scaled_kl(trained):
+    w, t = 0.25, 2.0
+    hawq = HAWQModule(trained, bits=4, distill_weight=w, temperature=t)
+    hawq.configure_model()
+    x, y = make_data(32)
+    hawq.calibrate([(x, y)])
+    with pytest.warns(UserWarning, match="not registered"):  # self.log without a Trainer is a no-op
+        loss = hawq.training_step((x, y), 0)
+    with torch.no_grad():
+        student, teacher = hawq.module(x), trained(x)
+    kl = F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
+    expected = (1 - w) * F.cross_entropy(student, y) + w * kl
+    assert float(kl) > 1e-6
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-7)
+
+    class DirectNet(ClassificationModule):  # computes its logits without self(...): no input to distil on
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    direct = DirectNet(MNIST1DCNN(channels=6, num_classes=4), num_classes=4)
+    hawq = HAWQModule(direct, bits=8, distill_weight=0.5)
+    hawq.configure_model()
+    with pytest.raises(RuntimeError, match=r"self\(\.\.\.\)"):
+        hawq.training_step((x, y), 0)
+
+
+def test_bad_inputs_raise_one_clear_error_each(trained, tmp_path):
+    x, y = make_data(64)
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        HAWQModule(ClassificationModule(nn.Sequential(nn.Flatten(), nn.ReLU()), num_classes=4), bits=8)
+    with pytest.raises(ValueError, match=r"ties: unknown layer names \['net.fc'\]"):
+        HAWQModule(trained, budgets={"size": 0.5}, ties=[("net.classifier", "net.fc")])
+    with pytest.raises(TypeError, match="groups of layer names"):
+        HAWQModule(trained, budgets={"size": 0.5}, ties=["net.classifier"])
+    with pytest.raises(ValueError, match="bits=9 is outside the supported bit widths 2..8"):
+        HAWQModule(trained, bits=9)
+    with pytest.raises(ValueError, match=r"bits\['net.classifier'\]=1 is outside"):
+        HAWQModule(trained, bits={"net.classifier": 1})
+    with pytest.raises(ValueError, match="bit_choices=16 is outside"):
+        HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(4, 16))
+    with pytest.raises(ValueError, match="act_bits=1 is outside"):
+        HAWQModule(trained, bits=8, act_bits=1)
+    with pytest.raises(ValueError, match="unknown layers"):
+        HAWQModule(trained, bits={"net.head": 4})
+    with pytest.raises(ValueError, match="either bits= .* or budgets="):
+        HAWQModule(trained, bits=8, budgets={"size": 0.5})
+    with pytest.raises(ValueError, match="unknown resource 'latency'"):
+        HAWQModule(trained, budgets={"latency": 0.5})
+    with pytest.raises(ValueError, match=r"budgets\['size'\] must be a finite number >= 0"):
+        HAWQModule(trained, budgets={"size": -1})
+    with pytest.raises(ValueError, match="pass module_class="):
+        HAWQModule(str(tmp_path / "float.ckpt"), bits=8)
+    with pytest.raises(TypeError, match="must be a LightningModule or a checkpoint path"):
+        HAWQModule(nn.Linear(2, 2), bits=8)
+    with pytest.raises(ValueError, match="distill_weight must be in"):
+        HAWQModule(trained, bits=8, distill_weight=2)
+    # 10 bits is below the all-4-bit size (1,464 bits): the error gives the smallest achievable size.
+    hawq = HAWQModule(trained, budgets={"size": 10.0})
+    with pytest.raises(InfeasibleBudgetError, match=r"budgets=\{'size': 10.0\}.*size.*1464") as err:
+        hawq.plan([(x, y)])
+    assert err.value.minimums["size"] == 4 * 366
+    _, test = loaders()
+    with pytest.raises(RuntimeError, match="no bit configuration"):
+        pl.Trainer(**TRAINER).test(HAWQModule(trained), test, verbose=False)
+
+
+def test_module_from_a_checkpoint_path_and_a_factory(trained, tmp_path):
+    train, _ = loaders()
+    module = float_module()
+    trainer = pl.Trainer(max_steps=1, default_root_dir=tmp_path, **TRAINER)
+    trainer.fit(module, train)
+    path = tmp_path / "float.ckpt"
+    trainer.save_checkpoint(path)
+    factory = partial(ClassificationModule.load_from_checkpoint, net=MNIST1DCNN(channels=6, num_classes=4))
+    hawq = HAWQModule(str(path), module_class=factory, bits=8)
+    torch.testing.assert_close(hawq.module.net.classifier.weight, module.net.classifier.weight)
