@@ -14,6 +14,7 @@ from lightning_hessian.callbacks import (
 from lightning_hessian.data import CIFAR10DataModule, MNIST1DDataModule
 from lightning_hessian.hessian import (
     HessianOperator,
+    hessian_diagonal,
     hutchinson_trace,
     per_layer_top_eigenvalue,
     per_layer_trace,
@@ -21,7 +22,6 @@ from lightning_hessian.hessian import (
     spectral_density,
     top_eigenvalues,
 )
-from lightning_hessian.hessian.diagonal import hessian_diagonal
 from lightning_hessian.models import ClassificationModule
 from lightning_hessian.optim import AdaHessian, AdaHessianCallback
 from lightning_hessian.quant import (

@@ -22,6 +22,7 @@ arguments and each rank's shard: the results equal a single process on the union
 
 from lightning_hessian.hessian.blocks import LAYER_TYPES, layer_blocks, per_layer_top_eigenvalue, per_layer_trace
 from lightning_hessian.hessian.density import DensityResult, spectral_density
+from lightning_hessian.hessian.diagonal import DiagonalEstimate, hessian_diagonal
 from lightning_hessian.hessian.lanczos import EigenResult, top_eigenvalues
 from lightning_hessian.hessian.operator import HessianOperator, LinearOperator
 from lightning_hessian.hessian.power import power_iteration
@@ -30,10 +31,12 @@ from lightning_hessian.hessian.trace import TraceResult, hutchinson_trace
 __all__ = [
     "LAYER_TYPES",
     "DensityResult",
+    "DiagonalEstimate",
     "EigenResult",
     "HessianOperator",
     "LinearOperator",
     "TraceResult",
+    "hessian_diagonal",
     "hutchinson_trace",
     "layer_blocks",
     "per_layer_top_eigenvalue",

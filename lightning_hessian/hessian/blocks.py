@@ -57,12 +57,12 @@ def layer_blocks(
 
 def _segments(op: LinearOperator, blocks: Mapping[str, BlockSpec] | None) -> dict[str, list[slice]]:
     """Each block's coordinates in ``op``'s flat vectors, as a list of slices."""
+    where = {id(p): op.slices[n] for n, p in zip(op.names, op.params)} if hasattr(op, "params") else {}
     if blocks is None:
         model = getattr(op, "model", None)
         if model is None:
             raise ValueError("blocks=None needs a HessianOperator (op.model); pass blocks= explicitly")
-        blocks = layer_blocks(model)
-    where = {id(p): op.slices[n] for n, p in zip(op.names, op.params)} if hasattr(op, "params") else {}
+        blocks = {n: ps for n, ps in layer_blocks(model).items() if all(id(p) in where for p in ps)}
     out: dict[str, list[slice]] = {}
     for name, spec in blocks.items():
         if isinstance(spec, slice):
@@ -110,7 +110,8 @@ def per_layer_top_eigenvalue(
 
     Args:
         op: the full ``HessianOperator`` (its ``params`` must include every block's parameters).
-        blocks: ``{name: module | parameters | slices}``; default ``layer_blocks(op.model)``.
+        blocks: ``{name: module | parameters | slices}``; default: the ``layer_blocks(op.model)`` whose
+            parameters are all in ``op``.
         k, which, max_iter, tol, ncv: as in ``top_eigenvalues``, per block (``max_iter`` per block).
         seed: block ``i`` starts from a Gaussian seeded with ``seed + i``.
 

@@ -98,7 +98,7 @@ class KrylovSolver:
         self.dim, self.k, self.which, self.tol, self.max_iter = dim, k, which, tol, max_iter
         self.block = block_size or start.shape[0]
         p = start.shape[0]
-        default = max(2 * k + 2 * max(self.block, p), k + p + self.block + 20)
+        default = max(2 * k + 2 * max(self.block, p), k + p + self.block + 20, min(100, 2**27 // dim))
         self.cap = min(dim, ncv if ncv is not None else default)
         if self.cap < dim and self.cap < k + p + self.block + 1:
             raise ValueError(f"ncv={self.cap} too small: need at least k + len(v0) + block_size + 1")
@@ -106,10 +106,10 @@ class KrylovSolver:
         self.T = torch.zeros(self.cap, self.cap, dtype=torch.float64)
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.eps = torch.finfo(start.dtype).eps
-        self.scale = 0.0  # running estimate of ||H||, for the breakdown threshold
+        self.scale = 0.0  # running estimate of ||H|| (largest projection seen), for the breakdown threshold
         self.n = 0  # basis vectors whose products are known (columns of T filled)
         self.m = 0  # basis vectors in use; V[n:m] are pending
-        self._append(start.clone())
+        self._append(start.clone(), float(torch.linalg.vector_norm(start, dim=1).max()))
         if self.m == 0:
             raise ValueError("v0 is zero")
         self.num_hvps = 0
@@ -131,12 +131,13 @@ class KrylovSolver:
         W -= h2 @ basis
         return h + h2
 
-    def _append(self, W: torch.Tensor) -> torch.Tensor:
+    def _append(self, W: torch.Tensor, scale: float) -> torch.Tensor:
         """Orthonormalise the rows of ``W`` (already orthogonal to the basis up to rounding) against the
         basis and each other, and append the new directions.
 
-        Returns ``B`` with ``W_j = sum_l B[l, j] q_l`` over the appended ``q_l``; a row that adds no new
-        direction (an invariant subspace, or the whole space, is spanned) is dropped.
+        Returns ``B`` with ``W_j = sum_l B[l, j] q_l`` over the appended ``q_l``; a row left with a norm
+        below rounding level of ``scale`` adds no new direction (an invariant subspace, or the whole
+        space, is spanned) and is dropped.
         """
         rows: list[torch.Tensor] = []
         coeffs = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64)
@@ -151,7 +152,7 @@ class KrylovSolver:
                     w -= c * q
                     coeffs[idx, j] += float(c)
             beta = float(torch.linalg.vector_norm(w))
-            if beta > 100 * self.eps * self.scale and self.m + len(rows) < self.cap:
+            if beta > 100 * self.eps * scale and self.m + len(rows) < self.cap:
                 coeffs[len(rows), j] = beta
                 rows.append(w / beta)
         for q in rows:
@@ -192,7 +193,7 @@ class KrylovSolver:
         self.scale = max(self.scale, float(h.abs().max()))
         self.n = j1
         m_before = self.m
-        B = self._append(W)
+        B = self._append(W, self.scale)
         if B.shape[0]:
             self.T[m_before : self.m, j0:j1] = B
             self.T[j0:j1, m_before : self.m] = B.T
@@ -268,8 +269,9 @@ def top_eigenvalues(
         v0: warm start, ``(dim,)`` or ``(p, dim)`` (e.g. the previous call's ``eigenvectors``). Several
             rows are summed (unit rows) into one start vector, which converges in fewer HVPs than a block
             start; with ``block_size`` they start a block instead. Default: a Gaussian vector from ``seed``.
-        ncv: basis size before a thick restart (memory ``ncv * dim``); default
-            ``max(2k + 2b, k + 2b + 20)`` for block size ``b``.
+        ncv: basis size before a thick restart (memory ``ncv * dim``). Default: up to 100 vectors while
+            the basis holds at most 2**27 numbers, and at least ``max(2k + 2b, k + 2b + 20)`` (block size
+            ``b``). A larger basis means fewer HVPs, mostly for "SA" (small eigenvalues are clustered).
         block_size: run block Lanczos with this many vectors per ``matmat`` call (default 1; cheaper per
             vector when batched HVPs are, but usually more HVPs in all).
     """

@@ -24,6 +24,8 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 ParamSpec = str | nn.Module | torch.Tensor
 
 HVP_FORMS = ("reverse", "reverse-batched", "forward")
+_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}  # measured HVP forms, reused by later operators
+_MAX_CHOICES = 256
 
 
 @runtime_checkable
@@ -57,20 +59,16 @@ def _as_batches(data: Any) -> tuple[list[Batch] | None, Iterable[Batch] | None]:
     """Split ``data`` into a materialised list of batches or a re-iterable source (e.g. a DataLoader).
 
     One batch is a tensor, a dict, or a tuple/list holding at least one non-container (``(x, y)``); a
-    tuple/list whose items are all containers is a list of batches; other iterables are sources of batches.
+    tuple/list whose items are all containers is a list of batches (possibly empty: a rank may hold no
+    shard); other iterables are sources of batches.
     """
     if isinstance(data, (torch.Tensor, Mapping)):
         return [data], None
     if isinstance(data, (tuple, list)):
-        if len(data) == 0:
-            raise ValueError("data is empty: pass one batch such as (x, y) or a non-empty iterable of batches")
-        return ([data], None) if not all(_is_container(b) for b in data) else (list(data), None)
+        return ([data], None) if data and not all(_is_container(b) for b in data) else (list(data), None)
     if isinstance(data, Iterable):
         if iter(data) is data:  # a generator or iterator can be read once only: keep its batches
-            batches = list(data)
-            if not batches:
-                raise ValueError("data yielded no batches")
-            return batches, None
+            return list(data), None
         return None, data
     raise TypeError(f"data must be a batch (tensor, tuple, list, dict) or an iterable of batches, got {type(data)}")
 
@@ -84,6 +82,14 @@ def _first_tensor(batch: Batch) -> torch.Tensor | None:
         if found is not None:
             return found
     return None
+
+
+def _signature(batch: Batch) -> tuple:
+    """Shapes and dtypes of a batch's tensors (what an HVP's cost depends on)."""
+    if isinstance(batch, torch.Tensor):
+        return (tuple(batch.shape), batch.dtype)
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    return tuple(_signature(item) for item in items)
 
 
 def _prepare(batch: Batch, device: torch.device) -> Batch:
@@ -143,7 +149,8 @@ class HessianOperator:
             ``DistributedDataParallel`` wrapper is unwrapped.
         loss_fn: ``loss_fn(model, batch) -> scalar`` tensor, the mean loss over the batch.
         data: one batch (``(x, y)``, a dict, a tensor) or an iterable of batches (list, DataLoader).
-            Tensors are moved to the parameters' device.
+            Tensors are moved to the parameters' device. A rank of a process group may hold no batch; a
+            product over no sample at all raises ``ValueError``.
         params: ``None`` for every parameter with ``requires_grad``; else a list of names, glob patterns
             (``"features.*.weight"``), module-name prefixes, modules or parameters. Explicitly selected
             parameters are used even when frozen; ``requires_grad`` itself is never changed.
@@ -151,7 +158,9 @@ class HessianOperator:
             the second backward), ``"reverse-batched"`` (double backward with ``is_grads_batched``),
             ``"forward"`` (forward-over-reverse, ``jvp`` of ``grad``; several vectors through ``vmap``),
             or ``"auto"``: on the first call with one vector and the first with several, time each form
-            on the first batch and keep the fastest (the timed products are the real ones, reused).
+            on the first batch and keep the fastest (the timed products are the real ones, reused). The
+            choice is remembered for later operators on the same model, parameters and batch shapes, so
+            an operator rebuilt at every probe of a training run measures only once.
         batch_size_fn: ``batch -> int`` sample count; default: size of the first tensor's first dim.
         cache_graph: keep the first-order gradient graph of every batch between calls, so one reverse HVP
             costs one backward pass (memory: the activations of all batches). Default: on for
@@ -163,10 +172,13 @@ class HessianOperator:
 
     Vectors are flat: ``op.flatten`` / ``op.unflatten`` convert to and from per-parameter tensors, in the
     order of ``op.names`` / ``op.params``; ``op.slices[name]`` locates a parameter in the flat vector.
-    ``op.num_hvps`` counts full-data HVPs, one per vector (timing probes of ``hvp="auto"`` excluded).
-    HVPs run with gradients enabled, outside inference mode and with the math SDPA backend (attention has
-    a double backward there), so the operator may be used under ``torch.inference_mode()``; no ``.grad``
-    is written.
+    ``op.num_hvps`` counts full-data HVPs, one per vector (timing probes of ``hvp="auto"`` excluded);
+    ``op.hvp_choice`` / ``op.hvp_timings`` say which form serves one vector ("single") and several
+    ("multi"), and the seconds measured. HVPs run with gradients enabled, outside inference mode and with
+    the math SDPA backend (attention has a double backward there), so the operator may be used under
+    ``torch.inference_mode()``; no ``.grad`` is written. The caller picks train or eval mode (the papers
+    use eval): in train mode dropout makes every product random, and BatchNorm updates its running
+    statistics at every forward (restore them afterwards if they matter).
 
     Example::
 
@@ -252,7 +264,7 @@ class HessianOperator:
         return self.matmat(v[None])[0]
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``(H V^T)^T`` for ``V`` of shape ``(k, dim)``: k HVPs in batched calls."""
+        """The rows ``H v_i`` for the rows ``v_i`` of ``V`` (shape ``(k, dim)``), computed together."""
         if V.dim() != 2 or V.shape[1] != self.dim:
             raise ValueError(f"matmat expects shape (k, {self.dim}), got {tuple(V.shape)}")
         V = V.to(device=self.device, dtype=self.dtype)
@@ -262,17 +274,23 @@ class HessianOperator:
             total = torch.zeros(k, self.dim, device=self.device, dtype=self.dtype)
             count = 0
             kind = "single" if k == 1 else "multi"
-            for index, batch in enumerate(self._iter_batches()):
+            batches = iter(self._iter_batches())
+            start = 0
+            if kind not in self.hvp_choice:  # every rank takes part, with or without a batch of its own
+                first = next(batches, None)
+                hv = self._choose(kind, first, V)
+                if first is not None:
+                    n = self._batch_size(first)
+                    total.add_(hv, alpha=float(n))
+                    count, start = n, 1
+            for index, batch in enumerate(batches, start):
                 n = self._batch_size(batch)
-                if kind not in self.hvp_choice:
-                    hv = self._calibrate(kind, index, batch, V)
-                else:
-                    hv = self._hvp(self.hvp_choice[kind], index, batch, V)
-                total.add_(hv, alpha=float(n))
+                total.add_(self._hvp(self.hvp_choice[kind], index, batch, V), alpha=float(n))
                 count += n
             total, count = self._reduce(total, count)
+            total /= count
         self.num_hvps += k
-        return total / count
+        return total
 
     def loss(self) -> float:
         """Sample-weighted mean loss over the data (all ranks when distributed)."""
@@ -294,12 +312,8 @@ class HessianOperator:
         if self._batches is not None:
             yield from self._batches
             return
-        empty = True
         for batch in self._source:
-            empty = False
             yield _prepare(batch, self.device)
-        if empty:
-            raise ValueError("data yielded no batches")
 
     def _batch_size(self, batch: Batch) -> int:
         if self.batch_size_fn is not None:
@@ -310,12 +324,15 @@ class HessianOperator:
         return int(first.shape[0])
 
     def _reduce(self, total: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
+        """Sum ``total`` and ``count`` over ranks in one all-reduce (at least float32, so counts stay exact)."""
         if self.distributed:
-            packed = torch.cat([total.reshape(-1), total.new_tensor([float(count)])])
+            acc = torch.float64 if total.dtype == torch.float64 else torch.float32
+            n = torch.tensor([float(count)], dtype=acc, device=total.device)
+            packed = torch.cat([total.reshape(-1).to(acc), n])
             dist.all_reduce(packed, group=self.process_group)
-            total, count = packed[:-1].reshape(total.shape), float(packed[-1])
+            total, count = packed[:-1].reshape(total.shape).to(total.dtype), float(packed[-1])
         if count <= 0:
-            raise ValueError("data holds no samples")
+            raise ValueError("data holds no samples (on any rank): pass at least one non-empty batch")
         return total, count
 
     @staticmethod
@@ -349,20 +366,22 @@ class HessianOperator:
         if not pairs:  # the loss is at most linear in every selected parameter
             return out
         outputs = [g for g, _ in pairs]
-        if form == "reverse-batched" and V.shape[0] > 1:
-            for start in range(0, V.shape[0], self.chunk_size):
+        k = V.shape[0]
+        if form == "reverse-batched" and k > 1:
+            for start in range(0, k, self.chunk_size):
                 rows = V[start : start + self.chunk_size]
                 parts = self.unflatten(rows)
                 hv = torch.autograd.grad(
-                    outputs, leaves, grad_outputs=[parts[i] for _, i in pairs], retain_graph=True,
+                    outputs, leaves, grad_outputs=[parts[i] for _, i in pairs],
+                    retain_graph=self.cache_graph or start + self.chunk_size < k,
                     is_grads_batched=True, allow_unused=True, materialize_grads=True,
                 )
                 out[start : start + rows.shape[0]] = torch.cat([h.reshape(rows.shape[0], -1) for h in hv], 1)
             return out
-        for r in range(V.shape[0]):
+        for r in range(k):
             parts = self.unflatten(V[r])
             hv = torch.autograd.grad(
-                outputs, leaves, grad_outputs=[parts[i] for _, i in pairs], retain_graph=True,
+                outputs, leaves, grad_outputs=[parts[i] for _, i in pairs], retain_graph=self.cache_graph or r < k - 1,
                 allow_unused=True, materialize_grads=True,
             )
             out[r] = torch.cat([h.reshape(-1) for h in hv])
@@ -375,35 +394,67 @@ class HessianOperator:
         def one(tangent: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             return jvp(grad_fn, (primals,), (tangent,))[1]
 
-        if V.shape[0] == 1:
-            return torch.cat([h.reshape(-1) for h in one(tuple(self.unflatten(V[0])))])[None]
-        out = torch.empty_like(V)
-        for start in range(0, V.shape[0], self.chunk_size):
-            rows = V[start : start + self.chunk_size]
-            hv = vmap(one)(tuple(self.unflatten(rows)))
-            out[start : start + rows.shape[0]] = torch.cat([h.reshape(rows.shape[0], -1) for h in hv], 1)
+        # torch.func transforms ignore an outer no_grad; it only stops a graph through unselected parameters
+        with torch.no_grad():
+            if V.shape[0] == 1:
+                return torch.cat([h.reshape(-1) for h in one(tuple(self.unflatten(V[0])))])[None]
+            out = torch.empty_like(V)
+            for start in range(0, V.shape[0], self.chunk_size):
+                rows = V[start : start + self.chunk_size]
+                hv = vmap(one)(tuple(self.unflatten(rows)))
+                out[start : start + rows.shape[0]] = torch.cat([h.reshape(rows.shape[0], -1) for h in hv], 1)
         return out
 
-    def _calibrate(self, kind: str, index: int, batch: Batch, V: torch.Tensor) -> torch.Tensor:
-        """Time each HVP form on this batch (the products are kept), choose the fastest for ``kind``."""
+    def _choose(self, kind: str, batch: Batch | None, V: torch.Tensor) -> torch.Tensor | None:
+        """Pick the HVP form for ``kind`` (remembered, else measured) and return the first batch's product.
+
+        Under a process group every rank takes the same branch and ends with the same choice, also a rank
+        that holds no batch.
+        """
+        forms = ("reverse", "forward") if kind == "single" else HVP_FORMS
+        key = (id(self.model), tuple(self.names), self.dtype, str(self.device), self.cache_graph, kind,
+               None if batch is None else _signature(batch))
+        known = _CHOICES.get(key)
+        miss = batch is not None and known is None
+        index = forms.index(known[0]) if known is not None else -1
+        if self.distributed:
+            packed = torch.tensor([float(miss), float(index)], device=self.device)
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.process_group)
+            miss, index = bool(packed[0]), int(packed[1])
+        if not miss:
+            self.hvp_choice[kind] = forms[max(index, 0)]
+            self.hvp_timings[kind] = dict(known[1]) if known is not None else {}
+            return None if batch is None else self._hvp(self.hvp_choice[kind], 0, batch, V)
+        result = self._calibrate(kind, batch, V)
+        if batch is not None:
+            if len(_CHOICES) >= _MAX_CHOICES:
+                _CHOICES.pop(next(iter(_CHOICES)))
+            _CHOICES[key] = (self.hvp_choice[kind], dict(self.hvp_timings[kind]))
+        return result
+
+    def _calibrate(self, kind: str, batch: Batch | None, V: torch.Tensor) -> torch.Tensor | None:
+        """Time each HVP form on the first batch (the products are kept), choose the fastest for ``kind``.
+
+        A rank without a batch times nothing but joins the all-reduce that makes every rank choose alike.
+        """
         probe = V[: 1 if kind == "single" else 2]
         forms = ("reverse", "forward") if kind == "single" else HVP_FORMS
-        if self.cache_graph:
-            self._first_order(index, batch)  # a one-time cost, not part of a cached reverse HVP
-        timings: dict[str, float] = {}
+        timings = dict.fromkeys(forms, 0.0)
         result, errors = None, []
-        for form in forms:
+        if batch is not None and self.cache_graph:
+            self._first_order(0, batch)  # a one-time cost, not part of a cached reverse HVP
+        for form in forms if batch is not None else ():
             try:
                 self._sync()
                 start = time.perf_counter()
-                hv = self._hvp(form, index, batch, probe)
+                hv = self._hvp(form, 0, batch, probe)
                 self._sync()
                 timings[form] = time.perf_counter() - start
                 result = hv
             except RuntimeError as err:  # a form this model does not support (e.g. no vmap batching rule)
                 timings[form] = float("inf")
                 errors.append(err)
-        if result is None:
+        if errors and result is None:
             raise errors[0]
         if self.distributed:  # every rank must pick the same form
             packed = torch.tensor([timings[f] for f in forms], dtype=torch.float64, device=self.device)
@@ -412,9 +463,9 @@ class HessianOperator:
         choice = min(forms, key=lambda f: timings[f])
         self.hvp_choice[kind] = choice
         self.hvp_timings[kind] = timings
-        if V.shape[0] == probe.shape[0]:
+        if result is None or V.shape[0] == probe.shape[0]:
             return result
-        return torch.cat([result, self._hvp(choice, index, batch, V[probe.shape[0] :])])
+        return torch.cat([result, self._hvp(choice, 0, batch, V[probe.shape[0] :])])
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

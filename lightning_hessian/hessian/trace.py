@@ -59,6 +59,7 @@ def z_score(confidence: float | None) -> float:
 
 
 def check_sampling(num_samples: int | None, rel_tol: float, batch: int, min_samples: int, max_samples: int) -> None:
+    """Raise ``ValueError`` naming the first bad argument of a probing run."""
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 2):
         raise ValueError(f"num_samples must be an int >= 2 (or None to stop on rel_tol), got {num_samples!r}")
     if num_samples is None and not rel_tol > 0:

@@ -1,0 +1,95 @@
+"""Lanczos and power iteration against the dense spectrum (eigvalsh of the torch.func Hessian)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_hessian.hessian import HessianOperator, power_iteration, top_eigenvalues
+from tests.test_hessian_operator import DenseOperator, loss_fn, problem, spectrum
+
+
+def reference(H: torch.Tensor, which: str, k: int, ev: torch.Tensor | None = None) -> torch.Tensor:
+    ev = torch.linalg.eigvalsh(H) if ev is None else ev
+    order = {"LA": ev.argsort(descending=True), "SA": ev.argsort(), "LM": ev.abs().argsort(descending=True)}
+    return ev[order[which]][:k]
+
+
+def assert_pairs(result, H: torch.Tensor, which: str, k: int, ev: torch.Tensor | None = None) -> None:
+    ref = reference(H, which, k, ev)
+    rel_err = (result.eigenvalues - ref).abs() / ref.abs()
+    assert rel_err.max() <= 1e-4, (which, rel_err)
+    X = result.eigenvectors
+    true_res = torch.linalg.vector_norm(X @ H - result.eigenvalues[:, None] * X, dim=1)
+    torch.testing.assert_close(result.residual_norms, true_res, rtol=1e-3, atol=1e-10)  # estimates are honest
+    assert (true_res <= 1e-4 * result.eigenvalues.abs()).all()
+    torch.testing.assert_close(X @ X.T, torch.eye(k, dtype=X.dtype), atol=1e-8, rtol=0)
+    assert result.converged
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("which", ["LA", "LM", "SA"])
+def test_top5_match_dense_spectrum(kind: str, which: str) -> None:
+    model, batch, H = problem(kind)
+    op = HessianOperator(model, loss_fn, batch)
+    result = top_eigenvalues(op, k=5, which=which)
+    assert_pairs(result, H, which, 5, spectrum(kind))
+    assert result.num_hvps == op.num_hvps <= 150
+
+
+def test_thick_restart_with_a_small_basis_keeps_accuracy() -> None:
+    H = problem("cnn")[2]
+    op = DenseOperator(H)
+    for which in ("LA", "SA"):
+        result = top_eigenvalues(op, k=5, which=which, ncv=12)
+        assert_pairs(result, H, which, 5, spectrum("cnn"))
+        assert result.num_hvps > 12  # the basis did restart
+
+
+def test_warm_start_from_previous_eigenvectors_saves_hvps() -> None:
+    H = problem("cnn")[2]
+    cold = top_eigenvalues(DenseOperator(H), k=5, which="SA")
+    noise = torch.randn(cold.eigenvectors.shape, generator=torch.Generator().manual_seed(0), dtype=H.dtype)
+    perturbed = cold.eigenvectors + 0.1 * noise / H.shape[0] ** 0.5  # as after a little training
+    warm = top_eigenvalues(DenseOperator(H), k=5, which="SA", v0=perturbed)
+    assert_pairs(warm, H, "SA", 5, spectrum("cnn"))
+    assert warm.num_hvps < 0.8 * cold.num_hvps
+    block = top_eigenvalues(DenseOperator(H), k=5, which="SA", v0=perturbed, block_size=5)  # through matmat
+    assert_pairs(block, H, "SA", 5, spectrum("cnn"))
+
+
+def test_small_dense_matrices_and_exact_invariant_subspaces() -> None:
+    g = torch.Generator().manual_seed(0)
+    Qm = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64)).Q
+    eig = torch.tensor([5.0, 5.0, 2.0, -1.0, -7.0, 0.5], dtype=torch.float64)  # a double eigenvalue
+    H = Qm @ torch.diag(eig) @ Qm.T
+    result = top_eigenvalues(DenseOperator(H), k=6, which="LM")
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([-7.0, 5, 5, 2, -1, 0.5], dtype=torch.float64))
+    start = Qm[:, 0] + Qm[:, 2]  # lies in a 2-D invariant subspace; the third pair needs a fresh direction
+    result = top_eigenvalues(DenseOperator(H), k=3, v0=start)
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([5.0, 5, 2], dtype=torch.float64))
+
+
+def test_power_iteration_with_deflation_matches_and_costs_more() -> None:
+    model, batch, H = problem("cnn")
+    op = HessianOperator(model, loss_fn, batch)
+    power = power_iteration(op, k=3, max_iter=2000, tol=1e-5)
+    ref = reference(H, "LM", 3, spectrum("cnn"))
+    assert ((power.eigenvalues - ref).abs() / ref.abs()).max() <= 1e-4
+    assert power.converged
+    assert power.num_hvps > 2 * top_eigenvalues(op, k=3, which="LM").num_hvps
+
+
+def test_budget_and_bad_arguments() -> None:
+    H = problem("mlp")[2]
+    op = DenseOperator(H)
+    capped = top_eigenvalues(op, k=5, which="SA", max_iter=15)
+    assert capped.num_hvps == 15 and not capped.converged
+    with pytest.raises(ValueError, match="k must"):
+        top_eigenvalues(op, k=0)
+    with pytest.raises(ValueError, match="which"):
+        top_eigenvalues(op, which="largest")
+    with pytest.raises(ValueError, match="v0"):
+        top_eigenvalues(op, v0=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="ncv"):
+        top_eigenvalues(op, k=5, ncv=6)

@@ -1,0 +1,125 @@
+"""Hutchinson / Hutch++ traces and SLQ densities against the exact trace and spectrum of the dense Hessian.
+
+The statistical checks (errors against the reported standard errors over many seeds) run on the dense
+matrix as an operator, which gives the same numbers as the HessianOperator for the same seed (checked
+here) at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_hessian.hessian import HessianOperator, hutchinson_trace, spectral_density
+from lightning_hessian.hessian.density import gaussian_density
+from tests.test_hessian_operator import DenseOperator, loss_fn, problem, spectrum
+
+
+def exact_trace(H: torch.Tensor) -> float:
+    return float(H.diagonal().sum())
+
+
+def test_hutchinson_meets_a_1pct_target_on_the_hessian_operator() -> None:
+    model, batch, H = problem("mlp")
+    op = HessianOperator(model, loss_fn, batch)
+    result = hutchinson_trace(op, rel_tol=0.01, max_samples=10_000, seed=0)
+    assert result.converged and result.num_hvps == result.num_samples == op.num_hvps
+    assert 1.96 * result.std_error <= 0.01 * abs(result.estimate)  # the target, at 95% confidence
+    error = abs(result.estimate - exact_trace(H))
+    assert error <= 3 * result.std_error and error <= 0.015 * exact_trace(H)  # over seeds: see below
+    assert result.num_samples > 1000  # this Hessian needs thousands of probes: the rule did not stop early
+
+
+def test_hutchplusplus_meets_the_target_with_fewer_hvps() -> None:
+    model, batch, H = problem("cnn")
+    op = HessianOperator(model, loss_fn, batch)
+    result = hutchinson_trace(op, rel_tol=0.01, method="hutch++", seed=0)
+    assert result.converged and result.method == "hutch++"
+    assert abs(result.estimate - exact_trace(H)) <= 0.01 * exact_trace(H)
+    variance = 2 * (H.pow(2).sum() - H.diagonal().pow(2).sum())  # of one Rademacher sample z^T H z
+    plain_needs = float(1.96 * variance.sqrt() / (0.01 * exact_trace(H))) ** 2
+    assert result.num_hvps < plain_needs / 4
+    same = hutchinson_trace(DenseOperator(H), rel_tol=0.01, method="hutch++", seed=0)  # same probes, same numbers
+    assert same.num_samples == result.num_samples
+    assert same.estimate == pytest.approx(result.estimate, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_standard_error_matches_the_observed_error_over_seeds(method: str) -> None:
+    H = problem("cnn")[2]
+    op, tr = DenseOperator(H), exact_trace(H)
+    runs = [hutchinson_trace(op, num_samples=60, seed=s, method=method) for s in range(40)]
+    z = torch.tensor([(r.estimate - tr) / r.std_error for r in runs])
+    assert 0.5 <= (z.abs() <= 1).float().mean() <= 0.9  # ~68% within one SE
+    assert (z.abs() <= 2).float().mean() >= 0.85  # ~95% within two
+    assert abs(float(z.mean())) <= 3 / math.sqrt(len(runs)) * 1.5  # unbiased
+    errors = torch.tensor([r.estimate - tr for r in runs])
+    mean_se = sum(r.std_error for r in runs) / len(runs)
+    assert 0.6 <= mean_se / float(errors.pow(2).mean().sqrt()) <= 1.6
+
+
+def test_1pct_target_holds_over_seeds() -> None:
+    H = problem("cnn")[2]
+    tr = exact_trace(H)
+    runs = [hutchinson_trace(DenseOperator(H), rel_tol=0.01, method="hutch++", seed=s) for s in range(30)]
+    within = sum(abs(r.estimate - tr) <= 0.01 * tr for r in runs)
+    assert all(r.converged for r in runs) and within >= 25  # the target is a 95% interval
+
+
+def test_trace_arguments_are_checked() -> None:
+    op = DenseOperator(torch.eye(4, dtype=torch.float64))
+    assert hutchinson_trace(op, num_samples=8).estimate == pytest.approx(4.0)  # z^T I z = dim exactly
+    with pytest.raises(ValueError, match="num_samples"):
+        hutchinson_trace(op, num_samples=1)
+    with pytest.raises(ValueError, match="method"):
+        hutchinson_trace(op, method="girard")
+    with pytest.raises(ValueError, match="confidence"):
+        hutchinson_trace(op, confidence=1.5)
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        hutchinson_trace(op, num_samples=6, method="hutch++", sketch_size=3)
+
+
+def test_density_on_the_operator_equals_the_dense_matrix_run_and_is_normalised() -> None:
+    model, batch, H = problem("mlp")
+    op = HessianOperator(model, loss_fn, batch)
+    ours = spectral_density(op, num_runs=6, lanczos_steps=25, deflate=5, seed=3)
+    dense = spectral_density(DenseOperator(H), num_runs=6, lanczos_steps=25, deflate=5, seed=3)
+    torch.testing.assert_close(ours.weights, dense.weights, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(ours.nodes, dense.nodes, rtol=1e-6, atol=1e-8)
+    assert (ours.weights >= 0).all()
+    torch.testing.assert_close(ours.weights.sum(1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    step = float(ours.grid[1] - ours.grid[0])
+    assert float(ours.density.sum()) * step == pytest.approx(1.0, abs=1e-3)
+    top = spectrum("mlp").flip(0)[:5]  # the deflated outliers are exact spikes
+    torch.testing.assert_close(ours.nodes[0, :5].sort(descending=True).values, top, rtol=1e-6, atol=0)
+    assert ours.num_hvps == op.num_hvps
+
+
+def test_density_implied_trace_within_1pct() -> None:
+    H = problem("cnn")[2]
+    tr = exact_trace(H)
+    result = spectral_density(DenseOperator(H), num_runs=200, lanczos_steps=10, deflate=100, batch=50, seed=0)
+    assert result.trace_std_error <= 0.003 * tr
+    assert abs(result.trace - tr) <= 0.01 * tr
+    plain = spectral_density(DenseOperator(H), num_runs=200, lanczos_steps=10, deflate=0, batch=50, seed=0)
+    assert abs(plain.trace - tr) <= 3 * plain.trace_std_error  # unbiased without deflation too, noisier
+    assert plain.trace_std_error > 5 * result.trace_std_error
+    full = spectral_density(DenseOperator(H), num_runs=20, lanczos_steps=10, deflate=10, batch=20)
+    cheap = spectral_density(DenseOperator(H), num_runs=20, lanczos_steps=10, deflate=10, batch=20, reorth="none")
+    assert cheap.trace == pytest.approx(full.trace, rel=1e-9)  # the trace needs only the first step
+    torch.testing.assert_close(cheap.weights.sum(1), torch.ones(20, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_density_recovers_a_known_spectrum() -> None:
+    g = torch.Generator().manual_seed(0)
+    eig = torch.cat([torch.linspace(-1, 1, 30, dtype=torch.float64), torch.tensor([4.0, 6.0], dtype=torch.float64)])
+    Q = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64)).Q
+    op = DenseOperator(Q @ torch.diag(eig) @ Q.T)
+    result = spectral_density(op, num_runs=300, lanczos_steps=32, deflate=0, sigma=0.2, batch=100)
+    used = result.weights > 1e-8
+    assert (torch.cdist(result.nodes[used][:, None], eig[:, None]).min(1).values < 1e-6).all()  # nodes exact
+    exact = gaussian_density(result.grid, eig, torch.full((32,), 1 / 32, dtype=torch.float64), 0.2)
+    step = float(result.grid[1] - result.grid[0])
+    assert float((result.density - exact).abs().sum()) * step < 0.1  # L1 distance of the two densities
