@@ -16,7 +16,8 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) recipes/train.py
+	rm -rf logs/demo
+	$(PY) recipes/demo.py
 
 # The default suite (a few minutes on 2 cores); `make test-slow` runs the end-to-end tests CI adds.
 test: setup

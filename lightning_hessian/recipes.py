@@ -1,22 +1,56 @@
-"""What the Hydra recipes run: ``train(cfg)`` (``analyze`` and ``quantize`` join it as they land).
+"""What the Hydra recipes run: ``train(cfg)``, ``analyze(cfg)`` and ``quantize(cfg)``.
 
 Each recipe instantiates its parts from the composed config group by group, so a bad value is reported as
-one line naming the config key (``ConfigError``) instead of a deep traceback.
+one line naming the config key (``ConfigError``) instead of a deep traceback. Importing this module
+registers the ``lh_run_id`` resolver that names run directories (``conf/hydra/default.yaml``).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
+
+
+def run_id() -> str:
+    """The name of this run's directory, the same on every rank of a torchrun or srun launch.
+
+    ``LH_RUN_ID`` if set; else ``slurm-<job id>`` (``_<array task>`` for arrays), so a preempted and
+    requeued job finds its own ``last.ckpt``; else ``torchrun-<rdzv id>``; else the start time. A
+    multi-node torchrun without ``--rdzv-id`` (id ``none``) is refused: each node would pick its own time.
+    """
+    env = os.environ
+    if env.get("LH_RUN_ID"):
+        return env["LH_RUN_ID"]
+    if env.get("SLURM_JOB_ID"):
+        if env.get("SLURM_ARRAY_TASK_ID"):
+            return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    rdzv = env.get("TORCHELASTIC_RUN_ID")
+    if rdzv and rdzv != "none":
+        return f"torchrun-{rdzv}"
+    if rdzv == "none" and int(env.get("GROUP_WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "torchrun over several nodes without --rdzv-id: every node would choose its own run directory; "
+            "pass the same --rdzv-id=<name> to every node (or set LH_RUN_ID)"
+        )
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+# cached per config, so Hydra's sweep jobs (which copy the launcher's cache) reuse the launcher's name
+OmegaConf.register_new_resolver("lh_run_id", run_id, use_cache=True, replace=True)
 
 
 def _instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -60,11 +94,181 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise ConfigError(f"fit: {err}") from err
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        # the final weights: with MNIST-1D's default val_size=0 the validation split is the test split, so
+        # testing a checkpoint selected on it would report a selected, not a held-out, accuracy
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()})
     if trainer.is_global_zero:
         print(f"outputs: {cfg.paths.output_dir}")
         for key in sorted(metrics):
             print(f"  {key}: {metrics[key]:.4f}")
     return metrics
+
+
+# ---- analyze and quantize: a trained checkpoint and the data it was trained on ---------------------------
+
+
+def _trained_model(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, Path]:
+    """The configured module with the checkpoint's weights, and the datamodule (set up for fitting).
+
+    With ``run_dir`` (a train run's output directory) the model and data configs are the run's own
+    (``<run_dir>/.hydra/config.yaml``) and ``ckpt_path`` defaults to its ``checkpoints/last.ckpt``.
+    """
+    if cfg.run_dir is not None:
+        saved = Path(cfg.run_dir) / ".hydra" / "config.yaml"
+        if not saved.exists():
+            raise ConfigError(f"run_dir: {saved} not found; point run_dir at a train run's output directory")
+        trained = OmegaConf.load(saved)
+        with open_dict(cfg):
+            cfg.model, cfg.data = trained.model, trained.data
+    if cfg.ckpt_path in (None, "last"):
+        if cfg.run_dir is None:
+            raise ConfigError("ckpt_path: give a checkpoint (ckpt_path=path/to.ckpt) or a train run (run_dir=...)")
+        ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    else:
+        ckpt = Path(cfg.ckpt_path)
+    if not ckpt.exists():
+        raise ConfigError(f"ckpt_path: {ckpt} not found")
+    datamodule = _instantiate(cfg, "data")
+    module = _instantiate(cfg, "model")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        module.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError) as err:
+        raise ConfigError(f"ckpt_path: {ckpt} does not hold weights for the configured model ({err})") from err
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return module, datamodule, ckpt
+
+
+def _probe_set(cfg: DictConfig, datamodule: pl.LightningDataModule) -> list[Any]:
+    """``probe.probe_size`` samples of ``probe.split`` drawn with ``probe.seed``, as the callbacks draw them."""
+    from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
+
+    probe = cfg.probe
+    if probe.split not in ("train", "test"):
+        raise ConfigError(f"probe.split: must be 'train' or 'test', got {probe.split!r}")
+    if probe.split == "test":
+        datamodule.setup("test")
+    loader = datamodule.train_dataloader() if probe.split == "train" else datamodule.test_dataloader()
+    try:
+        indices = draw_probe_indices(len(loader.dataset), probe.probe_size, probe.seed)
+    except ValueError as err:
+        raise ConfigError(f"probe.probe_size: {err}") from err
+    return probe_batches(loader.dataset, indices, probe.probe_batch_size, loader.collate_fn)
+
+
+def analyze(cfg: DictConfig) -> dict[str, Any]:
+    """The Hessian report of a trained checkpoint (``lightning_hessian.analyze``); return the report."""
+    from lightning_hessian.analyze import AnalysisOptions, analyze_model
+    from lightning_hessian.callbacks.probe import resolve_loss_fn
+
+    try:
+        options = AnalysisOptions(**OmegaConf.to_container(cfg.analysis, resolve=True))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"analysis: {err}") from err
+    pl.seed_everything(cfg.seed, workers=True)
+    module, datamodule, ckpt = _trained_model(cfg)
+    batches = _probe_set(cfg, datamodule)
+    module.to(cfg.device)
+    meta = {"checkpoint": str(ckpt), "probe": OmegaConf.to_container(cfg.probe, resolve=True)}
+    report = analyze_model(module, resolve_loss_fn(module, None), batches, cfg.paths.output_dir, options, meta)
+    print(f"outputs: {cfg.paths.output_dir}")
+    print(f"  top eigenvalues: {', '.join(f'{v:.4g}' for v in report['eigenvalues'])}")
+    if "trace" in report:
+        print(f"  trace: {report['trace']['estimate']:.4g} ± {report['trace']['std_error']:.2g}")
+    for name, path in report["figures"].items():
+        print(f"  {name}: {path}")
+    return report
+
+
+def quantize(cfg: DictConfig) -> dict[str, Any]:
+    """HAWQ from a trained checkpoint: plan bits, fine-tune, test, export integer-only; return the report."""
+    if cfg.export.format not in ("onnx", "program", "none"):
+        raise ConfigError(f"export.format: must be 'onnx', 'program' or 'none', got {cfg.export.format!r}")
+    pl.seed_everything(cfg.seed, workers=True)
+    module, datamodule, ckpt = _trained_model(cfg)
+    hawq = _instantiate(cfg, "hawq", module=module)
+    evaluator = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_checkpointing=False,
+                           enable_progress_bar=False, enable_model_summary=False)
+    float_metrics = evaluator.test(module, datamodule=datamodule, verbose=False)[0]
+    callbacks = _instantiate_group(cfg, "callbacks")
+    loggers = _instantiate_group(cfg, "logger")
+    trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer.fit(hawq, datamodule=datamodule)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"hawq: {err}") from err
+    quant_metrics = trainer.test(hawq, datamodule=datamodule, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return {}
+    out = Path(cfg.paths.output_dir)
+    bit_report = hawq.bit_report()
+    report: dict[str, Any] = {
+        "checkpoint": str(ckpt),
+        "weight_bits": hawq.weight_bits,
+        "act_bits": hawq.act_bits,
+        "budgets": OmegaConf.to_container(cfg.hawq.budgets) if cfg.hawq.budgets is not None else None,
+        "float": {k: float(v) for k, v in float_metrics.items()},
+        "quantized": {k: float(v) for k, v in quant_metrics.items()},
+        "size_kb": {"float": bit_report.float_size_bits / 8192, "quantized": bit_report.size_bits / 8192},
+        "mbops": {"float": bit_report.float_bops / 1e6, "quantized": bit_report.bops / 1e6},
+        "bit_report": [str(p) for p in bit_report.save(out / "hawq")],
+    }
+    if cfg.export.format != "none":
+        report["integer"] = _export_integer(cfg, hawq, datamodule, out)
+    (out / "quantize_report.json").write_text(json.dumps(report, indent=2))
+    (out / "quantize_report.md").write_text(_quantize_markdown(report, bit_report.to_markdown()))
+    print(f"outputs: {out}")
+    for name in ("float", "quantized"):
+        print(f"  {name}: test/acc {report[name].get('test/acc', float('nan')):.4f}")
+    if "integer" in report:
+        print(f"  integer-only: test/acc {report['integer']['test/acc']:.4f}, {report['integer']['path']}")
+    print(f"  size: {report['size_kb']['float']:.1f} KB -> {report['size_kb']['quantized']:.1f} KB")
+    print(f"  bits: {hawq.weight_bits}")
+    return report
+
+
+def _export_integer(cfg: DictConfig, hawq: Any, datamodule: pl.LightningDataModule, out: Path) -> dict[str, Any]:
+    """Fold BatchNorm, convert to the integer-only model, measure its test accuracy and save it."""
+    from lightning_hessian.quant.export import export_onnx, export_program
+    from lightning_hessian.quant.integer import to_integer_model
+    from lightning_hessian.quant.modules import fold_batchnorm
+
+    try:
+        net = hawq.module.get_submodule(cfg.export.module).cpu().eval()
+    except AttributeError as err:
+        raise ConfigError(f"export.module: {err}; name the network inside the LightningModule ('' for itself)") from err
+    loader = datamodule.test_dataloader()
+    example = next(iter(loader))[0]
+    fold_batchnorm(net, example)
+    try:
+        integer = to_integer_model(net, example)
+    except ValueError as err:
+        raise ConfigError(f"export: {err} (or set export.format=none)") from err
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((integer(x).argmax(-1) == y).sum())
+            total += len(y)
+    suffix = "onnx" if cfg.export.format == "onnx" else "pt2"
+    exporter = export_onnx if cfg.export.format == "onnx" else export_program
+    path = exporter(integer, example, out / f"model_int.{suffix}")
+    return {"test/acc": correct / total, "path": str(path), "packed_size_kb": integer.packed_size_bytes() / 1024}
+
+
+def _quantize_markdown(report: dict[str, Any], bit_table: str) -> str:
+    rows = [("float", report["float"]), ("quantized (simulated)", report["quantized"])]
+    if "integer" in report:
+        rows.append(("integer-only", report["integer"]))
+    lines = ["# HAWQ quantization", "", f"Checkpoint: `{report['checkpoint']}`; budgets: {report['budgets']}", "",
+             "| model | test acc | size KB |", "| --- | --- | --- |"]
+    sizes = {"float": report["size_kb"]["float"], "quantized (simulated)": report["size_kb"]["quantized"],
+             "integer-only": report.get("integer", {}).get("packed_size_kb")}
+    for name, metrics in rows:
+        size = "-" if sizes[name] is None else f"{sizes[name]:.2f}"
+        lines.append(f"| {name} | {metrics.get('test/acc', float('nan')):.4f} | {size} |")
+    lines += ["", bit_table, ""]
+    if "integer" in report:
+        lines.append(f"Integer-only export: `{report['integer']['path']}`")
+    return "\n".join(lines) + "\n"

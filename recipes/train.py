@@ -8,8 +8,8 @@ from lightning_hessian.cli import run_recipe
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    run_recipe(recipes.train, cfg)
+def main(cfg: DictConfig) -> float | None:
+    return run_recipe(recipes.train, cfg)
 
 
 if __name__ == "__main__":

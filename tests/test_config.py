@@ -38,3 +38,20 @@ def test_train_config_defaults(tmp_path, data_dir):
     assert cfg.model.net._target_.endswith("MNIST1DCNN")
     assert cfg.trainer.accelerator == "cpu"
     assert cfg.model.scheduler.T_max == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_instantiates(experiment, tmp_path, data_dir):
+    cfg = compose_config("train", [f"experiment={experiment}"], tmp_path, data_dir)
+    OmegaConf.resolve(cfg)
+    assert instantiate(cfg.data) is not None and instantiate(cfg.model) is not None
+    assert all(instantiate(entry) is not None for entry in (cfg.callbacks or {}).values() if entry is not None)
+
+
+@pytest.mark.parametrize("schedule", options("batch_schedule"))
+def test_every_batch_schedule_composes(schedule, tmp_path, data_dir):
+    cfg = compose_config("train", [f"+batch_schedule={schedule}", "callbacks=abs"], tmp_path, data_dir)
+    OmegaConf.resolve(cfg)
+    callbacks = {name: instantiate(entry) for name, entry in cfg.callbacks.items() if entry is not None}
+    assert callbacks["adaptive_batch_size"].schedule == schedule.removesuffix("a")
+    assert callbacks["adaptive_batch_size"].adversarial == (schedule == "absa")

@@ -110,3 +110,18 @@ def test_cifar10_missing_folder_names_the_path(tmp_path):
     dm = CIFAR10DataModule(data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere.*data.data_dir"):
         dm.prepare_data()
+
+
+def test_training_order_depends_on_seed_and_epoch_only(data_dir):
+    dm = MNIST1DDataModule(data_dir=str(data_dir), num_train=400, num_test=100, batch_size=400)
+    dm.setup("fit")
+
+    def first_batch(epoch, global_seed):
+        torch.manual_seed(global_seed)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return next(iter(loader))[1]
+
+    assert torch.equal(first_batch(3, global_seed=0), first_batch(3, global_seed=1))
+    assert not torch.equal(first_batch(3, global_seed=0), first_batch(4, global_seed=0))
+    assert sorted(first_batch(0, 0).tolist()) == sorted(dm.train_set.tensors[1].tolist())  # a permutation

@@ -11,6 +11,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_hessian.data.checks import check_positive_int
+from lightning_hessian.data.sampling import EpochShuffleSampler
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -76,7 +77,7 @@ class CIFAR10DataModule(LightningDataModule):
     """CIFAR-10 from ``data_dir`` (the ``cifar-10-batches-py`` folder or its parent); nothing is downloaded.
 
     ``num_train`` / ``num_test`` take the first samples of each split (for quick runs); ``augment``
-    applies random crops and flips to training images.
+    applies random crops and flips to training images; the training order depends on ``(seed, epoch)``.
 
     Example::
 
@@ -93,12 +94,14 @@ class CIFAR10DataModule(LightningDataModule):
         num_test: int | None = None,
         augment: bool = True,
         num_workers: int = 0,
+        seed: int = 0,
     ):
         super().__init__()
         check_positive_int("batch_size", batch_size)
         check_positive_int("eval_batch_size", eval_batch_size)
         self.data_dir, self.batch_size, self.eval_batch_size = data_dir, batch_size, eval_batch_size
         self.num_train, self.num_test, self.augment, self.num_workers = num_train, num_test, augment, num_workers
+        self.seed = seed
         mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
         self.input_range = (float((-mean / std).min()), float(((1 - mean) / std).max()))
         self.train_set = self.test_set = None
@@ -119,7 +122,8 @@ class CIFAR10DataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.batch_size > len(self.train_set):
             raise ValueError(f"batch_size={self.batch_size} exceeds the {len(self.train_set)} training samples")
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=self.eval_batch_size, num_workers=self.num_workers)

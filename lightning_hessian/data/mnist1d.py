@@ -11,6 +11,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian.data.checks import check_positive_int
+from lightning_hessian.data.sampling import EpochShuffleSampler
 
 
 def _cache_path(data_dir: str | os.PathLike, num_train: int, num_test: int, seed: int) -> Path:
@@ -64,7 +65,8 @@ class MNIST1DDataModule(LightningDataModule):
 
     ``val_size`` samples are held out of the training split for validation; with ``val_size=0`` (default)
     validation runs on the test split, as in the MNIST-1D benchmark, which has no validation split.
-    ``batch_size`` is a plain attribute so schedules may change it between epochs.
+    ``batch_size`` is a plain attribute so schedules may change it between epochs. The training order
+    depends on ``(seed, epoch)`` only, so a run resumed from a checkpoint replays the same batches.
 
     Example::
 
@@ -113,7 +115,8 @@ class MNIST1DDataModule(LightningDataModule):
                 f"batch_size={self.batch_size} exceeds the {len(self.train_set)} training samples: "
                 "lower batch_size or raise num_train"
             )
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.eval_batch_size, num_workers=self.num_workers)

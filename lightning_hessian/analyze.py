@@ -1,0 +1,260 @@
+"""The analyze recipe's work: a full Hessian report of a trained model on a fixed probe set.
+
+``analyze_model`` measures the top-k eigenpairs, the trace, the spectral density and per-layer values,
+walks the loss along the top eigenvector(s) (1-D and 2-D), and writes ``report.json``, ``report.md`` and
+the figures into one folder. The recipe (``lightning_hessian.recipes.analyze``) loads the checkpoint and
+the probe set and calls it; a notebook can call it on any model, loss and batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_hessian.callbacks.no_trace import leave_no_trace
+from lightning_hessian.callbacks.probe import LossFn
+from lightning_hessian.hessian import (
+    HessianOperator,
+    hutchinson_trace,
+    layer_blocks,
+    per_layer_top_eigenvalue,
+    per_layer_trace,
+    spectral_density,
+    top_eigenvalues,
+)
+from lightning_hessian.landscape import loss_line, loss_plane
+from lightning_hessian.plots import plot_spectral_density
+
+
+@dataclass
+class AnalysisOptions:
+    """What ``analyze_model`` measures (the ``analysis`` node of ``conf/analyze.yaml``).
+
+    ``radius`` is the largest step along the unit eigenvectors in the landscape plots; ``None`` picks the
+    step where the quadratic model ``lambda_1 a^2 / 2`` rises by ``rise`` (loss units), so the plot shows
+    the basin at any curvature scale.
+    """
+
+    top_k: int = 5
+    tol: float = 1e-3
+    max_hvps: int = 1000
+    trace: bool = True
+    trace_rel_tol: float = 0.05
+    trace_max_samples: int = 100
+    density: bool = True
+    density_runs: int = 4
+    density_steps: int = 30
+    per_layer: bool = True
+    radius: float | None = None
+    rise: float = 1.0
+    points_1d: int = 21
+    points_2d: int = 11
+    mode: str = "eval"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "max_hvps", "trace_max_samples", "density_runs", "density_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("points_1d", "points_2d"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 3 or value % 2 == 0:
+                raise ValueError(f"{name} must be an odd integer >= 3 (so the grid holds the trained point), "
+                                 f"got {value!r}")
+        if self.radius is not None and not self.radius > 0:
+            raise ValueError(f"radius must be > 0 or None (automatic), got {self.radius!r}")
+        if not self.rise > 0:
+            raise ValueError(f"rise must be > 0, got {self.rise!r}")
+        if self.mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {self.mode!r}")
+
+
+def analyze_model(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Any],
+    out_dir: str | Path,
+    options: AnalysisOptions | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Measure the Hessian of ``loss_fn`` over ``batches`` at ``model``'s parameters; write the report.
+
+    Returns the report (also saved as ``out_dir/report.json``); figures and ``report.md`` sit beside it.
+    ``meta`` (checkpoint, probe set, ...) is copied into the report. The model is left as it was found.
+    """
+    opts = options or AnalysisOptions()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {**(meta or {}), "options": vars(opts).copy(), "seconds": {}}
+    seconds = report["seconds"]
+    with leave_no_trace(model, opts.mode):
+        op = HessianOperator(model, loss_fn, list(batches))
+        report["num_params"] = op.dim
+        report["loss"] = op.loss()
+        k = min(max(opts.top_k, 2), op.dim)  # the 2-D landscape needs two eigenvectors
+
+        start = time.perf_counter()
+        eig = top_eigenvalues(op, k=k, tol=opts.tol, max_iter=opts.max_hvps, seed=opts.seed)
+        seconds["eigenvalues"] = time.perf_counter() - start
+        report["eigenvalues"] = [float(v) for v in eig.eigenvalues[: opts.top_k]]
+        report["residual_norms"] = [float(v) for v in eig.residual_norms[: opts.top_k]]
+        report["eigen_converged"] = bool(eig.converged)
+
+        if opts.trace:
+            start = time.perf_counter()
+            tr = hutchinson_trace(op, rel_tol=opts.trace_rel_tol, max_samples=opts.trace_max_samples, seed=opts.seed)
+            seconds["trace"] = time.perf_counter() - start
+            report["trace"] = {"estimate": tr.estimate, "std_error": tr.std_error, "num_samples": tr.num_samples}
+
+        density = None
+        if opts.density:
+            start = time.perf_counter()
+            density = spectral_density(op, num_runs=opts.density_runs, lanczos_steps=min(opts.density_steps, op.dim),
+                                       deflate=min(opts.top_k, op.dim - 1), seed=opts.seed)
+            seconds["density"] = time.perf_counter() - start
+            report["density"] = {"trace": density.trace, "trace_std_error": density.trace_std_error,
+                                 "sigma": density.sigma}
+
+        if opts.per_layer:
+            start = time.perf_counter()
+            report["per_layer"] = _per_layer(op, opts)
+            seconds["per_layer"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        report["landscape"] = _landscape(op, eig.eigenvalues, eig.eigenvectors, opts)
+        seconds["landscape"] = time.perf_counter() - start
+
+    report["figures"] = _figures(report, density, out)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown_report(report))
+    return report
+
+
+def _per_layer(op: HessianOperator, opts: AnalysisOptions) -> dict[str, dict[str, float]]:
+    """Top eigenvalue (and trace) of each layer's diagonal Hessian block."""
+    sizes = {name: sum(p.numel() for p in params) for name, params in layer_blocks(op.model).items()}
+    eigs = per_layer_top_eigenvalue(op, tol=opts.tol, max_iter=opts.max_hvps, seed=opts.seed)
+    traces = (per_layer_trace(op, rel_tol=opts.trace_rel_tol, max_samples=opts.trace_max_samples, seed=opts.seed)
+              if opts.trace else {})
+    layers: dict[str, dict[str, float]] = {}
+    for name, eig in eigs.items():
+        layers[name] = {"eigenvalue": float(eig.eigenvalues[0]), "num_params": sizes[name]}
+        if name in traces:
+            layers[name]["trace"] = traces[name].estimate
+            layers[name]["trace_per_param"] = traces[name].estimate / sizes[name]
+    return layers
+
+
+def _landscape(
+    op: HessianOperator, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, opts: AnalysisOptions
+) -> dict[str, Any]:
+    lam = float(eigenvalues[0])
+    radius = opts.radius if opts.radius is not None else (math.sqrt(2 * opts.rise / lam) if lam > 0 else 1.0)
+    alphas = torch.linspace(-radius, radius, opts.points_1d, dtype=torch.float64)
+    line = loss_line(op, eigenvectors[0], alphas)
+    h = float(alphas[1] - alphas[0])
+    mid = opts.points_1d // 2
+    grid = torch.linspace(-radius, radius, opts.points_2d, dtype=torch.float64)
+    plane = loss_plane(op, eigenvectors[0], eigenvectors[1], grid, grid)
+    return {
+        "radius": radius,
+        "alphas": alphas.tolist(),
+        "loss_1d": line.tolist(),
+        "quadratic_1d": (line[mid] + 0.5 * lam * alphas**2).tolist(),
+        # second difference at the trained point: equals lambda_1 up to O(h^2) where the loss is smooth
+        "curvature_1d": float((line[mid + 1] - 2 * line[mid] + line[mid - 1]) / h**2),
+        "grid_2d": grid.tolist(),
+        "loss_2d": plane.tolist(),
+        "eigenvalues_2d": [lam, float(eigenvalues[1])],
+    }
+
+
+# ---- figures and Markdown -------------------------------------------------------------------------------
+
+
+def _figures(report: dict[str, Any], density: Any, out: Path) -> dict[str, str]:
+    import matplotlib.pyplot as plt
+
+    land = report["landscape"]
+    figures: dict[str, str] = {}
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(land["alphas"], land["loss_1d"], label="loss")
+    ax.plot(land["alphas"], land["quadratic_1d"], "--", label=f"quadratic, $\\lambda_1$={report['eigenvalues'][0]:.3g}")
+    ax.set(xlabel="step along top eigenvector", ylabel="loss", title="Loss along the top eigenvector")
+    ax.legend(fontsize=8)
+    figures["landscape_1d"] = _save(fig, out / "landscape_1d.png")
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    contour = ax.contourf(land["grid_2d"], land["grid_2d"], torch.tensor(land["loss_2d"]).T.numpy(), levels=30)
+    fig.colorbar(contour, ax=ax, label="loss")
+    ax.plot([0], [0], "w+", ms=10)
+    ax.set(xlabel="$v_1$", ylabel="$v_2$", title="Loss in the plane of the top two eigenvectors")
+    figures["landscape_2d"] = _save(fig, out / "landscape_2d.png")
+
+    if density is not None:
+        figures["density"] = str(plot_spectral_density(density.grid.tolist(), density.density.tolist(),
+                                                       out / "spectral_density.png"))
+    if report.get("per_layer"):
+        names = list(report["per_layer"])
+        has_trace = all("trace_per_param" in v for v in report["per_layer"].values())
+        fig, axes = plt.subplots(1, 2 if has_trace else 1, figsize=(10 if has_trace else 5, 3.6), squeeze=False)
+        axes[0, 0].barh(names, [report["per_layer"][n]["eigenvalue"] for n in names])
+        axes[0, 0].set(xlabel="top eigenvalue", title="Per-layer top eigenvalue")
+        axes[0, 0].invert_yaxis()  # the first layer on top
+        if has_trace:
+            axes[0, 1].barh(names, [report["per_layer"][n]["trace_per_param"] for n in names])
+            axes[0, 1].set(xlabel="trace / parameters", title="Per-layer average trace")
+            axes[0, 1].invert_yaxis()
+        figures["per_layer"] = _save(fig, out / "per_layer.png")
+    return figures
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The report as Markdown: headline numbers, per-layer table and the figures."""
+    lines = ["# Hessian analysis", ""]
+    if report.get("checkpoint"):
+        lines += [f"Checkpoint: `{report['checkpoint']}`", ""]
+    lines += [
+        f"Parameters: {report['num_params']}; loss on the probe set: {report['loss']:.4f}",
+        "",
+        "| quantity | value |",
+        "| --- | --- |",
+    ]
+    for i, value in enumerate(report["eigenvalues"]):
+        lines.append(f"| eigenvalue {i + 1} | {value:.6g} |")
+    if "trace" in report:
+        tr = report["trace"]
+        lines.append(f"| trace (Hutchinson, {tr['num_samples']} probes) | {tr['estimate']:.6g} ± "
+                     f"{tr['std_error']:.2g} |")
+    if "density" in report:
+        lines.append(f"| trace (SLQ) | {report['density']['trace']:.6g} ± {report['density']['trace_std_error']:.2g} |")
+    land = report["landscape"]
+    lines.append(f"| curvature along v1 (finite difference) | {land['curvature_1d']:.6g} |")
+    if report.get("per_layer"):
+        lines += ["", "| layer | parameters | top eigenvalue | trace / parameter |", "| --- | --- | --- | --- |"]
+        for name, v in report["per_layer"].items():
+            per_param = f"{v['trace_per_param']:.4g}" if "trace_per_param" in v else "-"
+            lines.append(f"| {name} | {v['num_params']} | {v['eigenvalue']:.4g} | {per_param} |")
+    lines.append("")
+    for name, path in report["figures"].items():
+        lines += [f"![{name}]({Path(path).name})", ""]
+    return "\n".join(lines)
