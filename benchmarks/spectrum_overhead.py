@@ -20,7 +20,8 @@ from lightning_hessian.models import MNIST1DCNN, ClassificationModule
 
 SCHEDULES = {
     "no callback": None,
-    "every epoch: top-1 + trace, 1024 probe (issue default)": dict(every_n_epochs=1),
+    "every epoch: top-1 + trace (Hutch++), 1024 probe (issue default)": dict(every_n_epochs=1),
+    "every epoch: top-1 + trace (plain Hutchinson), 1024 probe": dict(every_n_epochs=1, trace_method="hutchinson"),
     "every epoch: top-1 only, 1024 probe": dict(every_n_epochs=1, trace=False),
     "every 5 epochs: top-1 + trace, 1024 probe": dict(every_n_epochs=5),
     "every 10 epochs: top-1 + trace, 512 probe": dict(every_n_epochs=10, probe_size=512),

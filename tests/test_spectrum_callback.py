@@ -129,7 +129,7 @@ def test_failed_probe_warns_and_training_goes_on():
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"top_k": 0}, "top_k"), ({"every_n_steps": -1}, "every_n_steps"), ({"mode": "test"}, "mode"),
-     ({"trace_rel_tol": 2.0}, "trace_rel_tol")],
+     ({"trace_rel_tol": 2.0}, "trace_rel_tol"), ({"trace_method": "exact"}, "trace_method")],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
