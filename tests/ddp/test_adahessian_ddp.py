@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
+import datetime
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -27,12 +26,6 @@ WORLD, BATCH, STEPS = 2, 8, 4  # BATCH per rank; the single-process reference us
 OPT = dict(lr=0.1, n_samples=2, weight_decay=0.01)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _model() -> nn.Module:
     """Two Conv1d (3-D kernels, averaged) and a linear head; smooth, so every parameter keeps learning."""
     torch.manual_seed(0)
@@ -48,10 +41,11 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 1, 40, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
 
 
-def _raw_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _raw_worker(rank: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file store: no port to race for, and no store server whose exit could strand the other rank
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     model = _model()
     ddp = DistributedDataParallel(model)
     opt = AdaHessian(model.parameters(), **OPT)
@@ -89,7 +83,7 @@ def _assert_ranks_identical_and_equal_to(out: Path, reference: dict[str, torch.T
 
 def test_raw_ddp_ranks_match_each_other_and_the_union_run(tmp_path: Path) -> None:
     torch.multiprocessing.start_processes(
-        _raw_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="fork"
+        _raw_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="fork"
     )
     _assert_ranks_identical_and_equal_to(tmp_path, _single_process_reference())
 

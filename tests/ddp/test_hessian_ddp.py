@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
+import datetime
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,6 @@ from lightning_hessian.models import MNIST1DMLP
 pytestmark = pytest.mark.ddp
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -73,10 +66,11 @@ def _spectrum(op: HessianOperator) -> dict[str, torch.Tensor]:
     }
 
 
-def _worker(rank: int, layout: str, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, layout: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file store: no port to race for, and no store server whose exit could strand the other rank
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         op = HessianOperator(_model(), _loss, _shards(layout, rank))
         assert op.distributed
@@ -93,7 +87,7 @@ def _worker(rank: int, layout: str, port: int, out: str) -> None:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_ranks_equal_one_process_on_the_union(layout: str, tmp_path: Path) -> None:
     torch.multiprocessing.start_processes(
-        _worker, args=(layout, _free_port(), str(tmp_path)), nprocs=WORLD, start_method="fork"
+        _worker, args=(layout, str(tmp_path)), nprocs=WORLD, start_method="fork"
     )
     reference = _spectrum(HessianOperator(_model(), _loss, _data()))
     reference["again"] = reference["eigenvalues"]
