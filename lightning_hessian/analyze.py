@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import LossFn
+from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian import (
     HessianOperator,
     hutchinson_trace,
@@ -62,9 +63,7 @@ class AnalysisOptions:
 
     def __post_init__(self) -> None:
         for name in ("top_k", "max_hvps", "trace_max_samples", "density_runs", "density_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         for name in ("points_1d", "points_2d"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 3 or value % 2 == 0:

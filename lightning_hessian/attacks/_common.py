@@ -25,13 +25,6 @@ def check_eps(eps: float, name: str = "eps", allow_inf: bool = False) -> float:
     return eps
 
 
-def check_positive_int(value: int, name: str) -> int:
-    """``ValueError`` naming ``name`` unless ``value`` is an ``int`` >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def check_norm(norm: str) -> str:
     """``ValueError`` unless ``norm`` is one of :data:`NORMS`."""
     if norm not in NORMS:

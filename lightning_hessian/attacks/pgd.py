@@ -14,12 +14,12 @@ from lightning_hessian.attacks._common import (
     check_clamp,
     check_eps,
     check_norm,
-    check_positive_int,
     detached_copy,
     input_grad,
     into_range,
     project,
 )
+from lightning_hessian.checks import check_positive_int
 
 
 def pgd(

@@ -23,12 +23,12 @@ from lightning_hessian.attacks._common import (
     check_clamp,
     check_eps,
     check_norm,
-    check_positive_int,
     detached_copy,
     into_range,
     per_sample_norm,
     project,
 )
+from lightning_hessian.checks import check_positive_int
 
 _FIRST_RADIUS_FRACTION = 0.1  # default first radius, as a fraction of the first linearised distance
 

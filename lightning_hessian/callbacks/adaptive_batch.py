@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_hessian.callbacks.probe import LossFn
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
+from lightning_hessian.checks import check_positive_int
 
 SCHEDULES = ("abs", "fb", "gg", "bl")
 MODES = ("dataloader", "accumulate")
@@ -67,16 +68,14 @@ class AdaptiveBatchSizeCallback(Callback):
         eig_tol: float = 1e-3,
         plot: bool = True,
     ):
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size <= 0:
-            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        check_positive_int(max_batch_size, "max_batch_size")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
             raise ValueError(f"factor must be an integer >= 2 (batch sizes stay whole), got {factor!r}")
         if not decay_ratio > 1:
             raise ValueError(f"decay_ratio must be > 1, got {decay_ratio!r}")
-        if isinstance(duration, bool) or not isinstance(duration, int) or duration < 1:
-            raise ValueError(f"duration must be a positive integer (epochs), got {duration!r}")
+        check_positive_int(duration, "duration")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= adversarial_fraction <= 1:

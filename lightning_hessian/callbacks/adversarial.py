@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_hessian.attacks import attack_success_rate, fgsm, pgd, trust_region
 from lightning_hessian.callbacks.no_trace import leave_no_trace
+from lightning_hessian.checks import check_positive_int
 
 Attack = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Schedule = Callable[[int], float] | Mapping[int, float]
@@ -109,8 +110,8 @@ class AdversarialAugmentCallback(Callback):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if norm != "linf" and "fgsm" in (attack, robust_eval_attack):
             raise ValueError(f"FGSM is an L-inf attack: use norm='linf' or attack='pgd', got norm={norm!r}")
-        _check_positive_int(steps, "steps")
-        _check_positive_int(robust_eval_steps, "robust_eval_steps")
+        check_positive_int(steps, "steps")
+        check_positive_int(robust_eval_steps, "robust_eval_steps")
         if step_size is not None:
             _check_positive(step_size, "step_size")
         if robust_eval_eps is not None:
@@ -408,11 +409,6 @@ def _check_positive(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive finite number in input units, got {value!r}")
     return float(value)
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _is_range(value: Any) -> bool:

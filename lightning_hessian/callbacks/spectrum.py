@@ -21,6 +21,7 @@ from lightning_hessian.callbacks.probe import (
     resolve_loss_fn,
     train_dataset_of,
 )
+from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian import (
     HessianOperator,
     hutchinson_trace,
@@ -78,10 +79,9 @@ class HessianSpectrumCallback(Callback):
     ):
         for name, value in (("top_k", top_k), ("every_n_epochs", every_n_epochs), ("probe_size", probe_size),
                             ("probe_batch_size", probe_batch_size), ("trace_max_samples", trace_max_samples)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps <= 0):
-            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
+            check_positive_int(value, name)
+        if every_n_steps is not None:
+            check_positive_int(every_n_steps, "every_n_steps")
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         if trace_method not in ("hutchinson", "hutch++"):

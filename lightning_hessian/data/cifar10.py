@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_hessian.data.checks import check_positive_int
+from lightning_hessian.checks import check_positive_int
 from lightning_hessian.data.sampling import EpochShuffleSampler
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -97,8 +97,8 @@ class CIFAR10DataModule(LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("eval_batch_size", eval_batch_size)
+        check_positive_int(batch_size, "batch_size")
+        check_positive_int(eval_batch_size, "eval_batch_size")
         self.data_dir, self.batch_size, self.eval_batch_size = data_dir, batch_size, eval_batch_size
         self.num_train, self.num_test, self.augment, self.num_workers = num_train, num_test, augment, num_workers
         self.seed = seed

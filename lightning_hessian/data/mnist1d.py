@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hessian.data.checks import check_positive_int
+from lightning_hessian.checks import check_positive_int
 from lightning_hessian.data.sampling import EpochShuffleSampler
 
 
@@ -27,8 +27,8 @@ def load_mnist1d(
     defaults, standardised) and caches it; later calls load the cache. ``num_train + num_test`` must be a
     multiple of 10 (the generator draws the same number of samples per class).
     """
-    check_positive_int("num_train", num_train)
-    check_positive_int("num_test", num_test)
+    check_positive_int(num_train, "num_train")
+    check_positive_int(num_test, "num_test")
     if (num_train + num_test) % 10:
         total = num_train + num_test
         raise ValueError(f"num_train + num_test must be a multiple of 10 (one share per class), got {total}")
@@ -86,8 +86,8 @@ class MNIST1DDataModule(LightningDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("eval_batch_size", eval_batch_size)
+        check_positive_int(batch_size, "batch_size")
+        check_positive_int(eval_batch_size, "eval_batch_size")
         if not 0 <= val_size < num_train:
             raise ValueError(f"val_size must be in [0, num_train={num_train}), got {val_size}")
         self.data_dir, self.num_train, self.num_test, self.seed = data_dir, num_train, num_test, seed

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian.diagonal import hessian_diagonal
 
 _NO_GRAPH = (
@@ -117,9 +118,8 @@ class AdaHessian(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         if not 0.0 <= hessian_power <= 1.0:
             raise ValueError(f"hessian_power must be in [0, 1], got {hessian_power!r}")
-        for name, value in (("update_each", update_each), ("n_samples", n_samples)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(update_each, "update_each")
+        check_positive_int(n_samples, "n_samples")
         self.update_each = update_each
         self.n_samples = n_samples
         self.average_conv_kernel = average_conv_kernel
