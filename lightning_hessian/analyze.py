@@ -102,7 +102,7 @@ def analyze_model(
         k = min(max(opts.top_k, 2), op.dim)  # the 2-D landscape needs two eigenvectors
 
         start = time.perf_counter()
-        eig = top_eigenvalues(op, k=k, tol=opts.tol, max_iter=opts.max_hvps, seed=opts.seed)
+        eig = top_eigenvalues(op, k=k, tol=opts.tol, max_iter=opts.max_hvps, seed=opts.seed, return_basis=opts.trace)
         seconds["eigenvalues"] = time.perf_counter() - start
         report["eigenvalues"] = [float(v) for v in eig.eigenvalues[: opts.top_k]]
         report["residual_norms"] = [float(v) for v in eig.residual_norms[: opts.top_k]]
@@ -110,7 +110,8 @@ def analyze_model(
 
         if opts.trace:
             start = time.perf_counter()
-            tr = hutchinson_trace(op, rel_tol=opts.trace_rel_tol, max_samples=opts.trace_max_samples, seed=opts.seed)
+            tr = hutchinson_trace(op, rel_tol=opts.trace_rel_tol, max_samples=opts.trace_max_samples, seed=opts.seed,
+                                  basis=eig.basis, basis_trace=eig.basis_trace)  # probes see only the rest
             seconds["trace"] = time.perf_counter() - start
             report["trace"] = {"estimate": tr.estimate, "std_error": tr.std_error, "num_samples": tr.num_samples}
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from lightning_hessian.hessian import HessianOperator, hutchinson_trace, spectral_density
+from lightning_hessian.hessian import HessianOperator, hutchinson_trace, spectral_density, top_eigenvalues
 from lightning_hessian.hessian.density import gaussian_density
 from tests.test_hessian_operator import DenseOperator, loss_fn, problem, spectrum
 
@@ -66,6 +66,33 @@ def test_1pct_target_holds_over_seeds() -> None:
     runs = [hutchinson_trace(DenseOperator(H), rel_tol=0.01, method="hutch++", seed=s) for s in range(30)]
     within = sum(abs(r.estimate - tr) <= 0.01 * tr for r in runs)
     assert all(r.converged for r in runs) and within >= 25  # the target is a 95% interval
+
+
+def test_krylov_deflated_trace_reuses_the_eigenvalue_run() -> None:
+    H = problem("cnn")[2]
+    tr, op = exact_trace(H), DenseOperator(H)
+    eig = top_eigenvalues(op, k=1, tol=1e-3, min_iter=20, return_basis=True)
+    Q = eig.basis
+    assert eig.num_hvps == op.num_hvps >= 20 and Q.shape == (eig.num_hvps, H.shape[0])
+    torch.testing.assert_close(Q @ Q.T, torch.eye(Q.shape[0], dtype=H.dtype), rtol=0, atol=1e-10)
+    assert eig.basis_trace == pytest.approx(float((Q @ H @ Q.T).trace()), rel=1e-10)  # no extra products
+    runs = [hutchinson_trace(op, num_samples=20, seed=s, basis=Q, basis_trace=eig.basis_trace) for s in range(40)]
+    z = torch.tensor([(r.estimate - tr) / r.std_error for r in runs])
+    assert 0.5 <= (z.abs() <= 1).float().mean() <= 0.9 and (z.abs() <= 2).float().mean() >= 0.85  # SE calibrated
+    assert all(r.num_hvps == 20 for r in runs)  # the basis products are not counted again
+    P = torch.eye(H.shape[0], dtype=H.dtype) - Q.T @ Q  # one deflated probe's variance vs a plain one's
+    rest = P @ H @ P
+    deflated = 2 * (rest.pow(2).sum() - rest.diagonal().pow(2).sum())
+    plain = 2 * (H.pow(2).sum() - H.diagonal().pow(2).sum())
+    assert deflated < plain / 10
+    small = H[:60, :60]  # a basis spanning the whole space leaves nothing to estimate
+    whole = top_eigenvalues(DenseOperator(small), k=1, min_iter=60, max_iter=60, return_basis=True)
+    exact = hutchinson_trace(DenseOperator(small), num_samples=4, basis=whole.basis, basis_trace=whole.basis_trace)
+    assert exact.estimate == pytest.approx(exact_trace(small), rel=1e-9) and exact.std_error < 1e-9
+    with pytest.raises(ValueError, match="method='hutchinson'"):
+        hutchinson_trace(op, method="hutch++", basis=Q, basis_trace=eig.basis_trace)
+    with pytest.raises(ValueError, match="basis_trace"):
+        hutchinson_trace(op, basis=Q)
 
 
 def test_trace_arguments_are_checked() -> None:

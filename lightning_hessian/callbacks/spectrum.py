@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import (
@@ -31,6 +31,8 @@ from lightning_hessian.hessian import (
     top_eigenvalues,
 )
 
+TRACE_METHODS = ("krylov", "hutch++", "hutchinson")
+
 
 class HessianSpectrumCallback(Callback):
     """Log the loss Hessian's top-k eigenvalues, trace and (optionally) density and per-layer values.
@@ -42,8 +44,17 @@ class HessianSpectrumCallback(Callback):
     DDP each rank takes its share of the probe set and the Hessian-vector products are all-reduced, so the
     values equal a single process's on the whole probe set.
 
-    The trace is Hutch++ by default (``trace_method``): for the same standard error it needs a fraction of
-    plain Hutchinson's Hessian-vector products (``benchmarks/hessian_vs_pyhessian.py``).
+    The trace reuses the eigenvalue run by default (``trace_method="krylov"``): Lanczos goes on to at least
+    ``krylov_steps`` Hessian-vector products, the trace on that Krylov basis is known exactly, and Hutchinson
+    probes estimate only the rest, which holds little of the variance; a probe costs about half of
+    top-1 + Hutch++ at the same target (``benchmarks/spectrum_overhead.py``). ``"hutch++"`` and
+    ``"hutchinson"`` estimate the trace on its own.
+
+    ``max_overhead`` caps the callback's cost: a scheduled probe runs only if the time spent probing, plus
+    the last probe's time again, stays within that fraction of the time spent training (the first probe
+    always runs: its cost is not known before), so a run's overhead stays near the cap. A probe
+    on a 1,024-sample set costs some tens of Hessian-vector products, so on a small data set probing every
+    epoch can cost more than the epoch itself.
 
     The loss is ``loss_fn(module, batch)`` if given, else the module's ``hessian_loss(batch)``, else
     cross-entropy on ``(x, y)`` batches. History is kept in the checkpoint; plots (history, density) are
@@ -74,18 +85,24 @@ class HessianSpectrumCallback(Callback):
         eig_tol: float = 1e-3,
         trace_rel_tol: float = 0.05,
         trace_max_samples: int = 200,
-        trace_method: str = "hutch++",
+        trace_min_samples: int = 10,
+        trace_method: str = "krylov",
+        krylov_steps: int = 20,
+        max_overhead: float | None = None,
         plot: bool = True,
     ):
         for name, value in (("top_k", top_k), ("every_n_epochs", every_n_epochs), ("probe_size", probe_size),
-                            ("probe_batch_size", probe_batch_size), ("trace_max_samples", trace_max_samples)):
+                            ("probe_batch_size", probe_batch_size), ("trace_max_samples", trace_max_samples),
+                            ("trace_min_samples", trace_min_samples), ("krylov_steps", krylov_steps)):
             check_positive_int(value, name)
         if every_n_steps is not None:
             check_positive_int(every_n_steps, "every_n_steps")
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-        if trace_method not in ("hutchinson", "hutch++"):
-            raise ValueError(f"trace_method must be 'hutchinson' or 'hutch++', got {trace_method!r}")
+        if trace_method not in TRACE_METHODS:
+            raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}")
+        if max_overhead is not None and not 0 < max_overhead:
+            raise ValueError(f"max_overhead must be a fraction > 0 of the training time, or None; got {max_overhead!r}")
         if not 0 < trace_rel_tol < 1:
             raise ValueError(f"trace_rel_tol must be in (0, 1), got {trace_rel_tol!r}")
         self.top_k, self.trace, self.density, self.per_layer = top_k, trace, density, per_layer
@@ -93,9 +110,14 @@ class HessianSpectrumCallback(Callback):
         self.probe_size, self.probe_batch_size, self.probe_data = probe_size, probe_batch_size, probe_data
         self.seed, self.loss_fn, self.mode, self.params = seed, loss_fn, mode, params
         self.eig_tol, self.trace_rel_tol, self.trace_max_samples = eig_tol, trace_rel_tol, trace_max_samples
-        self.trace_method = trace_method
+        self.trace_min_samples, self.trace_method, self.krylov_steps = trace_min_samples, trace_method, krylov_steps
+        self.max_overhead = max_overhead
         self.plot = plot
         self.history: list[dict[str, Any]] = []
+        self.skipped = 0  # scheduled probes skipped to stay within max_overhead
+        self._probe_seconds = 0.0  # time spent probing / training (minus probes) so far, for max_overhead
+        self._train_seconds = 0.0
+        self._clock: float | None = None
         self._batches: list[Any] | None = None
         self._loss: LossFn | None = None
         self._warm_start: torch.Tensor | None = None
@@ -131,6 +153,7 @@ class HessianSpectrumCallback(Callback):
                 "loss_fn must return a scalar tensor (the mean loss over the batch), got "
                 f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
             )
+        self._clock = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -141,14 +164,23 @@ class HessianSpectrumCallback(Callback):
             self._probe_and_log(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.skipped:
+            rank_zero_info(f"HessianSpectrumCallback: {self.skipped} scheduled probe(s) skipped to keep within "
+                           f"max_overhead={self.max_overhead} ({self._probe_seconds:.1f} s probing, "
+                           f"{self._train_seconds:.1f} s training)")
         if self.plot and self.history and trainer.is_global_zero:
             self.write_plots(trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, "skipped": self.skipped, "probe_seconds": self._probe_seconds,
+                "train_seconds": self._train_seconds, "warm_start": self._warm_start}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
+        self.skipped = state_dict.get("skipped", 0)
+        self._probe_seconds = state_dict.get("probe_seconds", 0.0)
+        self._train_seconds = state_dict.get("train_seconds", 0.0)
+        self._warm_start = state_dict.get("warm_start")
 
     # ---- work --------------------------------------------------------------------------------------------
 
@@ -157,13 +189,26 @@ class HessianSpectrumCallback(Callback):
         record: dict[str, Any] = {}
         with leave_no_trace(pl_module, self.mode):
             op = HessianOperator(pl_module, self._loss, self._batches, params=self.params)
-            eig = top_eigenvalues(op, k=self.top_k, tol=self.eig_tol, v0=self._warm_start, seed=self.seed)
+            krylov = self.trace and self.trace_method == "krylov"
+            eig = top_eigenvalues(op, k=self.top_k, tol=self.eig_tol, v0=self._warm_start, seed=self.seed,
+                                  min_iter=min(self.krylov_steps, op.dim) if krylov else 0, return_basis=krylov)
             self._warm_start = eig.eigenvectors.detach()
             record["eigenvalues"] = [float(v) for v in eig.eigenvalues]
+            record["hvps"] = eig.num_hvps
             if self.trace:
-                tr = hutchinson_trace(op, rel_tol=self.trace_rel_tol, max_samples=self.trace_max_samples,
-                                      seed=self.seed + len(self.history), method=self.trace_method)
+                basis, basis_trace = None, None
+                if krylov:  # the first krylov_steps vectors: the same subspace however long the run went
+                    steps = min(self.krylov_steps, eig.basis.shape[0])
+                    basis, basis_trace = eig.basis[:steps], float(eig.basis_projection[:steps, :steps].trace())
+                tr = hutchinson_trace(
+                    op, rel_tol=self.trace_rel_tol, min_samples=self.trace_min_samples,
+                    batch=min(16, self.trace_min_samples),
+                    max_samples=max(self.trace_max_samples, self.trace_min_samples), seed=self.seed + len(self.history),
+                    method="hutchinson" if krylov else self.trace_method,
+                    basis=basis, basis_trace=basis_trace,
+                )
                 record["trace"], record["trace_std_error"] = float(tr.estimate), float(tr.std_error)
+                record["hvps"] += tr.num_hvps
             if self.per_layer:
                 eigs = per_layer_top_eigenvalue(op, tol=self.eig_tol, seed=self.seed)
                 record["layer_eigenvalue"] = {name: float(r.eigenvalues[0]) for name, r in eigs.items()}
@@ -176,8 +221,22 @@ class HessianSpectrumCallback(Callback):
                 self._last_density = {"grid": dens.grid.tolist(), "density": dens.density.tolist()}
         return record
 
+    def _within_budget(self, trainer: pl.Trainer) -> bool:
+        """Account the training time since the last probe; say whether ``max_overhead`` allows a probe now
+        (rank 0 decides: every rank must take part in the all-reduced products, or none)."""
+        now = time.perf_counter()
+        self._train_seconds += now - (self._clock if self._clock is not None else now)
+        self._clock = now
+        if self.max_overhead is None:
+            return True
+        last = self.history[-1]["seconds"] if self.history else 0.0  # the next probe should cost about as much
+        budget = self.max_overhead * self._train_seconds
+        within = trainer.strategy.broadcast(self._probe_seconds + last <= budget, src=0)
+        self.skipped += not within
+        return within
+
     def _probe_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._batches is None:
+        if self._batches is None or not self._within_budget(trainer):
             return
         start = time.perf_counter()
         try:
@@ -186,6 +245,9 @@ class HessianSpectrumCallback(Callback):
             rank_zero_warn(f"HessianSpectrumCallback: probe at step {trainer.global_step} failed ({err!r}); "
                            "training continues")
             return
+        finally:
+            self._probe_seconds += time.perf_counter() - start
+            self._clock = time.perf_counter()
         values = [*record["eigenvalues"], record.get("trace", 0.0)]
         if not all(math.isfinite(v) for v in values):
             rank_zero_warn(f"HessianSpectrumCallback: non-finite Hessian values at step {trainer.global_step} "

@@ -25,7 +25,11 @@ class EigenResult:
     ``eigenvalues`` (float64, CPU) are ordered by ``which``: descending for "LA", descending magnitude for
     "LM", ascending for "SA"; ``eigenvectors`` is ``(k, dim)`` (rows, unit norm, on the operator's device);
     ``residual_norms[i] = ||H x_i - lambda_i x_i||``; ``num_hvps`` counts the HVPs this call made;
-    ``converged`` says every residual met ``tol * |lambda_i|``.
+    ``converged`` says every residual met ``tol * |lambda_i|``. With ``return_basis``, ``basis`` holds the
+    orthonormal Krylov basis ``V`` (rows, in the order built, unless a restart compressed it) the run
+    multiplied by ``H``, and ``basis_projection = V H V^T``, known without further products; its trace
+    ``basis_trace`` is the exact part of a deflated trace estimate
+    (``hutchinson_trace(op, basis=..., basis_trace=...)``).
     """
 
     eigenvalues: torch.Tensor
@@ -34,6 +38,12 @@ class EigenResult:
     num_hvps: int
     converged: bool
     iterations: int
+    basis: torch.Tensor | None = None
+    basis_projection: torch.Tensor | None = None
+
+    @property
+    def basis_trace(self) -> float | None:
+        return None if self.basis_projection is None else float(self.basis_projection.trace())
 
 
 def order_by(theta: torch.Tensor, which: str) -> torch.Tensor:
@@ -94,8 +104,10 @@ class KrylovSolver:
         ncv: int | None,
         block_size: int | None,
         seed: int,
+        min_iter: int = 0,
     ):
         self.dim, self.k, self.which, self.tol, self.max_iter = dim, k, which, tol, max_iter
+        self.min_iter = min(min_iter, dim)
         self.block = block_size or start.shape[0]
         p = start.shape[0]
         default = max(2 * k + 2 * max(self.block, p), k + p + self.block + 20, min(100, 2**27 // dim))
@@ -211,7 +223,7 @@ class KrylovSolver:
         self.residuals = torch.linalg.vector_norm(self.T[n : self.m, :n] @ self.S, dim=0)
         if n >= self.k:
             wanted = self.residuals[: self.k] <= self.tol * self.theta[: self.k].abs()
-            self.converged = bool(wanted.all()) or n >= self.dim
+            self.converged = (bool(wanted.all()) and self.num_hvps >= self.min_iter) or n >= self.dim
 
     def _restart(self) -> None:
         """Keep the most wanted Ritz vectors and the pending directions; drop the rest of the basis."""
@@ -233,9 +245,11 @@ class KrylovSolver:
         self.n, self.m = keep, keep + pending
         self._ritz()
 
-    def result(self) -> EigenResult:
+    def result(self, return_basis: bool = False) -> EigenResult:
         k = min(self.k, self.n)
         vectors = self.S[:, :k].T.to(self.V) @ self.V[: self.n]
+        basis = self.V[: self.n].clone() if return_basis else None
+        projection = self.T[: self.n, : self.n].clone() if return_basis else None
         return EigenResult(
             eigenvalues=self.theta[:k].clone(),
             eigenvectors=vectors,
@@ -243,6 +257,8 @@ class KrylovSolver:
             num_hvps=self.num_hvps,
             converged=self.converged and k == self.k,
             iterations=self.iterations,
+            basis=basis,
+            basis_projection=projection,
         )
 
 
@@ -256,6 +272,8 @@ def top_eigenvalues(
     seed: int = 0,
     ncv: int | None = None,
     block_size: int | None = None,
+    min_iter: int = 0,
+    return_basis: bool = False,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of ``op`` by thick-restart Lanczos with full reorthogonalisation.
 
@@ -274,8 +292,14 @@ def top_eigenvalues(
             ``b``). A larger basis means fewer HVPs, mostly for "SA" (small eigenvalues are clustered).
         block_size: run block Lanczos with this many vectors per ``matmat`` call (default 1; cheaper per
             vector when batched HVPs are, but usually more HVPs in all).
+        min_iter: make at least this many HVPs even when converged earlier, to grow the Krylov basis (whose
+            span holds the top and bottom of the spectrum) for a deflated trace estimate.
+        return_basis: keep the Krylov basis and its projected trace in the result (``basis``,
+            ``basis_trace``; memory ``basis size * dim``).
     """
     check_common(op, k, which, tol, max_iter)
+    if not isinstance(min_iter, int) or not 0 <= min_iter <= max_iter:
+        raise ValueError(f"min_iter must be an int in [0, max_iter], got {min_iter!r}")
     if block_size is not None and (not isinstance(block_size, int) or not 1 <= block_size <= op.dim):
         raise ValueError(f"block_size must be an int in [1, dim], got {block_size!r}")
     start = start_vectors(op.dim, v0, seed, op.dtype, op.device)
@@ -285,7 +309,7 @@ def top_eigenvalues(
         g = torch.Generator().manual_seed(seed)
         extra = torch.randn(block_size - start.shape[0], op.dim, generator=g, dtype=torch.float64)
         start = torch.cat([start, extra.to(start)])
-    solver = KrylovSolver(op.dim, k, which, start, tol, max_iter, ncv, block_size, seed)
+    solver = KrylovSolver(op.dim, k, which, start, tol, max_iter, ncv, block_size, seed, min_iter)
     while (X := solver.request()) is not None:
         solver.feed(op.matmat(X))
-    return solver.result()
+    return solver.result(return_basis)

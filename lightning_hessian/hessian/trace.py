@@ -109,6 +109,8 @@ def hutchinson_trace(
     seed: int = 0,
     method: str = "hutchinson",
     sketch_size: int | None = None,
+    basis: torch.Tensor | None = None,
+    basis_trace: float | None = None,
 ) -> TraceResult:
     """Estimate ``tr(H)`` with a standard error.
 
@@ -129,6 +131,10 @@ def hutchinson_trace(
             sketch ``Q = orth(H S)`` and estimate only ``tr((I - QQ^T) H (I - QQ^T))`` by probes, which
             pays off when a few eigenvalues dominate the trace.
         sketch_size: Hutch++ sketch columns; default ``num_samples // 3``, or ``batch`` with ``rel_tol``.
+        basis, basis_trace: deflate by a subspace already multiplied by ``H``: orthonormal rows ``Q`` with
+            ``tr(Q H Q^T) = basis_trace`` known, e.g. the Krylov basis of a ``top_eigenvalues(...,
+            return_basis=True)`` run, whose products are then reused for free (a Krylov-deflated Hutchinson
+            estimate: the probes see only ``(I - Q^T Q) H (I - Q^T Q)``). Only with ``method="hutchinson"``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -139,6 +145,13 @@ def hutchinson_trace(
     exact = 0.0
     Q = None
     remaining = num_samples
+    if basis is not None:
+        if method != "hutchinson":
+            raise ValueError("basis deflation replaces the Hutch++ sketch: use method='hutchinson' with basis")
+        if basis.dim() != 2 or basis.shape[1] != op.dim or basis_trace is None:
+            raise ValueError(f"basis must be (p, dim={op.dim}) orthonormal rows with basis_trace = tr(Q H Q^T) "
+                             f"given, got shape {tuple(basis.shape)} and basis_trace={basis_trace!r}")
+        Q, exact = basis.to(device=op.device, dtype=op.dtype), float(basis_trace)
     if method == "hutch++":
         s = sketch_size if sketch_size is not None else (num_samples // 3 if num_samples is not None else batch)
         if not isinstance(s, int) or not 1 <= s < op.dim:

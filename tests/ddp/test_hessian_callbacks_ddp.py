@@ -27,7 +27,8 @@ def test_spectrum_two_ranks_equal_one_process():
         # weights stay put (and no BatchNorm statistics move), so both runs see the same Hessian
         module = TinyModule(lr=0.0, batch_norm=False)
         cb = HessianSpectrumCallback(top_k=2, probe_size=80, probe_batch_size=16, eig_tol=1e-8,
-                                     trace_rel_tol=0.5, trace_max_samples=64, plot=False)
+                                     trace_rel_tol=0.5, trace_max_samples=64, plot=False,
+                                     max_overhead=1e9)  # rank 0's budget decision is broadcast
         trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                              enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
                              **ddp(devices))
