@@ -68,12 +68,14 @@ def brute_force(sens, costs, budgets, groups):
     return best_bits
 
 
-def test_planned_bits_meet_the_budget_and_equal_brute_force(trained):
+@pytest.mark.parametrize("metric", ["trace", "quadratic"])
+def test_planned_bits_meet_the_budget_and_equal_brute_force(trained, metric):
     x, y = make_data()
-    hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(2, 4, 8), probe_data=[(x, y)])
+    hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(2, 4, 8), probe_data=[(x, y)], metric=metric)
     bits = hawq.plan([(x, y)])
-    sens = hawq.sensitivity.omega()
-    assert all(t > 0 for t in hawq.sensitivity.trace.values())
+    sens = hawq.sensitivity.omega(metric)
+    assert hawq.sensitivity.metrics == (metric,)
+    assert all(v > 0 for table in sens.values() for v in table.values())
     params = {name: s.params for name, s in hawq.stats.items()}
     assert params == {"net.features.0": 30, "net.features.2": 108, "net.features.4": 108, "net.classifier": 120}
     size = {name: {b: n * b for b in (2, 4, 8)} for name, n in params.items()}
@@ -102,13 +104,18 @@ def test_plan_with_ties_and_two_budgets_equals_brute_force(trained):
 
 def test_fine_tune_test_and_checkpoint_round_trip_into_a_fresh_module(trained, tmp_path):
     train, test = loaders()
-    hawq = HAWQModule(trained, budgets={"size": 0.5}, probe_size=128, probe_batch_size=64, cache_dir=tmp_path / "c")
+    hawq = HAWQModule(trained, budgets={"size": 0.5}, probe_size=128, probe_batch_size=64, cache_dir=tmp_path / "c",
+                      act_bits="follow")
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, default_root_dir=tmp_path, **TRAINER)
     trainer.fit(hawq, train)
     assert trainer.global_step == 3
     assert set(hawq.weight_bits) == set(LAYERS) and set(hawq.weight_bits.values()) <= {4, 8}
     assert isinstance(hawq.module.net.features[0], QuantConv1d) and isinstance(hawq.module.net.classifier, QuantLinear)
     assert not isinstance(trained.net.classifier, QuantLinear)  # the float module is left as it was
+    acts = {name: hawq.module.get_submodule(name).act.bits for name in LAYERS}
+    assert acts == hawq.weight_bits and hawq.hawq_bits[-1] == -1  # W4A4 / W8A8
+    rows = hawq.bit_report().rows  # BOPS: MACs * b_w * b_a with b_a = b_w
+    assert [r.bops for r in rows] == [hawq.stats[r.name].macs * r.bits**2 for r in rows]
     # The allocation is the plan of the float module on the probe set (cached, so no second Hessian).
     x, y = train.dataset.tensors
     probe = probe_batches(train.dataset, draw_probe_indices(len(x), 128, seed=0), 64)
@@ -122,10 +129,12 @@ def test_fine_tune_test_and_checkpoint_round_trip_into_a_fresh_module(trained, t
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["hawq"]["bits"] == hawq.weight_bits and all(type(b) is int for b in ckpt["hawq"]["bits"].values())
+    assert ckpt["hawq"]["act_bits"] == "follow"
     fresh = HAWQModule(float_module(seed=5))  # other weights, no bit configuration: all from the checkpoint
     reloaded = pl.Trainer(**TRAINER).test(fresh, test, ckpt_path=path, verbose=False)[0]
     assert reloaded == metrics
     assert fresh.weight_bits == hawq.weight_bits and fresh.sensitivity.trace == hawq.sensitivity.trace
+    assert fresh.act_bits == "follow" and {n: fresh.module.get_submodule(n).act.bits for n in LAYERS} == acts
     loaded = HAWQModule.load_from_checkpoint(path, module=float_module(seed=6)).eval()
     hawq.eval()
     torch.testing.assert_close(loaded(x), hawq(x), rtol=0, atol=0)
@@ -134,7 +143,8 @@ def test_fine_tune_test_and_checkpoint_round_trip_into_a_fresh_module(trained, t
 def test_resume_from_a_checkpoint_into_a_bare_module_continues_exactly(trained, tmp_path):
     x, y = make_data()
     train = DataLoader(TensorDataset(x, y), batch_size=64)  # fixed order: the resumed epoch sees the same batches
-    opts = dict(probe_data=[(x[:64], y[:64])], optimizer=partial(torch.optim.Adam, lr=1e-3))
+    opts = dict(probe_data=[(x[:64], y[:64])], optimizer=partial(torch.optim.Adam, lr=1e-3), act_bits="follow",
+                metric="quadratic")
 
     def fit(module, epochs, ckpt_path=None):
         pl.seed_everything(0)
@@ -148,7 +158,8 @@ def test_resume_from_a_checkpoint_into_a_bare_module_continues_exactly(trained, 
     fit(first, 1).save_checkpoint(tmp_path / "epoch1.ckpt")
     resumed = HAWQModule(trained, optimizer=opts["optimizer"])  # bits, quantizer ranges, Adam state: all restored
     assert fit(resumed, 2, tmp_path / "epoch1.ckpt").global_step == 4
-    assert resumed.weight_bits == straight.weight_bits
+    assert resumed.weight_bits == straight.weight_bits and resumed.act_bits == "follow"
+    assert resumed.sensitivity.quadratic == straight.sensitivity.quadratic
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
@@ -176,6 +187,12 @@ def test_fixed_and_uniform_bits_and_layers_left_in_float(trained):
         other.load_state_dict(mixed.state_dict())
     assert other.weight_bits == mixed.weight_bits
     torch.testing.assert_close(other.eval()(x), mixed.eval()(x), rtol=0, atol=0)
+    # Activation bits that follow the weights travel in the state dict too (code -1).
+    follow = HAWQModule(trained, bits=dict(zip(LAYERS, (8, 4, 6, 2))), act_bits="follow")
+    follow.configure_model()
+    assert follow.hawq_bits.tolist() == [8, 4, 6, 2, -1]
+    other.load_state_dict(follow.state_dict())
+    assert other.act_bits == "follow" and [other.module.get_submodule(n).act.bits for n in LAYERS] == [8, 4, 6, 2]
 
 
 def test_distillation_loss_is_the_weighted_task_loss_plus_scaled_kl(trained):
@@ -220,6 +237,10 @@ def test_bad_inputs_raise_one_clear_error_each(trained, tmp_path):
         HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(4, 16))
     with pytest.raises(ValueError, match="act_bits=1 is outside"):
         HAWQModule(trained, bits=8, act_bits=1)
+    with pytest.raises(ValueError, match="act_bits='weights' is not supported.*'follow'"):
+        HAWQModule(trained, bits=8, act_bits="weights")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        HAWQModule(trained, budgets={"size": 0.5}, metric="diagonal")
     with pytest.raises(ValueError, match="unknown layers"):
         HAWQModule(trained, bits={"net.head": 4})
     with pytest.raises(ValueError, match="either bits= .* or budgets="):

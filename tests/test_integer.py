@@ -14,6 +14,7 @@ from lightning_hessian.quant.modules import (
     QuantAct,
     calibrate,
     fold_batchnorm,
+    quantizable_layers,
     quantize_model,
     set_integer_simulation,
 )
@@ -28,9 +29,9 @@ def _train_bn(model: nn.Module, shape: tuple, steps: int = 3) -> nn.Module:
     return model.eval()
 
 
-def _pipeline(model: nn.Module, bits, x: torch.Tensor):
+def _pipeline(model: nn.Module, bits, x: torch.Tensor, act_bits: int | str = 8):
     """quantize -> calibrate (a few training-mode batches) -> fold BN -> simulation and integer model."""
-    qmodel, _ = quantize_model(model, bits)
+    qmodel, _ = quantize_model(model, bits, act_bits)
     qmodel.train()
     with torch.no_grad():
         for chunk in x.split(len(x) // 3):
@@ -40,11 +41,16 @@ def _pipeline(model: nn.Module, bits, x: torch.Tensor):
     return set_integer_simulation(qmodel.eval()), integer
 
 
-CASES = {
+CASES = {  # make, input shape, weight bits, activation bits
     "cnn_bn": (lambda: _train_bn(MNIST1DCNN(batch_norm=True), (64, 40)), (300, 40),
-               {"features.0": 8, "features.3": 4, "features.6": 6, "classifier": 8}),
-    "mlp": (lambda: MNIST1DMLP(), (300, 40), {"net.0": 8, "net.2": 4, "net.4": 8}),
-    "resnet20": (lambda: _train_bn(resnet20(width=16), (16, 3, 32, 32)), (64, 3, 32, 32), 8),
+               {"features.0": 8, "features.3": 4, "features.6": 6, "classifier": 8}, 8),
+    "cnn_bn_follow": (lambda: _train_bn(MNIST1DCNN(batch_norm=True), (64, 40)), (300, 40),
+                      {"features.0": 4, "features.3": 8, "features.6": 6, "classifier": 5}, "follow"),
+    "mlp": (lambda: MNIST1DMLP(), (300, 40), {"net.0": 8, "net.2": 4, "net.4": 8}, 8),
+    "resnet20": (lambda: _train_bn(resnet20(width=16), (16, 3, 32, 32)), (64, 3, 32, 32), 8, 8),
+    "resnet20_follow": (lambda: _train_bn(resnet20(width=4), (16, 3, 32, 32)), (64, 3, 32, 32),
+                        {"conv1": 8, "layers.1.conv1": 4, "layers.3.conv2": 4, "layers.3.shortcut.0": 6, "fc": 6},
+                        "follow"),
 }
 
 
@@ -58,9 +64,12 @@ def _inputs(shape: tuple) -> torch.Tensor:
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
     torch.manual_seed(0)
-    make, shape, bits = CASES[request.param]
+    make, shape, bits, act_bits = CASES[request.param]
     x = _inputs(shape)
-    sim, integer = _pipeline(make(), bits, x)
+    model = make()
+    if isinstance(bits, dict) and len(bits) < len(quantizable_layers(model)):  # the rest at 8 bits
+        bits = {name: bits.get(name, 8) for name in quantizable_layers(model)}
+    sim, integer = _pipeline(model, bits, x, act_bits)
     with torch.no_grad():
         return request.param, x, sim(x), integer
 
@@ -76,13 +85,15 @@ def test_integer_logits_bit_identical_to_simulation(case):
 
 
 def test_integer_parameters_are_integer_containers(case):
-    _, _, _, integer = case
+    name, _, _, integer = case
     layers = [m for m in integer.modules() if isinstance(m, (IntegerConv, IntegerLinear))]
     assert layers
     for m in layers:
         assert m.weight.dtype == torch.int8 and m.bias.dtype == torch.int32
         qmax = 2 ** (m.weight_bits - 1) - 1
         assert int(m.weight.abs().max()) == qmax  # per-channel scales: every channel's max hits qmax
+        if name.endswith("follow") and m.requant is not None:  # b-bit weights read b-bit input codes
+            assert m.requant.qmax + m.offset in (2**m.weight_bits - 1, 2 ** (m.weight_bits - 1) - 1)
     for m in integer.modules():
         if isinstance(m, Requantizer):
             assert m.mantissa.dtype == torch.int32 and bool((m.mantissa < 2**30).all())

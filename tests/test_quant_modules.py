@@ -71,6 +71,8 @@ def test_bits_dict_and_errors():
         quantize_model(model, {"classifier": 9})
     with pytest.raises(ValueError, match="act_bits"):
         quantize_model(model, 8, act_bits=1)
+    with pytest.raises(ValueError, match=r"act_bits='same' is not supported: use an int in 2..8 .* or 'follow'"):
+        quantize_model(model, 8, act_bits="same")
     with pytest.raises(ValueError, match="no quantizable layer"):
         quantize_model(nn.Sequential(nn.ReLU()), 8)
     with pytest.warns(UserWarning, match="classifier"):
@@ -267,6 +269,18 @@ def test_standalone_quantact_and_residual_model():
     qmodel, report = quantize_model(Block(), 8)
     assert isinstance(qmodel.add, QuantResidualAdd) and isinstance(qmodel.inp, QuantAct)
     assert report.float_layers == {}
+
+
+def test_activation_bits_follow_the_weight_bits():
+    model = resnet20(width=4)
+    bits = {name: 4 if i % 3 else 8 for i, name in enumerate(quantizable_layers(model))}
+    qmodel, report = quantize_model(model, bits, act_bits="follow")
+    modules = dict(qmodel.named_modules())
+    assert {name: modules[name].act.bits for name in bits} == bits == report.layer_act_bits
+    assert {m.act.bits for m in qmodel.modules() if isinstance(m, QuantResidualAdd)} == {8}  # no weights: 8 bits
+    assert report.act_bits == "follow" and "as the weights" in str(report)
+    _, fixed = quantize_model(model, bits, act_bits=6)
+    assert set(fixed.layer_act_bits.values()) == {6}
 
 
 def test_quantized_model_moves_like_any_module():

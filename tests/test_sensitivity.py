@@ -63,7 +63,8 @@ def test_layer_traces_match_dense_hessian_blocks_within_standard_errors():
 def test_top_eigenvalue_per_layer_matches_dense_block():
     model, batch = tiny_model(), tiny_data()
     params = {k: v.detach() for k, v in model.named_parameters()}
-    sens = layer_sensitivity(model, loss_fn, batch, eigenvalues=True, eig_tol=1e-8, max_samples=64)
+    sens = layer_sensitivity(model, loss_fn, batch, metrics=["eigenvalue"], eig_tol=1e-8, max_samples=64)
+    assert sens.metrics == ("eigenvalue",) and sens.trace == {}  # only what was asked for
     for layer in ("0", "3"):
         p = f"{layer}.weight"
         op = HessianOperator(model, loss_fn, batch, params=[p])
@@ -87,7 +88,7 @@ def test_perturbation_and_omega_equal_a_hand_computation():
     sens = Sensitivity(params={"fc": 6}, trace={"fc": 1.5}, trace_std_error={"fc": 0.1},
                        perturbation={"fc": pert})
     assert sens.omega() == {"fc": {2: pytest.approx(1.5 / 6 * b2, rel=1e-6), 3: pytest.approx(1.5 / 6 * b3, rel=1e-6)}}
-    with pytest.raises(ValueError, match="eigenvalues=True"):
+    with pytest.raises(ValueError, match=r"metric='eigenvalue' was not measured .*metrics=\['eigenvalue'\]"):
         sens.omega("eigenvalue")
     with pytest.raises(ValueError, match="metric must be one of"):
         sens.omega("hessian")
@@ -165,3 +166,7 @@ def test_bad_inputs_raise_clear_errors():
         layer_sensitivity(model, loss_fn, batch, bit_choices=(1, 4))
     with pytest.raises(ValueError, match="rel_tol must be > 0"):
         layer_sensitivity(model, loss_fn, batch, rel_tol=0)
+    with pytest.raises(ValueError, match=r"metrics: \['hessian'\]; choose one or more of"):
+        layer_sensitivity(model, loss_fn, batch, metrics=["trace", "hessian"])
+    with pytest.raises(TypeError, match="list of metric names"):
+        layer_sensitivity(model, loss_fn, batch, metrics="quadratic")

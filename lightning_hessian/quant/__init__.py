@@ -36,16 +36,25 @@ from lightning_hessian.quant.modules import (
     quantize_model,
     set_integer_simulation,
 )
-from lightning_hessian.quant.quantizers import ActivationQuantizer, dyadic, quantize_weight, requantize, validate_bits
+from lightning_hessian.quant.quantizers import (
+    FOLLOW,
+    ActivationQuantizer,
+    dyadic,
+    quantize_weight,
+    requantize,
+    validate_act_bits,
+    validate_bits,
+)
 from lightning_hessian.quant.report import BitReport, LayerRow, bit_report
-from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity, weight_perturbation
+from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity, quadratic_forms, weight_perturbation
 
 __all__ = [
-    "ActivationQuantizer", "BitReport", "HAWQModule", "InfeasibleBudgetError", "IntegerModel", "LayerRow",
+    "ActivationQuantizer", "BitReport", "FOLLOW", "HAWQModule", "InfeasibleBudgetError", "IntegerModel", "LayerRow",
     "LayerStats", "NotProvenOptimalWarning", "ParetoPoint", "QuantAct", "QuantAdaptiveAvgPool", "QuantConv1d",
     "QuantConv2d", "QuantLinear", "QuantResidualAdd", "QuantizationReport", "Sensitivity", "allocate_bits",
     "allocation_total", "bit_report", "bops_costs", "budget_between", "calibrate", "dyadic", "export_onnx",
-    "export_program", "fold_batchnorm", "layer_costs", "layer_sensitivity", "layer_stats", "model_bops",
-    "model_size", "pareto_frontier", "quantizable_layers", "quantize_model", "quantize_weight", "requantize",
-    "set_integer_simulation", "size_costs", "to_integer_model", "validate_bits", "weight_perturbation",
+    "export_program", "fold_batchnorm", "layer_costs", "layer_sensitivity", "layer_stats", "model_bops", "model_size",
+    "pareto_frontier", "quadratic_forms", "quantizable_layers", "quantize_model", "quantize_weight", "requantize",
+    "set_integer_simulation", "size_costs", "to_integer_model", "validate_act_bits", "validate_bits",
+    "weight_perturbation",
 ]

@@ -38,11 +38,12 @@ from lightning_hessian.callbacks.probe import (
 from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
 from lightning_hessian.quant.modules import quantizable_layers, quantize_model
-from lightning_hessian.quant.quantizers import ActivationQuantizer, validate_bits
+from lightning_hessian.quant.quantizers import FOLLOW, ActivationQuantizer, validate_act_bits, validate_bits
 from lightning_hessian.quant.report import BitReport, bit_report
 from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
 
 RESOURCES = ("size", "bops")
+_FOLLOW_CODE = -1  # act_bits="follow" in the hawq_bits buffer (0 there means "not quantized")
 
 
 class HAWQModule(LightningModule):
@@ -57,12 +58,16 @@ class HAWQModule(LightningModule):
         budgets: plan the bits: ``{"size": ..., "bops": ...}``. A value in ``[0, 1]`` is HAWQ-V3's
             fraction of the way from every layer at ``min(bit_choices)`` to every layer at
             ``max(bit_choices)``; a value above 1 is absolute (weight bits for ``"size"``, per-sample
-            bit operations ``MACs * b_w * act_bits`` for ``"bops"``).
+            bit operations ``MACs * b_w * b_a`` for ``"bops"``).
         bit_choices: candidate weight bit widths (2..8) for the plan.
-        act_bits: activation bit width (2..8) of every layer.
+        act_bits: activation bit width (2..8) of every layer's input, or ``"follow"``: a layer's input
+            activations take its weight bits (HAWQ-V3's W4A4/W8A8 mixed precision; residual additions keep
+            8 bits), so BOPS cost ``MACs * b * b``.
         ties: groups of layer names that must share a bit width (e.g. a residual block's shortcut conv
             and the conv it is added to).
-        metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i``) or ``"eigenvalue"`` (HAWQ-V1: top eigenvalue).
+        metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
+            eigenvalue in place of the average trace) or ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
+            Hessian-vector product per layer and bit width); see :mod:`~lightning_hessian.quant.sensitivity`.
         probe_data: batches for the sensitivity (a list of batches or a DataLoader); default
             ``probe_size`` training samples drawn with ``seed`` (split over the ranks under DDP).
         probe_size, probe_batch_size: size of the default probe set and of its batches.
@@ -101,7 +106,7 @@ class HAWQModule(LightningModule):
         bits: int | Mapping[str, int] | None = None,
         budgets: Mapping[str, float] | None = None,
         bit_choices: Sequence[int] = (4, 8),
-        act_bits: int = 8,
+        act_bits: int | str = 8,
         ties: Iterable[Iterable[str]] = (),
         metric: str = "trace",
         probe_data: Iterable[Any] | None = None,
@@ -135,7 +140,7 @@ class HAWQModule(LightningModule):
         self.bit_choices = sorted({validate_bits(b, "bit_choices") for b in bit_choices})
         if not self.bit_choices:
             raise ValueError("bit_choices must hold at least one bit width in 2..8, e.g. (4, 8)")
-        self.act_bits = validate_bits(act_bits, "act_bits")
+        self.act_bits = validate_act_bits(act_bits, "act_bits")
         self.ties = self._check_ties(ties)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -165,7 +170,8 @@ class HAWQModule(LightningModule):
         })
         self.module = module
         object.__setattr__(self, "float_module", module)  # the teacher: not a submodule, not trained or saved
-        # Weight bits per layer (0: float) and the activation bits, so a state dict rebuilds its own network.
+        # Weight bits per layer (0: float) and the activation bits (-1: "follow"), so a state dict rebuilds its
+        # own network.
         self.register_buffer("hawq_bits", torch.zeros(len(self.layers) + 1, dtype=torch.int64))
         self.weight_bits: dict[str, int] | None = None
         self.sensitivity: Sensitivity | None = None
@@ -202,14 +208,14 @@ class HAWQModule(LightningModule):
         loss = resolve_loss_fn(model, self.loss_fn)
         with leave_no_trace(model, "eval"), torch.device("cpu"):  # probes are drawn on CPU generators
             self.sensitivity = layer_sensitivity(
-                model, loss, batches, self.layers, self.bit_choices, rel_tol=self.trace_rel_tol,
-                max_samples=self.max_samples, eigenvalues=self.metric == "eigenvalue", seed=self.seed,
-                cache_dir=self.cache_dir,
+                model, loss, batches, self.layers, self.bit_choices, metrics=(self.metric,),
+                rel_tol=self.trace_rel_tol, max_samples=self.max_samples, seed=self.seed, cache_dir=self.cache_dir,
             )
-        negative = [name for name, t in self.sensitivity.trace.items() if t < 0]
+        negative = sorted({name for name, table in self.sensitivity.omega(self.metric).items()
+                           for value in table.values() if value < 0})
         if negative:
-            rank_zero_warn(f"HAWQModule: negative Hessian trace for layers {negative}: the module is not at a "
-                           "minimum of the loss (train it further), so their sensitivity is not meaningful")
+            rank_zero_warn(f"HAWQModule: negative Hessian sensitivity ({self.metric}) for layers {negative}: the "
+                           "module is not at a minimum of the loss (train it further), so it is not meaningful")
         return self.sensitivity
 
     def measure_costs(self, example_input: Any) -> dict[str, dict[str, dict[int, float]]]:
@@ -218,7 +224,7 @@ class HAWQModule(LightningModule):
         self.stats = layer_stats(self.float_module, move_data_to_device(example_input, device), self.layers)
         return {
             "size": size_costs(self.stats, self.bit_choices),
-            "bops": bops_costs(self.stats, self.bit_choices, self.act_bits),
+            "bops": bops_costs(self.stats, self.bit_choices, self._bops_act_bits),
         }
 
     def resolve_budgets(self, costs: Mapping[str, Mapping[str, Mapping[int, float]]]) -> dict[str, float]:
@@ -255,19 +261,20 @@ class HAWQModule(LightningModule):
         self.module = qmodule
         self.weight_bits = dict(report.weight_bits)
         self._quantized_with = (self.weight_bits, self.act_bits, self.momentum)
-        codes = [self.weight_bits.get(name, 0) for name in self.layers] + [self.act_bits]
+        codes = [self.weight_bits.get(name, 0) for name in self.layers]
+        codes.append(_FOLLOW_CODE if self.act_bits == FOLLOW else self.act_bits)
         self.hawq_bits.copy_(torch.tensor(codes, dtype=torch.int64))
         return qmodule
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load a HAWQModule state dict, first re-quantizing to the bits it was saved with."""
         codes = state_dict.get("hawq_bits")
-        if codes is not None and int(codes[-1]) > 0:
+        if codes is not None and int(codes[-1]) != 0:
             codes = [int(c) for c in codes]
             if len(codes) != len(self.layers) + 1:
                 raise ValueError(f"the state dict holds bits for {len(codes) - 1} layers but the module has "
                                  f"{len(self.layers)} quantizable layers: a different architecture")
-            self.act_bits = codes[-1]
+            self.act_bits = FOLLOW if codes[-1] == _FOLLOW_CODE else codes[-1]
             bits = {name: b for name, b in zip(self.layers, codes) if b > 0}
             if self._quantized_with != (bits, self.act_bits, self.momentum):
                 self.quantize(bits)
@@ -298,7 +305,7 @@ class HAWQModule(LightningModule):
         """Per-layer bits, sensitivity, size and BOPS against float (needs ``measure_costs`` to have run)."""
         if self.stats is None or self.weight_bits is None:
             raise RuntimeError("bit_report() needs a quantized module and its layer costs (run configure_model)")
-        return bit_report(self.stats, self.weight_bits, self.sensitivity, self.act_bits)
+        return bit_report(self.stats, self.weight_bits, self.sensitivity, self._bops_act_bits, self.metric)
 
     # --------------------------------------------------------------------------------- Lightning hooks
     def configure_model(self) -> None:
@@ -344,7 +351,8 @@ class HAWQModule(LightningModule):
         fixed = self.fixed_bits
         if fixed is not None and (fixed if isinstance(fixed, dict) else dict.fromkeys(self.layers, fixed)) != bits:
             rank_zero_warn(f"HAWQModule: the checkpoint's bits {bits} replace bits={self.fixed_bits}")
-        self.act_bits, self.momentum = int(state["act_bits"]), state["momentum"]  # load_state_dict re-quantizes
+        # load_state_dict re-quantizes
+        self.act_bits, self.momentum = validate_act_bits(state["act_bits"], "checkpoint act_bits"), state["momentum"]
         if state.get("sensitivity") is not None:
             self.sensitivity = Sensitivity.from_dict(state["sensitivity"])
 
@@ -417,6 +425,11 @@ class HAWQModule(LightningModule):
         return self._delegate("configure_optimizers")
 
     # ------------------------------------------------------------------------------------------ internals
+    @property
+    def _bops_act_bits(self) -> int | None:
+        """Activation bits for the BOPS tables: ``None`` pairs each layer's weight bits with the same width."""
+        return None if self.act_bits == FOLLOW else self.act_bits
+
     def _delegate(self, hook: str, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped module's hook as Lightning would (its ``self.log`` goes to this run)."""
         self.module.trainer = self._trainer

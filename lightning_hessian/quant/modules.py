@@ -34,6 +34,8 @@ from torch import Tensor, nn
 
 from lightning_hessian.models import ResidualAdd
 from lightning_hessian.quant.quantizers import (
+    FOLLOW,
+    MAX_BITS,
     ActivationQuantizer,
     bias_codes,
     dyadic,
@@ -41,6 +43,7 @@ from lightning_hessian.quant.quantizers import (
     quantize_bias,
     quantize_weight,
     requantize,
+    validate_act_bits,
     validate_bits,
     weight_codes,
     weight_scale,
@@ -328,19 +331,27 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 
 @dataclass
 class QuantizationReport:
-    """What ``quantize_model`` did: per-layer weight bits, and everything that stays in float."""
+    """What ``quantize_model`` did: per-layer weight bits, and everything that stays in float.
+
+    ``act_bits`` is the argument (an int or ``"follow"``); ``layer_act_bits`` the input activation bits
+    each quantized layer got.
+    """
 
     weight_bits: dict[str, int]
-    act_bits: int
+    act_bits: int | str
+    layer_act_bits: dict[str, int] = field(default_factory=dict)
     float_layers: dict[str, str] = field(default_factory=dict)  # name -> why it stays float
     batchnorms: list[str] = field(default_factory=list)  # fold with fold_batchnorm before deployment
     fx_error: str | None = None  # why the torch.fx scan for functional ops could not run
 
     def __str__(self) -> str:
-        lines = ["| layer | weight bits |", "|---|---|"]
-        lines += [f"| {name} | {bits} |" for name, bits in self.weight_bits.items()]
-        lines += [f"| {name} | float ({why}) |" for name, why in self.float_layers.items()]
-        lines.append(f"activations: {self.act_bits} bits; BatchNorm to fold: {', '.join(self.batchnorms) or 'none'}")
+        lines = ["| layer | weight bits | input activation bits |", "|---|---|---|"]
+        lines += [f"| {name} | {bits} | {self.layer_act_bits.get(name, '')} |"
+                  for name, bits in self.weight_bits.items()]
+        lines += [f"| {name} | float ({why}) | |" for name, why in self.float_layers.items()]
+        acts = f"{self.act_bits} bits" if self.act_bits != FOLLOW else \
+            f"as the weights ({MAX_BITS} bits at residual adds)"
+        lines.append(f"activations: {acts}; BatchNorm to fold: {', '.join(self.batchnorms) or 'none'}")
         if self.fx_error:
             lines.append(f"functional ops not scanned (torch.fx could not trace: {self.fx_error})")
         return "\n".join(lines)
@@ -392,7 +403,7 @@ def _float_leftovers(model: nn.Module, weight_bits: Mapping[str, int]) -> dict[s
     return leftovers
 
 
-def quantize_model(model: nn.Module, bits: int | Mapping[str, int], act_bits: int = 8,
+def quantize_model(model: nn.Module, bits: int | Mapping[str, int], act_bits: int | str = 8,
                    momentum: float | None = None) -> tuple[nn.Module, QuantizationReport]:
     """Quantized copy of ``model`` (the original is untouched) and a report of what was quantized.
 
@@ -402,7 +413,9 @@ def quantize_model(model: nn.Module, bits: int | Mapping[str, int], act_bits: in
             pools become ``QuantAdaptiveAvgPool``.
         bits: weight bits (2..8) for every quantizable layer, or a dict ``{layer name: bits}`` (layers
             missing from the dict stay in float and are reported).
-        act_bits: bit width of every activation quantizer (2..8).
+        act_bits: bit width of every activation quantizer (2..8), or ``"follow"``: each layer's input
+            activations take that layer's weight bits (HAWQ-V3's mixed W4A4/W8A8 setting), and residual
+            additions, which have no weights, keep 8 bits.
         momentum: ``None`` for running min/max activation ranges, else the EMA momentum.
 
     Layers left in float (unsupported types, layers missing from ``bits``, functional ops found by
@@ -411,18 +424,20 @@ def quantize_model(model: nn.Module, bits: int | Mapping[str, int], act_bits: in
     layers = quantizable_layers(model)
     if not layers:
         raise ValueError("model has no quantizable layer (nn.Conv1d, nn.Conv2d or nn.Linear)")
-    validate_bits(act_bits, "act_bits")
+    validate_act_bits(act_bits, "act_bits")
     weight_bits = _resolve_bits(bits, layers)
+    layer_act_bits = {name: b if act_bits == FOLLOW else act_bits for name, b in weight_bits.items()}
     qmodel = copy.deepcopy(model)
     for name, m in list(qmodel.named_modules()):
         if name in weight_bits and type(m) in _SWAP:
-            _set_module(qmodel, name, _SWAP[type(m)].from_float(m, weight_bits[name], act_bits, momentum))
+            _set_module(qmodel, name, _SWAP[type(m)].from_float(m, weight_bits[name], layer_act_bits[name], momentum))
         elif isinstance(m, ResidualAdd):
-            _set_module(qmodel, name, QuantResidualAdd(act_bits, momentum).train(m.training))
+            add_bits = MAX_BITS if act_bits == FOLLOW else act_bits
+            _set_module(qmodel, name, QuantResidualAdd(add_bits, momentum).train(m.training))
         elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
             _set_module(qmodel, name, QuantAdaptiveAvgPool.from_float(m).train(m.training))
     functional, fx_error = _functional_float_ops(model)
-    report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits,
+    report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits, layer_act_bits=layer_act_bits,
                                 float_layers={**_float_leftovers(model, weight_bits), **functional},
                                 batchnorms=[n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)],
                                 fx_error=fx_error)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 MIN_BITS, MAX_BITS = 2, 8
+FOLLOW = "follow"  # act_bits: each layer's input activations take its weight bits (HAWQ-V3's W4A4/W8A8)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 MANTISSA_BITS = 30  # m in [2^29, 2^30): |n * m| + 2^(c-1) < 2^62 for any int32 n (room for an offset of 2^62)
 MAX_SHIFT = 54  # keeps 128 * 2^c (an int8 offset folded into the rounding) and x * m + 2^62 inside int64
@@ -29,6 +30,16 @@ def validate_bits(bits: int, name: str = "bits") -> int:
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{name}={bits} is outside the supported bit widths {MIN_BITS}..{MAX_BITS}")
     return bits
+
+
+def validate_act_bits(act_bits: int | str, name: str = "act_bits") -> int | str:
+    """Return ``act_bits`` if it is an int in 2..8 (every layer) or ``"follow"`` (each layer's weight bits)."""
+    if isinstance(act_bits, str):
+        if act_bits != FOLLOW:
+            raise ValueError(f"{name}={act_bits!r} is not supported: use an int in {MIN_BITS}..{MAX_BITS} (the same "
+                             f"bits for every layer's activations) or {FOLLOW!r} (activation bits = weight bits)")
+        return act_bits
+    return validate_bits(act_bits, name)
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:

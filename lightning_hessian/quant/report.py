@@ -42,6 +42,7 @@ class BitReport:
 
     rows: tuple[LayerRow, ...]
     activation_bits: int | None
+    metric: str = "trace"
 
     @property
     def size_bits(self) -> float:
@@ -78,7 +79,8 @@ class BitReport:
         )
         acts = "as the weights" if self.activation_bits is None else f"{self.activation_bits} bits"
         lines.append("")
-        lines.append(f"Activations: {acts}. Size: weights at their bits, biases at 32 bits. BOPS per sample.")
+        lines.append(f"Activations: {acts}. Size: weights at their bits, biases at 32 bits. BOPS per sample. "
+                     f"Omega: the {self.metric} metric.")
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
@@ -127,36 +129,36 @@ def bit_report(
     bits: Mapping[str, int],
     sensitivity: Sensitivity | None = None,
     activation_bits: int | None = None,
+    metric: str = "trace",
 ) -> BitReport:
     """Report for the layers of ``stats`` (from :func:`~lightning_hessian.quant.costs.layer_stats`).
 
     ``bits[layer]`` are the weight bits (layers absent stay float); ``sensitivity`` adds the Hessian
-    columns (``Omega`` at the chosen bits, from its trace); ``activation_bits`` as in
+    columns (``Omega`` at the chosen bits by ``metric``, when it was measured); ``activation_bits`` as in
     :func:`~lightning_hessian.quant.costs.bops_costs` (``None``: the same width as the weights).
     """
     unknown = [name for name in bits if name not in stats]
     if unknown:
         raise ValueError(f"bits names layers {unknown} that stats does not have; stats has {list(stats)}")
-    omega = sensitivity.omega() if sensitivity is not None else {}
+    omega = sensitivity.omega(metric) if sensitivity is not None and metric in sensitivity.metrics else {}
     rows = []
     for name, s in stats.items():
         b = bits.get(name)
         wb, ab = (FLOAT_BITS, FLOAT_BITS) if b is None else (b, activation_bits or b)
-        has = sensitivity is not None and name in sensitivity.trace
         rows.append(LayerRow(
             name=name,
             kind=s.kind,
             params=s.params,
             bits=b,
-            avg_trace=sensitivity.avg_trace[name] if has else None,
-            top_eigenvalue=sensitivity.top_eigenvalue.get(name) if has else None,
-            omega=omega[name].get(b) if has and b is not None else None,
+            avg_trace=sensitivity.avg_trace.get(name) if sensitivity is not None else None,
+            top_eigenvalue=sensitivity.top_eigenvalue.get(name) if sensitivity is not None else None,
+            omega=omega[name].get(b) if name in omega and b is not None else None,
             size_bits=float(s.params * wb + s.bias * FLOAT_BITS),
             float_size_bits=float((s.params + s.bias) * FLOAT_BITS),
             bops=float(s.macs * wb * ab),
             float_bops=float(s.macs * FLOAT_BITS * FLOAT_BITS),
         ))
-    return BitReport(tuple(rows), activation_bits)
+    return BitReport(tuple(rows), activation_bits, metric)
 
 
 def _num(value: float | None) -> str:

@@ -12,9 +12,22 @@ of the average trace). Both come from the spectrum engine's per-block routines
 (:mod:`lightning_hessian.hessian.blocks`) on one operator over the quantizable weights: a Rademacher
 probe ``z`` and one Hessian-vector product give ``z_i^T (H z)_i`` for every block at once.
 
+The average trace treats every direction alike, but ``dW_i`` is not a random direction: rounding errors
+are larger on channels with a large range, and curvature concentrates on a few directions. The
+``"quadratic"`` metric drops the isotropic proxy and evaluates the quadratic form itself,
+
+    ``Omega_i(b) = dW_i^T H_ii dW_i``,   ``dW_i = Q_b(W_i) - W_i``,
+
+exactly: the vector ``dW_i`` placed in layer ``i``'s block (zero elsewhere) and one Hessian-vector
+product, so ``layers x bit widths`` products in all (batched), usually fewer than a converged Hutchinson
+trace needs. The first-order term ``g_i^T dW_i`` is left out on purpose: at a trained minimum the mean
+gradient is noise around zero, and its sign would make the rounding direction, not the curvature,
+decide the plan. Like the trace, the form prices weight rounding only, not activation rounding.
+
 The Hessian part is the expensive one, so it is cached on disk (a JSON file keyed by a hash of the
 model's parameters and buffers, the probe data and the estimator settings); the perturbations are
-recomputed every call (no Hessian-vector product), so re-planning with other bit widths is free.
+recomputed every call (no Hessian-vector product), so re-planning with other bit widths is free for the
+trace and eigenvalue metrics (the quadratic forms depend on the bit widths, which are in the key).
 Under ``torch.distributed`` each rank passes its share of the probe data and the products are
 all-reduced (see :class:`~lightning_hessian.hessian.operator.HessianOperator`).
 """
@@ -39,8 +52,8 @@ from lightning_hessian.hessian.trace import check_sampling
 from lightning_hessian.quant.modules import quantizable_layers
 from lightning_hessian.quant.quantizers import quantize_weight, validate_bits
 
-METRICS = ("trace", "eigenvalue")
-_CACHE_VERSION = 1
+METRICS = ("trace", "eigenvalue", "quadratic")
+_CACHE_VERSION = 2
 
 
 @dataclass
@@ -49,8 +62,10 @@ class Sensitivity:
 
     ``params[l]`` is ``n_l``; ``trace[l]`` the Hutchinson estimate of ``Tr(H_l)`` and
     ``trace_std_error[l]`` its standard error; ``top_eigenvalue[l]`` the largest eigenvalue of ``H_l``
-    (empty unless requested); ``perturbation[l][b] = ||Q_b(W_l) - W_l||^2``. ``num_hvps`` counts the
-    Hessian-vector products this call made (0 when ``cached``).
+    (empty unless requested); ``perturbation[l][b] = ||Q_b(W_l) - W_l||^2``; ``quadratic[l][b]`` the exact
+    ``dW^T H_ll dW`` for ``dW = Q_b(W_l) - W_l`` (empty unless requested). A metric that was not measured
+    leaves its tables empty. ``num_hvps`` counts the Hessian-vector products this call made (0 when
+    ``cached``).
     """
 
     params: dict[str, int]
@@ -58,6 +73,7 @@ class Sensitivity:
     trace_std_error: dict[str, float]
     perturbation: dict[str, dict[int, float]]
     top_eigenvalue: dict[str, float] = field(default_factory=dict)
+    quadratic: dict[str, dict[int, float]] = field(default_factory=dict)
     num_samples: int = 0
     num_hvps: int = 0
     converged: bool = True
@@ -68,14 +84,23 @@ class Sensitivity:
         """``Tr(H_l) / n_l``: the average eigenvalue of each layer's Hessian block (HAWQ-V2/V3)."""
         return {name: self.trace[name] / self.params[name] for name in self.trace}
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics whose tables were measured."""
+        tables = {"trace": self.trace, "eigenvalue": self.top_eigenvalue, "quadratic": self.quadratic}
+        return tuple(m for m in METRICS if tables[m])
+
     def omega(self, metric: str = "trace") -> dict[str, dict[int, float]]:
-        """``Omega[l][b]``: ``Tr(H_l)/n_l`` (or the top eigenvalue, ``metric="eigenvalue"``) times
-        ``||Q_b(W_l) - W_l||^2``; the ``sensitivity`` table of
-        :func:`~lightning_hessian.quant.allocation.allocate_bits`."""
+        """``Omega[l][b]``, the ``sensitivity`` table of :func:`~lightning_hessian.quant.allocation.allocate_bits`:
+        ``Tr(H_l)/n_l`` (``"trace"``) or the top eigenvalue (``"eigenvalue"``) times ``||Q_b(W_l) - W_l||^2``,
+        or the exact ``dW^T H_ll dW`` (``"quadratic"``)."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if metric == "eigenvalue" and not self.top_eigenvalue:
-            raise ValueError("metric='eigenvalue' needs top eigenvalues: measure with eigenvalues=True")
+        if metric not in self.metrics:
+            raise ValueError(f"metric={metric!r} was not measured (this Sensitivity has {list(self.metrics)}): "
+                             f"call layer_sensitivity(..., metrics=[{metric!r}])")
+        if metric == "quadratic":
+            return {name: dict(table) for name, table in self.quadratic.items()}
         curvature = self.avg_trace if metric == "trace" else self.top_eigenvalue
         return {name: {b: curvature[name] * p for b, p in table.items()} for name, table in self.perturbation.items()}
 
@@ -87,6 +112,7 @@ class Sensitivity:
             "trace_std_error": dict(self.trace_std_error),
             "perturbation": {name: dict(table) for name, table in self.perturbation.items()},
             "top_eigenvalue": dict(self.top_eigenvalue),
+            "quadratic": {name: dict(table) for name, table in self.quadratic.items()},
             "num_samples": self.num_samples,
             "num_hvps": self.num_hvps,
             "converged": self.converged,
@@ -102,6 +128,7 @@ class Sensitivity:
             trace_std_error={k: float(v) for k, v in state["trace_std_error"].items()},
             perturbation={k: {int(b): float(p) for b, p in t.items()} for k, t in state["perturbation"].items()},
             top_eigenvalue={k: float(v) for k, v in state.get("top_eigenvalue", {}).items()},
+            quadratic={k: {int(b): float(q) for b, q in t.items()} for k, t in state.get("quadratic", {}).items()},
             num_samples=int(state.get("num_samples", 0)),
             num_hvps=int(state.get("num_hvps", 0)),
             converged=bool(state.get("converged", True)),
@@ -115,6 +142,32 @@ def weight_perturbation(weight: torch.Tensor, bit_choices: Iterable[int]) -> dic
     return {b: float((quantize_weight(w, b).double() - w.double()).square().sum()) for b in bit_choices}
 
 
+def quadratic_forms(op: HessianOperator, weights: Mapping[str, torch.Tensor],
+                    bit_choices: Iterable[int]) -> dict[str, dict[int, float]]:
+    """``dW^T H_ll dW`` with ``dW = Q_b(W_l) - W_l`` for every layer ``l`` and bit width ``b``, exactly.
+
+    ``op`` is a Hessian operator whose parameters include every tensor of ``weights``; each ``dW`` is
+    embedded in its layer's block of a flat vector (zero elsewhere), so ``v^T H v`` only sees ``H_ll``.
+    One Hessian-vector product per (layer, bit width), sent ``op.chunk_size`` vectors per ``matmat``.
+    """
+    where = {id(p): op.slices[n] for n, p in zip(op.names, op.params)}
+    missing = [name for name, w in weights.items() if id(w) not in where]
+    if missing:
+        raise ValueError(f"weights {missing} are not parameters of the Hessian operator")
+    pairs = [(name, b) for name in weights for b in bit_choices]
+    out: dict[str, dict[int, float]] = {name: {} for name in weights}
+    for start in range(0, len(pairs), op.chunk_size):
+        chunk = pairs[start:start + op.chunk_size]
+        V = torch.zeros(len(chunk), op.dim, dtype=op.dtype, device=op.device)
+        for row, (name, b) in enumerate(chunk):
+            w = weights[name].detach()
+            V[row, where[id(weights[name])]] = (quantize_weight(w, b) - w).reshape(-1).to(op.dtype)
+        forms = (V.double() * op.matmat(V).double()).sum(1)
+        for (name, b), q in zip(chunk, forms.tolist()):
+            out[name][b] = q
+    return out
+
+
 def layer_sensitivity(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -126,7 +179,7 @@ def layer_sensitivity(
     min_samples: int = 32,
     max_samples: int = 400,
     batch: int = 16,
-    eigenvalues: bool = False,
+    metrics: Iterable[str] = ("trace",),
     eig_tol: float = 1e-3,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
@@ -141,10 +194,12 @@ def layer_sensitivity(
         layers: module paths of ``Conv1d``/``Conv2d``/``Linear`` layers (default: all quantizable ones).
             Only their ``weight`` is measured (biases stay in 32 bits and are not quantized by ``Q_b``).
         bit_choices: bit widths (2..8) for the perturbations.
+        metrics: what to measure, any of ``"trace"`` (Hutchinson, per block), ``"eigenvalue"`` (each block's
+            top eigenvalue by Lanczos, ``eig_tol``: HAWQ-V1) and ``"quadratic"`` (the exact quadratic forms,
+            ``len(layers) * len(bit_choices)`` Hessian-vector products).
         rel_tol: Hutchinson stops once every layer's trace has ``std_error <= rel_tol * |trace|``
             (after at least ``min_samples`` probes, at most ``max_samples``; ``converged`` is false then).
         batch: Rademacher probes per batched HVP call.
-        eigenvalues: also compute each block's top eigenvalue (Lanczos, ``eig_tol``): HAWQ-V1.
         seed: seed of the probes and Lanczos start vectors (same seed, same result on every rank).
         cache_dir: folder of the JSON cache; ``None`` disables caching. The key covers the model's
             parameters, buffers and modes, every tensor of ``data`` (a shuffling DataLoader never hits)
@@ -155,13 +210,20 @@ def layer_sensitivity(
     if not bits:
         raise ValueError("bit_choices must hold at least one bit width in 2..8")
     check_sampling(None, rel_tol, batch, min_samples, max_samples)
+    if isinstance(metrics, str):
+        raise TypeError(f"metrics must be a list of metric names, e.g. [{metrics!r}], got the string {metrics!r}")
+    wanted = [m for m in METRICS if m in set(metrics)]
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown or not wanted:
+        raise ValueError(f"metrics: {unknown or 'empty'}; choose one or more of {METRICS}")
     modules = dict(model.named_modules())
     weights = {name: modules[name].weight for name in names}
     perturbation = {name: weight_perturbation(w, bits) for name, w in weights.items()}
     settings = {
         "version": _CACHE_VERSION, "layers": names, "rel_tol": rel_tol, "min_samples": min_samples,
-        "max_samples": max_samples, "batch": batch, "eigenvalues": eigenvalues, "eig_tol": eig_tol, "seed": seed,
+        "max_samples": max_samples, "batch": batch, "metrics": wanted, "eig_tol": eig_tol, "seed": seed,
         "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
+        "bits": bits if "quadratic" in wanted else None,
     }
     path = None
     if cache_dir is not None:
@@ -169,7 +231,7 @@ def layer_sensitivity(
         found = _read_cache(path)
         if _all_ranks(found is not None):
             return Sensitivity.from_dict({**found, "perturbation": perturbation, "num_hvps": 0, "cached": True})
-    hessian = _measure(model, loss_fn, data, weights, rel_tol, min_samples, max_samples, batch, eigenvalues,
+    hessian = _measure(model, loss_fn, data, weights, bits, wanted, rel_tol, min_samples, max_samples, batch,
                        eig_tol, seed)
     if path is not None:
         _write_cache(path, hessian)
@@ -196,28 +258,33 @@ def _measure(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     data: Any,
     weights: Mapping[str, nn.Parameter],
+    bits: list[int],
+    metrics: list[str],
     rel_tol: float,
     min_samples: int,
     max_samples: int,
     batch: int,
-    eigenvalues: bool,
     eig_tol: float,
     seed: int,
 ) -> dict[str, Any]:
-    """The Hessian part: block traces from one set of probes, optionally block top eigenvalues."""
+    """The Hessian part: block traces from one set of probes, block top eigenvalues, exact quadratic forms."""
     op = HessianOperator(model, loss_fn, data, params=list(weights.values()))
     blocks = {name: [w] for name, w in weights.items()}
-    traces = per_layer_trace(op, blocks, rel_tol=rel_tol, confidence=None, batch=batch, min_samples=min_samples,
-                             max_samples=max_samples, seed=seed)
     out: dict[str, Any] = {
         "params": {name: w.numel() for name, w in weights.items()},
-        "trace": {name: t.estimate for name, t in traces.items()},
-        "trace_std_error": {name: t.std_error for name, t in traces.items()},
-        "num_samples": next(iter(traces.values())).num_samples,
-        "converged": all(t.converged for t in traces.values()),
-        "top_eigenvalue": {},
+        "trace": {}, "trace_std_error": {}, "top_eigenvalue": {}, "quadratic": {}, "num_samples": 0,
+        "converged": True,
     }
-    if eigenvalues:
+    if "trace" in metrics:
+        traces = per_layer_trace(op, blocks, rel_tol=rel_tol, confidence=None, batch=batch,
+                                 min_samples=min_samples, max_samples=max_samples, seed=seed)
+        out["trace"] = {name: t.estimate for name, t in traces.items()}
+        out["trace_std_error"] = {name: t.std_error for name, t in traces.items()}
+        out["num_samples"] = next(iter(traces.values())).num_samples
+        out["converged"] = all(t.converged for t in traces.values())
+    if "quadratic" in metrics:
+        out["quadratic"] = quadratic_forms(op, weights, bits)
+    if "eigenvalue" in metrics:
         eigs = per_layer_top_eigenvalue(op, blocks, k=1, tol=eig_tol, seed=seed)
         out["top_eigenvalue"] = {name: float(e.eigenvalues[0]) for name, e in eigs.items()}
         out["converged"] = out["converged"] and all(e.converged for e in eigs.values())
