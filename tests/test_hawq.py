@@ -85,6 +85,21 @@ def test_planned_bits_meet_the_budget_and_equal_brute_force(trained, metric):
     assert len(set(bits.values())) > 1  # a real mix, not a uniform answer
 
 
+def test_activation_aware_plan_adds_the_input_rounding_and_equals_brute_force(trained):
+    x, y = make_data()
+    hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(2, 4, 8), act_bits="follow", metric="quadratic+act")
+    bits = hawq.plan([(x, y)])
+    sens = hawq.sensitivity
+    assert sens.metrics == ("quadratic", "quadratic+act")
+    omega = sens.omega("quadratic+act")
+    for name in LAYERS:
+        assert omega[name] == {b: sens.quadratic[name][b] + sens.act_quadratic[name][b] for b in (2, 4, 8)}
+        assert sens.act_quadratic[name][2] > sens.act_quadratic[name][8] > 0
+    size = {name: {b: s.params * b for b in (2, 4, 8)} for name, s in hawq.stats.items()}
+    budget = sum(s.params for s in hawq.stats.values()) * 5
+    assert bits == brute_force(omega, {"size": size}, {"size": budget}, [[name] for name in LAYERS])
+
+
 def test_plan_with_ties_and_two_budgets_equals_brute_force(trained):
     x, y = make_data()
     ties = [("net.features.2", "net.features.4")]
@@ -235,6 +250,8 @@ def test_bad_inputs_raise_one_clear_error_each(trained, tmp_path):
         HAWQModule(trained, bits={"net.classifier": 1})
     with pytest.raises(ValueError, match="bit_choices=16 is outside"):
         HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(4, 16))
+    with pytest.raises(ValueError, match="metric='quadratic\\+act' .* needs act_bits='follow'"):
+        HAWQModule(trained, budgets={"size": 0.5}, metric="quadratic+act")
     with pytest.raises(ValueError, match="act_bits=1 is outside"):
         HAWQModule(trained, bits=8, act_bits=1)
     with pytest.raises(ValueError, match="act_bits='weights' is not supported.*'follow'"):

@@ -294,14 +294,23 @@ class HessianOperator:
 
     def loss(self) -> float:
         """Sample-weighted mean loss over the data (all ranks when distributed)."""
-        total, count = torch.zeros((), device=self.device, dtype=torch.float64), 0
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            for batch in self._iter_batches():
-                n = self._batch_size(batch)
-                total += float(n) * self._check_loss(self._wrapper(batch)).double()
-                count += n
+            return float(self.data_mean(lambda batch: self.batch_loss(batch).double()))
+
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        """``loss_fn(model, batch)`` for one of the operator's batches, checked to be a scalar."""
+        return self._check_loss(self._wrapper(batch))
+
+    def data_mean(self, fn: Callable[[Batch], torch.Tensor], shape: tuple[int, ...] = ()) -> torch.Tensor:
+        """The sample-weighted float64 mean of ``fn(batch)`` (a tensor of ``shape``) over the data, all ranks
+        together when distributed: how the operator averages batches, for other per-batch quantities."""
+        total, count = torch.zeros(shape, device=self.device, dtype=torch.float64), 0
+        for batch in self._iter_batches():
+            n = self._batch_size(batch)
+            total += float(n) * fn(batch).to(total)
+            count += n
         total, count = self._reduce(total, count)
-        return float(total / count)
+        return total / count
 
     def clear_cache(self) -> None:
         """Drop the cached first-order graphs (needed after the parameters change)."""

@@ -46,12 +46,20 @@ from lightning_hessian.quant.quantizers import (
     validate_bits,
 )
 from lightning_hessian.quant.report import BitReport, LayerRow, bit_report
-from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity, quadratic_forms, weight_perturbation
+from lightning_hessian.quant.sensitivity import (
+    Sensitivity,
+    activation_quadratic_forms,
+    activation_ranges,
+    layer_sensitivity,
+    quadratic_forms,
+    weight_perturbation,
+)
 
 __all__ = [
     "ActivationQuantizer", "BitReport", "FOLLOW", "HAWQModule", "InfeasibleBudgetError", "IntegerModel", "LayerRow",
     "LayerStats", "NotProvenOptimalWarning", "ParetoPoint", "QuantAct", "QuantAdaptiveAvgPool", "QuantConv1d",
-    "QuantConv2d", "QuantLinear", "QuantResidualAdd", "QuantizationReport", "Sensitivity", "allocate_bits",
+    "QuantConv2d", "QuantLinear", "QuantResidualAdd", "QuantizationReport", "Sensitivity", "activation_quadratic_forms",
+    "activation_ranges", "allocate_bits",
     "allocation_total", "bit_report", "bops_costs", "budget_between", "calibrate", "dyadic", "export_onnx",
     "export_program", "fold_batchnorm", "layer_costs", "layer_sensitivity", "layer_stats", "model_bops", "model_size",
     "pareto_frontier", "quadratic_forms", "quantizable_layers", "quantize_model", "quantize_weight", "requantize",

@@ -66,8 +66,10 @@ class HAWQModule(LightningModule):
         ties: groups of layer names that must share a bit width (e.g. a residual block's shortcut conv
             and the conv it is added to).
         metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
-            eigenvalue in place of the average trace) or ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
-            Hessian-vector product per layer and bit width); see :mod:`~lightning_hessian.quant.sensitivity`.
+            eigenvalue in place of the average trace), ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
+            Hessian-vector product per layer and bit width) or, with ``act_bits="follow"``, ``"quadratic+act"``
+            (plus ``dA_i^T H_A dA_i`` of the layer's input activations rounded at the same bits); see
+            :mod:`~lightning_hessian.quant.sensitivity`.
         probe_data: batches for the sensitivity (a list of batches or a DataLoader); default
             ``probe_size`` training samples drawn with ``seed`` (split over the ranks under DDP).
         probe_size, probe_batch_size: size of the default probe set and of its batches.
@@ -144,6 +146,9 @@ class HAWQModule(LightningModule):
         self.ties = self._check_ties(ties)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if metric == "quadratic+act" and self.act_bits != FOLLOW:
+            raise ValueError(f"metric='quadratic+act' prices each layer's input activations at the layer's bits, "
+                             f"so it needs act_bits={FOLLOW!r} (got act_bits={act_bits!r}); use 'quadratic' otherwise")
         for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size),
                             ("max_samples", max_samples)):
             if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
@@ -209,7 +214,8 @@ class HAWQModule(LightningModule):
         with leave_no_trace(model, "eval"), torch.device("cpu"):  # probes are drawn on CPU generators
             self.sensitivity = layer_sensitivity(
                 model, loss, batches, self.layers, self.bit_choices, metrics=(self.metric,),
-                rel_tol=self.trace_rel_tol, max_samples=self.max_samples, seed=self.seed, cache_dir=self.cache_dir,
+                rel_tol=self.trace_rel_tol, max_samples=self.max_samples, act_momentum=self.momentum, seed=self.seed,
+                cache_dir=self.cache_dir,
             )
         negative = sorted({name for name, table in self.sensitivity.omega(self.metric).items()
                            for value in table.values() if value < 0})

@@ -24,6 +24,18 @@ trace needs. The first-order term ``g_i^T dW_i`` is left out on purpose: at a tr
 gradient is noise around zero, and its sign would make the rounding direction, not the curvature,
 decide the plan. Like the trace, the form prices weight rounding only, not activation rounding.
 
+When a layer's input activations take its weight bits (``act_bits="follow"``, HAWQ-V3's W4A4/W8A8),
+the bits also decide how coarsely that input is rounded. ``"quadratic+act"`` adds that part,
+
+    ``Omega_i(b) = dW_i^T H_ii dW_i + dA_i^T H_A dA_i``,   ``dA_i = Q_b(A_i) - A_i``,
+
+with ``A_i`` the layer's input on the probe batches, ``Q_b`` the fake quantizer ``QuantAct`` applies
+after calibration on the same batches (one per-tensor range, unsigned when the input is never negative)
+and ``H_A`` the Hessian of the loss with respect to that input: a zero tensor added to the input by a
+forward pre-hook is differentiated twice, one product per layer and bit width, all sharing one
+first-order graph per batch. The weight-activation cross term is left out (each part is one layer's
+own rounding, like the weight form). Omega of one layer is then what ``Q_b`` on that layer alone costs.
+
 The Hessian part is the expensive one, so it is cached on disk (a JSON file keyed by a hash of the
 model's parameters and buffers, the probe data and the estimator settings); the perturbations are
 recomputed every call (no Hessian-vector product), so re-planning with other bit widths is free for the
@@ -50,10 +62,11 @@ from lightning_hessian.hessian.blocks import per_layer_top_eigenvalue, per_layer
 from lightning_hessian.hessian.operator import HessianOperator
 from lightning_hessian.hessian.trace import check_sampling
 from lightning_hessian.quant.modules import quantizable_layers
-from lightning_hessian.quant.quantizers import quantize_weight, validate_bits
+from lightning_hessian.quant.quantizers import MAX_BITS, ActivationQuantizer, quantize_weight, validate_bits
 
-METRICS = ("trace", "eigenvalue", "quadratic")
-_CACHE_VERSION = 2
+METRICS = ("trace", "eigenvalue", "quadratic", "quadratic+act")
+QUADRATIC_METRICS = ("quadratic", "quadratic+act")
+_CACHE_VERSION = 3
 
 
 @dataclass
@@ -63,7 +76,8 @@ class Sensitivity:
     ``params[l]`` is ``n_l``; ``trace[l]`` the Hutchinson estimate of ``Tr(H_l)`` and
     ``trace_std_error[l]`` its standard error; ``top_eigenvalue[l]`` the largest eigenvalue of ``H_l``
     (empty unless requested); ``perturbation[l][b] = ||Q_b(W_l) - W_l||^2``; ``quadratic[l][b]`` the exact
-    ``dW^T H_ll dW`` for ``dW = Q_b(W_l) - W_l`` (empty unless requested). A metric that was not measured
+    ``dW^T H_ll dW`` for ``dW = Q_b(W_l) - W_l`` and ``act_quadratic[l][b]`` the exact ``dA^T H_A dA`` for the
+    layer's rounded input activations (each empty unless requested). A metric that was not measured
     leaves its tables empty. ``num_hvps`` counts the Hessian-vector products this call made (0 when
     ``cached``).
     """
@@ -74,6 +88,7 @@ class Sensitivity:
     perturbation: dict[str, dict[int, float]]
     top_eigenvalue: dict[str, float] = field(default_factory=dict)
     quadratic: dict[str, dict[int, float]] = field(default_factory=dict)
+    act_quadratic: dict[str, dict[int, float]] = field(default_factory=dict)
     num_samples: int = 0
     num_hvps: int = 0
     converged: bool = True
@@ -87,13 +102,15 @@ class Sensitivity:
     @property
     def metrics(self) -> tuple[str, ...]:
         """The metrics whose tables were measured."""
-        tables = {"trace": self.trace, "eigenvalue": self.top_eigenvalue, "quadratic": self.quadratic}
+        tables = {"trace": self.trace, "eigenvalue": self.top_eigenvalue, "quadratic": self.quadratic,
+                  "quadratic+act": self.act_quadratic}
         return tuple(m for m in METRICS if tables[m])
 
     def omega(self, metric: str = "trace") -> dict[str, dict[int, float]]:
         """``Omega[l][b]``, the ``sensitivity`` table of :func:`~lightning_hessian.quant.allocation.allocate_bits`:
         ``Tr(H_l)/n_l`` (``"trace"``) or the top eigenvalue (``"eigenvalue"``) times ``||Q_b(W_l) - W_l||^2``,
-        or the exact ``dW^T H_ll dW`` (``"quadratic"``)."""
+        or the exact ``dW^T H_ll dW`` (``"quadratic"``), plus ``dA^T H_A dA`` of the input activations
+        (``"quadratic+act"``)."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if metric not in self.metrics:
@@ -101,6 +118,9 @@ class Sensitivity:
                              f"call layer_sensitivity(..., metrics=[{metric!r}])")
         if metric == "quadratic":
             return {name: dict(table) for name, table in self.quadratic.items()}
+        if metric == "quadratic+act":
+            return {name: {b: q + self.act_quadratic[name][b] for b, q in table.items()}
+                    for name, table in self.quadratic.items()}
         curvature = self.avg_trace if metric == "trace" else self.top_eigenvalue
         return {name: {b: curvature[name] * p for b, p in table.items()} for name, table in self.perturbation.items()}
 
@@ -113,6 +133,7 @@ class Sensitivity:
             "perturbation": {name: dict(table) for name, table in self.perturbation.items()},
             "top_eigenvalue": dict(self.top_eigenvalue),
             "quadratic": {name: dict(table) for name, table in self.quadratic.items()},
+            "act_quadratic": {name: dict(table) for name, table in self.act_quadratic.items()},
             "num_samples": self.num_samples,
             "num_hvps": self.num_hvps,
             "converged": self.converged,
@@ -129,6 +150,8 @@ class Sensitivity:
             perturbation={k: {int(b): float(p) for b, p in t.items()} for k, t in state["perturbation"].items()},
             top_eigenvalue={k: float(v) for k, v in state.get("top_eigenvalue", {}).items()},
             quadratic={k: {int(b): float(q) for b, q in t.items()} for k, t in state.get("quadratic", {}).items()},
+            act_quadratic={k: {int(b): float(q) for b, q in t.items()}
+                           for k, t in state.get("act_quadratic", {}).items()},
             num_samples=int(state.get("num_samples", 0)),
             num_hvps=int(state.get("num_hvps", 0)),
             converged=bool(state.get("converged", True)),
@@ -168,6 +191,104 @@ def quadratic_forms(op: HessianOperator, weights: Mapping[str, torch.Tensor],
     return out
 
 
+def activation_ranges(op: HessianOperator, layers: Mapping[str, nn.Module],
+                      momentum: float | None = None) -> dict[str, ActivationQuantizer]:
+    """The input range each layer's ``QuantAct`` would calibrate on ``op``'s batches, as a tracking quantizer.
+
+    Running min/max (or the EMA of ``momentum``) of every call's input, over the batches in order; under
+    ``torch.distributed`` the ranks' ranges are merged by min/max, as ``HAWQModule.calibrate`` does.
+    """
+    observers = {name: ActivationQuantizer(MAX_BITS, momentum=momentum).to(op.device) for name in layers}
+
+    def observe(name: str) -> Callable:
+        return lambda module, args: observers[name].observe(args[0])
+
+    handles = [m.register_forward_pre_hook(observe(name)) for name, m in layers.items()]
+    try:
+        op.loss()  # one no-grad pass over the batches (all ranks take part)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, q in observers.items():
+        if op.distributed:
+            if not q.calibrated:  # this rank holds no batch: leave the others' range alone
+                q.running_min.fill_(float("inf"))
+                q.running_max.fill_(float("-inf"))
+            dist.all_reduce(q.running_min, op=dist.ReduceOp.MIN, group=op.process_group)
+            dist.all_reduce(q.running_max, op=dist.ReduceOp.MAX, group=op.process_group)
+            q.calibrated.fill_(bool(torch.isfinite(q.running_max)))
+        if not q.calibrated:
+            raise ValueError(f"layers: {name!r} never ran on the probe data, so its input activations have no range")
+    return observers
+
+
+def activation_quadratic_forms(op: HessianOperator, layers: Mapping[str, nn.Module], bit_choices: Iterable[int],
+                               momentum: float | None = None) -> dict[str, dict[int, float]]:
+    """``dA^T H_A dA`` with ``dA = Q_b(A_l) - A_l`` for every layer's input ``A_l`` and bit width ``b``, exactly.
+
+    ``Q_b`` is the ``QuantAct`` fake quantizer at ``b`` bits with the range of :func:`activation_ranges`;
+    ``H_A`` the Hessian of each batch's loss with respect to the layer's input on that batch (a layer called
+    several times per forward perturbs every call). Per batch: a forward pass with a zero leaf added to each
+    layer's input by a pre-hook, one first-order graph, then one double backward per (layer, bit width);
+    the forms are averaged with sample-count weights and all-reduced like ``op.matmat``. The hooks are
+    removed afterwards and add zero, so the model and its outputs are unchanged.
+    """
+    bits = list(bit_choices)
+    observers = activation_ranges(op, layers, momentum)
+    quantizers = {name: {b: _frozen(q, b) for b in bits} for name, q in observers.items()}
+    pairs = [(name, b) for name in layers for b in bits]
+    with torch.inference_mode(False), torch.enable_grad():
+        mean = op.data_mean(lambda batch: _batch_act_forms(op, layers, quantizers, batch), shape=(len(pairs),))
+    out: dict[str, dict[int, float]] = {name: {} for name in layers}
+    for (name, b), q in zip(pairs, mean.tolist()):
+        out[name][b] = q
+    return out
+
+
+def _frozen(observer: ActivationQuantizer, bits: int) -> ActivationQuantizer:
+    """A ``bits``-wide quantizer in eval mode with the observer's range (what ``QuantAct`` applies)."""
+    q = ActivationQuantizer(bits, momentum=observer.momentum).to(observer.running_min.device)
+    q.load_state_dict(observer.state_dict())
+    return q.eval()
+
+
+def _batch_act_forms(op: HessianOperator, layers: Mapping[str, nn.Module],
+                     quantizers: Mapping[str, Mapping[int, ActivationQuantizer]], batch: Any) -> torch.Tensor:
+    """The forms of one batch, in ``(layer, bits)`` order, from one first-order graph."""
+    deltas: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+
+    def perturb(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> tuple:
+            delta = torch.zeros_like(args[0], requires_grad=True)
+            deltas[name].append(delta)
+            inputs[name].append(args[0].detach())
+            return (args[0] + delta, *args[1:])
+        return hook
+
+    handles = [m.register_forward_pre_hook(perturb(name)) for name, m in layers.items()]
+    try:
+        loss = op.batch_loss(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    leaves = [d for name in layers for d in deltas[name]]
+    grads = dict(zip(map(id, leaves), torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)))
+    forms = []
+    for name in layers:
+        used = [(d, x, grads[id(d)]) for d, x in zip(deltas[name], inputs[name])
+                if grads[id(d)] is not None and grads[id(d)].requires_grad]
+        for q in quantizers[name].values():
+            if not used:  # the loss is at most linear in this input
+                forms.append(0.0)
+                continue
+            vectors = [q(x) - x for _, x, _ in used]
+            hv = torch.autograd.grad([g for _, _, g in used], [d for d, _, _ in used], grad_outputs=vectors,
+                                     retain_graph=True, allow_unused=True, materialize_grads=True)
+            forms.append(float(sum((v.double() * h.double()).sum() for v, h in zip(vectors, hv))))
+    return torch.tensor(forms, dtype=torch.float64, device=op.device)
+
+
 def layer_sensitivity(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -181,6 +302,7 @@ def layer_sensitivity(
     batch: int = 16,
     metrics: Iterable[str] = ("trace",),
     eig_tol: float = 1e-3,
+    act_momentum: float | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> Sensitivity:
@@ -195,8 +317,11 @@ def layer_sensitivity(
             Only their ``weight`` is measured (biases stay in 32 bits and are not quantized by ``Q_b``).
         bit_choices: bit widths (2..8) for the perturbations.
         metrics: what to measure, any of ``"trace"`` (Hutchinson, per block), ``"eigenvalue"`` (each block's
-            top eigenvalue by Lanczos, ``eig_tol``: HAWQ-V1) and ``"quadratic"`` (the exact quadratic forms,
-            ``len(layers) * len(bit_choices)`` Hessian-vector products).
+            top eigenvalue by Lanczos, ``eig_tol``: HAWQ-V1), ``"quadratic"`` (the exact quadratic forms,
+            ``len(layers) * len(bit_choices)`` Hessian-vector products) and ``"quadratic+act"`` (those plus the
+            forms of each layer's rounded input activations at the same bits: for ``act_bits="follow"``).
+        act_momentum: how ``QuantAct`` tracks activation ranges (``None``: running min/max, else the EMA
+            momentum); ``"quadratic+act"`` rounds each layer's input with the range it calibrates on ``data``.
         rel_tol: Hutchinson stops once every layer's trace has ``std_error <= rel_tol * |trace|``
             (after at least ``min_samples`` probes, at most ``max_samples``; ``converged`` is false then).
         batch: Rademacher probes per batched HVP call.
@@ -223,7 +348,8 @@ def layer_sensitivity(
         "version": _CACHE_VERSION, "layers": names, "rel_tol": rel_tol, "min_samples": min_samples,
         "max_samples": max_samples, "batch": batch, "metrics": wanted, "eig_tol": eig_tol, "seed": seed,
         "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
-        "bits": bits if "quadratic" in wanted else None,
+        "bits": bits if set(QUADRATIC_METRICS) & set(wanted) else None,
+        "act_momentum": act_momentum if "quadratic+act" in wanted else None,
     }
     path = None
     if cache_dir is not None:
@@ -232,7 +358,7 @@ def layer_sensitivity(
         if _all_ranks(found is not None):
             return Sensitivity.from_dict({**found, "perturbation": perturbation, "num_hvps": 0, "cached": True})
     hessian = _measure(model, loss_fn, data, weights, bits, wanted, rel_tol, min_samples, max_samples, batch,
-                       eig_tol, seed)
+                       eig_tol, act_momentum, seed)
     if path is not None:
         _write_cache(path, hessian)
     return Sensitivity(perturbation=perturbation, **hessian)
@@ -265,6 +391,7 @@ def _measure(
     max_samples: int,
     batch: int,
     eig_tol: float,
+    act_momentum: float | None,
     seed: int,
 ) -> dict[str, Any]:
     """The Hessian part: block traces from one set of probes, block top eigenvalues, exact quadratic forms."""
@@ -272,8 +399,8 @@ def _measure(
     blocks = {name: [w] for name, w in weights.items()}
     out: dict[str, Any] = {
         "params": {name: w.numel() for name, w in weights.items()},
-        "trace": {}, "trace_std_error": {}, "top_eigenvalue": {}, "quadratic": {}, "num_samples": 0,
-        "converged": True,
+        "trace": {}, "trace_std_error": {}, "top_eigenvalue": {}, "quadratic": {}, "act_quadratic": {},
+        "num_samples": 0, "converged": True,
     }
     if "trace" in metrics:
         traces = per_layer_trace(op, blocks, rel_tol=rel_tol, confidence=None, batch=batch,
@@ -282,13 +409,17 @@ def _measure(
         out["trace_std_error"] = {name: t.std_error for name, t in traces.items()}
         out["num_samples"] = next(iter(traces.values())).num_samples
         out["converged"] = all(t.converged for t in traces.values())
-    if "quadratic" in metrics:
+    if set(QUADRATIC_METRICS) & set(metrics):
         out["quadratic"] = quadratic_forms(op, weights, bits)
+    if "quadratic+act" in metrics:
+        modules = dict(model.named_modules())
+        out["act_quadratic"] = activation_quadratic_forms(op, {name: modules[name] for name in weights}, bits,
+                                                          act_momentum)
     if "eigenvalue" in metrics:
         eigs = per_layer_top_eigenvalue(op, blocks, k=1, tol=eig_tol, seed=seed)
         out["top_eigenvalue"] = {name: float(e.eigenvalues[0]) for name, e in eigs.items()}
         out["converged"] = out["converged"] and all(e.converged for e in eigs.values())
-    out["num_hvps"] = op.num_hvps
+    out["num_hvps"] = op.num_hvps + len(weights) * len(bits) * ("quadratic+act" in metrics)
     return out
 
 

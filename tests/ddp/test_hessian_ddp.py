@@ -20,6 +20,7 @@ from lightning_hessian.hessian import (
     top_eigenvalues,
 )
 from lightning_hessian.models import MNIST1DMLP
+from lightning_hessian.quant.sensitivity import activation_quadratic_forms
 
 pytestmark = pytest.mark.ddp
 
@@ -57,7 +58,13 @@ def _spectrum(op: HessianOperator) -> dict[str, torch.Tensor]:
     dens = spectral_density(op, num_runs=4, lanczos_steps=8, deflate=2, seed=0)
     layers = per_layer_trace(op, num_samples=32, seed=0)
     layer_eig = per_layer_top_eigenvalue(op, k=1, seed=0)
+    krylov = top_eigenvalues(op, k=1, min_iter=10, seed=0, return_basis=True)
+    deflated = hutchinson_trace(op, num_samples=16, seed=0, basis=krylov.basis, basis_trace=krylov.basis_trace)
+    linears = {name: m for name, m in op.model.named_modules() if isinstance(m, nn.Linear)}
+    act = activation_quadratic_forms(op, linears, [4, 8])
     return {
+        "deflated_trace": torch.tensor([deflated.estimate, deflated.std_error], dtype=torch.float64),
+        "activation_forms": torch.tensor([q for table in act.values() for q in table.values()], dtype=torch.float64),
         "eigenvalues": eig.eigenvalues,
         "trace": torch.tensor([tr.estimate, tr.std_error, dens.trace], dtype=torch.float64),
         "layer_traces": torch.tensor([r.estimate for r in layers.values()], dtype=torch.float64),
