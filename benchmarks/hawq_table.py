@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import random
 import statistics
 import tempfile
@@ -217,17 +218,24 @@ def format_section(name, stats, rows, reports, sensitivity, plan_s, epochs, tune
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
-    lines += ["", f"Goals (margins in accuracy points, means over the same {num_seeds} fine-tune seeds; the seed "
-              f"spread of one mean is about sd/sqrt({num_seeds})):", "",
+    def beats(ours: list[float], other: list[float]) -> str:
+        """The margin of the means with its standard error; "met" only beyond two standard errors."""
+        margin = statistics.mean(ours) - statistics.mean(other)
+        se = math.sqrt(statistics.variance(ours) / len(ours) + statistics.variance(other) / len(other))
+        label = "met" if margin > 2 * se else "NOT met" if margin < -2 * se else "a tie (within 2 SE)"
+        return f"{margin:+.2f} ± {se:.2f} -> {label}"
+
+    lines += ["", f"Goals (margins in accuracy points ± their standard error, means over the same {num_seeds} "
+              f"fine-tune seeds; the random mean over {len(randoms)} allocations, one seed each; \"met\" only "
+              "beyond two standard errors):", "",
               f"- INT8 (W8A8) within 0.3 points of FP32: {int8.mean - ref.mean:+.2f} against FP32 with the same "
               f"fine-tune ({int8.mean - by_label['FP32'].mean:+.2f} against the trained FP32) -> "
               f"{verdict(int8.mean - ref.mean >= -0.3)}"]
     for metric in METRICS:
         hawq = by_label[f"HAWQ {metric} 4/8, size 0.5"]
-        lines += [f"- HAWQ ({metric}) at 0.5 beats uniform W4A4: {hawq.mean - int4.mean:+.2f} -> "
-                  f"{verdict(hawq.mean > int4.mean)}; beats the mean random allocation at 0.5: "
-                  f"{hawq.mean - mean_random:+.2f} -> {verdict(hawq.mean > mean_random)}; before fine-tuning "
-                  f"(PTQ): {hawq.ptq - int4.ptq:+.1f} and {hawq.ptq - mean_random_ptq:+.2f}"]
+        lines += [f"- HAWQ ({metric}) at 0.5 beats uniform W4A4: {beats(hawq.accs, int4.accs)}; beats the mean "
+                  f"random allocation at 0.5: {beats(hawq.accs, random_accs)}; before fine-tuning (PTQ): "
+                  f"{hawq.ptq - int4.ptq:+.1f} and {hawq.ptq - mean_random_ptq:+.2f}"]
     lines += [f"- random allocations at 0.5 after fine-tuning: best {max(random_accs):.1f}, worst "
               f"{min(random_accs):.1f}", ""]
     trace = sensitivity["trace"]
