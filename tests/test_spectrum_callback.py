@@ -154,3 +154,10 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 def test_misconfiguration_fails_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fit([HessianSpectrumCallback(**kwargs)], max_epochs=1)
+
+
+def test_a_warm_start_of_another_size_is_ignored():
+    cb = HessianSpectrumCallback(probe_size=32, trace=False)
+    cb.load_state_dict({"history": [], "warm_start": torch.ones(1, 3)})  # e.g. from another model's checkpoint
+    fit([cb], max_epochs=1)
+    assert len(cb.history) == 1 and cb.state_dict()["warm_start"].shape[-1] != 3

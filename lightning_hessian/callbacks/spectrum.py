@@ -190,7 +190,10 @@ class HessianSpectrumCallback(Callback):
         with leave_no_trace(pl_module, self.mode):
             op = HessianOperator(pl_module, self._loss, self._batches, params=self.params)
             krylov = self.trace and self.trace_method == "krylov"
-            eig = top_eigenvalues(op, k=self.top_k, tol=self.eig_tol, v0=self._warm_start, seed=self.seed,
+            warm = self._warm_start
+            if warm is not None and warm.shape[-1] != op.dim:  # e.g. a checkpoint of another parameter set
+                warm = None
+            eig = top_eigenvalues(op, k=self.top_k, tol=self.eig_tol, v0=warm, seed=self.seed,
                                   min_iter=min(self.krylov_steps, op.dim) if krylov else 0, return_basis=krylov)
             self._warm_start = eig.eigenvectors.detach()
             record["eigenvalues"] = [float(v) for v in eig.eigenvalues]
