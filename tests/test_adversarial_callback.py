@@ -107,26 +107,14 @@ def fit(callbacks, epochs=2, module=None, data=None, ckpt_path=None, root=None, 
 
 
 class Snapshot(pl.Callback):
-    """Placed before the adversarial callback: what the model looked like before it ran."""
+    """The model (state, grads, train/eval modes) at every batch start; placed before the adversarial callback
+    it sees the model before the attack, placed after it the model as training_step will see it."""
 
     def __init__(self):
-        self.before: list[dict] = []
+        self.records: list[dict] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before.append({
-            "state": {k: v.clone() for k, v in pl_module.state_dict().items()},
-            "grads": [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()],
-        })
-
-
-class AfterAttack(pl.Callback):
-    """Placed after the adversarial callback: the model as training_step will see it."""
-
-    def __init__(self):
-        self.after: list[dict] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.after.append({
+        self.records.append({
             "state": {k: v.clone() for k, v in pl_module.state_dict().items()},
             "grads": [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()],
             "training": [m.training for m in pl_module.modules()],
@@ -135,12 +123,12 @@ class AfterAttack(pl.Callback):
 
 def test_replace_on_tuple_batches_is_fgsm_on_exactly_the_chosen_rows():
     eps, fraction = 0.4, 0.3
-    snap, adv, after = Snapshot(), AdversarialAugmentCallback("fgsm", eps=eps, fraction=fraction), AfterAttack()
+    snap, adv, after = Snapshot(), AdversarialAugmentCallback("fgsm", eps=eps, fraction=fraction), Snapshot()
     module, trainer = fit([snap, adv, after], module=Module(batch_norm=True), data=Data(layout="views"))
     data = Data()
     assert torch.equal(trainer.datamodule.x, data.x)  # the loader's tensors were not written into
     assert len(module.steps) == 2 * (N // B)
-    for step, before, post in zip(module.steps, snap.before, after.after):
+    for step, before, post in zip(module.steps, snap.records, after.records):
         rows = slice(step["idx"] * B, (step["idx"] + 1) * B)
         clean, y = data.x[rows], data.y[rows]
         changed = step["changed"]
