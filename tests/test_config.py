@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import Logger
 import pytest
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
@@ -27,9 +28,10 @@ def test_every_group_option_composes_and_instantiates(group, option, tmp_path, d
         return
     if group in ("callbacks", "logger"):
         objects = [instantiate(entry) for entry in (node or {}).values()]
-        assert all(obj is not None for obj in objects)
+        assert all(isinstance(obj, (pl.Callback, Logger)) for obj in objects)
     else:
-        assert instantiate(node) is not None
+        expected = {"data": pl.LightningDataModule, "model": pl.LightningModule, "trainer": pl.Trainer}
+        assert isinstance(instantiate(node), expected.get(group, object)), group
 
 
 def test_train_config_defaults(tmp_path, data_dir):
@@ -44,8 +46,9 @@ def test_train_config_defaults(tmp_path, data_dir):
 def test_every_experiment_composes_and_instantiates(experiment, tmp_path, data_dir):
     cfg = compose_config("train", [f"experiment={experiment}"], tmp_path, data_dir)
     OmegaConf.resolve(cfg)
-    assert instantiate(cfg.data) is not None and instantiate(cfg.model) is not None
-    assert all(instantiate(entry) is not None for entry in (cfg.callbacks or {}).values() if entry is not None)
+    assert isinstance(instantiate(cfg.data), pl.LightningDataModule)
+    assert isinstance(instantiate(cfg.model), pl.LightningModule)
+    assert all(isinstance(instantiate(entry), pl.Callback) for entry in (cfg.callbacks or {}).values() if entry)
 
 
 @pytest.mark.parametrize("schedule", options("batch_schedule"))

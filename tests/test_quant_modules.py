@@ -288,5 +288,10 @@ def test_quantized_model_moves_like_any_module():
     from lightning_hessian.quant import quantize_model
 
     qmodel, _ = quantize_model(MNIST1DCNN(), 8)
+    x = torch.randn(4, 40)
+    qmodel(x)  # calibrate
+    qmodel.eval()
+    before = qmodel(x)
     moved = qmodel.double().float().to("cpu")
     assert all(p.dtype == torch.float32 for p in moved.parameters())
+    torch.testing.assert_close(moved(x), before, rtol=1e-6, atol=1e-6)  # ranges and scales survived the casts
