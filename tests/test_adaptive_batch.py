@@ -138,3 +138,19 @@ def test_bad_arguments(kwargs, match):
 def test_bad_budgets_fail_before_training(max_batch_size, match, scripted_eigenvalues):
     with pytest.raises(ValueError, match=match):
         fit(AdaptiveBatchSizeCallback(max_batch_size=max_batch_size, probe_size=16), epochs=1)
+
+
+def test_failed_probes_warn_and_keep_the_batch():
+    calls = {"n": 0}
+
+    def nan_after_setup(model, batch):  # the first call is the set-up check; every probe then sees NaN
+        calls["n"] += 1
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        return loss * float("nan") if calls["n"] > 1 else loss
+
+    cb = AdaptiveBatchSizeCallback(max_batch_size=64, duration=2, probe_size=16, loss_fn=nan_after_setup, plot=False)
+    with pytest.warns(UserWarning, match="batch size unchanged"):
+        _, trainer = fit(cb, epochs=4)
+    assert trainer.current_epoch == 4
+    assert [h["batch_size"] for h in cb.history] == [8] * 4 and cb.reference is None

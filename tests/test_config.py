@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import Logger
 import pytest
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import Logger
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, compose_config

@@ -159,5 +159,14 @@ def test_misconfiguration_fails_before_training(kwargs, match):
 def test_a_warm_start_of_another_size_is_ignored():
     cb = HessianSpectrumCallback(probe_size=32, trace=False)
     cb.load_state_dict({"history": [], "warm_start": torch.ones(1, 3)})  # e.g. from another model's checkpoint
-    fit([cb], max_epochs=1)
-    assert len(cb.history) == 1 and cb.state_dict()["warm_start"].shape[-1] != 3
+    module, _ = fit([cb], max_epochs=1)
+    dim = sum(p.numel() for p in module.parameters())
+    assert len(cb.history) == 1 and cb.state_dict()["warm_start"].shape == (1, dim)
+
+
+def test_every_n_steps_probes_once_per_optimizer_step_under_accumulation():
+    cb = HessianSpectrumCallback(probe_size=32, trace=False, every_n_steps=2)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accumulate_grad_batches=2)
+    trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=8))  # 12 micro-batches: 6 optimizer steps
+    assert [h["step"] for h in cb.history] == [2, 4, 6]

@@ -87,7 +87,7 @@ class AdaptiveBatchSizeCallback(Callback):
         self.max_batch_size, self.schedule, self.factor = max_batch_size, schedule, factor
         self.decay_ratio, self.duration, self.mode = decay_ratio, duration, mode
         self.warmup_epochs, self.fb_warmup_epochs = warmup_epochs, fb_warmup_epochs
-        self.adversarial, self.initial_adversarial_fraction = adversarial, adversarial_fraction
+        self.adversarial = adversarial
         self.plot = plot
         self._probe = HessianSpectrumCallback(
             top_k=1, trace=False, probe_size=probe_size, probe_batch_size=probe_batch_size, seed=seed,
@@ -96,7 +96,6 @@ class AdaptiveBatchSizeCallback(Callback):
         # schedule state (all of it in state_dict)
         self.base_batch_size: int | None = None
         self.batch_size: int | None = None
-        self.lr_factor = 1.0
         self.reference: float | None = None
         self.epochs_since_growth = 0
         self.adversarial_fraction = adversarial_fraction if adversarial else 0.0
@@ -139,7 +138,8 @@ class AdaptiveBatchSizeCallback(Callback):
                 )
             if self.schedule == "fb":
                 self._grow(trainer, pl_module, self._largest_reachable() // current)
-                self.warmup = {"start_epoch": 0.0, "epochs": self.fb_warmup_epochs, "from_ratio": 1 / self.lr_factor}
+                self.warmup = {"start_epoch": 0.0, "epochs": self.fb_warmup_epochs,
+                               "from_ratio": current / self.batch_size}
         else:
             self._realise(trainer, pl_module, self.batch_size // self.base_batch_size)
         dataset_size = len(trainer.train_dataloader.dataset) if trainer.train_dataloader is not None else None
@@ -185,7 +185,7 @@ class AdaptiveBatchSizeCallback(Callback):
             start = time.perf_counter()
             eigenvalue = self._top_eigenvalue(trainer, pl_module)
             self.probe_seconds += time.perf_counter() - start
-            growth = self._abs_decision(eigenvalue)
+            growth = self._abs_decision(eigenvalue) if eigenvalue is not None else 1  # failed probe: keep
         elif self.schedule == "gg":
             growth = self._gg_decision(trainer)
         growth = trainer.strategy.broadcast(growth, src=0)
@@ -231,7 +231,6 @@ class AdaptiveBatchSizeCallback(Callback):
         if growth > 1:
             for g in groups:
                 g["lr"] *= growth
-            self.lr_factor /= growth  # the LR change is the scheduler's own, not a batch scaling
         return growth
 
     def _top_eigenvalue(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
@@ -276,7 +275,6 @@ class AdaptiveBatchSizeCallback(Callback):
             trainer.fit_loop._last_train_dl_reload_epoch = float("-inf")
 
     def _scale_lr(self, trainer: pl.Trainer, growth: float) -> None:
-        self.lr_factor *= growth
         for g in trainer.optimizers[0].param_groups:
             g["lr"] *= growth
             if "initial_lr" in g:
@@ -330,12 +328,16 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "base_batch_size": self.base_batch_size, "batch_size": self.batch_size, "lr_factor": self.lr_factor,
+            "base_batch_size": self.base_batch_size, "batch_size": self.batch_size,
             "reference": self.reference, "epochs_since_growth": self.epochs_since_growth,
             "adversarial_fraction": self.adversarial_fraction, "warmup": self.warmup,
-            "probe_seconds": self.probe_seconds, "history": self.history,
+            "probe_seconds": self.probe_seconds, "history": self.history, "probe": self._probe.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key, value in state_dict.items():
+        state = dict(state_dict)
+        if "probe" in state:  # the probe's warm start: a resumed run's eigenvalues equal an uninterrupted one's
+            self._probe.load_state_dict(state.pop("probe"))
+        state.pop("lr_factor", None)  # written by earlier versions
+        for key, value in state.items():
             setattr(self, key, value)

@@ -118,6 +118,7 @@ class HessianSpectrumCallback(Callback):
         self._probe_seconds = 0.0  # time spent probing / training (minus probes) so far, for max_overhead
         self._train_seconds = 0.0
         self._clock: float | None = None
+        self._last_step = 0  # the optimizer step last probed by every_n_steps (step 0 is never probed)
         self._batches: list[Any] | None = None
         self._loss: LossFn | None = None
         self._warm_start: torch.Tensor | None = None
@@ -146,17 +147,20 @@ class HessianSpectrumCallback(Callback):
             batches = probe_batches(dataset, indices, self.probe_batch_size, collate_fn,
                                     trainer.global_rank, trainer.world_size)
         self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
-        with leave_no_trace(pl_module, self.mode):
-            loss = self._loss(pl_module, self._batches[0])
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(
-                "loss_fn must return a scalar tensor (the mean loss over the batch), got "
-                f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
-            )
+        if self._batches:  # a rank may hold no probe batch (fewer given batches than ranks)
+            with leave_no_trace(pl_module, self.mode):
+                loss = self._loss(pl_module, self._batches[0])
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    "loss_fn must return a scalar tensor (the mean loss over the batch), got "
+                    f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
+                )
         self._clock = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step  # moves once per optimizer step, not per accumulated micro-batch
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
             self._probe_and_log(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -270,7 +270,8 @@ class HessianOperator:
         V = V.to(device=self.device, dtype=self.dtype)
         k = V.shape[0]
         with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            V = V.clone()  # an inference tensor from the caller becomes a normal one
+            if V.is_inference():  # an inference tensor from the caller becomes a normal one
+                V = V.clone()
             total = torch.zeros(k, self.dim, device=self.device, dtype=self.dtype)
             count = 0
             kind = "single" if k == 1 else "multi"
