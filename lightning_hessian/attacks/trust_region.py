@@ -102,7 +102,7 @@ def trust_region(
         for _ in range(max_iter):
             if active.numel() == 0:
                 break
-            xa, ya, ra = x_adv[active].requires_grad_(True), y[active], radius[active]
+            xa, ya, ra, x0 = x_adv[active].requires_grad_(True), y[active], radius[active], x[active]
             logits = model(xa)
             if logits.dim() != 2 or logits.shape[1] < 2:
                 raise ValueError(f"model must return logits of shape (N, K>=2), got {tuple(logits.shape)}")
@@ -112,10 +112,10 @@ def trust_region(
             j, m, g, d = _nearest_boundary(logits, xa, ya, targets, dual, bounds)
             xa = xa.detach()
             ra = torch.where(ra.isinf(), _FIRST_RADIUS_FRACTION * d, ra)
-            crossing = d + overshoot * (d + per_sample_norm(xa - x[active], norm))
+            crossing = d + overshoot * (d + per_sample_norm(xa - x0, norm))
             step = torch.where(d.isfinite(), torch.minimum(ra, crossing), 0.0)  # inf: no direction left open
             trial = xa - as_column(step, xa) * ascent_direction(g, norm)
-            trial = into_range(x[active] + project(trial - x[active], eps, norm), clamp)
+            trial = into_range(x0 + project(trial - x0, eps, norm), clamp)
             predicted = -(g * (trial - xa)).flatten(1).sum(1)
             with torch.no_grad():
                 trial_logits = model(trial)

@@ -90,10 +90,12 @@ def hessian_diagonal(
         k = min(batch, num_samples - count)
         z = torch.randint(0, 2, (k, op.dim), generator=generator, device=device, dtype=dtype).mul_(2).sub_(1)
         samples = (z * _apply(op, z)).to(acc_dtype)
-        batch_mean = samples.mean(0)
+        batch_mean = samples[0] if k == 1 else samples.mean(0)
         delta = batch_mean - mean
         total = count + k
-        m2 += ((samples - batch_mean) ** 2).sum(0) + delta**2 * (count * k / total)
+        if k > 1:  # the batch's own spread (none for one sample: AdaHessian's every step)
+            m2 += ((samples - batch_mean) ** 2).sum(0)
+        m2 += delta**2 * (count * k / total)
         mean += delta * (k / total)
         count = total
         if rel_tol is not None and count >= 2 and _stderr(m2, count).norm() <= rel_tol * mean.norm():

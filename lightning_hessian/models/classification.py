@@ -53,7 +53,7 @@ class ClassificationModule(LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         metric = self.metrics[stage + "_"]
-        metric(logits, y)
+        metric.update(logits, y)  # logged per epoch: no per-batch value to compute
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))

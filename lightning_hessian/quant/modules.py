@@ -185,10 +185,11 @@ class _QuantLayer:
             acc = self._layer_op(x.integers().double(), codes.double(), None if bias is None else bias.double())
             scale = self._channel_scale(acc_scale, acc)
             return ScaledTensor.wrap(acc * scale, scale)
-        weight = quantize_weight(self.weight, self.weight_bits)
+        scale = weight_scale(self.weight, self.weight_bits)  # once, for the weight and the bias grid
+        weight = quantize_weight(self.weight, self.weight_bits, scale)
         bias = self.bias
         if bias is not None and self.act.calibrated:
-            bias = quantize_bias(bias, weight_scale(self.weight, self.weight_bits) * self.act.scale())
+            bias = quantize_bias(bias, scale * self.act.scale())
         return self._layer_op(x, weight, bias)
 
     def extra_repr(self) -> str:

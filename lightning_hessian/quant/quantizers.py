@@ -87,11 +87,13 @@ def weight_codes(weight: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return quantize(weight, _per_channel(scale, weight), qmin, qmax), scale
 
 
-def quantize_weight(weight: Tensor, bits: int) -> Tensor:
-    """Per-channel fake-quantized weight ``Q_b(W)`` with a straight-through (identity) gradient."""
+def quantize_weight(weight: Tensor, bits: int, scale: Tensor | None = None) -> Tensor:
+    """Per-channel fake-quantized weight ``Q_b(W)`` with a straight-through (identity) gradient; ``scale`` is
+    ``weight_scale(weight, bits)`` when the caller already has it."""
     validate_bits(bits, "bits")
     qmin, qmax = qrange(bits, signed=True)
-    return fake_quantize(weight, _per_channel(weight_scale(weight, bits), weight), qmin, qmax)
+    scale = weight_scale(weight, bits) if scale is None else scale
+    return fake_quantize(weight, _per_channel(scale, weight), qmin, qmax)
 
 
 def bias_codes(bias: Tensor, scale: Tensor) -> Tensor:
