@@ -163,3 +163,19 @@ def test_density_recovers_a_known_spectrum() -> None:
     exact = gaussian_density(result.grid, eig, torch.full((32,), 1 / 32, dtype=torch.float64), 0.2)
     step = float(result.grid[1] - result.grid[0])
     assert float((result.density - exact).abs().sum()) * step < 0.1  # L1 distance of the two densities
+
+
+def test_probe_draws_ignore_the_default_device() -> None:
+    """Lightning's configure_model runs under torch.device(root_device): seeded probes must not follow it."""
+    from lightning_hessian.hessian.lanczos import start_vectors
+    from lightning_hessian.hessian.trace import rademacher
+
+    def draws():
+        return (rademacher(3, 7, torch.Generator().manual_seed(1), torch.float32, torch.device("cpu")),
+                start_vectors(7, None, 1, torch.float32, torch.device("cpu")))
+
+    plain = draws()
+    with torch.device("meta"):
+        under_meta = draws()
+    for a, b in zip(plain, under_meta):
+        assert b.device.type == "cpu" and torch.equal(a, b)

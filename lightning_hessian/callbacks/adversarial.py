@@ -211,7 +211,8 @@ class AdversarialAugmentCallback(Callback):
         if not self._differentiable:
             self._check_differentiable(pl_module, x, "attack")
         seed = _mix(self.seed, self.batches_seen, trainer.global_rank)
-        rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values.to(x.device)
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(n, generator=generator, device="cpu")[:k].sort().values.to(x.device)
         x_clean, y_clean = x[rows], y[rows].long()
         attack = self._attack(self.attack, self.eps, self.steps, self.step_size,
                               torch.Generator(device=x.device).manual_seed(seed))

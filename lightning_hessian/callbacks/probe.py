@@ -44,7 +44,7 @@ def draw_probe_indices(dataset_size: int, probe_size: int, seed: int) -> list[in
             f"probe_size={probe_size} exceeds the {dataset_size} training samples: lower probe_size"
         )
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(dataset_size, generator=generator)[:probe_size].sort().values.tolist()
+    return torch.randperm(dataset_size, generator=generator, device="cpu")[:probe_size].sort().values.tolist()
 
 
 def probe_batches(

@@ -126,7 +126,7 @@ def per_layer_top_eigenvalue(
         if k > d:
             raise ValueError(f"k={k} exceeds the size {d} of block {name!r}")
         g = torch.Generator().manual_seed(seed + i)
-        start = torch.randn(1, d, generator=g, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
+        start = torch.randn(1, d, generator=g, device="cpu", dtype=torch.float64).to(device=op.device, dtype=op.dtype)
         solvers[name] = KrylovSolver(d, k, which, start, tol, max_iter, ncv, None, seed + i)
     while True:
         requests = {name: X for name, s in solvers.items() if (X := s.request()) is not None}

@@ -146,7 +146,7 @@ def spectral_density(
     all_nodes, all_weights = [], []
     for start in range(0, num_runs, batch):
         n = min(batch, num_runs - start)
-        V0 = torch.randn(n, dim, generator=gen, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
+        V0 = torch.randn(n, dim, generator=gen, device="cpu", dtype=torch.float64).to(device=op.device, dtype=op.dtype)
         if deflate:
             V0 -= (V0 @ Q.T) @ Q
         V0 /= torch.linalg.vector_norm(V0, dim=1, keepdim=True)

@@ -74,7 +74,7 @@ def start_vectors(
     """``v0`` as ``(p, dim)`` rows, or one seeded Gaussian vector (drawn on CPU: same on every device/rank)."""
     if v0 is None:
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(1, dim, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        return torch.randn(1, dim, generator=g, device="cpu", dtype=torch.float64).to(device=device, dtype=dtype)
     v0 = v0.detach().to(device=device, dtype=dtype)
     if v0.dim() == 1:
         v0 = v0[None]
@@ -174,7 +174,7 @@ class KrylovSolver:
 
     def _random_direction(self) -> None:
         """Add a random direction orthogonal to the basis (after an invariant subspace is found)."""
-        w = torch.randn(1, self.dim, generator=self.gen, dtype=torch.float64).to(self.V)
+        w = torch.randn(1, self.dim, generator=self.gen, device="cpu", dtype=torch.float64).to(self.V)
         self._orthogonalise(w, self.m)
         self.V[self.m] = w[0] / torch.linalg.vector_norm(w[0])
         self.m += 1
@@ -307,7 +307,7 @@ def top_eigenvalues(
         start = (start / torch.linalg.vector_norm(start, dim=1, keepdim=True)).sum(0, keepdim=True)
     elif block_size is not None and start.shape[0] < block_size:  # pad the block with seeded Gaussians
         g = torch.Generator().manual_seed(seed)
-        extra = torch.randn(block_size - start.shape[0], op.dim, generator=g, dtype=torch.float64)
+        extra = torch.randn(block_size - start.shape[0], op.dim, generator=g, device="cpu", dtype=torch.float64)
         start = torch.cat([start, extra.to(start)])
     solver = KrylovSolver(op.dim, k, which, start, tol, max_iter, ncv, block_size, seed, min_iter)
     while (X := solver.request()) is not None:

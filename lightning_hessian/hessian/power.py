@@ -45,7 +45,7 @@ def power_iteration(
         if given is not None and i < given.shape[0]:
             v = given[i].clone()
         else:
-            v = torch.randn(op.dim, generator=g, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
+            v = torch.randn(op.dim, generator=g, device="cpu", dtype=torch.float64).to(device=op.device, dtype=op.dtype)
         lam, res, done, x = 0.0, float("inf"), False, v
         for _ in range(max_iter):
             x = v - found.T @ (found @ v)

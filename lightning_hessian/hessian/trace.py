@@ -39,7 +39,7 @@ class TraceResult:
 
 def rademacher(n: int, dim: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``n`` Rademacher (+-1) rows of length ``dim``, drawn on CPU so they do not depend on the device."""
-    bits = torch.randint(0, 2, (n, dim), generator=generator, dtype=torch.int8)
+    bits = torch.randint(0, 2, (n, dim), generator=generator, device="cpu", dtype=torch.int8)
     return (bits.to(device=device, dtype=dtype) * 2 - 1).contiguous()
 
 

@@ -211,7 +211,7 @@ class HAWQModule(LightningModule):
         """Hessian sensitivity of the float module's quantizable layers on ``batches`` (eval mode)."""
         model = self.float_module
         loss = resolve_loss_fn(model, self.loss_fn)
-        with leave_no_trace(model, "eval"), torch.device("cpu"):  # probes are drawn on CPU generators
+        with leave_no_trace(model, "eval"):
             self.sensitivity = layer_sensitivity(
                 model, loss, batches, self.layers, self.bit_choices, metrics=(self.metric,),
                 rel_tol=self.trace_rel_tol, max_samples=self.max_samples, act_momentum=self.momentum, seed=self.seed,
