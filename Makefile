@@ -31,7 +31,7 @@ lint: setup
 
 # Peers that the benchmarks measure against (not needed by the library or its tests).
 bench-setup: setup
-	$(PY) -m pip install --quiet pyhessian
+	$(PY) -m pip install --quiet pyhessian scipy
 	$(PY) -m pip install --quiet --no-deps torchattacks torch_optimizer
 
 clean:

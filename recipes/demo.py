@@ -10,6 +10,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ def last_logged(metrics_csv: Path, key: str) -> float:
 
 
 def main() -> None:
+    started = time.perf_counter()
     for stage, (script, *overrides) in STAGES.items():
         print(f"== {stage}", flush=True)
         command = [sys.executable, str(ROOT / "recipes" / script), *overrides, f"hydra.run.dir={RUN / stage}"]
@@ -44,6 +46,7 @@ def main() -> None:
         ("quantized test accuracy", f"{quant['quantized']['test/acc']:.4f}"),
         ("integer-only (ONNX) test accuracy", f"{quant['integer']['test/acc']:.4f}"),
         ("weight size", f"{quant['size_kb']['float']:.1f} KB -> {quant['size_kb']['quantized']:.1f} KB"),
+        ("wall time (three stages)", f"{time.perf_counter() - started:.0f} s"),
     ]
     plots = [
         *sorted((RUN / "train" / "hessian").glob("*.png")),
