@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian.lanczos import top_eigenvalues
 from lightning_hessian.hessian.operator import LinearOperator
 
@@ -126,8 +127,7 @@ def spectral_density(
             weights and the implied trace remain valid).
     """
     for name, value in (("num_runs", num_runs), ("lanczos_steps", lanczos_steps), ("batch", batch)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(value, name)
     if not isinstance(deflate, int) or not 0 <= deflate < op.dim:
         raise ValueError(f"deflate must be an int in [0, dim), got {deflate!r}")
     if reorth not in REORTH:

@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lightning_hessian.checks import check_positive_int
+
 
 class DiagonalEstimate(NamedTuple):
     """Hutchinson estimate of ``diag(H)`` (flat), its per-entry standard error, and the samples used.
@@ -66,12 +68,8 @@ def hessian_diagonal(
         >>> est.diagonal
         tensor([1., 2., 3.])
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if batch is None:
-        batch = min(num_samples, 16)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer or None, got {batch!r}")
+    check_positive_int(num_samples, "num_samples")
+    batch = check_positive_int(min(num_samples, 16) if batch is None else batch, "batch")
     if rel_tol is not None and not rel_tol > 0:
         raise ValueError(f"rel_tol must be a positive float or None, got {rel_tol!r}")
     if not hasattr(op, "dim") or not (hasattr(op, "matmat") or hasattr(op, "matvec")):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian.operator import LinearOperator
 
 WHICH = ("LA", "LM", "SA")
@@ -56,16 +57,14 @@ def order_by(theta: torch.Tensor, which: str) -> torch.Tensor:
 
 
 def check_common(op: LinearOperator, k: int, which: str, tol: float, max_iter: int) -> None:
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_positive_int(k, "k")
     if k > op.dim:
         raise ValueError(f"k={k} exceeds the operator dimension {op.dim}")
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    check_positive_int(max_iter, "max_iter")
 
 
 def start_vectors(

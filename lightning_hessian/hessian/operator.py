@@ -19,6 +19,8 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_hessian.checks import check_positive_int
+
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 ParamSpec = str | nn.Module | torch.Tensor
@@ -206,8 +208,7 @@ class HessianOperator:
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
         if hvp != "auto" and hvp not in HVP_FORMS:
             raise ValueError(f"hvp must be 'auto' or one of {HVP_FORMS}, got {hvp!r}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_positive_int(chunk_size, "chunk_size")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         self.model = model

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian.operator import LinearOperator
 
 METHODS = ("hutchinson", "hutch++")
@@ -65,8 +66,7 @@ def check_sampling(num_samples: int | None, rel_tol: float, batch: int, min_samp
     if num_samples is None and not rel_tol > 0:
         raise ValueError(f"rel_tol must be > 0, got {rel_tol!r}")
     for name, value in (("batch", batch), ("min_samples", min_samples), ("max_samples", max_samples)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(value, name)
     if num_samples is None and max_samples < max(min_samples, 2):
         raise ValueError(f"max_samples ({max_samples}) must be >= max(min_samples, 2)")
 

@@ -14,7 +14,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from lightning_hessian.callbacks.probe import (
     resolve_loss_fn,
     train_dataset_of,
 )
+from lightning_hessian.checks import check_positive_int
 from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
 from lightning_hessian.quant.modules import quantizable_layers, quantize_model
@@ -151,8 +152,7 @@ class HAWQModule(LightningModule):
                              f"so it needs act_bits={FOLLOW!r} (got act_bits={act_bits!r}); use 'quadratic' otherwise")
         for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size),
                             ("max_samples", max_samples)):
-            if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         if not (isinstance(distill_weight, Real) and 0 <= distill_weight <= 1):
             raise ValueError(f"distill_weight must be in [0, 1] (0: no distillation), got {distill_weight!r}")
         if not (isinstance(temperature, Real) and temperature > 0):
