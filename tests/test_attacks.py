@@ -17,6 +17,7 @@ from lightning_hessian.attacks import (
     robust_accuracy,
     trust_region,
 )
+from tests.conftest import fit_full_batch
 
 ATTACKS = {
     "fgsm": partial(fgsm, eps=0.3),
@@ -34,13 +35,7 @@ def _blobs(n: int, dim: int, classes: int, seed: int, spread: float = 3.0) -> tu
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> nn.Module:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
+    return fit_full_batch(model, x, y, steps).eval()
 
 
 @pytest.fixture(scope="module")

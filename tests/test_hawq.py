@@ -18,6 +18,7 @@ from lightning_hessian.models import MNIST1DCNN, ClassificationModule
 from lightning_hessian.quant.allocation import InfeasibleBudgetError
 from lightning_hessian.quant.hawq import HAWQModule
 from lightning_hessian.quant.modules import QuantConv1d, QuantLinear
+from tests.conftest import fit_full_batch
 
 LAYERS = ["net.features.0", "net.features.2", "net.features.4", "net.classifier"]
 TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -39,14 +40,7 @@ def float_module(seed: int = 0) -> ClassificationModule:
 @pytest.fixture(scope="module")
 def trained() -> ClassificationModule:
     """A briefly trained float module (plain loop: near a minimum, so the Hessian traces are positive)."""
-    module = float_module()
-    x, y = make_data()
-    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        F.cross_entropy(module(x), y).backward()
-        opt.step()
-    return module
+    return fit_full_batch(float_module(), *make_data(), steps=150)
 
 
 def loaders() -> tuple[DataLoader, DataLoader]:

@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_hessian.hessian import HessianOperator
 from lightning_hessian.models import MNIST1DCNN, MNIST1DMLP
+from tests.conftest import fit_full_batch
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -66,12 +67,7 @@ def problem(kind: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], to
     torch.manual_seed(0)
     model = (MNIST1DMLP(hidden=32) if kind == "mlp" else MNIST1DCNN(channels=8)).double()
     train = teacher_batch(512, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        loss_fn(model, train).backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    fit_full_batch(model, *train, steps=60)
     batch = teacher_batch(64 if kind == "mlp" else 32, seed=2)
     return model, batch, dense_hessian(model, loss_fn, batch)
 

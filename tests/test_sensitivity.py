@@ -13,6 +13,7 @@ from torch.func import functional_call, hessian
 from lightning_hessian.hessian.operator import HessianOperator
 from lightning_hessian.models import MNIST1DCNN
 from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity, weight_perturbation
+from tests.conftest import fit_full_batch
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -98,11 +99,7 @@ def test_omega_decreases_with_bits_on_every_layer():
     torch.manual_seed(0)
     model = MNIST1DCNN(channels=8)
     x, y = torch.randn(64, 40), torch.randint(0, 10, (64,))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):  # near a minimum, where the Hessian blocks are positive semi-definite (HAWQ's setting)
-        opt.zero_grad()
-        loss_fn(model, (x, y)).backward()
-        opt.step()
+    fit_full_batch(model, x, y, steps=60)  # near a minimum, where the Hessian blocks are PSD (HAWQ's setting)
     sens = layer_sensitivity(model, loss_fn, (x, y), bit_choices=range(2, 9), max_samples=32)
     assert list(sens.trace) == ["features.0", "features.2", "features.4", "classifier"]
     for layer, table in sens.omega().items():

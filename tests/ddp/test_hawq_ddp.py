@@ -8,13 +8,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule
 from lightning_hessian.quant.hawq import HAWQModule
+from tests.conftest import fit_full_batch
 
 pytestmark = pytest.mark.ddp
 
@@ -31,13 +31,7 @@ def trained() -> ClassificationModule:
     torch.manual_seed(0)
     module = ClassificationModule(MNIST1DCNN(channels=6, num_classes=4),
                                   optimizer=partial(torch.optim.SGD, lr=0.05), num_classes=4)
-    x, y = data().tensors
-    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-    for _ in range(100):
-        opt.zero_grad()
-        F.cross_entropy(module(x), y).backward()
-        opt.step()
-    return module
+    return fit_full_batch(module, *data().tensors, steps=100)
 
 
 class SaveRankState(pl.Callback):
