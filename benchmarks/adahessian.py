@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import command, machine, write_result
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -175,18 +175,6 @@ def step_memory(kind: str, channels: int, batch: int, name: str, steps: int) -> 
     return {"peak_mb": peak / 2**20, "rss_growth_mb": _current_rss_mb() - rss_start}
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0]
-    return (f"{cpu}, {os.cpu_count()} cores (load {load:.2f}); Python {platform.python_version()}, "
-            f"torch {torch.__version__}, 1 torch thread")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
@@ -230,11 +218,10 @@ def main() -> None:
             )
             print(cost_rows[-1], flush=True)
 
-    command = "python benchmarks/adahessian.py" + "".join(f" {a}" for a in sys.argv[1:])
     report = "\n".join([
         "# AdaHessian vs SGD, Adam and torch_optimizer.Adahessian (MNIST-1D CNN)",
         "",
-        f"Command: `{command}`  ",
+        f"Command: `{command()}`  ",
         f"Machine: {machine()}  ",
         f"Data: MNIST-1D 4000 train / 1000 test (seed 42), batch 100, {args.epochs} epochs, "
         f"{args.seeds} seeds (model init and data order). Conv2d twin max |output gap| vs the Conv1d CNN: "
@@ -258,10 +245,7 @@ def main() -> None:
         *cost_rows,
         "",
     ])
-    print(report)
-    out = Path(__file__).resolve().parent / "results" / "adahessian.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+    write_result("adahessian", report)
 
 
 if __name__ == "__main__":

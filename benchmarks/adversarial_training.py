@@ -13,9 +13,7 @@ Run: ``.venv/bin/python benchmarks/adversarial_training.py`` (writes benchmarks/
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import time
 import warnings
 from functools import partial
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _common import command, machine, markdown_table, write_result
 
 from lightning_hessian import ClassificationModule, MNIST1DDataModule
 from lightning_hessian.attacks import pgd, robust_accuracy
@@ -64,10 +63,6 @@ def _mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,7 +74,6 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="MNIST-1D cache folder")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adversarial_training.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -118,16 +112,10 @@ def main() -> None:
                      _mean_std(gain) if name != "plain" else "-", _mean_std(cost) if name != "plain" else "-",
                      f"{median_s:.1f}", f"{median_s / plain_time:.2f}x"])
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     report = "\n\n".join([
         "## Adversarial training with AdversarialAugmentCallback (MNIST-1D CNN)",
-        f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  \n"
-        f"Machine: {cpu}, {args.threads} thread(s); torch {torch.__version__}, lightning {pl.__version__}, "
-        f"Python {platform.python_version()}  \nTotal run time {time.perf_counter() - started:.0f} s.",
+        f"Command: `{command()}`  \nMachine: {machine(f'lightning {pl.__version__}')}  \n"
+        f"Total run time {time.perf_counter() - started:.0f} s.",
         f"MNIST1DCNN (25 channels), {dm.num_train} training / {dm.num_test} test samples (standardised, range "
         f"[{dm.input_range[0]:.2f}, {dm.input_range[1]:.2f}]), batch {dm.batch_size}, Adam lr 1e-2 with cosine "
         f"decay, {args.epochs} epochs, seeds 0..{args.seeds - 1} (mean ± std). The callback replaces "
@@ -135,13 +123,9 @@ def main() -> None:
         f"clamped to the data range (clamp='auto'). Evaluation: PGD-{args.eval_steps} L-inf, step 2.5 eps / "
         f"{args.eval_steps}, one random start, on all {dm.num_test} test samples. Training times are wall-clock "
         "on a shared machine, variants interleaved per seed; the ratio is indicative.",
-        _table(header, rows),
+        markdown_table(header, rows),
     ])
-    print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + "\n")
-
+    write_result("adversarial_training", report)
 
 if __name__ == "__main__":
     main()

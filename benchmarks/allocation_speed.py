@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import ortools
 import scipy
 import torch
+from _common import command, machine, write_result
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from lightning_hessian.quant.allocation import allocate_bits, allocation_total
@@ -122,24 +119,10 @@ def measure(name, problems, solvers, repeats):
     ]
 
 
-def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    try:
-        load = open("/proc/loadavg").read().split()[0]
-    except OSError:
-        load = "?"
-    return (f"{cpu}, {os.cpu_count()} cores (load {load}); Python {platform.python_version()}, "
-            f"torch {torch.__version__}, ortools {ortools.__version__}, scipy {scipy.__version__}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "allocation_speed.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = range(args.seeds)
@@ -152,12 +135,11 @@ def main() -> None:
         problems = [instance(seed, layers, bits, budgets) for seed in seeds]
         rows += measure(name, problems, SOLVERS, args.repeats)
 
-    command = "python " + " ".join(sys.argv)
     lines = [
         "# allocate_bits speed",
         "",
-        f"Command: `{command}`  ",
-        f"Machine: {machine()}  ",
+        f"Command: `{command()}`  ",
+        f"Machine: {machine(f'ortools {ortools.__version__}', f'scipy {scipy.__version__}')}  ",
         f"Each row: {args.seeds} seeded instances x {args.repeats} repeats, end-to-end wall time; "
         "'obj. gap' = worst (objective / best objective among feasible answers - 1) over the instances.",
         "",
@@ -176,13 +158,7 @@ def main() -> None:
         peer = by_solver["peer: scipy milp (HiGHS)"]
         ratios.append(f"{name}: scipy milp / ours cbc = {peer / by_solver['ours: cbc']:.2f}x")
     lines += ["", "Speed ratios (same run): " + "; ".join(ratios) + "."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out}")
-
+    write_result("allocation_speed", "\n".join(lines))
 
 if __name__ == "__main__":
     main()

@@ -17,15 +17,14 @@ Run: ``.venv/bin/python benchmarks/attacks_vs_torchattacks.py`` (writes benchmar
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchattacks
+from _common import command, machine, markdown_table, write_result
 from torch import nn
 
 from lightning_hessian.attacks import attack_success_rate, fgsm, perturbation_norm, pgd, trust_region
@@ -193,17 +192,12 @@ def compare_minimal_attacks(model, x, y, cw_steps, device) -> list[list[str]]:
     return rows
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 for fair timings)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="MNIST-1D cache folder")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "attacks_vs_torchattacks.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -235,32 +229,22 @@ def main() -> None:
         sections.append(
             f"### {desc}\n\nClean test accuracy {100 * clean:.1f}% on {len(y)} samples; inputs in [0, 1], "
             f"batches of {grad_cfg['batch']}, step size 2.5 eps / steps, random start.\n\n"
-            + _table(grad_header, grad_rows)
+            + markdown_table(grad_header, grad_rows)
             + f"\n\nMinimal L2 perturbation on the first {min_cfg['n']} test samples (relative L2 over fooled "
             "samples; CW keeps its best successful iterate):\n\n"
-            + _table(min_header, min_rows)
+            + markdown_table(min_header, min_rows)
         )
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device_desc = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {args.threads} thread(s)"
     report = "\n\n".join([
         "## Attacks: lightning_hessian vs torchattacks",
-        f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  \n"
-        f"Machine: {device_desc}; torch {torch.__version__}, torchattacks {torchattacks.__version__}, "
-        f"Python {platform.python_version()}  \nTotal run time {time.perf_counter() - started:.0f} s. "
+        f"Command: `{command()}`  \n"
+        f"Machine: {machine(f'torchattacks {torchattacks.__version__}')}  \n"
+        f"Total run time {time.perf_counter() - started:.0f} s. "
         "Timings: median over batches (and repeats) of runs interleaved with the peer, in alternating order, "
         "after a warm-up call; the same seed before each call of either library.",
         *sections,
     ])
-    print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + "\n")
-
+    write_result("attacks_vs_torchattacks", report)
 
 if __name__ == "__main__":
     main()

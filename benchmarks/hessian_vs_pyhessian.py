@@ -40,7 +40,7 @@ import pyhessian
 import scipy.sparse.linalg as sla
 import torch
 import torch.nn.functional as F
-from _common import command, machine, write_result
+from _common import command, machine, markdown_table, write_result
 from torch import nn
 from torch.func import functional_call, grad, jacrev
 
@@ -284,10 +284,6 @@ def compare_density(model, batch, H: torch.Tensor) -> tuple[list[list[str]], str
     return rows, ph_status
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -311,10 +307,10 @@ def main() -> None:
     sections.append(
         f"### A. MNIST-1D CNN ({sum(p.numel() for p in cnn.parameters()):,} parameters), batch {args.batch}\n\n"
         "Reference: ARPACK on float64 HVPs.\n\n"
-        + table(eig_header, compare_eigen(cnn, batch, ref, args.repeats, counter))
+        + markdown_table(eig_header, compare_eigen(cnn, batch, ref, args.repeats, counter))
         + "\n\nTrace, 100 probes each (no exact trace for this model). Both libraries draw the same Rademacher "
         "probes from the same seed here, hence equal plain estimates:\n\n"
-        + table(tr_header, compare_trace(cnn, batch, None, args.repeats, counter))
+        + markdown_table(tr_header, compare_trace(cnn, batch, None, args.repeats, counter))
     )
 
     torch.manual_seed(0)
@@ -325,12 +321,12 @@ def main() -> None:
     sections.append(
         f"### B. MNIST-1D MLP ({sum(p.numel() for p in mlp.parameters()):,} parameters), batch {args.batch}\n\n"
         "Reference: dense float64 Hessian (torch.func) and eigvalsh.\n\n"
-        + table(eig_header, compare_eigen(mlp, batch, ev[:5].copy(), args.repeats, counter))
+        + markdown_table(eig_header, compare_eigen(mlp, batch, ev[:5].copy(), args.repeats, counter))
         + f"\n\nTrace, 100 probes each (exact trace {float(ev.sum()):.3f}):\n\n"
-        + table(tr_header, compare_trace(mlp, batch, float(ev.sum()), args.repeats, counter))
+        + markdown_table(tr_header, compare_trace(mlp, batch, float(ev.sum()), args.repeats, counter))
         + f"\n\nDensity against the exact spectrum ({ph_status}):\n\n"
-        + table(["SLQ", "HVPs", "time s", "Wasserstein-1 to exact", "implied trace error", "weights per run sum to"],
-                density_rows)
+        + markdown_table(["SLQ", "HVPs", "time s", "Wasserstein-1 to exact", "implied trace error",
+                          "weights per run sum to"], density_rows)
     )
     report = "\n\n".join([
         "## Hessian spectrum: lightning_hessian vs PyHessian 0.1",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import command, machine, write_result
+from _common import command, machine, markdown_table, write_result
 from torch import nn
 
 from lightning_hessian.data.mnist1d import load_mnist1d
@@ -79,10 +79,6 @@ def measure(model: nn.Module, batch, k: int, repeats: int, warmup: bool) -> tupl
     return rows, f"`hvp=\"auto\"` picks {auto.hvp_choice['single']} (one vector), {auto.hvp_choice['multi']} (several)"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,7 +101,7 @@ def main() -> None:
     for title, model, batch, k, repeats, warmup in setups:
         rows, auto = measure(model, batch, k, repeats, warmup)
         n = sum(p.numel() for p in model.parameters())
-        sections.append(f"### {title}, {n:,} parameters\n\n{table(header, rows)}\n\n{auto}.")
+        sections.append(f"### {title}, {n:,} parameters\n\n{markdown_table(header, rows)}\n\n{auto}.")
         print(sections[-1], flush=True)
     report = "\n\n".join([
         "## HVP cost: one Hessian-vector product vs one gradient",

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _common import command, machine, write_result
 
 from lightning_hessian.models import MNIST1DCNN, resnet20
 from lightning_hessian.quant.export import export_onnx
@@ -54,13 +53,6 @@ def _session(path: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def measure(name: str, model: torch.nn.Module, x: torch.Tensor, repeats: int, workdir: Path) -> dict:
@@ -102,7 +94,6 @@ def measure(name: str, model: torch.nn.Module, x: torch.Tensor, repeats: int, wo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "integer_latency.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -115,9 +106,9 @@ def main() -> None:
     lines = [
         "# Integer-only inference: CPU latency and model size",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
-        f"Machine: {_cpu_name()}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
-        f"1 thread (torch.set_num_threads(1), ORT intra/inter-op 1), median of {args.repeats} runs.",
+        f"Command: `{command()}`  ",
+        f"Machine: {machine(f'onnxruntime {ort.__version__}')}; ORT intra/inter-op threads 1; median of "
+        f"{args.repeats} runs.",
         "Uniform 8-bit weights and activations; float = BatchNorm-folded float32 model. "
         "Integer logits in onnxruntime are bit-identical to the torch IntegerModel (checked in the run).",
         "",
@@ -145,10 +136,7 @@ def main() -> None:
         "Top-1 agreement: integer vs float model, random weights and random inputs (untrained models; accuracy "
         "of trained models is measured in the HAWQ table).",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_result("integer_latency", "\n".join(lines))
 
 
 if __name__ == "__main__":
