@@ -32,7 +32,7 @@ from lightning_hessian.hessian import (
     top_eigenvalues,
 )
 from lightning_hessian.landscape import loss_line, loss_plane
-from lightning_hessian.plots import plot_spectral_density
+from lightning_hessian.plots import plot_spectral_density, save_figure
 
 
 @dataclass
@@ -192,14 +192,14 @@ def _figures(report: dict[str, Any], density: Any, out: Path) -> dict[str, str]:
     ax.plot(land["alphas"], land["quadratic_1d"], "--", label=f"quadratic, $\\lambda_1$={report['eigenvalues'][0]:.3g}")
     ax.set(xlabel="step along top eigenvector", ylabel="loss", title="Loss along the top eigenvector")
     ax.legend(fontsize=8)
-    figures["landscape_1d"] = _save(fig, out / "landscape_1d.png")
+    figures["landscape_1d"] = str(save_figure(fig, out / "landscape_1d.png"))
 
     fig, ax = plt.subplots(figsize=(5, 4.2))
     contour = ax.contourf(land["grid_2d"], land["grid_2d"], torch.tensor(land["loss_2d"]).T.numpy(), levels=30)
     fig.colorbar(contour, ax=ax, label="loss")
     ax.plot([0], [0], "w+", ms=10)
     ax.set(xlabel="$v_1$", ylabel="$v_2$", title="Loss in the plane of the top two eigenvectors")
-    figures["landscape_2d"] = _save(fig, out / "landscape_2d.png")
+    figures["landscape_2d"] = str(save_figure(fig, out / "landscape_2d.png"))
 
     if density is not None:
         figures["density"] = str(plot_spectral_density(density.grid.tolist(), density.density.tolist(),
@@ -215,17 +215,8 @@ def _figures(report: dict[str, Any], density: Any, out: Path) -> dict[str, str]:
             axes[0, 1].barh(names, [report["per_layer"][n]["trace_per_param"] for n in names])
             axes[0, 1].set(xlabel="trace / parameters", title="Per-layer average trace")
             axes[0, 1].invert_yaxis()
-        figures["per_layer"] = _save(fig, out / "per_layer.png")
+        figures["per_layer"] = str(save_figure(fig, out / "per_layer.png"))
     return figures
-
-
-def _save(fig: Any, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
 
 
 def markdown_report(report: dict[str, Any]) -> str:

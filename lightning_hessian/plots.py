@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Lay out, save (creating folders) and close ``fig``; return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -38,7 +39,7 @@ def plot_spectrum_history(history: Sequence[dict], path: str | Path) -> Path:
         s, t, e = zip(*pts)
         ax.errorbar(s, t, yerr=e, marker="o", ms=3, capsize=2)
         ax.set(xlabel="step", ylabel="trace", title="Hessian trace (Hutchinson, ±1 s.e.)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_spectral_density(grid: Sequence[float], density: Sequence[float], path: str | Path, title: str = "") -> Path:
@@ -46,7 +47,7 @@ def plot_spectral_density(grid: Sequence[float], density: Sequence[float], path:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.semilogy(grid, [max(d, 1e-12) for d in density])
     ax.set(xlabel="eigenvalue", ylabel="density", title=title or "Hessian spectral density (SLQ)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_batch_schedule(history: Sequence[dict], path: str | Path) -> Path:
@@ -61,4 +62,4 @@ def plot_batch_schedule(history: Sequence[dict], path: str | Path) -> Path:
     if eigs:
         axes[0, 2].plot(*zip(*eigs), marker="o", ms=3)
         axes[0, 2].set(xlabel="epoch", ylabel="top eigenvalue", yscale="log", title="Hessian top eigenvalue")
-    return _save(fig, path)
+    return save_figure(fig, path)

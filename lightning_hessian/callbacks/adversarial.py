@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_hessian.attacks import attack_success_rate, fgsm, pgd, trust_region
+from lightning_hessian.attacks._common import NORMS, check_eps
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.checks import check_positive_int
 
@@ -20,7 +21,6 @@ Attack = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Schedule = Callable[[int], float] | Mapping[int, float]
 ATTACKS = ("fgsm", "pgd", "trust_region")
 MODES = ("replace", "append")
-NORMS = ("linf", "l2")
 
 
 class AdversarialAugmentCallback(Callback):
@@ -113,9 +113,9 @@ class AdversarialAugmentCallback(Callback):
         check_positive_int(steps, "steps")
         check_positive_int(robust_eval_steps, "robust_eval_steps")
         if step_size is not None:
-            _check_positive(step_size, "step_size")
+            check_eps(step_size, "step_size")
         if robust_eval_eps is not None:
-            _check_positive(robust_eval_eps, "robust_eval_eps")
+            check_eps(robust_eval_eps, "robust_eval_eps")
         if not (clamp is None or clamp == "auto" or _is_range(clamp)):
             raise ValueError(f"clamp must be 'auto', None or a pair (lo, hi) with lo < hi, got {clamp!r}")
         for name, key in (("input_key", input_key), ("target_key", target_key)):
@@ -166,7 +166,7 @@ class AdversarialAugmentCallback(Callback):
 
     @eps.setter
     def eps(self, value: float) -> None:
-        self._eps = _check_positive(value, "eps")
+        self._eps = check_eps(value, "eps")
 
     @property
     def state_key(self) -> str:
@@ -404,12 +404,6 @@ def _check_schedule(schedule: Any, name: str, valid: Callable[[float], bool], ru
     ):
         raise ValueError(f"{name} must be None, a callable epoch -> value, or a dict {{first_epoch: value}} with "
                          f"integer epochs >= 0 and values {rule}, got {schedule!r}")
-
-
-def _check_positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number in input units, got {value!r}")
-    return float(value)
 
 
 def _is_range(value: Any) -> bool:

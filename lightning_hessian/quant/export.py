@@ -27,7 +27,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -40,13 +39,10 @@ from lightning_hessian.quant.integer import (
     IntegerResidualAdd,
     Requantizer,
 )
+from lightning_hessian.quant.modules import IDENTITY_OPS, RELU_OPS, RESHAPE_OPS, TRANSPOSE_OPS
 
 _LEAVES = (IntegerAct, IntegerConv, IntegerLinear, IntegerResidualAdd, IntegerAvgPool)
-_RELU = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
-_IDENTITY = {F.dropout, F.dropout1d, F.dropout2d, torch.clone, Tensor.clone, Tensor.contiguous}
-_RESHAPE = {torch.flatten, Tensor.flatten, torch.reshape, Tensor.reshape, Tensor.view, torch.unsqueeze,
-            Tensor.unsqueeze, torch.squeeze, Tensor.squeeze}
-_TRANSPOSE = {torch.permute, Tensor.permute, torch.transpose, Tensor.transpose}
+
 
 
 class _Recorder(TorchFunctionMode):
@@ -183,16 +179,16 @@ def _emit_module(g: _Graph, m: nn.Module, inputs: list[str], out: Tensor) -> str
 
 
 def _emit_op(g: _Graph, func, args: tuple, src: str, x: Tensor, out: Tensor) -> str:
-    if func in _IDENTITY:
+    if func in IDENTITY_OPS:
         return src
-    if func in _RELU:
+    if func in RELU_OPS:
         return g.node("Relu", [src])
-    if func in _RESHAPE:
+    if func in RESHAPE_OPS:
         shape = list(out.shape)
         if out.dim() and x.dim() and out.shape[0] == x.shape[0]:
             shape[0] = 0  # copy the (dynamic) batch dimension
         return g.node("Reshape", [src, g.const(torch.tensor(shape))])
-    if func in _TRANSPOSE:
+    if func in TRANSPOSE_OPS:
         dims = args[1:]
         if func in (torch.transpose, Tensor.transpose):
             perm = list(range(x.dim()))

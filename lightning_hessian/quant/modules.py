@@ -54,16 +54,17 @@ _PASS_THROUGH = (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
 # Ops under which a ScaledTensor keeps its scale: elementwise ops that commute with a positive scale
-# (ReLU; dropout, which is the identity in eval) and pure data movement.
-_KEEP_SCALE = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.dropout, F.dropout1d,
-               F.dropout2d, torch.clone, Tensor.clone, Tensor.contiguous}
-_MOVE_SCALE = {torch.flatten, Tensor.flatten, torch.reshape, Tensor.reshape, Tensor.view, torch.unsqueeze,
-               Tensor.unsqueeze, torch.squeeze, Tensor.squeeze, torch.permute, Tensor.permute,
-               torch.transpose, Tensor.transpose}
+# (ReLU; dropout, which is the identity in eval) and pure data movement (export.py maps each group to ONNX).
+RELU_OPS = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
+IDENTITY_OPS = {F.dropout, F.dropout1d, F.dropout2d, torch.clone, Tensor.clone, Tensor.contiguous}
+RESHAPE_OPS = {torch.flatten, Tensor.flatten, torch.reshape, Tensor.reshape, Tensor.view, torch.unsqueeze,
+               Tensor.unsqueeze, torch.squeeze, Tensor.squeeze}
+TRANSPOSE_OPS = {torch.permute, Tensor.permute, torch.transpose, Tensor.transpose}
+_KEEP_SCALE = RELU_OPS | IDENTITY_OPS
+_MOVE_SCALE = RESHAPE_OPS | TRANSPOSE_OPS
 _INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
                     "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
-_FX_ALLOWED = {"relu", "relu_", "dropout", "dropout1d", "dropout2d", "clone", "contiguous", "flatten", "reshape",
-               "view", "unsqueeze", "squeeze", "permute", "transpose", "size", "dim", "getattr", "getitem"}
+_FX_ALLOWED = {f.__name__ for f in _KEEP_SCALE | _MOVE_SCALE} | {"size", "dim", "getattr", "getitem"}
 
 
 class ScaledTensor(Tensor):
