@@ -295,3 +295,26 @@ def test_quantized_model_moves_like_any_module():
     moved = qmodel.double().float().to("cpu")
     assert all(p.dtype == torch.float32 for p in moved.parameters())
     torch.testing.assert_close(moved(x), before, rtol=1e-6, atol=1e-6)  # ranges and scales survived the casts
+
+
+def test_ignored_module_types_are_not_reported():
+    import warnings
+
+    from lightning_hessian.quant import quantize_model
+
+    class Gain(nn.Module):  # a parameter the swap does not handle
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.g
+
+    model = nn.Sequential(nn.Linear(4, 3), Gain())
+    with pytest.warns(UserWarning, match=r"left in float: .*1 \(Gain"):
+        _, report = quantize_model(model, 8)
+    assert "1" in report.float_layers
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = quantize_model(model, 8, ignore=(Gain,))
+    assert "1" not in report.float_layers and not any("Gain" in str(w.message) for w in caught)

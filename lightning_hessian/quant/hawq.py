@@ -253,17 +253,12 @@ class HAWQModule(LightningModule):
     def quantize(self, bits: int | Mapping[str, int]) -> nn.Module:
         """Replace ``self.module`` by a quantized copy of the float module with these weight bits."""
         bits = self._check_bits(bits)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            qmodule, report = quantize_model(self.float_module, bits, self.act_bits, self.momentum)
-        for w in caught:
-            if not str(w.message).startswith("quantize_model:"):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        modules = dict(self.float_module.named_modules())
-        left = {n: why for n, why in report.float_layers.items() if not isinstance(modules.get(n), Metric)}
-        if left:
-            listed = "; ".join(f"{n} ({why})" for n, why in left.items())
-            rank_zero_warn(f"HAWQModule: {len(left)} layer(s)/op(s) left in float: {listed}")
+        with warnings.catch_warnings():  # reported below, once (rank 0)
+            warnings.filterwarnings("ignore", message="quantize_model: ")
+            qmodule, report = quantize_model(self.float_module, bits, self.act_bits, self.momentum, ignore=(Metric,))
+        if report.float_layers:
+            listed = "; ".join(f"{n} ({why})" for n, why in report.float_layers.items())
+            rank_zero_warn(f"HAWQModule: {len(report.float_layers)} layer(s)/op(s) left in float: {listed}")
         self.module = qmodule
         self.weight_bits = dict(report.weight_bits)
         self._quantized_with = (self.weight_bits, self.act_bits, self.momentum)

@@ -393,10 +393,11 @@ def _functional_float_ops(model: nn.Module) -> tuple[dict[str, str], str | None]
     return found, None
 
 
-def _float_leftovers(model: nn.Module, weight_bits: Mapping[str, int]) -> dict[str, str]:
+def _float_leftovers(model: nn.Module, weight_bits: Mapping[str, int], ignore: tuple[type, ...] = ()) -> dict[str, str]:
     leftovers = {}
+    skip = (*_BATCHNORMS, *QUANT_MODULES, ActivationQuantizer, *ignore)
     for name, m in model.named_modules():
-        if not name or isinstance(m, (*_BATCHNORMS, *QUANT_MODULES, ActivationQuantizer)) or name in weight_bits:
+        if not name or isinstance(m, skip) or name in weight_bits:
             continue
         if type(m) in _SWAP:
             leftovers[name] = f"{type(m).__name__} not in bits"
@@ -405,8 +406,10 @@ def _float_leftovers(model: nn.Module, weight_bits: Mapping[str, int]) -> dict[s
     return leftovers
 
 
-def quantize_model(model: nn.Module, bits: int | Mapping[str, int], act_bits: int | str = 8,
-                   momentum: float | None = None) -> tuple[nn.Module, QuantizationReport]:
+def quantize_model(
+    model: nn.Module, bits: int | Mapping[str, int], act_bits: int | str = 8, momentum: float | None = None,
+    ignore: tuple[type, ...] = (),
+) -> tuple[nn.Module, QuantizationReport]:
     """Quantized copy of ``model`` (the original is untouched) and a report of what was quantized.
 
     Args:
@@ -419,6 +422,7 @@ def quantize_model(model: nn.Module, bits: int | Mapping[str, int], act_bits: in
             activations take that layer's weight bits (HAWQ-V3's mixed W4A4/W8A8 setting), and residual
             additions, which have no weights, keep 8 bits.
         momentum: ``None`` for running min/max activation ranges, else the EMA momentum.
+        ignore: module types that compute nothing to quantize (e.g. torchmetrics ``Metric``): not reported.
 
     Layers left in float (unsupported types, layers missing from ``bits``, functional ops found by
     ``torch.fx``) trigger one ``UserWarning`` listing them; BatchNorm stays unfolded for training.
@@ -440,7 +444,7 @@ def quantize_model(model: nn.Module, bits: int | Mapping[str, int], act_bits: in
             _set_module(qmodel, name, QuantAdaptiveAvgPool.from_float(m).train(m.training))
     functional, fx_error = _functional_float_ops(model)
     report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits, layer_act_bits=layer_act_bits,
-                                float_layers={**_float_leftovers(model, weight_bits), **functional},
+                                float_layers={**_float_leftovers(model, weight_bits, ignore), **functional},
                                 batchnorms=[n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)],
                                 fx_error=fx_error)
     if report.float_layers:
