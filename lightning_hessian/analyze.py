@@ -119,7 +119,7 @@ def analyze_model(
         if opts.density:
             start = time.perf_counter()
             density = spectral_density(op, num_runs=opts.density_runs, lanczos_steps=min(opts.density_steps, op.dim),
-                                       deflate=min(opts.top_k, op.dim - 1), seed=opts.seed)
+                                       seed=opts.seed, eigenpairs=eig)  # the eigenvalue run's pairs: exact spikes
             seconds["density"] = time.perf_counter() - start
             report["density"] = {"trace": density.trace, "trace_std_error": density.trace_std_error,
                                  "sigma": density.sigma}

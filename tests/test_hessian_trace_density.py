@@ -150,6 +150,13 @@ def test_density_implied_trace_within_1pct() -> None:
     cheap = spectral_density(DenseOperator(H), num_runs=20, lanczos_steps=10, deflate=10, batch=20, reorth="none")
     assert cheap.trace == pytest.approx(full.trace, rel=1e-9)  # the trace needs only the first step
     torch.testing.assert_close(cheap.weights.sum(1), torch.ones(20, dtype=torch.float64), rtol=0, atol=1e-12)
+    # the caller's own eigenpairs (largest algebraic here) deflate as well, with no second Lanczos run
+    op = DenseOperator(H)
+    pairs = top_eigenvalues(op, k=100, tol=1e-8, seed=0)
+    before = op.num_hvps
+    given = spectral_density(op, num_runs=200, lanczos_steps=10, batch=50, seed=0, eigenpairs=pairs)
+    assert given.num_hvps == op.num_hvps - before == 200 * 10
+    assert abs(given.trace - tr) <= min(0.01 * tr, 3 * given.trace_std_error)
 
 
 def test_density_recovers_a_known_spectrum() -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_hessian.checks import check_positive_int
-from lightning_hessian.hessian.lanczos import top_eigenvalues
+from lightning_hessian.hessian.lanczos import EigenResult, top_eigenvalues
 from lightning_hessian.hessian.operator import LinearOperator
 
 REORTH = ("full", "none")
@@ -109,6 +109,7 @@ def spectral_density(
     deflate: int = 10,
     batch: int = 8,
     reorth: str = "full",
+    eigenpairs: EigenResult | None = None,
 ) -> DensityResult:
     """Estimate the Hessian's eigenvalue density by SLQ.
 
@@ -125,6 +126,9 @@ def spectral_density(
         reorth: ``"full"`` (reorthogonalise each run against its own basis; reliable nodes) or ``"none"``
             (three-term recurrence, memory ``3 * batch * dim``; ghost copies of outliers may appear, the
             weights and the implied trace remain valid).
+        eigenpairs: deflate by these (converged) eigenpairs instead of finding ``deflate`` of them, e.g. the
+            caller's own ``top_eigenvalues`` result: any exact pairs are valid spikes, and no second Lanczos
+            run is made.
     """
     for name, value in (("num_runs", num_runs), ("lanczos_steps", lanczos_steps), ("batch", batch)):
         check_positive_int(value, name)
@@ -138,12 +142,16 @@ def spectral_density(
     hvps = 0
     Q = torch.zeros(0, dim, dtype=op.dtype, device=op.device)
     spikes = torch.zeros(0, dtype=torch.float64)
-    if deflate:
+    if eigenpairs is not None:
+        Q, spikes = eigenpairs.eigenvectors.to(device=op.device, dtype=op.dtype), eigenpairs.eigenvalues
+        deflate = len(spikes)
+    elif deflate:
         top = top_eigenvalues(op, k=deflate, which="LM", seed=seed)
         Q, spikes, hvps = top.eigenvectors, top.eigenvalues, top.num_hvps
     steps = min(lanczos_steps, dim - deflate)
     gen = torch.Generator().manual_seed(seed + 7919)
     all_nodes, all_weights = [], []
+    spike_weights = torch.full((deflate,), 1.0 / dim, dtype=torch.float64)
     for start in range(0, num_runs, batch):
         n = min(batch, num_runs - start)
         V0 = torch.randn(n, dim, generator=gen, device="cpu", dtype=torch.float64).to(device=op.device, dtype=op.dtype)
@@ -160,7 +168,6 @@ def spectral_density(
             nodes = torch.zeros(steps, dtype=torch.float64)
             w[:L], nodes[:L] = S[0] ** 2, theta
             all_nodes.append(torch.cat([spikes, nodes]))
-            spike_weights = torch.full((deflate,), 1.0 / dim, dtype=torch.float64)
             all_weights.append(torch.cat([spike_weights, w * (dim - deflate) / dim]))
     nodes, weights = torch.stack(all_nodes), torch.stack(all_weights)
     traces = dim * (nodes * weights).sum(1)
