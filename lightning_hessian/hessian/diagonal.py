@@ -1,18 +1,19 @@
 """Hutchinson estimate of the Hessian diagonal: ``diag(H) = E[z * (H z)]`` for Rademacher ``z``.
 
-Works on any linear operator that exposes ``dim`` and ``matmat(V)`` for a ``(k, dim)`` block (or
-``matvec(v)`` for one flat vector), such as :class:`HessianOperator`, so the same estimator serves
-analysis (with a standard error and an optional stopping tolerance) and the AdaHessian optimizer.
+Works on any :class:`LinearOperator` (``dim``, ``dtype``, ``device``, ``matmat(V)``), such as
+:class:`HessianOperator` or AdaHessian's gradient graph, so the same estimator serves analysis (with a
+standard error and an optional stopping tolerance) and the AdaHessian optimizer.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from lightning_hessian.checks import check_positive_int
+from lightning_hessian.hessian.operator import LinearOperator
 
 
 class DiagonalEstimate(NamedTuple):
@@ -28,23 +29,8 @@ class DiagonalEstimate(NamedTuple):
     num_samples: int
 
 
-def _vector_spec(op: Any) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of the operator's vectors: ``op.device``/``op.dtype``, else its first parameter."""
-    params = list(getattr(op, "params", None) or [])
-    device = getattr(op, "device", None) or (params[0].device if params else torch.device("cpu"))
-    dtype = getattr(op, "dtype", None) or (params[0].dtype if params else torch.get_default_dtype())
-    return torch.device(device), dtype
-
-
-def _apply(op: Any, block: torch.Tensor) -> torch.Tensor:
-    """``H`` applied to each row of ``block`` through ``op.matmat``, else row by row through ``op.matvec``."""
-    if hasattr(op, "matmat"):
-        return op.matmat(block)
-    return torch.stack([op.matvec(v) for v in block])
-
-
 def hessian_diagonal(
-    op: Any,
+    op: LinearOperator,
     num_samples: int = 100,
     batch: int | None = None,
     seed: int = 0,
@@ -61,8 +47,8 @@ def hessian_diagonal(
     Example::
 
         >>> import torch
-        >>> class Dense:  # any object with ``dim`` and ``matmat`` works
-        ...     def __init__(self, a): self.a, self.dim = a, a.shape[0]
+        >>> class Dense:  # any object with ``dim``, ``dtype``, ``device`` and ``matmat`` works
+        ...     def __init__(self, a): self.a, self.dim, self.dtype, self.device = a, a.shape[0], a.dtype, a.device
         ...     def matmat(self, v): return v @ self.a.T
         >>> est = hessian_diagonal(Dense(torch.diag(torch.tensor([1.0, 2.0, 3.0]))), num_samples=4)
         >>> est.diagonal
@@ -72,11 +58,11 @@ def hessian_diagonal(
     batch = check_positive_int(min(num_samples, 16) if batch is None else batch, "batch")
     if rel_tol is not None and not rel_tol > 0:
         raise ValueError(f"rel_tol must be a positive float or None, got {rel_tol!r}")
-    if not hasattr(op, "dim") or not (hasattr(op, "matmat") or hasattr(op, "matvec")):
+    if not isinstance(op, LinearOperator):
         raise TypeError(
-            f"op must expose `dim` and `matmat(V)` (or `matvec(v)`), such as HessianOperator; got {type(op).__name__}"
+            f"op must expose `dim`, `dtype`, `device` and `matmat(V)`, such as HessianOperator; got {type(op).__name__}"
         )
-    device, dtype = _vector_spec(op)
+    device, dtype = op.device, op.dtype
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     # Running mean and sum of squared deviations, merged batch by batch (Chan et al.), at least in float32.
@@ -87,7 +73,7 @@ def hessian_diagonal(
     while count < num_samples:
         k = min(batch, num_samples - count)
         z = torch.randint(0, 2, (k, op.dim), generator=generator, device=device, dtype=dtype).mul_(2).sub_(1)
-        samples = (z * _apply(op, z)).to(acc_dtype)
+        samples = (z * op.matmat(z)).to(acc_dtype)
         batch_mean = samples[0] if k == 1 else samples.mean(0)
         delta = batch_mean - mean
         total = count + k

@@ -29,14 +29,15 @@ _NO_GRAPH = (
 
 
 class _GradientGraph:
-    """The Hessian behind ``create_graph`` gradients as a flat operator (``dim``, ``params``, ``matvec``).
+    """The Hessian behind ``create_graph`` gradients as a flat :class:`LinearOperator` on the parameters.
 
-    ``matvec`` retains the graph so several probes can reuse it; the optimizer frees it by detaching
+    ``matmat`` retains the graph so several probes can reuse it; the optimizer frees it by detaching
     the gradients once the estimate is taken.
     """
 
     def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor]):
         self.params = params
+        self.device, self.dtype = params[0].device, params[0].dtype
         self._numels = [p.numel() for p in params]
         self.dim = sum(self._numels)
         self._with_graph = [i for i, g in enumerate(grads) if g.requires_grad]
@@ -44,7 +45,11 @@ class _GradientGraph:
             raise RuntimeError(_NO_GRAPH)
         self._outputs = [grads[i] for i in self._with_graph]
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """The rows ``H v_i`` for the rows ``v_i`` of ``V`` (shape ``(k, dim)``), one backward each."""
+        return torch.stack([self._matvec(v) for v in V])
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         chunks = v.split(self._numels)
         hv = torch.autograd.grad(
             self._outputs,
