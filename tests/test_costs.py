@@ -150,7 +150,7 @@ def test_layer_costs_feed_allocate_bits_on_resnet20(resnet):
         (lambda: layer_stats(MNIST1DCNN(), torch.randn(2, 40), layers="classifier"), TypeError, "list of module paths"),
         (lambda: layer_stats(MNIST1DCNN(), torch.tensor(1.0)), ValueError, "example_input must be a batched"),
         (lambda: layer_costs(MNIST1DCNN(), torch.randn(2, 40), bit_choices=(1, 8)), ValueError,
-         r"bit_choices must be integers in 2..8"),
+         r"bit_choices=1 is outside the supported bit widths 2..8"),
         (lambda: bops_costs({}, (4,), activation_bits=64), ValueError, "activation_bits must be None"),
         (lambda: size_costs({}, (4,), unit="kb"), ValueError, "unit must be one of"),
         (lambda: budget_between({"a": {4: 1.0, 8: 2.0}}, 1.5), ValueError, r"fraction must be in \[0, 1\]"),

@@ -1,5 +1,6 @@
 """Quantizer math: round-trip bounds, per-channel scales, STE gradients, ranges, bias, dyadic requantization."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from lightning_hessian.quant.quantizers import (
     quantize_weight,
     requantize,
     round_ste,
+    validate_bit_choices,
     validate_bits,
     weight_codes,
 )
@@ -85,6 +87,15 @@ def test_bit_width_validation_names_argument(bad):
 def test_bit_width_type_validation(bad):
     with pytest.raises(TypeError, match="act_bits"):
         ActivationQuantizer(bits=bad)
+    with pytest.raises(ValueError, match=r"bit_choices must be an int in 2\.\.8"):  # also a ValueError
+        validate_bit_choices((4, bad))
+
+
+def test_bit_widths_accept_any_integer_and_choices_are_sorted_distinct():
+    assert type(validate_bits(np.int64(4))) is int
+    assert validate_bit_choices([8, np.int32(4), 8]) == [4, 8]
+    with pytest.raises(ValueError, match="at least one bit width"):
+        validate_bit_choices([])
 
 
 def test_other_argument_validation():

@@ -24,7 +24,8 @@ from typing import NamedTuple
 from ortools.linear_solver import pywraplp
 from ortools.sat.python import cp_model
 
-MIN_BITS, MAX_BITS = 2, 8
+from lightning_hessian.quant.quantizers import validate_bits
+
 SOLVERS = ("cbc", "scip", "cp-sat")
 CPSAT_RESOLUTION = 10**9
 """CP-SAT works on integers. ``allocate_bits(..., solver="cp-sat")`` shifts each group's sensitivities
@@ -206,12 +207,6 @@ def allocation_total(table: Mapping[str, Mapping[int, float]], allocation: Mappi
     return math.fsum(table[layer][bits] for layer, bits in allocation.items())
 
 
-def _check_bits(bits: object, where: str) -> int:
-    if not isinstance(bits, Integral) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{where}: bit width {bits!r} is not an integer in {MIN_BITS}..{MAX_BITS}")
-    return int(bits)
-
-
 def _check_value(value: object, where: str, nonnegative: bool) -> float:
     if not isinstance(value, Real) or not math.isfinite(value) or (nonnegative and value < 0):
         kind = "a finite number >= 0" if nonnegative else "a finite number"
@@ -263,9 +258,9 @@ def _build_problem(
     for layer, table in sensitivity.items():
         if not isinstance(table, Mapping) or not table:
             raise ValueError(f"sensitivity[{layer!r}] must be a non-empty mapping {{bits: float}}")
+        where = f"sensitivity[{layer!r}]"
         sens[layer] = {
-            _check_bits(b, f"sensitivity[{layer!r}]"): _check_value(v, f"sensitivity[{layer!r}][{b}]", False)
-            for b, v in table.items()
+            validate_bits(b, f"{where} bit width"): _check_value(v, f"{where}[{b}]", False) for b, v in table.items()
         }
     clean_budgets: dict[str, float] = {}
     for resource, budget in budgets.items():
@@ -286,7 +281,7 @@ def _build_problem(
             if layer not in per_layer:
                 raise ValueError(f"costs[{resource!r}] has no entry for layer {layer!r}")
             where = f"costs[{resource!r}][{layer!r}]"
-            table = {_check_bits(b, where): v for b, v in per_layer[layer].items()}
+            table = {validate_bits(b, f"{where} bit width"): v for b, v in per_layer[layer].items()}
             missing = sorted(set(candidates) - set(table))
             if missing:
                 raise ValueError(f"{where} lacks bit widths {missing} that sensitivity[{layer!r}] offers")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_hessian.quant.allocation import MAX_BITS, MIN_BITS
+from lightning_hessian.quant.quantizers import MIN_BITS, validate_bit_choices
 
 QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 FLOAT_BITS = 32
@@ -129,7 +129,7 @@ def size_costs(
     stats: Mapping[str, LayerStats], bit_choices: Iterable[int] = (2, 4, 8), unit: str = "bits"
 ) -> dict[str, dict[int, float]]:
     """``size[layer][b] = params * b`` weight bits (or ``/ 8`` bytes with ``unit="bytes"``)."""
-    bits, divisor = _check_bit_choices(bit_choices), _unit(unit)
+    bits, divisor = validate_bit_choices(bit_choices), _unit(unit)
     return {name: {b: s.params * b / divisor for b in bits} for name, s in stats.items()}
 
 
@@ -141,7 +141,7 @@ def bops_costs(
     ``activation_bits=None`` pairs each weight width with the same activation width (HAWQ-V3's
     W4A4/W8A8 mixed setting); an integer fixes the activations (e.g. 8 for W*A8).
     """
-    bits = _check_bit_choices(bit_choices)
+    bits = validate_bit_choices(bit_choices)
     a = _check_activation_bits(activation_bits)
     return {name: {b: float(s.macs * b * (a or b)) for b in bits} for name, s in stats.items()}
 
@@ -211,18 +211,12 @@ def _batch_size(example_input: Any) -> int:
     )
 
 
-def _check_bit_choices(bit_choices: Iterable[int]) -> list[int]:
-    bits = list(bit_choices)
-    bad = [b for b in bits if not isinstance(b, Integral) or isinstance(b, bool) or not MIN_BITS <= b <= MAX_BITS]
-    if not bits or bad:
-        raise ValueError(f"bit_choices must be integers in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
-    return sorted({int(b) for b in bits})
-
-
 def _check_activation_bits(activation_bits: int | None) -> int | None:
     a = activation_bits
-    if a is not None and (not isinstance(a, Integral) or isinstance(a, bool) or not 2 <= a <= FLOAT_BITS):
-        raise ValueError(f"activation_bits must be None (same as the weights) or an integer in 2..32, got {a!r}")
+    if a is not None and (not isinstance(a, Integral) or isinstance(a, bool) or not MIN_BITS <= a <= FLOAT_BITS):
+        raise ValueError(
+            f"activation_bits must be None (same as the weights) or an integer in {MIN_BITS}..{FLOAT_BITS}, got {a!r}"
+        )
     return activation_bits
 
 

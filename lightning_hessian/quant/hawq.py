@@ -39,7 +39,13 @@ from lightning_hessian.checks import check_positive_int
 from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
 from lightning_hessian.quant.modules import quantizable_layers, quantize_model
-from lightning_hessian.quant.quantizers import FOLLOW, ActivationQuantizer, validate_act_bits, validate_bits
+from lightning_hessian.quant.quantizers import (
+    FOLLOW,
+    ActivationQuantizer,
+    validate_act_bits,
+    validate_bit_choices,
+    validate_bits,
+)
 from lightning_hessian.quant.report import BitReport, bit_report
 from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
 
@@ -140,9 +146,7 @@ class HAWQModule(LightningModule):
             raise ValueError("pass either bits= (a fixed configuration) or budgets= (a plan), not both")
         self.fixed_bits = None if bits is None else self._check_bits(bits)
         self.budgets = None if budgets is None else _check_budgets(budgets)
-        self.bit_choices = sorted({validate_bits(b, "bit_choices") for b in bit_choices})
-        if not self.bit_choices:
-            raise ValueError("bit_choices must hold at least one bit width in 2..8, e.g. (4, 8)")
+        self.bit_choices = validate_bit_choices(bit_choices)
         self.act_bits = validate_act_bits(act_bits, "act_bits")
         self.ties = self._check_ties(ties)
         if metric not in METRICS:

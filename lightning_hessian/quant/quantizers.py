@@ -12,6 +12,9 @@ the integer model both call these two functions, which is what makes them agree 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from numbers import Integral
+
 import torch
 from torch import Tensor, nn
 
@@ -23,12 +26,29 @@ MAX_SHIFT = 54  # keeps 128 * 2^c (an int8 offset folded into the rounding) and 
 _EPS = 1e-8  # smallest scale, so an all-zero channel or tensor does not divide by zero
 
 
-def validate_bits(bits: int, name: str = "bits") -> int:
-    """Return ``bits`` if it is an integer in 2..8, else raise a ValueError/TypeError naming ``name``."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"{name} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r} ({type(bits).__name__})")
+class BitWidthTypeError(TypeError, ValueError):
+    """A bit width that is not an integer. Also a ``ValueError``, which the allocation and cost tables raise."""
+
+
+def validate_bits(bits: object, name: str = "bits") -> int:
+    """Return ``bits`` as an int if it is an integer in 2..8, else raise an error naming ``name``.
+
+    The one bit-width check of the package: arguments, dict values and table keys all go through it.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, Integral):
+        raise BitWidthTypeError(
+            f"{name} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r} ({type(bits).__name__})"
+        )
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{name}={bits} is outside the supported bit widths {MIN_BITS}..{MAX_BITS}")
+    return int(bits)
+
+
+def validate_bit_choices(bit_choices: Iterable[int], name: str = "bit_choices") -> list[int]:
+    """Sorted distinct candidate bit widths, each checked by :func:`validate_bits`; at least one."""
+    bits = sorted({validate_bits(b, name) for b in bit_choices})
+    if not bits:
+        raise ValueError(f"{name} must hold at least one bit width in {MIN_BITS}..{MAX_BITS}, e.g. (4, 8)")
     return bits
 
 

@@ -62,7 +62,7 @@ from lightning_hessian.hessian.blocks import per_layer_top_eigenvalue, per_layer
 from lightning_hessian.hessian.operator import HessianOperator
 from lightning_hessian.hessian.trace import check_sampling
 from lightning_hessian.quant.modules import quantizable_layers
-from lightning_hessian.quant.quantizers import MAX_BITS, ActivationQuantizer, quantize_weight, validate_bits
+from lightning_hessian.quant.quantizers import MAX_BITS, ActivationQuantizer, quantize_weight, validate_bit_choices
 
 METRICS = ("trace", "eigenvalue", "quadratic", "quadratic+act")
 QUADRATIC_METRICS = ("quadratic", "quadratic+act")
@@ -331,9 +331,7 @@ def layer_sensitivity(
             and the settings above; under DDP each rank keys its own shard and all ranks hit or all measure.
     """
     names = _check_layers(model, layers)
-    bits = sorted({validate_bits(b, "bit_choices") for b in bit_choices})
-    if not bits:
-        raise ValueError("bit_choices must hold at least one bit width in 2..8")
+    bits = validate_bit_choices(bit_choices)
     check_sampling(None, rel_tol, batch, min_samples, max_samples)
     if isinstance(metrics, str):
         raise TypeError(f"metrics must be a list of metric names, e.g. [{metrics!r}], got the string {metrics!r}")
