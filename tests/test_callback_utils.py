@@ -7,6 +7,7 @@ from torch import nn
 
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import cross_entropy_loss, draw_probe_indices, probe_batches
+from lightning_hessian.modes import training_mode
 
 
 def make_bn_model():
@@ -48,6 +49,18 @@ def test_leave_no_trace_eval_mode_and_restores_after_error():
     with pytest.raises(ValueError, match="mode"):
         with leave_no_trace(model, mode="test"):
             pass
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_training_mode_restores_each_flag_after_error(train):
+    model = make_bn_model().train()
+    model[1].eval()  # mixed modes come back per module
+    with pytest.raises(RuntimeError, match="boom"):
+        with training_mode(model, train):
+            assert all(m.training == train for m in model.modules())
+            model[3].train(not train)  # whatever the block does is undone too
+            raise RuntimeError("boom")
+    assert [m.training for m in model.modules()] == [True, True, False, True, True, True]
 
 
 def test_probe_indices_fixed_and_sharded_union():

@@ -149,6 +149,19 @@ def test_calibrate_leaves_no_trace():
     assert all(bool(m.act.calibrated) for m in qmodel.modules() if isinstance(m, (QuantConv1d, QuantLinear)))
 
 
+def test_calibrate_runs_batches_through_forward():
+    qmodel, _ = quantize_model(MNIST1DMLP(), 8)
+    x, y = torch.randn(16, 40), torch.randint(0, 10, (16,))
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(batch)
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    calibrate(qmodel, [(x, y)], loss_fn)
+    assert len(seen) == 1 and all(bool(m.act.calibrated) for m in qmodel.modules() if isinstance(m, QuantLinear))
+
+
 @pytest.mark.parametrize("conv, shape", [(nn.Conv1d(3, 5, 3, padding=1), (4, 3, 11)),
                                          (nn.Conv2d(3, 5, 3, stride=2, bias=False), (4, 3, 9, 9)),
                                          (nn.Linear(6, 5), (4, 6))])

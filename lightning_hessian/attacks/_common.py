@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_hessian.modes import training_mode
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NORMS = ("linf", "l2")
 
@@ -61,24 +63,12 @@ def _describe(t: object) -> str:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode (BatchNorm stats frozen, dropout off); each module's own flag restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-@contextmanager
 def attack_context(model: nn.Module) -> Iterator[None]:
     """Eval mode and gradients on for the attack, whatever the caller's grad mode.
 
     ``inference_mode(False)`` plus cloned inputs make attacks work inside Lightning's validation loop.
     """
-    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+    with training_mode(model, False), torch.inference_mode(False), torch.enable_grad():
         yield
 
 
@@ -133,5 +123,5 @@ def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
 
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Predicted labels in eval mode without gradients, the model's mode restored."""
-    with eval_mode(model), torch.no_grad():
+    with training_mode(model, False), torch.no_grad():
         return model(x).argmax(1)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_hessian.modes import training_mode
+
 
 @contextmanager
 def leave_no_trace(module: nn.Module, mode: str = "eval") -> Iterator[None]:
@@ -21,7 +23,6 @@ def leave_no_trace(module: nn.Module, mode: str = "eval") -> Iterator[None]:
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-    training = {name: m.training for name, m in module.named_modules()}
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
     params = dict(module.named_parameters())
     grads = {name: p.grad for name, p in params.items()}
@@ -35,12 +36,9 @@ def leave_no_trace(module: nn.Module, mode: str = "eval") -> Iterator[None]:
     try:
         for p in params.values():
             p.grad = None  # the diagnostic's own gradients must not accumulate into the caller's
-        module.train(mode == "train")
-        with torch.inference_mode(False), torch.enable_grad():
+        with training_mode(module, mode == "train"), torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
-        for name, m in module.named_modules():
-            m.training = training[name]
         with torch.no_grad():
             for name, b in module.named_buffers():
                 b.copy_(buffers[name])

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_hessian.modes import training_mode
 from lightning_hessian.quant.quantizers import MIN_BITS, validate_bit_choices
 
 QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -77,11 +78,9 @@ def layer_stats(
 
         return count
 
-    modes = {m: m.training for m in model.modules()}
     handles = [module.register_forward_hook(hook(name)) for name, module in found.items()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with training_mode(model, False), torch.no_grad():
             if isinstance(example_input, Mapping):
                 model(**example_input)
             elif isinstance(example_input, (tuple, list)):
@@ -91,8 +90,6 @@ def layer_stats(
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
     unused = [name for name, total in totals.items() if total == 0]
     if unused:
         warnings.warn(

@@ -38,6 +38,7 @@ from lightning_hessian.callbacks.probe import (
 from lightning_hessian.checks import check_positive_int
 from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
+from lightning_hessian.quant.modules import calibrate as calibrate_ranges
 from lightning_hessian.quant.modules import quantizable_layers, quantize_model
 from lightning_hessian.quant.quantizers import (
     FOLLOW,
@@ -285,26 +286,17 @@ class HAWQModule(LightningModule):
                 self.quantize(bits)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    @torch.no_grad()
     def calibrate(self, batches: Iterable[Any]) -> None:
-        """Activation ranges from ``batches`` (only the quantizers in training mode; all-reduced over ranks)."""
-        loss = resolve_loss_fn(self.module, self.loss_fn)
+        """Activation ranges from ``batches`` run through the loss (quantizers alone in training mode), all-reduced
+        over ranks."""
         device = next(self.module.parameters()).device
-        quantizers = [m for m in self.module.modules() if isinstance(m, ActivationQuantizer)]
-        modes = {m: m.training for m in self.module.modules()}
-        self.module.eval()
-        for q in quantizers:
-            q.train()
-        try:
-            for batch in batches:
-                loss(self.module, move_data_to_device(batch, device))
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        batches = (move_data_to_device(batch, device) for batch in batches)
+        calibrate_ranges(self.module, batches, resolve_loss_fn(self.module, self.loss_fn))
         if dist.is_available() and dist.is_initialized():
-            for q in quantizers:
-                dist.all_reduce(q.running_min, op=dist.ReduceOp.MIN)
-                dist.all_reduce(q.running_max, op=dist.ReduceOp.MAX)
+            for q in self.module.modules():
+                if isinstance(q, ActivationQuantizer):
+                    dist.all_reduce(q.running_min, op=dist.ReduceOp.MIN)
+                    dist.all_reduce(q.running_max, op=dist.ReduceOp.MAX)
 
     def bit_report(self) -> BitReport:
         """Per-layer bits, sensitivity, size and BOPS against float (needs ``measure_costs`` to have run)."""

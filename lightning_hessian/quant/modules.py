@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_hessian.models import ResidualAdd
+from lightning_hessian.modes import training_mode
 from lightning_hessian.quant.quantizers import (
     FOLLOW,
     MAX_BITS,
@@ -472,22 +474,24 @@ def set_integer_simulation(model: nn.Module, enabled: bool = True) -> nn.Module:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, inputs: Iterable[Tensor]) -> nn.Module:
+def calibrate(
+    model: nn.Module, inputs: Iterable[Any], forward: Callable[[nn.Module, Any], object] | None = None
+) -> nn.Module:
     """Track activation ranges on ``inputs`` with only the quantizers in training mode.
 
-    Everything else (BatchNorm statistics, dropout) runs in eval mode; all modes are restored afterwards.
+    ``forward(model, batch)`` runs one batch, e.g. a ``loss_fn(model, batch)`` for ``(x, y)`` batches; by
+    default ``model(batch)``. Everything else (BatchNorm statistics, dropout) runs in eval mode; all modes
+    are restored afterwards.
     """
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, ActivationQuantizer):
-            m.train()
-    try:
-        for x in inputs:
-            model(x)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with training_mode(model, False):
+        for m in model.modules():
+            if isinstance(m, ActivationQuantizer):
+                m.train()
+        for batch in inputs:
+            if forward is None:
+                model(batch)
+            else:
+                forward(model, batch)
     return model
 
 
@@ -518,15 +522,12 @@ def _conv_bn_pairs(model: nn.Module, example_input: Tensor) -> dict[str, str]:
             handles.append(m.register_forward_pre_hook(pre_hook(name)))
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_hook(out_hook(name)))
-    modes = {m: m.training for m in model.modules()}
     try:
-        with torch.no_grad():
-            model.eval()(example_input)
+        with training_mode(model, False), torch.no_grad():
+            model(example_input)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     out_ids = {producer: i for i, producer in producers.items()}
     return {bn: conv for bn, conv in pairs.items() if consumers[out_ids[conv]] == 1}
 
