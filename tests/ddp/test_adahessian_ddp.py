@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from lightning_hessian.optim import AdaHessian, AdaHessianCallback
+from tests.ddp.rank_results import SaveRankResults, load_ranks, save_rank
 
 pytestmark = [
     pytest.mark.ddp,
@@ -56,7 +57,7 @@ def _raw_worker(rank: int, out: str) -> None:
         with ddp.no_sync():  # DDP cannot all-reduce a create_graph backward; AdaHessian averages itself
             F.cross_entropy(ddp(x[rows]), y[rows]).backward(create_graph=True)
         opt.step()
-    torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+    save_rank(model.state_dict(), out, rank)
     dist.destroy_process_group()
 
 
@@ -73,7 +74,7 @@ def _single_process_reference() -> dict[str, torch.Tensor]:
 
 
 def _assert_ranks_identical_and_equal_to(out: Path, reference: dict[str, torch.Tensor]) -> None:
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = load_ranks(out, WORLD)
     decayed = {k: v * (1 - OPT["lr"] * OPT["weight_decay"]) ** STEPS for k, v in _model().state_dict().items()}
     for name, ref in reference.items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
@@ -109,18 +110,11 @@ class _Module(pl.LightningModule):
         return torch.utils.data.DataLoader(data, batch_size=BATCH * WORLD // self.trainer.world_size, sampler=sampler)
 
 
-class _SaveParams(pl.Callback):
-    def __init__(self, out: Path):
-        self.out = out
-
-    def on_train_end(self, trainer, pl_module):
-        torch.save(pl_module.net.state_dict(), self.out / f"rank{trainer.global_rank}.pt")
-
-
 def _lightning_fit(devices: int, out: Path, strategy="auto") -> None:
+    save_params = SaveRankResults(out, lambda trainer, module: module.net.state_dict())
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, precision="64-true", max_epochs=1,
-        callbacks=[AdaHessianCallback(), _SaveParams(out)], use_distributed_sampler=False, logger=False,
+        callbacks=[AdaHessianCallback(), save_params], use_distributed_sampler=False, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(_Module())
@@ -138,4 +132,4 @@ def test_lightning_ddp_ranks_match_each_other_and_the_union_run(tmp_path: Path) 
         _lightning_fit(1, ref_dir)
     finally:
         torch.set_num_threads(threads)
-    _assert_ranks_identical_and_equal_to(ddp_dir, torch.load(ref_dir / "rank0.pt", weights_only=True))
+    _assert_ranks_identical_and_equal_to(ddp_dir, load_ranks(ref_dir, 1)[0])

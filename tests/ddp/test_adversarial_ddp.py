@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian.callbacks.adversarial import AdversarialAugmentCallback
+from tests.ddp.rank_results import SaveRankResults, load_ranks
 
 pytestmark = pytest.mark.ddp
 
@@ -54,17 +55,12 @@ class _Module(pl.LightningModule):
         return DataLoader(_data(40, 1), batch_size=10)
 
 
-class _Save(pl.Callback):
-    def __init__(self, out: Path):
-        self.out = out
-
-    def on_train_end(self, trainer, pl_module):
-        adv = next(cb for cb in trainer.callbacks if isinstance(cb, AdversarialAugmentCallback))
-        torch.save({"params": pl_module.state_dict(), "changed_rows": pl_module.changed_rows, "adv": adv.state_dict(),
-                    "robust_acc": trainer.callback_metrics["adv/robust_acc"].item(),
-                    "success_rate": trainer.callback_metrics["adv/success_rate"].item(),
-                    "robust_counts": adv._eval_counts.tolist()},
-                   self.out / f"rank{trainer.global_rank}.pt")
+def _rank_state(trainer: pl.Trainer, pl_module: _Module) -> dict:
+    adv = next(cb for cb in trainer.callbacks if isinstance(cb, AdversarialAugmentCallback))
+    return {"params": pl_module.state_dict(), "changed_rows": pl_module.changed_rows, "adv": adv.state_dict(),
+            "robust_acc": trainer.callback_metrics["adv/robust_acc"].item(),
+            "success_rate": trainer.callback_metrics["adv/success_rate"].item(),
+            "robust_counts": adv._eval_counts.tolist()}
 
 
 def test_two_ranks_attack_their_shards_and_stay_identical(tmp_path: Path) -> None:
@@ -74,13 +70,13 @@ def test_two_ranks_attack_their_shards_and_stay_identical(tmp_path: Path) -> Non
         adv = AdversarialAugmentCallback("pgd", eps=0.3, steps=2, fraction=0.5, clamp=None, robust_eval=True)
         trainer = pl.Trainer(
             accelerator="cpu", devices=WORLD, strategy=DDPStrategy(start_method="fork", process_group_backend="gloo"),
-            max_epochs=2, callbacks=[adv, _Save(tmp_path)], logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            max_epochs=2, callbacks=[adv, SaveRankResults(tmp_path, _rank_state)], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         )
         trainer.fit(_Module())
     finally:
         torch.set_num_threads(threads)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = load_ranks(tmp_path, WORLD)
     initial = _Module().state_dict()
     for name, value in ranks[0]["params"].items():
         torch.testing.assert_close(value, ranks[1]["params"][name], rtol=0, atol=0)

@@ -15,6 +15,7 @@ from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule
 from lightning_hessian.quant.hawq import HAWQModule
 from tests.conftest import fit_full_batch
+from tests.ddp.rank_results import SaveRankResults, load_ranks
 
 pytestmark = pytest.mark.ddp
 
@@ -34,17 +35,12 @@ def trained() -> ClassificationModule:
     return fit_full_batch(module, *data().tensors, steps=100)
 
 
-class SaveRankState(pl.Callback):
-    def __init__(self, out: Path):
-        self.out = out
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: HAWQModule) -> None:
-        state = {
-            "params": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
-            "bits": pl_module.weight_bits,
-            "trace": pl_module.sensitivity.trace,
-        }
-        torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
+def _rank_state(trainer: pl.Trainer, pl_module: HAWQModule) -> dict:
+    return {
+        "params": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
+        "bits": pl_module.weight_bits,
+        "trace": pl_module.sensitivity.trace,
+    }
 
 
 def test_two_process_fine_tune_plans_once_and_keeps_ranks_equal(tmp_path: Path) -> None:
@@ -55,13 +51,13 @@ def test_two_process_fine_tune_plans_once_and_keeps_ranks_equal(tmp_path: Path) 
     try:
         trainer = pl.Trainer(
             accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="fork", process_group_backend="gloo"),
-            max_epochs=2, callbacks=[SaveRankState(tmp_path)], logger=False, enable_checkpointing=False,
+            max_epochs=2, callbacks=[SaveRankResults(tmp_path, _rank_state)], logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
         )
         trainer.fit(hawq, DataLoader(data(), batch_size=16, shuffle=True))
     finally:
         torch.set_num_threads(threads)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = load_ranks(tmp_path, 2)
     assert ranks[0]["bits"] == ranks[1]["bits"] and set(ranks[0]["bits"].values()) <= {4, 8}
     assert ranks[0]["trace"] == ranks[1]["trace"]
     for name, value in ranks[0]["params"].items():

@@ -1,7 +1,5 @@
 """Under DDP the Hessian callbacks give the single-process values, and every rank takes the same decisions."""
 
-import json
-
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.strategies import DDPStrategy
@@ -9,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
+from tests.ddp.rank_results import SaveRankResults, load_ranks
 from tests.test_spectrum_callback import TinyModule, make_data
 
 pytestmark = pytest.mark.ddp
@@ -40,19 +39,20 @@ def test_spectrum_two_ranks_equal_one_process():
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
 
 
-class RecordPerRank(pl.Callback):
+class RecordPerRank(SaveRankResults):
+    """Saves each rank's batch-size history, training rows per batch, step and weights at the end of fit."""
+
     def __init__(self, folder):
-        self.folder = folder
+        super().__init__(folder, self.record)
         self.rows = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.rows.append(len(batch[1]))
 
-    def on_train_end(self, trainer, pl_module):
+    def record(self, trainer, pl_module):
         abs_cb = next(c for c in trainer.callbacks if isinstance(c, AdaptiveBatchSizeCallback))
-        record = {"history": abs_cb.history, "rows": self.rows, "step": trainer.global_step,
-                  "weights": [p.sum().item() for p in pl_module.parameters()]}
-        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        return {"history": abs_cb.history, "rows": self.rows, "step": trainer.global_step,
+                "weights": [p.sum().item() for p in pl_module.parameters()]}
 
 
 def test_abs_ranks_agree_on_every_change(tmp_path):
@@ -69,7 +69,7 @@ def test_abs_ranks_agree_on_every_change(tmp_path):
             return DataLoader(make_data(), batch_size=self.batch_size, shuffle=True)
 
     trainer.fit(TinyModule(), datamodule=Data())
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1 = load_ranks(tmp_path, 2)
     assert rank0["history"] == rank1["history"]
     assert [h["batch_size"] for h in rank0["history"]] == [16, 32, 64, 64]  # duration=1: grows every epoch
     assert rank0["rows"] == rank1["rows"]

@@ -21,6 +21,7 @@ from lightning_hessian.hessian import (
 )
 from lightning_hessian.models import MNIST1DMLP
 from lightning_hessian.quant.sensitivity import activation_quadratic_forms
+from tests.ddp.rank_results import load_ranks, save_rank
 
 pytestmark = pytest.mark.ddp
 
@@ -86,7 +87,7 @@ def _worker(rank: int, layout: str, out: str) -> None:
         again = HessianOperator(op.model, _loss, _shards(layout, rank))
         result["again"] = top_eigenvalues(again, k=3, seed=0).eigenvalues
         assert again.hvp_choice["single"] == op.hvp_choice["single"]
-        torch.save(result, Path(out) / f"rank{rank}.pt")
+        save_rank(result, out, rank)
     finally:
         dist.destroy_process_group()
 
@@ -98,7 +99,7 @@ def test_two_ranks_equal_one_process_on_the_union(layout: str, tmp_path: Path) -
     )
     reference = _spectrum(HessianOperator(_model(), _loss, _data()))
     reference["again"] = reference["eigenvalues"]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = load_ranks(tmp_path, WORLD)
     for key, ref in reference.items():
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=1e-12, atol=0)
         torch.testing.assert_close(ranks[0][key], ref, rtol=1e-5, atol=0, msg=key)

@@ -1,0 +1,31 @@
+"""Per-rank results of the multi-process tests: each rank saves its own file, the test loads them all."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+def save_rank(results: Any, folder: str | Path, rank: int) -> None:
+    """Save one rank's results (tensors and Python primitives) for :func:`load_ranks`."""
+    torch.save(results, Path(folder) / f"rank{rank}.pt")
+
+
+def load_ranks(folder: str | Path, world: int) -> list[Any]:
+    """Every rank's saved results, in rank order."""
+    return [torch.load(Path(folder) / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+class SaveRankResults(pl.Callback):
+    """At the end of fit, every rank saves ``results(trainer, pl_module)`` for :func:`load_ranks`."""
+
+    def __init__(self, folder: str | Path, results: Callable[[pl.Trainer, pl.LightningModule], Any]):
+        self.folder = folder
+        self.results = results
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        save_rank(self.results(trainer, pl_module), self.folder, trainer.global_rank)
