@@ -18,6 +18,7 @@ from lightning_hessian.quant.costs import (
     model_size,
     size_costs,
 )
+from lightning_hessian.quant.modules import quantizable_layers, quantize_model
 
 
 def conv_out(length: int, kernel: int, stride: int, padding: int) -> int:
@@ -161,3 +162,18 @@ def test_layer_costs_feed_allocate_bits_on_resnet20(resnet):
 def test_bad_input_raises_clear_error(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call()
+
+
+class ScaledConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def test_costs_and_quantize_model_agree_on_quantizable_layers():
+    # A subclass stays float in quantize_model (a swap would drop its forward), so it has no cost either.
+    model = nn.Sequential(ScaledConv(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 3))
+    x = torch.randn(2, 1, 8, 8)
+    assert list(layer_stats(model, x)) == quantizable_layers(model) == ["1", "3"]
+    with pytest.warns(UserWarning, match="ScaledConv: unsupported layer type"):
+        qmodel, _ = quantize_model(model, 8)
+    assert list(layer_stats(qmodel, x)) == quantizable_layers(qmodel) == ["1", "3"]

@@ -2,7 +2,8 @@
 
 These are the ``costs[resource][layer][bits]`` tables :func:`~lightning_hessian.quant.allocation.allocate_bits`
 takes, HAWQ-V3's budgets between two uniform precisions, and the float baselines for reports. Layers are
-the ``Conv1d``/``Conv2d``/``Linear`` modules of the model, named by their module path.
+the ones ``quantize_model`` swaps (:func:`~lightning_hessian.quant.modules.quantizable_layers`), named by
+their module path.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 from torch import nn
 
 from lightning_hessian.modes import training_mode
+from lightning_hessian.quant.modules import quantizable_layers
 from lightning_hessian.quant.quantizers import MIN_BITS, validate_bit_choices
 
-QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 FLOAT_BITS = 32
 _UNITS = {"bits": 1, "bytes": 8}
 
@@ -42,7 +43,8 @@ def layer_stats(
     """Parameter counts and per-sample MACs of the quantizable layers, from one forward pass.
 
     Args:
-        model: any ``nn.Module``; its ``Conv1d``/``Conv2d``/``Linear`` modules are found by traversal.
+        model: any ``nn.Module``; its layers are those of
+            :func:`~lightning_hessian.quant.modules.quantizable_layers`.
         example_input: a batch the model accepts: a tensor, a tuple/list of positional arguments or a
             dict of keyword arguments; its first tensor's leading dimension is the batch size.
         layers: module paths to keep (default: every quantizable layer).
@@ -52,10 +54,12 @@ def layer_stats(
     of the layer and divided by the batch size. The model's train/eval modes and buffers are left as
     they were (the pass runs in eval mode without gradients).
     """
-    found = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
+    modules = dict(model.named_modules())
+    found = {name: modules[name] for name in quantizable_layers(model)}
     if not found:
         raise ValueError(
-            f"model {type(model).__name__} has no quantizable layer (Conv1d, Conv2d or Linear) to cost"
+            f"model {type(model).__name__} has no quantizable layer (nn.Conv1d, nn.Conv2d or nn.Linear itself, "
+            "not a subclass) to cost"
         )
     if layers is not None:
         if isinstance(layers, str):

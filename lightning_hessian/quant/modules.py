@@ -329,7 +329,11 @@ _SWAP = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names (module paths) of the layers ``quantize_model`` can quantize: plain Conv1d, Conv2d, Linear."""
+    """Names (module paths) of the layers ``quantize_model`` can quantize: plain Conv1d, Conv2d, Linear.
+
+    Exact types (and layers already quantized): a subclass stays float, since swapping it would drop what it
+    overrides. The cost tables and sensitivities use this same list.
+    """
     return [name for name, m in model.named_modules() if type(m) in _SWAP or isinstance(m, _QuantLayer)]
 
 
@@ -520,7 +524,7 @@ def _conv_bn_pairs(model: nn.Module, example_input: Tensor) -> dict[str, str]:
     for name, m in model.named_modules():
         if not list(m.children()):
             handles.append(m.register_forward_pre_hook(pre_hook(name)))
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        if isinstance(m, tuple(_SWAP)):
             handles.append(m.register_forward_hook(out_hook(name)))
     try:
         with training_mode(model, False), torch.no_grad():
