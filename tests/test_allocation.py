@@ -287,7 +287,7 @@ COSTS = {"size": {"a": {4: 4.0, 8: 8.0}, "b": {4: 4.0, 8: 8.0}}}
         (dict(costs={"size": {"a": {4: -1.0, 8: 8.0}, "b": COSTS["size"]["b"]}}), ValueError, r">= 0"),
         (dict(sensitivity={"a": {1: 1.0, 8: 0.0}, "b": SENS["b"]}), ValueError, r"\['a'\] bit width=1 is outside"),
         (dict(sensitivity={"a": {4: 1.0, 16: 0.0}, "b": SENS["b"]}), ValueError, r"bit width=16 is outside .* 2\.\.8"),
-        (dict(sensitivity={"a": {4: 1.0, 8.0: 0.0}, "b": SENS["b"]}), ValueError, r"an int in 2\.\.8, got 8\.0"),
+        (dict(sensitivity={"a": {4: 1.0, 8.0: 0.0}, "b": SENS["b"]}), TypeError, r"an int in 2\.\.8, got 8\.0"),
         (dict(costs={"size": {"a": {4: 4.0, 8: 8.0, 9: 1.0}, "b": COSTS["size"]["b"]}}), ValueError,
          r"costs\['size'\]\['a'\] bit width=9 is outside"),
         (dict(sensitivity={"a": {4: float("nan"), 8: 0.0}, "b": SENS["b"]}), ValueError, r"sensitivity\['a'\]\[4\]"),

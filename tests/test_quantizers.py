@@ -87,7 +87,7 @@ def test_bit_width_validation_names_argument(bad):
 def test_bit_width_type_validation(bad):
     with pytest.raises(TypeError, match="act_bits"):
         ActivationQuantizer(bits=bad)
-    with pytest.raises(ValueError, match=r"bit_choices must be an int in 2\.\.8"):  # also a ValueError
+    with pytest.raises(TypeError, match=r"bit_choices must be an int in 2\.\.8"):
         validate_bit_choices((4, bad))
 
 

@@ -26,19 +26,13 @@ MAX_SHIFT = 54  # keeps 128 * 2^c (an int8 offset folded into the rounding) and 
 _EPS = 1e-8  # smallest scale, so an all-zero channel or tensor does not divide by zero
 
 
-class BitWidthTypeError(TypeError, ValueError):
-    """A bit width that is not an integer. Also a ``ValueError``, which the allocation and cost tables raise."""
-
-
 def validate_bits(bits: object, name: str = "bits") -> int:
     """Return ``bits`` as an int if it is an integer in 2..8, else raise an error naming ``name``.
 
     The one bit-width check of the package: arguments, dict values and table keys all go through it.
     """
     if isinstance(bits, bool) or not isinstance(bits, Integral):
-        raise BitWidthTypeError(
-            f"{name} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r} ({type(bits).__name__})"
-        )
+        raise TypeError(f"{name} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r} ({type(bits).__name__})")
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{name}={bits} is outside the supported bit widths {MIN_BITS}..{MAX_BITS}")
     return int(bits)
