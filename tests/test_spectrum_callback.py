@@ -170,3 +170,66 @@ def test_every_n_steps_probes_once_per_optimizer_step_under_accumulation():
                          enable_model_summary=False, enable_checkpointing=False, accumulate_grad_batches=2)
     trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=8))  # 12 micro-batches: 6 optimizer steps
     assert [h["step"] for h in cb.history] == [2, 4, 6]
+
+
+class ScaledInputModule(TinyModule):
+    """Doubles the inputs in ``on_before_batch_transfer``: the probe must see what training_step sees."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return 2 * x, y
+
+
+def test_probe_batches_get_the_precision_conversion_and_batch_hooks():
+    pl.seed_everything(0)
+    module = ScaledInputModule(batch_norm=False)
+    cb = HessianSpectrumCallback(top_k=1, trace=False, probe_size=N_TRAIN, eig_tol=1e-8)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, precision="64-true")
+    trainer.fit(module, DataLoader(make_data(), batch_size=16))  # float32 data into a float64 model
+    x, y = make_data()[:]
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    names = list(params)
+    module.eval()
+
+    def loss(*flat):
+        return F.cross_entropy(torch.func.functional_call(module, dict(zip(names, flat)), (2 * x.double(),)), y)
+
+    blocks = torch.func.hessian(loss, argnums=tuple(range(len(names))))(*params.values())
+    sizes = [p.numel() for p in params.values()]
+    dense = torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(names))], 1)
+                       for i in range(len(names))], 0)
+    assert cb.history[0]["eigenvalues"][0] == pytest.approx(torch.linalg.eigvalsh(dense)[-1].item(), rel=1e-8)
+
+
+def test_default_probe_is_the_whole_training_set_when_smaller():
+    cb = HessianSpectrumCallback(top_k=1, trace=False, eig_tol=1e-8)  # default probe_size: 1024 > 96 samples
+    module, _ = fit([cb], max_epochs=1)
+    exact = torch.linalg.eigvalsh(dense_eval_hessian(module, list(range(N_TRAIN))))[-1].item()
+    assert cb.history[0]["eigenvalues"][0] == pytest.approx(exact, rel=1e-5)
+
+
+def test_compute_on_its_own_with_probe_data():
+    pl.seed_everything(0)
+    module = TinyModule()
+    x, y = make_data()[:32]
+    cb = HessianSpectrumCallback(top_k=1, trace=False, eig_tol=1e-8, probe_data=[(x, y)],
+                                 loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    exact = torch.linalg.eigvalsh(dense_eval_hessian(module, list(range(32))))[-1].item()
+    assert cb.compute(module)["eigenvalues"][0] == pytest.approx(exact, rel=1e-5)
+    with pytest.raises(ValueError, match="probe_data="):
+        HessianSpectrumCallback().compute(module)
+
+
+def test_every_n_steps_resume_does_not_probe_the_restored_step_again(tmp_path):
+    def run(epochs, ckpt_path=None):
+        cb = HessianSpectrumCallback(probe_size=32, trace=False, every_n_steps=2)
+        pl.seed_everything(0)
+        trainer = pl.Trainer(max_epochs=epochs, callbacks=[cb, pl.callbacks.ModelCheckpoint(dirpath=tmp_path,
+                             save_last=True)], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             accumulate_grad_batches=2)
+        trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=8), ckpt_path=ckpt_path)
+        return [h["step"] for h in cb.history]
+
+    assert run(1) == [2, 4, 6]
+    assert run(2, ckpt_path=str(tmp_path / "last.ckpt")) == [2, 4, 6, 8, 10, 12]

@@ -17,6 +17,7 @@ from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import (
     LossFn,
     draw_probe_indices,
+    prepare_batch,
     probe_batches,
     resolve_loss_fn,
     train_dataset_of,
@@ -32,15 +33,17 @@ from lightning_hessian.hessian import (
 )
 
 TRACE_METHODS = ("krylov", "hutch++", "hutchinson")
+DEFAULT_PROBE_SIZE = 1024
 
 
 class HessianSpectrumCallback(Callback):
     """Log the loss Hessian's top-k eigenvalues, trace and (optionally) density and per-layer values.
 
-    The Hessian is taken on a fixed probe set (``probe_size`` training samples drawn once with ``seed``, or
-    the given ``probe_data`` batches), so the curve over training follows the model, not sampling noise.
-    It runs every ``every_n_epochs`` epochs (or every ``every_n_steps`` optimizer steps), in eval mode by
-    default (``mode="train"`` uses batch statistics), and leaves the model exactly as it found it. Under
+    The Hessian is taken on a fixed probe set (``probe_size`` training samples drawn once with ``seed``, by
+    default 1,024 or the whole training set if smaller, or the given ``probe_data`` batches), so the curve
+    over training follows the model, not sampling noise. It runs every ``every_n_epochs`` epochs (or every
+    ``every_n_steps`` optimizer steps), in eval mode by default (``mode="train"`` uses batch statistics),
+    and leaves the model exactly as it found it. Under
     DDP each rank takes its share of the probe set and the Hessian-vector products are all-reduced, so the
     values equal a single process's on the whole probe set.
 
@@ -75,7 +78,7 @@ class HessianSpectrumCallback(Callback):
         per_layer: bool = False,
         every_n_epochs: int = 1,
         every_n_steps: int | None = None,
-        probe_size: int = 1024,
+        probe_size: int | None = None,
         probe_batch_size: int = 1024,
         probe_data: list[Any] | None = None,
         seed: int = 0,
@@ -91,10 +94,12 @@ class HessianSpectrumCallback(Callback):
         max_overhead: float | None = None,
         plot: bool = True,
     ):
-        for name, value in (("top_k", top_k), ("every_n_epochs", every_n_epochs), ("probe_size", probe_size),
+        for name, value in (("top_k", top_k), ("every_n_epochs", every_n_epochs),
                             ("probe_batch_size", probe_batch_size), ("trace_max_samples", trace_max_samples),
                             ("trace_min_samples", trace_min_samples), ("krylov_steps", krylov_steps)):
             check_positive_int(value, name)
+        if probe_size is not None:
+            check_positive_int(probe_size, "probe_size")
         if every_n_steps is not None:
             check_positive_int(every_n_steps, "every_n_steps")
         if mode not in ("eval", "train"):
@@ -128,7 +133,7 @@ class HessianSpectrumCallback(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(
             top_k=self.top_k, every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps,
-            probe_size=self.probe_size, mode=self.mode,
+            probe_size=self.probe_size or DEFAULT_PROBE_SIZE, mode=self.mode,
         )
 
     # ---- hooks -------------------------------------------------------------------------------------------
@@ -143,10 +148,11 @@ class HessianSpectrumCallback(Callback):
             batches = list(self.probe_data)[trainer.global_rank :: trainer.world_size]
         else:
             dataset, collate_fn = train_dataset_of(trainer)
-            indices = draw_probe_indices(len(dataset), self.probe_size, self.seed)
+            size = self.probe_size if self.probe_size is not None else min(DEFAULT_PROBE_SIZE, len(dataset))
+            indices = draw_probe_indices(len(dataset), size, self.seed)
             batches = probe_batches(dataset, indices, self.probe_batch_size, collate_fn,
                                     trainer.global_rank, trainer.world_size)
-        self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
+        self._batches = [prepare_batch(trainer, b) for b in batches]
         if self._batches:  # a rank may hold no probe batch (fewer given batches than ranks)
             with leave_no_trace(pl_module, self.mode):
                 loss = self._loss(pl_module, self._batches[0])
@@ -177,7 +183,7 @@ class HessianSpectrumCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "skipped": self.skipped, "probe_seconds": self._probe_seconds,
-                "train_seconds": self._train_seconds, "warm_start": self._warm_start}
+                "train_seconds": self._train_seconds, "warm_start": self._warm_start, "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
@@ -185,11 +191,21 @@ class HessianSpectrumCallback(Callback):
         self._probe_seconds = state_dict.get("probe_seconds", 0.0)
         self._train_seconds = state_dict.get("train_seconds", 0.0)
         self._warm_start = state_dict.get("warm_start")
+        self._last_step = state_dict.get("last_step", 0)
 
     # ---- work --------------------------------------------------------------------------------------------
 
     def compute(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """One measurement on the probe set (the callback's hooks call this; usable on its own)."""
+        """One measurement on the probe set (the callback's hooks call this).
+
+        On its own, outside a Trainer, it needs ``probe_data``: batches already on the module's device.
+        """
+        if self._batches is None:
+            if self.probe_data is None:
+                raise ValueError("compute() outside a running Trainer needs probe_data= (the batches to probe)")
+            self._batches = list(self.probe_data)
+        if self._loss is None:
+            self._loss = resolve_loss_fn(pl_module, self.loss_fn)
         record: dict[str, Any] = {}
         with leave_no_trace(pl_module, self.mode):
             op = HessianOperator(pl_module, self._loss, self._batches, params=self.params)
