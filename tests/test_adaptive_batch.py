@@ -154,3 +154,41 @@ def test_failed_probes_warn_and_keep_the_batch():
         _, trainer = fit(cb, epochs=4)
     assert trainer.current_epoch == 4
     assert [h["batch_size"] for h in cb.history] == [8] * 4 and cb.reference is None
+
+
+class HparamsData(Data):
+    """A datamodule that reads ``self.hparams.batch_size`` (lightning-hydra-template style)."""
+
+    def __init__(self, batch_size: int):
+        super().__init__(batch_size)
+        del self.batch_size
+        self.save_hyperparameters()
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.hparams.batch_size, shuffle=True)
+
+
+class HparamsModule(Module):
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.save_hyperparameters()  # a batch_size the loaders never read
+
+
+def test_dataloader_mode_grows_the_datamodule_hparams_the_loader_reads(scripted_eigenvalues):
+    pl.seed_everything(0)
+    module = HparamsModule(batch_size=8)
+    trainer = pl.Trainer(max_epochs=4, callbacks=[AdaptiveBatchSizeCallback(max_batch_size=64, plot=False)],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    trainer.fit(module, datamodule=HparamsData(8))
+    rows = {epoch: max(r for e, r, _ in module.seen if e == epoch) for epoch in range(4)}
+    assert rows == {0: 8, 1: 8, 2: 8, 3: 16}  # EIGS 10, 8, 4.9: 4.9 <= 10 / 2 grows after epoch 2
+    assert module.hparams.batch_size == 8
+
+
+def test_dataloader_mode_fails_when_the_loader_does_not_read_the_batch_size(scripted_eigenvalues):
+    module = HparamsModule(batch_size=16)  # the module's batch_size, but the loader is fixed at 8
+    trainer = pl.Trainer(max_epochs=2, callbacks=[AdaptiveBatchSizeCallback(max_batch_size=64, plot=False)],
+                         logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"HparamsModule.hparams.batch_size \(now 16\).*DataLoader has batch_size=8"):
+        trainer.fit(module, DataLoader(Data(8).data, batch_size=8))

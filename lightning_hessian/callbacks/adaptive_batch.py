@@ -61,7 +61,7 @@ class AdaptiveBatchSizeCallback(Callback):
         fb_warmup_epochs: float = 5.0,
         adversarial: bool = False,
         adversarial_fraction: float = 0.2,
-        probe_size: int = 1024,
+        probe_size: int | None = None,
         probe_batch_size: int = 1024,
         seed: int = 0,
         loss_fn: LossFn | None = None,
@@ -105,6 +105,7 @@ class AdaptiveBatchSizeCallback(Callback):
         self._adversary: Any = None
         self._epoch_start_lrs: list[float] = []
         self._group_lrs: list[float] = []
+        self._reloaded = False  # a batch-size change awaits the next epoch's dataloader
 
     @property
     def state_key(self) -> str:
@@ -126,6 +127,8 @@ class AdaptiveBatchSizeCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             raise ValueError(f"AdaptiveBatchSizeCallback scales one optimizer's LR; found {len(trainer.optimizers)}")
+        if self.mode == "dataloader":
+            self._check_loader_reads(trainer, pl_module)
         per_device = self._per_device_batch(trainer, pl_module)
         accumulate = trainer.accumulate_grad_batches
         current = per_device * trainer.world_size * accumulate
@@ -177,6 +180,9 @@ class AdaptiveBatchSizeCallback(Callback):
     # ---- per epoch: the schedule -------------------------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._reloaded:  # the loader was just rebuilt for a new batch size: it must have taken it
+            self._reloaded = False
+            self._check_loader_reads(trainer, pl_module)
         self._epoch_start_lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -273,6 +279,7 @@ class AdaptiveBatchSizeCallback(Callback):
             # reload the train dataloader at the next epoch start (also when called from on_train_start,
             # after Lightning already built this epoch's loader)
             trainer.fit_loop._last_train_dl_reload_epoch = float("-inf")
+            self._reloaded = True
 
     def _scale_lr(self, trainer: pl.Trainer, growth: float) -> None:
         for g in trainer.optimizers[0].param_groups:
@@ -297,13 +304,29 @@ class AdaptiveBatchSizeCallback(Callback):
 
     @staticmethod
     def _batch_holder(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        for holder in (trainer.datamodule, pl_module, getattr(pl_module, "hparams", None)):
+        """The object whose ``batch_size`` the train dataloader reads: the datamodule when there is one (or its
+        ``hparams``), else the LightningModule (or its ``hparams``)."""
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        for holder in (source, getattr(source, "hparams", None)):
             if holder is not None and isinstance(getattr(holder, "batch_size", None), int):
                 return holder
         raise ValueError(
-            "mode='dataloader' needs an integer `batch_size` attribute on the datamodule or the LightningModule "
-            "that its train_dataloader() reads; add one, or use mode='accumulate'"
+            f"mode='dataloader' needs an integer `batch_size` attribute (or hparams.batch_size) on the "
+            f"{type(source).__name__} whose train_dataloader() reads it; add one, or use mode='accumulate'"
         )
+
+    def _check_loader_reads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fail if the train DataLoader's batch size is not the holder's (it does not read the one we change)."""
+        holder = self._batch_holder(trainer, pl_module)
+        loaded = getattr(trainer.train_dataloader, "batch_size", None)
+        if loaded is not None and loaded != holder.batch_size:
+            source = trainer.datamodule if trainer.datamodule is not None else pl_module
+            name = type(source).__name__ + ("" if holder is source else ".hparams")
+            raise ValueError(
+                f"mode='dataloader' sets {name}.batch_size (now {holder.batch_size}), but the train "
+                f"DataLoader has batch_size={loaded}: its train_dataloader() does not read that attribute. Build the "
+                "loader from it, or use mode='accumulate'"
+            )
 
     def _per_device_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         if self.mode == "dataloader":
