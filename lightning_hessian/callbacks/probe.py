@@ -63,10 +63,12 @@ def probe_batches(
     return list(loader)
 
 
-def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
+def prepare_batch(trainer: pl.Trainer, batch: Any, convert_input: bool = True) -> Any:
     """``batch`` as the training loop hands it to ``training_step``: the precision plugin's input conversion
-    (e.g. ``bf16-true``, ``64-true``), the module's batch-transfer hooks and the move to its device."""
-    batch = trainer.precision_plugin.convert_input(batch)
+    (e.g. ``bf16-true``, ``64-true``; ``convert_input=False`` skips it, for modules the precision plugin has not
+    converted yet), the module's batch-transfer hooks and the move to its device."""
+    if convert_input:
+        batch = trainer.precision_plugin.convert_input(batch)
     batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
     return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 

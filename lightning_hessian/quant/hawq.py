@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torchmetrics import Metric
 
@@ -31,6 +33,7 @@ from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import (
     LossFn,
     draw_probe_indices,
+    prepare_batch,
     probe_batches,
     resolve_loss_fn,
     train_dataset_of,
@@ -51,6 +54,23 @@ from lightning_hessian.quant.report import BitReport, bit_report
 from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
 
 RESOURCES = ("size", "bops")
+# The wrapped module's hooks that run unchanged inside a HAWQModule (logging to this run). Only those it overrides are
+# bound, so Lightning's is_overridden checks (which loops run, which data hooks apply) answer as for the module itself.
+_DELEGATED_HOOKS = (
+    "prepare_data", "setup", "teardown", "configure_callbacks",
+    "train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader",
+    "on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer",
+    "validation_step", "test_step", "predict_step",
+    "on_fit_end", "on_train_start", "on_train_end", "on_validation_end", "on_test_end", "on_predict_end",
+    "on_train_epoch_start", "on_train_epoch_end", "on_validation_epoch_start", "on_validation_epoch_end",
+    "on_test_epoch_start", "on_test_epoch_end", "on_predict_epoch_start", "on_predict_epoch_end",
+    "on_train_batch_start", "on_train_batch_end", "on_validation_batch_start", "on_validation_batch_end",
+    "on_test_batch_start", "on_test_batch_end", "on_predict_batch_start", "on_predict_batch_end",
+    "on_validation_model_zero_grad", "on_validation_model_eval", "on_validation_model_train",
+    "on_test_model_eval", "on_test_model_train", "on_predict_model_eval",
+    "on_before_backward", "backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
+    "configure_gradient_clipping", "optimizer_step", "optimizer_zero_grad", "lr_scheduler_step",
+)
 _FOLLOW_CODE = -1  # act_bits="follow" in the hawq_bits buffer (0 there means "not quantized")
 
 
@@ -98,7 +118,10 @@ class HAWQModule(LightningModule):
         solver: OR-Tools solver of :func:`~lightning_hessian.quant.allocation.allocate_bits`.
         report_dir: where ``hawq_report.md``/``.png`` go; default ``<trainer.default_root_dir>/hawq``.
 
-    Training, validation and test steps are the wrapped module's, so its metrics are logged unchanged.
+    Training, validation and test steps are the wrapped module's, and so are the hooks it overrides (its
+    dataloaders, batch-transfer hooks, epoch and batch hooks: ``_DELEGATED_HOOKS``), so its metrics are logged
+    unchanged. The probe batches go through its batch-transfer hooks as training batches do; ``hessian_loss``
+    differentiates the quantized network, so the Hessian callbacks work on a HAWQModule.
 
     Example::
 
@@ -179,6 +202,9 @@ class HAWQModule(LightningModule):
             "temperature": self.temperature, "solver": solver,
         })
         self.module = module
+        for hook in _DELEGATED_HOOKS:
+            if is_overridden(hook, module, LightningModule):
+                setattr(self, hook, partial(self._delegate, hook))
         object.__setattr__(self, "float_module", module)  # the teacher: not a submodule, not trained or saved
         # Weight bits per layer (0: float) and the activation bits (-1: "follow"), so a state dict rebuilds its
         # own network.
@@ -357,15 +383,19 @@ class HAWQModule(LightningModule):
         self._require_quantized()
         if self.distill_weight > 0:
             self.float_module.to(self.device).eval()
+        self._delegate("on_fit_start")
 
     def on_validation_start(self) -> None:
         self._require_quantized()
+        self._delegate("on_validation_start")
 
     def on_test_start(self) -> None:
         self._require_quantized()
+        self._delegate("on_test_start")
 
     def on_predict_start(self) -> None:
         self._require_quantized()
+        self._delegate("on_predict_start")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -395,26 +425,10 @@ class HAWQModule(LightningModule):
         loss = (1 - self.distill_weight) * task + self.distill_weight * kl
         return {**out, "loss": loss} if isinstance(out, Mapping) else loss
 
-    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._delegate("validation_step", *args, **kwargs)
-
-    def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._delegate("test_step", *args, **kwargs)
-
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._delegate("predict_step", *args, **kwargs)
-
-    def on_train_epoch_start(self) -> None:
-        self._delegate("on_train_epoch_start")
-
-    def on_train_epoch_end(self) -> None:
-        self._delegate("on_train_epoch_end")
-
-    def on_validation_epoch_end(self) -> None:
-        self._delegate("on_validation_epoch_end")
-
-    def on_test_epoch_end(self) -> None:
-        self._delegate("on_test_epoch_end")
+    def hessian_loss(self, batch: Any) -> torch.Tensor:
+        """The Hessian loss of the quantized network: ``loss_fn``, else the wrapped module's ``hessian_loss``, else
+        cross-entropy on ``(x, y)`` batches."""
+        return resolve_loss_fn(self.module, self.loss_fn)(self.module, batch)
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is not None:
@@ -440,16 +454,20 @@ class HAWQModule(LightningModule):
                 "ckpt_path= pointing at a HAWQModule checkpoint"
             )
 
-    def _probe_batches(self) -> list[Any]:
+    def _probe_batches(self, convert_input: bool = False) -> list[Any]:
+        """``probe_data`` or this rank's share of ``probe_size`` training samples, as the training loop would hand
+        them over (batch-transfer hooks, device; the precision plugin's conversion with ``convert_input``)."""
+        trainer = self.trainer
         if self.probe_data is not None:
             batches = list(self.probe_data)
             if not batches:
                 raise ValueError("probe_data holds no batches")
-            return batches
-        trainer = self.trainer
-        dataset, collate = train_dataset_of(trainer)
-        indices = draw_probe_indices(len(dataset), min(self.probe_size, len(dataset)), self.seed)
-        return probe_batches(dataset, indices, self.probe_batch_size, collate, trainer.global_rank, trainer.world_size)
+        else:
+            dataset, collate = train_dataset_of(trainer)
+            indices = draw_probe_indices(len(dataset), min(self.probe_size, len(dataset)), self.seed)
+            batches = probe_batches(dataset, indices, self.probe_batch_size, collate, trainer.global_rank,
+                                    trainer.world_size)
+        return [prepare_batch(trainer, batch, convert_input=convert_input) for batch in batches]
 
     @staticmethod
     def _example(batches: Sequence[Any]) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""HAWQModule behaves as the module it wraps: batch hooks, lifecycle hooks, dataloaders, Hessian loss."""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_hessian import HessianOperator, HessianSpectrumCallback, top_eigenvalues
+from lightning_hessian.models import MNIST1DCNN, ClassificationModule
+from lightning_hessian.quant.hawq import HAWQModule
+from tests.conftest import fit_full_batch
+from tests.test_hawq import TRAINER, make_data
+
+
+def net() -> MNIST1DCNN:
+    return MNIST1DCNN(channels=6, num_classes=4)
+
+
+def like(cls: type[ClassificationModule], module: ClassificationModule) -> ClassificationModule:
+    """A ``cls`` with ``module``'s weights and optimizer."""
+    other = cls(net(), optimizer=partial(torch.optim.Adam, lr=3e-3), num_classes=4)
+    other.load_state_dict(module.state_dict())
+    return other
+
+
+@pytest.fixture(scope="module")
+def trained() -> ClassificationModule:
+    torch.manual_seed(0)
+    module = ClassificationModule(net(), optimizer=partial(torch.optim.Adam, lr=3e-3), num_classes=4)
+    return fit_full_batch(module, *make_data(), steps=150)
+
+
+class Hooked(ClassificationModule):
+    """Its data stores ``-2 x``: the batch hooks give ``x`` back exactly (negate before the transfer, halve after)."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return -x, y
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        x, y = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return x.contiguous(), y
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return x / 2, y
+
+
+def test_batch_hooks_apply_to_the_probe_calibration_fine_tune_and_test(trained, tmp_path):
+    """Hooks undoing a stored ``-2 x`` give the same plan, ranges, weights and metrics as plain ``x`` data."""
+    x, y = make_data()
+    xt, yt = make_data(128, seed=1)
+
+    def run(module, scale):
+        pl.seed_everything(0)
+        hawq = HAWQModule(module, budgets={"size": 0.5}, metric="quadratic", probe_size=128, probe_batch_size=64,
+                          act_bits="follow")
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, default_root_dir=tmp_path, **TRAINER)
+        trainer.fit(hawq, DataLoader(TensorDataset(x * scale, y), 64, shuffle=True),
+                    DataLoader(TensorDataset(xt * scale, yt), 64))
+        val = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        return hawq, val, trainer.test(hawq, DataLoader(TensorDataset(xt * scale, yt), 64), verbose=False)[0]
+
+    plain, plain_val, plain_test = run(like(ClassificationModule, trained), 1)
+    hooked, hooked_val, hooked_test = run(like(Hooked, trained), -2)
+    assert plain_test["test/acc"] > 0.5
+    assert hooked.weight_bits == plain.weight_bits and len(set(plain.weight_bits.values())) > 1
+    assert hooked.sensitivity.quadratic == plain.sensitivity.quadratic  # the probe went through the hooks
+    assert hooked_val == plain_val and hooked_test == plain_test
+    for (name, a), b in zip(plain.state_dict().items(), hooked.state_dict().values()):  # ranges, fine-tuned weights
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+RECORDED = ("on_fit_start", "on_fit_end", "on_train_start", "on_train_end", "on_train_epoch_start",
+            "on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+            "on_before_optimizer_step", "on_validation_start", "on_validation_epoch_start",
+            "on_validation_batch_start", "on_validation_batch_end", "on_validation_end", "on_test_start",
+            "on_test_epoch_start", "on_test_batch_start", "on_test_batch_end", "on_test_end")
+
+
+class Recorder(ClassificationModule):
+    """Counts its hook calls, brings its own dataloaders and differentiates twice the cross-entropy."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = Counter()
+
+    def hessian_loss(self, batch):
+        return 2 * super().hessian_loss(batch)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(*make_data()), 64, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(*make_data(128, seed=1)), 64)
+
+    def test_dataloader(self):
+        return DataLoader(TensorDataset(*make_data(128, seed=2)), 64)
+
+
+def _recording(name):
+    def hook(self, *args):
+        self.calls[name] += 1
+        return getattr(super(Recorder, self), name)(*args)
+    return hook
+
+
+for _name in RECORDED:
+    setattr(Recorder, _name, _recording(_name))
+
+
+def test_the_wrapped_modules_hooks_and_dataloaders_run_as_without_the_wrapper(trained, tmp_path):
+    def run(module):
+        pl.seed_everything(0)
+        trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
+                             default_root_dir=tmp_path, **TRAINER)
+        trainer.fit(module)  # the wrapped module's dataloaders
+        return trainer.test(module, verbose=False)[0]
+
+    plain = like(Recorder, trained)
+    run(plain)
+    hawq = HAWQModule(like(Recorder, trained), bits=8, probe_size=128)
+    run(hawq)
+    assert hawq.module.calls == plain.calls
+    assert plain.calls["on_train_batch_start"] == 4 and plain.calls["on_validation_epoch_start"] == 3  # + sanity
+    assert plain.calls["on_after_backward"] == 4 and plain.calls["on_test_batch_end"] == 1
+
+
+def test_hessian_callbacks_differentiate_the_wrapped_modules_hessian_loss(trained, tmp_path):
+    x, y = make_data(64)
+    hawq = HAWQModule(like(Recorder, trained), bits=8, probe_size=128)
+    spectrum = HessianSpectrumCallback(trace=False, probe_data=[(x, y)], plot=False)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, default_root_dir=tmp_path,
+                         callbacks=[spectrum], **TRAINER)
+    trainer.fit(hawq)
+    hawq.eval()
+    torch.testing.assert_close(hawq.hessian_loss((x, y)), 2 * F.cross_entropy(hawq.module(x), y))
+    op = HessianOperator(hawq, lambda model, batch: 2 * F.cross_entropy(model(batch[0]), batch[1]), [(x, y)])
+    expected = float(top_eigenvalues(op, k=1, tol=1e-3, seed=0).eigenvalues[0])
+    assert spectrum.history[-1]["eigenvalues"][0] == pytest.approx(expected, rel=1e-5)
