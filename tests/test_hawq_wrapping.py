@@ -144,3 +144,49 @@ def test_hessian_callbacks_differentiate_the_wrapped_modules_hessian_loss(traine
     op = HessianOperator(hawq, lambda model, batch: 2 * F.cross_entropy(model(batch[0]), batch[1]), [(x, y)])
     expected = float(top_eigenvalues(op, k=1, tol=1e-3, seed=0).eigenvalues[0])
     assert spectrum.history[-1]["eigenvalues"][0] == pytest.approx(expected, rel=1e-5)
+
+
+class CountingAdam(torch.optim.Adam):
+    steps = 0
+
+    def step(self, closure=None):
+        CountingAdam.steps += 1
+        return super().step(closure)
+
+
+class Manual(ClassificationModule):
+    """The same update as automatic optimization, stepped by hand."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = self._shared_step(batch, "train")
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_a_manually_optimized_module_steps_once_per_batch_like_the_automatic_one(trained, tmp_path):
+    x, y = make_data()
+
+    def run(cls):
+        module = cls(net(), optimizer=partial(CountingAdam, lr=1e-3), num_classes=4)
+        module.load_state_dict(trained.state_dict())
+        hawq = HAWQModule(module, bits=4, probe_data=[(x[:64], y[:64])])
+        CountingAdam.steps = 0
+        pl.seed_everything(0)
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, default_root_dir=tmp_path, **TRAINER)
+        trainer.fit(hawq, DataLoader(TensorDataset(x, y), 64, shuffle=True))
+        return hawq, trainer.global_step, CountingAdam.steps
+
+    auto, auto_steps, auto_calls = run(ClassificationModule)
+    manual, manual_steps, manual_calls = run(Manual)
+    assert (manual_steps, manual_calls) == (auto_steps, auto_calls) == (3, 3)
+    assert not manual.automatic_optimization and auto.automatic_optimization
+    for (name, a), b in zip(auto.state_dict().items(), manual.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match=r"distill_weight > 0 .*\(automatic_optimization=False\)"):
+        HAWQModule(manual.module, bits=4, distill_weight=0.5)

@@ -183,6 +183,10 @@ class HAWQModule(LightningModule):
             check_positive_int(value, name)
         if not (isinstance(distill_weight, Real) and 0 <= distill_weight <= 1):
             raise ValueError(f"distill_weight must be in [0, 1] (0: no distillation), got {distill_weight!r}")
+        if distill_weight > 0 and not module.automatic_optimization:
+            raise ValueError("distill_weight > 0 adds the distillation term to the loss training_step returns, but "
+                             f"{type(module).__name__} optimizes manually (automatic_optimization=False): pass "
+                             "distill_weight=0")
         if not (isinstance(temperature, Real) and temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if solver not in SOLVERS:
@@ -435,6 +439,15 @@ class HAWQModule(LightningModule):
             return self.optimizer_factory(self.module.parameters())
         return self._delegate("configure_optimizers")
 
+    @property
+    def automatic_optimization(self) -> bool:
+        """The wrapped module's: a manually optimized ``training_step`` steps this run's optimizers itself."""
+        return self.module.automatic_optimization
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        self.module.automatic_optimization = value
+
     # ------------------------------------------------------------------------------------------ internals
     @property
     def _bops_act_bits(self) -> int | None:
@@ -442,7 +455,8 @@ class HAWQModule(LightningModule):
         return None if self.act_bits == FOLLOW else self.act_bits
 
     def _delegate(self, hook: str, *args: Any, **kwargs: Any) -> Any:
-        """Call the wrapped module's hook as Lightning would (its ``self.log`` goes to this run)."""
+        """Call the wrapped module's hook as Lightning would: its ``self.log``, ``self.optimizers()`` and
+        ``manual_backward`` act on this run."""
         self.module.trainer = self._trainer
         self.module._current_fx_name = self._current_fx_name
         return getattr(self.module, hook)(*args, **kwargs)
