@@ -2,7 +2,8 @@
 
 Each recipe instantiates its parts from the composed config group by group, so a bad value is reported as
 one line naming the config key (``ConfigError``) instead of a deep traceback. Importing this module
-registers the ``lh_run_id`` resolver that names run directories (``conf/hydra/default.yaml``).
+registers the resolvers of ``conf/hydra/default.yaml`` and ``conf/paths/default.yaml``: ``lh_run_id`` names run
+directories, ``lh_root`` is where data and logs live.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def run_id() -> str:
 
 # cached per config, so Hydra's sweep jobs (which copy the launcher's cache) reuse the launcher's name
 OmegaConf.register_new_resolver("lh_run_id", run_id, use_cache=True, replace=True)
+# LH_ROOT, else the working directory: unlike ${hydra:runtime.cwd} it resolves before HydraConfig is set
+OmegaConf.register_new_resolver("lh_root", lambda: os.environ.get("LH_ROOT") or os.getcwd(), replace=True)
 
 
 def _instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:

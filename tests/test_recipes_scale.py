@@ -185,6 +185,16 @@ def test_absa_table_sweeps_every_schedule_batch_and_seed():
 # ---- subprocess runs: sweeps, simulated DDP, submitit ---------------------------------------------------
 
 
+def test_multirun_sweep_runs_with_no_paths_override(tmp_path, monkeypatch):
+    """The sweep directory resolves before Hydra's runtime config exists: logs/ and data/ under the cwd."""
+    monkeypatch.delenv("LH_ROOT", raising=False)
+    result = run_script("train.py", ["-m", "seed=0", *TINY], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job,) = (tmp_path / "logs" / "train" / "multiruns").glob("*/0")
+    assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert list((tmp_path / "data").glob("mnist1d_400_100_*.npz"))
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_multirun_sweep_of_two_ddp_sim_jobs(tmp_path, data_dir):
