@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_hessian import recipes
 
@@ -37,9 +39,35 @@ def run_recipe(recipe: Callable[[DictConfig], Any], cfg: DictConfig) -> float | 
     return float(result[metric])
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """``hydra.run.dir=<dir> ckpt_path=last``: ``argv`` with the run's own overrides put before the new ones.
+
+    The resumed run then composes the config it was trained with (``<dir>/.hydra/overrides.yaml``) and the
+    overrides given now on top, instead of the default config, which need not fit its checkpoint.
+    """
+    given = [arg for arg in argv[1:] if "=" in arg and not arg.startswith("-")]
+    run_dirs = [arg.split("=", 1)[1] for arg in given if arg.startswith("hydra.run.dir=")]
+    if "ckpt_path=last" not in given or not run_dirs or {"-m", "--multirun"} & set(argv):
+        return argv
+    saved = Path(run_dirs[-1]) / ".hydra" / "overrides.yaml"
+    if not saved.exists():
+        return argv
+    earlier = list(OmegaConf.load(saved))
+    parser = OverridesParser.create()
+    keys = {(o.key_or_group, o.package) for o in parser.parse_overrides(given)}
+    kept = [arg for arg, o in zip(earlier, parser.parse_overrides(earlier)) if (o.key_or_group, o.package) not in keys]
+    return [argv[0], *kept, *argv[1:]]
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def train(cfg: DictConfig) -> float | None:
+def _train(cfg: DictConfig) -> float | None:
     return run_recipe(recipes.train, cfg)
+
+
+def train() -> None:
+    """``lh-train``; ``hydra.run.dir=<dir> ckpt_path=last`` resumes with the run's own config (``resume_argv``)."""
+    sys.argv = resume_argv(sys.argv)
+    _train()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="analyze")

@@ -8,6 +8,7 @@ directories, ``lh_root`` is where data and logs live.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from datetime import datetime
@@ -18,6 +19,9 @@ import lightning.pytorch as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
@@ -56,6 +60,29 @@ OmegaConf.register_new_resolver("lh_run_id", run_id, use_cache=True, replace=Tru
 OmegaConf.register_new_resolver("lh_root", lambda: os.environ.get("LH_ROOT") or os.getcwd(), replace=True)
 
 
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):  # keep its rows; a new key rewrites the header only
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class CSVLogger(pl.loggers.CSVLogger):
+    """Lightning's ``CSVLogger`` that appends to an existing ``metrics.csv`` instead of deleting it.
+
+    A resumed run logs into its old directory, and ``trainer.test`` after a ``ddp_spawn`` fit starts a new
+    writer in a new process: both keep the rows logged before (``conf/logger/csv.yaml``).
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def _instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     node = OmegaConf.select(cfg, key)
     try:
@@ -77,7 +104,10 @@ def _resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     if ckpt_path != "last":
         return ckpt_path
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
+    if last.exists():
+        return str(last)
+    rank_zero_warn(f"ckpt_path=last: no {last}, so this run starts from scratch")
+    return None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -89,17 +119,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = _instantiate_group(cfg, "logger")
     trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
     metrics: dict[str, float] = {}
+    ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     if cfg.train:
         try:
-            ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"fit: {err}") from err
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if cfg.test:
-        # the final weights: with MNIST-1D's default val_size=0 the validation split is the test split, so
-        # testing a checkpoint selected on it would report a selected, not a held-out, accuracy
-        results = trainer.test(module, datamodule=datamodule, verbose=False)
+        # the final weights (or with train=false, ckpt_path's): with MNIST-1D's default val_size=0 the validation
+        # split is the test split, so testing a checkpoint selected on it would report a selected accuracy
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=None if cfg.train else ckpt_path,
+                               verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()})
     if trainer.is_global_zero:
         print(f"outputs: {cfg.paths.output_dir}")

@@ -1,10 +1,15 @@
-"""Train with Hydra: ``python recipes/train.py trainer.max_epochs=5 callbacks=none``."""
+"""Train with Hydra: ``python recipes/train.py trainer.max_epochs=5 callbacks=none``.
+
+``python recipes/train.py hydra.run.dir=<dir> ckpt_path=last`` resumes <dir> with its own overrides.
+"""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from lightning_hessian import recipes
-from lightning_hessian.cli import run_recipe
+from lightning_hessian.cli import resume_argv, run_recipe
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -13,4 +18,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = resume_argv(sys.argv)
     main()
