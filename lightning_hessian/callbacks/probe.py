@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -74,11 +75,14 @@ def prepare_batch(trainer: pl.Trainer, batch: Any, convert_input: bool = True) -
 
 
 def train_dataset_of(trainer: pl.Trainer) -> tuple[Dataset, Callable | None]:
-    """The training dataset and collate function the Trainer is using."""
+    """The training dataset and collate function the Trainer is using; outside ``fit`` (before one), those of the
+    datamodule's ``train_dataloader`` (else the module's)."""
     loader = trainer.train_dataloader
-    if loader is None:
+    if loader is None and trainer.state.fn == TrainerFn.FITTING:
         trainer.fit_loop.setup_data()
         loader = trainer.train_dataloader
+    elif loader is None:
+        loader = (trainer.datamodule if trainer.datamodule is not None else trainer.lightning_module).train_dataloader()
     if isinstance(loader, (list, tuple)):
         loader = loader[0]
     elif isinstance(loader, dict):

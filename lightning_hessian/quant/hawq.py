@@ -24,8 +24,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torchmetrics import Metric
 
@@ -288,8 +289,9 @@ class HAWQModule(LightningModule):
     def quantize(self, bits: int | Mapping[str, int]) -> nn.Module:
         """Replace ``self.module`` by a quantized copy of the float module with these weight bits."""
         bits = self._check_bits(bits)
-        with warnings.catch_warnings():  # reported below, once (rank 0)
-            warnings.filterwarnings("ignore", message="quantize_model: ")
+        # isolate_rng: initialising the quantized layers must not shift the training RNG stream
+        with warnings.catch_warnings(), isolate_rng():
+            warnings.filterwarnings("ignore", message="quantize_model: ")  # reported below, once (rank 0)
             qmodule, report = quantize_model(self.float_module, bits, self.act_bits, self.momentum, ignore=(Metric,))
         if report.float_layers:
             listed = "; ".join(f"{n} ({why})" for n, why in report.float_layers.items())
@@ -336,28 +338,35 @@ class HAWQModule(LightningModule):
 
     # --------------------------------------------------------------------------------- Lightning hooks
     def configure_model(self) -> None:
-        """Quantize before the strategy wraps the model: fixed bits, or a plan on the probe set.
+        """Quantize before the strategy wraps the model (fixed bits, or a plan on the probe set), calibrate the
+        activation ranges on the probe set, measure the costs and write the report.
 
         A module without ``bits``/``budgets``, and a planned one without a Trainer (``load_from_checkpoint``)
         or outside ``fit`` without ``probe_data``, waits for a checkpoint: ``load_state_dict`` brings the bits.
+        Fixed bits there are quantized at once and calibrated when evaluation starts, unless a checkpoint brings
+        the ranges. A later ``fit`` completes what an evaluation left out (calibration, costs, report).
         """
-        if self.weight_bits is not None or (self.fixed_bits is None and self.budgets is None):
+        if self.fixed_bits is None and self.budgets is None:
             return
         trainer = self._trainer
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         if trainer is None or not (fitting or self.probe_data is not None):
-            if self.fixed_bits is not None:
+            if self.weight_bits is None and self.fixed_bits is not None:
                 self.quantize(self.fixed_bits)
             return
+        if self.weight_bits is not None and self.stats is not None:
+            return
         batches = self._probe_batches()
-        if self.fixed_bits is not None:
-            bits = self.fixed_bits
-            self.measure_costs(self.example_input if self.example_input is not None else self._example(batches))
-        else:
+        example = self.example_input if self.example_input is not None else self._example(batches)
+        if self.weight_bits is None and self.budgets is not None:
             self.float_module.to(trainer.strategy.root_device)
-            bits = trainer.strategy.broadcast(self.plan(batches, self.example_input), src=0)
-        self.quantize(bits)
-        self.calibrate(batches)
+            self.quantize(trainer.strategy.broadcast(self.plan(batches, example), src=0))
+        else:
+            self.measure_costs(example)
+            if self.weight_bits is None:
+                self.quantize(self.fixed_bits)
+        if not self._calibrated():
+            self.calibrate(batches)
         if trainer.is_global_zero:
             folder = self.report_dir if self.report_dir is not None else Path(trainer.default_root_dir) / "hawq"
             self.bit_report().save(folder)
@@ -390,15 +399,15 @@ class HAWQModule(LightningModule):
         self._delegate("on_fit_start")
 
     def on_validation_start(self) -> None:
-        self._require_quantized()
+        self._require_calibrated()
         self._delegate("on_validation_start")
 
     def on_test_start(self) -> None:
-        self._require_quantized()
+        self._require_calibrated()
         self._delegate("on_test_start")
 
     def on_predict_start(self) -> None:
-        self._require_quantized()
+        self._require_calibrated()
         self._delegate("on_predict_start")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -467,6 +476,27 @@ class HAWQModule(LightningModule):
                 "HAWQModule has no bit configuration: pass bits= or budgets= and fit, or test/validate with "
                 "ckpt_path= pointing at a HAWQModule checkpoint"
             )
+
+    def _calibrated(self) -> bool:
+        """Whether the activation quantizers have ranges (from calibration, training or a checkpoint)."""
+        return any(bool(q.calibrated) for q in self.module.modules() if isinstance(q, ActivationQuantizer))
+
+    def _require_calibrated(self) -> None:
+        """Evaluate only with activation ranges: calibrate on the probe set if nothing brought them."""
+        self._require_quantized()
+        if self._calibrated():
+            return
+        with torch.inference_mode(False):  # the evaluation loop's mode: the ranges must stay usable in training
+            try:
+                batches = self._probe_batches(convert_input=True)
+            except Exception as err:
+                raise RuntimeError(
+                    "HAWQModule: the activation quantizers have no ranges and there is no training data to calibrate "
+                    f"them on ({type(err).__name__}: {err}); pass probe_data= (a few training batches) or evaluate a "
+                    "HAWQModule checkpoint with ckpt_path="
+                ) from err
+            rank_zero_info(f"HAWQModule: calibrating the activation ranges on {len(batches)} probe batch(es)")
+            self.calibrate(batches)
 
     def _probe_batches(self, convert_input: bool = False) -> list[Any]:
         """``probe_data`` or this rank's share of ``probe_size`` training samples, as the training loop would hand
