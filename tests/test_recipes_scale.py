@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 import re
@@ -208,6 +209,10 @@ def test_multirun_sweep_of_two_ddp_sim_jobs(tmp_path, data_dir):
     assert [c["global_step"] for c in ckpts] == [4, 4]  # 400 samples / (2 ranks x 50) per epoch
     weights = [c["state_dict"]["net.classifier.weight"] for c in ckpts]
     assert not torch.equal(*weights)  # seeds 1 and 2
+    with open(sweep / "0" / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    # trainer.test forks new ranks with a new CSV writer: the fit's rows stay
+    assert [bool(row[key]) for row in rows for key in ("train/loss_epoch", "test/acc")].count(True) == 2
 
 
 @pytest.mark.slow
