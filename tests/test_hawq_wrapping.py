@@ -9,11 +9,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian import HessianOperator, HessianSpectrumCallback, top_eigenvalues
 from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule
+from lightning_hessian.quant.allocation import InfeasibleBudgetError
 from lightning_hessian.quant.hawq import HAWQModule
 from tests.conftest import fit_full_batch
 from tests.test_hawq import TRAINER, make_data
@@ -245,3 +247,48 @@ def test_validate_then_fit_calibrates_measures_costs_and_reports_as_a_plain_fit(
     assert (tmp_path / "validated" / "hawq_report.md").read_text() == report and "net.classifier" in report
     for (name, a), b in zip(straight.state_dict().items(), validated.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.cls, self.aux = nn.Linear(40, 16), nn.Linear(16, 4), nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.cls(h), self.aux(h)
+
+
+class MultiOutput(ClassificationModule):
+    def hessian_loss(self, batch):
+        return F.cross_entropy(self(batch[0])[0], batch[1])
+
+    def training_step(self, batch, batch_idx):
+        logits, aux = self(batch[0])
+        return F.cross_entropy(logits, batch[1]) + aux.square().mean()
+
+
+def test_configuration_errors_come_before_the_hessian(trained, tmp_path):
+    x, y = make_data(64)
+    train = DataLoader(TensorDataset(x, y), 32)
+
+    def fit(hawq):
+        trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, **TRAINER)
+        try:
+            trainer.fit(hawq, train)
+        finally:
+            assert hawq.sensitivity is None and trainer.global_step == 0
+
+    dict_loss = lambda model, batch: F.cross_entropy(model(batch["x"]), batch["y"])  # noqa: E731
+    with pytest.raises(ValueError, match="pass example_input="):
+        fit(HAWQModule(trained, budgets={"size": 0.5}, loss_fn=dict_loss, probe_data=[{"x": x, "y": y}]))
+    # 1,000 bits is below the all-4-bit size (4 * 366 = 1,464 bits), which the costs alone tell.
+    with pytest.raises(InfeasibleBudgetError, match=r"budgets=\{'size': 1000.0\}.*smallest achievable 1464"):
+        fit(HAWQModule(trained, budgets={"size": 1000.0}, probe_data=[(x, y)]))
+    multi = MultiOutput(TwoHeads(), num_classes=4)
+    with pytest.raises(TypeError, match="distill_weight=0.5 .* MultiOutput.forward returns a tuple"):
+        fit(HAWQModule(multi, budgets={"size": 0.5}, distill_weight=0.5, probe_data=[(x, y)]))
+    hawq = HAWQModule(multi, distill_weight=0.5)  # no bits yet (a resumed fit): the first step says it
+    hawq.quantize(8)
+    with pytest.raises(TypeError, match="distill_weight=0.5 .* returns a tuple"):
+        hawq.training_step((x, y), 0)

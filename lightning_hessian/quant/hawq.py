@@ -261,9 +261,16 @@ class HAWQModule(LightningModule):
         return self.sensitivity
 
     def measure_costs(self, example_input: Any) -> dict[str, dict[str, dict[int, float]]]:
-        """``{"size": bits, "bops": per-sample bit operations}`` tables of the layers for ``bit_choices``."""
+        """``{"size": bits, "bops": per-sample bit operations}`` tables of the layers for ``bit_choices`` (and, with
+        ``distill_weight > 0``, a check that the forward returns logits)."""
         device = next(self.float_module.parameters()).device
-        self.stats = layer_stats(self.float_module, move_data_to_device(example_input, device), self.layers)
+        outputs = []
+        handle = self.float_module.register_forward_hook(lambda module, args, out: outputs.append(out))
+        try:
+            self.stats = layer_stats(self.float_module, move_data_to_device(example_input, device), self.layers)
+        finally:
+            handle.remove()
+        self._check_logits(outputs[-1])
         return {
             "size": size_costs(self.stats, self.bit_choices),
             "bops": bops_costs(self.stats, self.bit_choices, self._bops_act_bits),
@@ -275,16 +282,17 @@ class HAWQModule(LightningModule):
         return {r: budget_between(costs[r], v, lo, hi) if v <= 1 else float(v) for r, v in (self.budgets or {}).items()}
 
     def plan(self, batches: Any, example_input: Any = None) -> dict[str, int]:
-        """Measure sensitivities and costs on ``batches`` and solve for the bits within ``budgets``."""
+        """Measure costs and sensitivities on ``batches`` and solve for the bits within ``budgets``.
+
+        The costs come first and the budgets are checked on them alone, so a configuration error (no
+        ``example_input`` for dict batches, budgets no allocation meets) costs no Hessian.
+        """
         if self.budgets is None:
             raise ValueError("plan() needs budgets=, e.g. HAWQModule(module, budgets={'size': 0.5})")
-        sensitivity = self.measure_sensitivity(batches)
         costs = self.measure_costs(example_input if example_input is not None else self._example(batches))
         budgets = self.resolve_budgets(costs)
-        try:
-            return allocate_bits(sensitivity.omega(self.metric), costs, budgets, self.ties, self.solver)
-        except InfeasibleBudgetError as err:
-            raise InfeasibleBudgetError(f"HAWQModule budgets={self.budgets}: {err}", err.minimums, err.budgets) from err
+        self._allocate({name: dict.fromkeys(self.bit_choices, 0.0) for name in costs["size"]}, costs, budgets)
+        return self._allocate(self.measure_sensitivity(batches).omega(self.metric), costs, budgets)
 
     def quantize(self, bits: int | Mapping[str, int]) -> nn.Module:
         """Replace ``self.module`` by a quantized copy of the float module with these weight bits."""
@@ -428,6 +436,7 @@ class HAWQModule(LightningModule):
             raise RuntimeError("distill_weight > 0 needs the wrapped training_step to compute its logits with "
                                "self(...) (the module's forward), so the float teacher sees the same input")
         args, kwargs, student = calls[-1]
+        self._check_logits(student)
         with torch.no_grad():
             teacher = self.float_module(*args, **kwargs)
         t = self.temperature
@@ -476,6 +485,19 @@ class HAWQModule(LightningModule):
                 "HAWQModule has no bit configuration: pass bits= or budgets= and fit, or test/validate with "
                 "ckpt_path= pointing at a HAWQModule checkpoint"
             )
+
+    def _allocate(self, omega: Mapping[str, Mapping[int, float]], costs: Mapping[str, Any],
+                  budgets: Mapping[str, float]) -> dict[str, int]:
+        try:
+            return allocate_bits(omega, costs, budgets, self.ties, self.solver)
+        except InfeasibleBudgetError as err:
+            raise InfeasibleBudgetError(f"HAWQModule budgets={self.budgets}: {err}", err.minimums, err.budgets) from err
+
+    def _check_logits(self, output: Any) -> None:
+        if self.distill_weight > 0 and not isinstance(output, torch.Tensor):
+            raise TypeError(f"distill_weight={self.distill_weight} distils the logits the module's forward returns, "
+                            f"but {type(self.float_module).__name__}.forward returns a {type(output).__name__}: make "
+                            "it return the logits tensor, or pass distill_weight=0")
 
     def _calibrated(self) -> bool:
         """Whether the activation quantizers have ranges (from calibration, training or a checkpoint)."""
