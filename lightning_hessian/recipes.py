@@ -17,6 +17,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -142,19 +144,45 @@ def train(cfg: DictConfig) -> dict[str, float]:
 # ---- analyze and quantize: a trained checkpoint and the data it was trained on ---------------------------
 
 
+def _use_run_config(cfg: DictConfig) -> None:
+    """Put the ``run_dir`` run's model and data configs into ``cfg``, as that run resolved them (its data
+    location), with this command line's ``model.*`` / ``data.*`` overrides on top."""
+    hydra_dir = Path(cfg.run_dir) / ".hydra"
+    if not (hydra_dir / "config.yaml").exists():
+        raise ConfigError(f"run_dir: {hydra_dir / 'config.yaml'} not found; point run_dir at a train run's output "
+                          "directory")
+    trained = OmegaConf.load(hydra_dir / "config.yaml")
+    runtime = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime
+    with open_dict(trained):  # its paths as they resolved when it ran, not in this process
+        trained.paths.output_dir = runtime.output_dir
+        if OmegaConf.is_interpolation(trained.paths, "root_dir"):
+            trained.paths.root_dir = os.environ.get("LH_ROOT") or runtime.cwd
+    run = OmegaConf.create({key: OmegaConf.to_container(trained[key], resolve=True) for key in ("model", "data")})
+    given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    for override in OverridesParser.create().parse_overrides(list(given)):
+        key = override.key_or_group
+        if key in ("model", "data"):
+            raise ConfigError(f"{key}: with run_dir the {key} config is the run's; change its values "
+                              f"({key}.<name>=...) or give ckpt_path= without run_dir")
+        if not key.startswith(("model.", "data.")):
+            continue
+        if override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            OmegaConf.select(run, parent).pop(leaf, None)
+        else:
+            OmegaConf.update(run, key, OmegaConf.select(cfg, key), force_add=True)
+    with open_dict(cfg):
+        cfg.model, cfg.data = run.model, run.data
+
+
 def _trained_model(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, Path]:
     """The configured module with the checkpoint's weights, and the datamodule (set up for fitting).
 
     With ``run_dir`` (a train run's output directory) the model and data configs are the run's own
-    (``<run_dir>/.hydra/config.yaml``) and ``ckpt_path`` defaults to its ``checkpoints/last.ckpt``.
+    (``_use_run_config``) and ``ckpt_path`` defaults to its ``checkpoints/last.ckpt``.
     """
     if cfg.run_dir is not None:
-        saved = Path(cfg.run_dir) / ".hydra" / "config.yaml"
-        if not saved.exists():
-            raise ConfigError(f"run_dir: {saved} not found; point run_dir at a train run's output directory")
-        trained = OmegaConf.load(saved)
-        with open_dict(cfg):
-            cfg.model, cfg.data = trained.model, trained.data
+        _use_run_config(cfg)
     if cfg.ckpt_path in (None, "last"):
         if cfg.run_dir is None:
             raise ConfigError("ckpt_path: give a checkpoint (ckpt_path=path/to.ckpt) or a train run (run_dir=...)")

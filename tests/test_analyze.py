@@ -1,6 +1,10 @@
 """The analyze recipe and the loss landscape, against the core and against a dense Hessian."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from tests.conftest import compose_config
 # a 490-parameter MLP, so the dense Hessian is cheap
 DATA = ["data.num_train=400", "data.num_test=100", "data.batch_size=50"]
 MODEL = ["model=mnist1d_mlp", "model.net.hidden=8"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _quadratic_op(seed: int = 0) -> tuple[HessianOperator, torch.Tensor, torch.Tensor, nn.Linear]:
@@ -157,6 +162,23 @@ def test_analyze_run_dir_without_a_run_names_the_key(tmp_path, data_dir):
     cfg = compose_config("analyze", [f"run_dir={tmp_path}/nothing"], tmp_path, data_dir)
     with pytest.raises(recipes.ConfigError, match="run_dir: .*config.yaml not found"):
         recipes.analyze(cfg)
+
+
+def test_run_dir_reuses_the_runs_data_location_and_applies_model_and_data_overrides(tmp_path, data_dir):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    train = [sys.executable, str(ROOT / "recipes" / "train.py"), *DATA, "trainer.max_epochs=1", "test=false",
+             f"paths.data_dir={data_dir}", f"hydra.run.dir={run}"]
+    result = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    overrides = [f"run_dir={run}", "data.batch_size=25", "model.optimizer.lr=0.5"]
+    cfg = compose_config("analyze", overrides, elsewhere, elsewhere / "data")  # analyze's own data dir: empty
+    module, datamodule, ckpt = recipes._trained_model(cfg)
+    assert (datamodule.data_dir, datamodule.num_train, datamodule.batch_size) == (str(data_dir), 400, 25)
+    assert cfg.model.optimizer.lr == 0.5 and ckpt == run / "checkpoints" / "last.ckpt"
+    cfg = compose_config("analyze", [f"run_dir={run}", "model=mnist1d_mlp"], elsewhere, elsewhere / "data")
+    with pytest.raises(recipes.ConfigError, match="model: with run_dir the model config is the run's"):
+        recipes._trained_model(cfg)
 
 
 @pytest.mark.parametrize(
