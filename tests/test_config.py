@@ -58,3 +58,10 @@ def test_every_batch_schedule_composes(schedule, tmp_path, data_dir):
     callbacks = {name: instantiate(entry) for name, entry in cfg.callbacks.items() if entry is not None}
     assert callbacks["adaptive_batch_size"].schedule == schedule.removesuffix("a")
     assert callbacks["adaptive_batch_size"].adversarial == (schedule == "absa")
+
+
+def test_absa_without_the_adaptive_callback_composes(tmp_path, data_dir):
+    cfg = compose_config("train", ["experiment=mnist1d_absa", "~callbacks.adaptive_batch_size"], tmp_path, data_dir)
+    OmegaConf.resolve(cfg)
+    assert set(cfg.callbacks) == {"model_checkpoint", "hessian_spectrum", "adversarial_augment"}
+    assert instantiate(cfg.callbacks.adversarial_augment).fraction == 0.2
