@@ -23,6 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -249,14 +250,17 @@ def quantize(cfg: DictConfig) -> dict[str, Any]:
     if cfg.export.format not in ("onnx", "program", "none"):
         raise ConfigError(f"export.format: must be 'onnx', 'program' or 'none', got {cfg.export.format!r}")
     pl.seed_everything(cfg.seed, workers=True)
+    callbacks = _instantiate_group(cfg, "callbacks")
+    loggers = _instantiate_group(cfg, "logger")
+    trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        raise ConfigError("trainer.strategy: quantize cannot fine-tune in spawned or forked ranks (the bit plan would "
+                          "stay in them); use one process (trainer=cpu or gpu) or trainer=ddp")
     module, datamodule, ckpt = _trained_model(cfg)
     hawq = _instantiate(cfg, "hawq", module=module)
     evaluator = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_checkpointing=False,
                            enable_progress_bar=False, enable_model_summary=False)
     float_metrics = evaluator.test(module, datamodule=datamodule, verbose=False)[0]
-    callbacks = _instantiate_group(cfg, "callbacks")
-    loggers = _instantiate_group(cfg, "logger")
-    trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
     try:
         trainer.fit(hawq, datamodule=datamodule)
     except (ValueError, FileNotFoundError) as err:

@@ -348,6 +348,7 @@ def test_quantize_recipe_meets_the_budget_and_exports_a_bit_exact_integer_model(
         ("export.format=tflite", "export.format: must be 'onnx', 'program' or 'none', got 'tflite'"),
         ("hawq.bit_choices=[4,9]", "hawq: .*bit_choices"),
         ("hawq.budgets.size=-1", r"hawq: budgets\['size'\] must be a finite number >= 0"),
+        ("trainer=ddp_sim", "trainer.strategy: quantize cannot fine-tune in spawned or forked ranks"),
     ],
 )
 def test_quantize_bad_values_name_the_key(override, match, tmp_path, data_dir):
