@@ -292,3 +292,22 @@ def test_configuration_errors_come_before_the_hessian(trained, tmp_path):
     hawq.quantize(8)
     with pytest.raises(TypeError, match="distill_weight=0.5 .* returns a tuple"):
         hawq.training_step((x, y), 0)
+
+
+def test_a_plan_on_unconverged_traces_warns_and_says_so_in_the_report(trained, tmp_path):
+    x, y = make_data()
+
+    def fit(folder, **sampling):
+        hawq = HAWQModule(trained, budgets={"size": 0.5}, probe_data=[(x, y)], report_dir=tmp_path / folder, **sampling)
+        pl.Trainer(max_steps=1, default_root_dir=tmp_path, **TRAINER).fit(hawq, DataLoader(TensorDataset(x, y), 64))
+        return hawq.sensitivity, (tmp_path / folder / "hawq_report.md").read_text()
+
+    knobs = r"after 32 probes \(max_samples=32\) .* error is \d+\.\d% > trace_rel_tol=0.001; raise max_samples"
+    with pytest.warns(UserWarning, match="did not converge: " + knobs):
+        sens, report = fit("rough", trace_rel_tol=1e-3, max_samples=32)
+    worst = max(sens.trace_std_error[n] / sens.trace[n] for n in sens.trace)
+    assert not sens.converged and sens.num_samples == 32 and worst > 1e-3
+    assert "**Sensitivity not converged**: the Hutchinson traces did not converge: after 32 probes" in report
+    assert f"relative standard error is {worst:.1%}" in report
+    sens, report = fit("steady", trace_rel_tol=0.5)
+    assert sens.converged and "not converged" not in report

@@ -258,6 +258,8 @@ class HAWQModule(LightningModule):
         if negative:
             rank_zero_warn(f"HAWQModule: negative Hessian sensitivity ({self.metric}) for layers {negative}: the "
                            "module is not at a minimum of the loss (train it further), so it is not meaningful")
+        if self._not_converged() is not None:
+            rank_zero_warn(f"HAWQModule: {self._not_converged()}; the plan rests on noisy sensitivities")
         return self.sensitivity
 
     def measure_costs(self, example_input: Any) -> dict[str, dict[str, dict[int, float]]]:
@@ -377,7 +379,9 @@ class HAWQModule(LightningModule):
             self.calibrate(batches)
         if trainer.is_global_zero:
             folder = self.report_dir if self.report_dir is not None else Path(trainer.default_root_dir) / "hawq"
-            self.bit_report().save(folder)
+            table, _ = self.bit_report().save(folder)
+            if self._not_converged() is not None:
+                table.write_text(f"{table.read_text()}\n**Sensitivity not converged**: {self._not_converged()}.\n")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hawq"] = {
@@ -498,6 +502,18 @@ class HAWQModule(LightningModule):
             raise TypeError(f"distill_weight={self.distill_weight} distils the logits the module's forward returns, "
                             f"but {type(self.float_module).__name__}.forward returns a {type(output).__name__}: make "
                             "it return the logits tensor, or pass distill_weight=0")
+
+    def _not_converged(self) -> str | None:
+        """What did not converge in the sensitivity measurement, and the knobs; ``None`` if all did."""
+        s = self.sensitivity
+        if s is None or s.converged:
+            return None
+        if not s.trace:
+            return "the layers' top eigenvalues (Lanczos) did not converge"
+        worst = max((s.trace_std_error[name] / abs(t) for name, t in s.trace.items() if t), default=math.inf)
+        return (f"the Hutchinson traces did not converge: after {s.num_samples} probes (max_samples="
+                f"{self.max_samples}) the worst layer's relative standard error is {worst:.1%} > trace_rel_tol="
+                f"{self.trace_rel_tol}; raise max_samples, or loosen trace_rel_tol")
 
     def _calibrated(self) -> bool:
         """Whether the activation quantizers have ranges (from calibration, training or a checkpoint)."""
