@@ -286,11 +286,11 @@ def test_configuration_errors_come_before_the_hessian(trained, tmp_path):
     with pytest.raises(InfeasibleBudgetError, match=r"budgets=\{'size': 1000.0\}.*smallest achievable 1464"):
         fit(HAWQModule(trained, budgets={"size": 1000.0}, probe_data=[(x, y)]))
     multi = MultiOutput(TwoHeads(), num_classes=4)
-    with pytest.raises(TypeError, match="distill_weight=0.5 .* MultiOutput.forward returns a tuple"):
+    with pytest.raises(ValueError, match="distill_weight=0.5 .* MultiOutput.forward returns a tuple"):
         fit(HAWQModule(multi, budgets={"size": 0.5}, distill_weight=0.5, probe_data=[(x, y)]))
     hawq = HAWQModule(multi, distill_weight=0.5)  # no bits yet (a resumed fit): the first step says it
     hawq.quantize(8)
-    with pytest.raises(TypeError, match="distill_weight=0.5 .* returns a tuple"):
+    with pytest.raises(ValueError, match="distill_weight=0.5 .* returns a tuple"):
         hawq.training_step((x, y), 0)
 
 

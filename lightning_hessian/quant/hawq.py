@@ -258,8 +258,9 @@ class HAWQModule(LightningModule):
         if negative:
             rank_zero_warn(f"HAWQModule: negative Hessian sensitivity ({self.metric}) for layers {negative}: the "
                            "module is not at a minimum of the loss (train it further), so it is not meaningful")
-        if self._not_converged() is not None:
-            rank_zero_warn(f"HAWQModule: {self._not_converged()}; the plan rests on noisy sensitivities")
+        note = self._not_converged()
+        if note is not None:
+            rank_zero_warn(f"HAWQModule: {note}; the plan rests on noisy sensitivities")
         return self.sensitivity
 
     def measure_costs(self, example_input: Any) -> dict[str, dict[str, dict[int, float]]]:
@@ -380,8 +381,9 @@ class HAWQModule(LightningModule):
         if trainer.is_global_zero:
             folder = self.report_dir if self.report_dir is not None else Path(trainer.default_root_dir) / "hawq"
             table, _ = self.bit_report().save(folder)
-            if self._not_converged() is not None:
-                table.write_text(f"{table.read_text()}\n**Sensitivity not converged**: {self._not_converged()}.\n")
+            note = self._not_converged()
+            if note is not None:
+                table.write_text(f"{table.read_text()}\n**Sensitivity not converged**: {note}.\n")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hawq"] = {
@@ -499,9 +501,9 @@ class HAWQModule(LightningModule):
 
     def _check_logits(self, output: Any) -> None:
         if self.distill_weight > 0 and not isinstance(output, torch.Tensor):
-            raise TypeError(f"distill_weight={self.distill_weight} distils the logits the module's forward returns, "
-                            f"but {type(self.float_module).__name__}.forward returns a {type(output).__name__}: make "
-                            "it return the logits tensor, or pass distill_weight=0")
+            raise ValueError(f"distill_weight={self.distill_weight} distils the logits the module's forward returns, "
+                             f"but {type(self.float_module).__name__}.forward returns a {type(output).__name__}: make "
+                             "it return the logits tensor, or pass distill_weight=0")
 
     def _not_converged(self) -> str | None:
         """What did not converge in the sensitivity measurement, and the knobs; ``None`` if all did."""
@@ -516,8 +518,9 @@ class HAWQModule(LightningModule):
                 f"{self.trace_rel_tol}; raise max_samples, or loosen trace_rel_tol")
 
     def _calibrated(self) -> bool:
-        """Whether the activation quantizers have ranges (from calibration, training or a checkpoint)."""
-        return any(bool(q.calibrated) for q in self.module.modules() if isinstance(q, ActivationQuantizer))
+        """Whether the activation quantizers (if any) have ranges (from calibration, training or a checkpoint)."""
+        quantizers = [q for q in self.module.modules() if isinstance(q, ActivationQuantizer)]
+        return not quantizers or any(bool(q.calibrated) for q in quantizers)
 
     def _require_calibrated(self) -> None:
         """Evaluate only with activation ranges: calibrate on the probe set if nothing brought them."""
