@@ -125,3 +125,47 @@ def test_training_order_depends_on_seed_and_epoch_only(data_dir):
     assert torch.equal(first_batch(3, global_seed=0), first_batch(3, global_seed=1))
     assert not torch.equal(first_batch(3, global_seed=0), first_batch(4, global_seed=0))
     assert sorted(first_batch(0, 0).tolist()) == sorted(dm.train_set.tensors[1].tolist())  # a permutation
+
+
+@pytest.mark.parametrize("num_train, num_test", [(1500, 1100), (33, 7), (7, 3), (400, 100)])
+def test_mnist1d_split_sizes_are_exact(num_train, num_test, tmp_path):
+    x, y, x_test, y_test = load_mnist1d(num_train, num_test, seed=0, data_dir=tmp_path)
+    assert (len(x), len(y), len(x_test), len(y_test)) == (num_train, num_train, num_test, num_test)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"num_train": 0}, "num_train must be a positive integer, got 0"),
+     ({"num_train": 1005}, "num_train \\+ num_test must be a multiple of 10")],
+)
+def test_mnist1d_datamodule_checks_sizes_when_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MNIST1DDataModule(**{"num_test": 100, **kwargs})
+
+
+def test_mnist1d_training_order_follows_shuffle_seed_with_the_same_data(data_dir):
+    def first_batch(**kwargs):
+        dm = MNIST1DDataModule(data_dir=str(data_dir), num_train=400, num_test=100, batch_size=400, **kwargs)
+        dm.setup("fit")
+        return dm.train_set.tensors[0], next(iter(dm.train_dataloader()))[0]
+
+    (data_a, order_a), (data_b, order_b), (_, order_c) = first_batch(), first_batch(shuffle_seed=1), first_batch(
+        shuffle_seed=42)
+    assert torch.equal(data_a, data_b) and not torch.equal(order_a, order_b) and torch.equal(order_a, order_c)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"num_train": -1}, "num_train must be a positive integer, got -1"),
+     ({"num_test": 0}, "num_test must be a positive integer, got 0")],
+)
+def test_cifar10_checks_split_sizes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CIFAR10DataModule(**kwargs)
+
+
+def test_cifar10_split_larger_than_the_folder_names_the_argument(tmp_path):
+    write_fake_cifar10(tmp_path)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), num_test=9)
+    with pytest.raises(ValueError, match="num_test=9 exceeds the 8 samples"):
+        dm.setup("fit")

@@ -99,6 +99,9 @@ class CIFAR10DataModule(LightningDataModule):
         super().__init__()
         check_positive_int(batch_size, "batch_size")
         check_positive_int(eval_batch_size, "eval_batch_size")
+        for name, value in (("num_train", num_train), ("num_test", num_test)):
+            if value is not None:
+                check_positive_int(value, name)
         self.data_dir, self.batch_size, self.eval_batch_size = data_dir, batch_size, eval_batch_size
         self.num_train, self.num_test, self.augment, self.num_workers = num_train, num_test, augment, num_workers
         self.seed = seed
@@ -113,6 +116,9 @@ class CIFAR10DataModule(LightningDataModule):
         if self.train_set is not None:
             return
         x, y, x_test, y_test = load_cifar10(self.data_dir)
+        for name, value, size in (("num_train", self.num_train, len(x)), ("num_test", self.num_test, len(x_test))):
+            if value is not None and value > size:
+                raise ValueError(f"{name}={value} exceeds the {size} samples of the split in {self.data_dir}")
         x, y = x[: self.num_train], y[: self.num_train]
         x_test, y_test = x_test[: self.num_test], y_test[: self.num_test]
         x, x_test = normalize_images(x), normalize_images(x_test)

@@ -18,6 +18,14 @@ def _cache_path(data_dir: str | os.PathLike, num_train: int, num_test: int, seed
     return Path(data_dir) / f"mnist1d_{num_train}_{num_test}_seed{seed}.npz"
 
 
+def _check_sizes(num_train: int, num_test: int) -> None:
+    check_positive_int(num_train, "num_train")
+    check_positive_int(num_test, "num_test")
+    if (num_train + num_test) % 10:
+        total = num_train + num_test
+        raise ValueError(f"num_train + num_test must be a multiple of 10 (one share per class), got {total}")
+
+
 def load_mnist1d(
     num_train: int = 4000, num_test: int = 1000, seed: int = 42, data_dir: str | os.PathLike = "data"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -27,11 +35,7 @@ def load_mnist1d(
     defaults, standardised) and caches it; later calls load the cache. ``num_train + num_test`` must be a
     multiple of 10 (the generator draws the same number of samples per class).
     """
-    check_positive_int(num_train, "num_train")
-    check_positive_int(num_test, "num_test")
-    if (num_train + num_test) % 10:
-        total = num_train + num_test
-        raise ValueError(f"num_train + num_test must be a multiple of 10 (one share per class), got {total}")
+    _check_sizes(num_train, num_test)
     path = _cache_path(data_dir, num_train, num_test, seed)
     if not path.exists():
         from mnist1d.data import get_dataset_args, make_dataset
@@ -50,14 +54,10 @@ def load_mnist1d(
         np.savez(tmp, x=raw["x"], y=raw["y"], x_test=raw["x_test"], y_test=raw["y_test"])
         os.replace(tmp, path)
     with np.load(path) as f:
-        arrays = [f[k] for k in ("x", "y", "x_test", "y_test")]
-    x, y, x_test, y_test = arrays
-    return (
-        torch.as_tensor(x, dtype=torch.float32),
-        torch.as_tensor(y, dtype=torch.int64),
-        torch.as_tensor(x_test, dtype=torch.float32),
-        torch.as_tensor(y_test, dtype=torch.int64),
-    )
+        # the generator rounds its split point down (1500/1100 gives 1499/1101): split the samples exactly
+        x = torch.as_tensor(np.concatenate([f["x"], f["x_test"]]), dtype=torch.float32)
+        y = torch.as_tensor(np.concatenate([f["y"], f["y_test"]]), dtype=torch.int64)
+    return x[:num_train], y[:num_train], x[num_train:], y[num_train:]
 
 
 class MNIST1DDataModule(LightningDataModule):
@@ -65,8 +65,9 @@ class MNIST1DDataModule(LightningDataModule):
 
     ``val_size`` samples are held out of the training split for validation; with ``val_size=0`` (default)
     validation runs on the test split, as in the MNIST-1D benchmark, which has no validation split.
-    ``batch_size`` is a plain attribute so schedules may change it between epochs. The training order
-    depends on ``(seed, epoch)`` only, so a run resumed from a checkpoint replays the same batches.
+    ``batch_size`` is a plain attribute so schedules may change it between epochs. ``seed`` generates the
+    data; the training order depends on ``(shuffle_seed, epoch)`` only (``shuffle_seed`` defaults to
+    ``seed``), so a run resumed from a checkpoint replays the same batches.
 
     Example::
 
@@ -84,15 +85,17 @@ class MNIST1DDataModule(LightningDataModule):
         eval_batch_size: int = 1000,
         seed: int = 42,
         num_workers: int = 0,
+        shuffle_seed: int | None = None,
     ):
         super().__init__()
+        _check_sizes(num_train, num_test)
         check_positive_int(batch_size, "batch_size")
         check_positive_int(eval_batch_size, "eval_batch_size")
         if not 0 <= val_size < num_train:
             raise ValueError(f"val_size must be in [0, num_train={num_train}), got {val_size}")
         self.data_dir, self.num_train, self.num_test, self.seed = data_dir, num_train, num_test, seed
         self.val_size, self.batch_size, self.eval_batch_size = val_size, batch_size, eval_batch_size
-        self.num_workers = num_workers
+        self.num_workers, self.shuffle_seed = num_workers, seed if shuffle_seed is None else shuffle_seed
         self.input_range = (-float("inf"), float("inf"))
         self.train_set = self.val_set = self.test_set = None
 
@@ -115,7 +118,7 @@ class MNIST1DDataModule(LightningDataModule):
                 f"batch_size={self.batch_size} exceeds the {len(self.train_set)} training samples: "
                 "lower batch_size or raise num_train"
             )
-        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        sampler = EpochShuffleSampler(len(self.train_set), self.shuffle_seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
