@@ -199,8 +199,11 @@ def _trained_model(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDat
         module.load_state_dict(state["state_dict"])
     except (KeyError, RuntimeError) as err:
         raise ConfigError(f"ckpt_path: {ckpt} does not hold weights for the configured model ({err})") from err
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"data: {err}") from err
     return module, datamodule, ckpt
 
 

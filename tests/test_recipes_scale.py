@@ -141,6 +141,7 @@ def test_optuna_search_composes_and_the_recipe_returns_its_metric():
     cfg = compose_with_hydra("train", ["hparams_search=optuna"])
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert set(cfg.hydra.sweeper.params) == {"model.optimizer.lr", "data.batch_size", "model.net.channels"}
+    assert cfg.data.val_size > 0  # selects on a validation split, not on the test split
     metrics = {"val/acc": 0.75, "val/loss": 1.0}
     assert run_recipe(lambda c: metrics, OmegaConf.create({"optimized_metric": "val/acc"})) == 0.75
 
