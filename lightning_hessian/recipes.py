@@ -113,6 +113,17 @@ def _resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return None
 
 
+def _warn_restored_scheduler(cfg: DictConfig, ckpt_path: str) -> None:
+    """Lightning restores the LR scheduler's state from the checkpoint over the config's values: say so."""
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("lr_schedulers") or [{}]
+    configured = OmegaConf.to_container(cfg.model.scheduler, resolve=True) if cfg.model.get("scheduler") else {}
+    for key, value in configured.items():
+        if not isinstance(value, (list, dict)) and key in saved[0] and saved[0][key] != value:
+            rank_zero_warn(f"model.scheduler.{key}: the resumed run keeps the checkpoint's {key}={saved[0][key]}, "
+                           f"not the configured {value} (a longer trainer.max_epochs does not stretch the schedule); "
+                           "to change the schedule, start a new run from the checkpoint's weights")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test the configured module on the configured data; return the logged metrics."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -123,6 +134,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
     metrics: dict[str, float] = {}
     ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+    if cfg.train and ckpt_path:
+        _warn_restored_scheduler(cfg, ckpt_path)
     if cfg.train:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -57,6 +57,8 @@ def test_resume_uses_the_runs_config_keeps_its_metrics_and_one_last_ckpt(tmp_pat
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = _train(["ckpt_path=last", "trainer.max_epochs=2", *common], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "model.scheduler.T_max: the resumed run keeps the checkpoint's T_max=1, not the configured 2" in (
+        resumed.stderr)
     saved = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert saved.model.net._target_.endswith("MNIST1DMLP") and saved.model.optimizer.lr == 0.003
     assert saved.trainer.max_epochs == 2
