@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,28 @@ def _instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         raise ConfigError(f"{key}: {err}") from err
 
 
-def _instantiate_group(cfg: DictConfig, key: str) -> list[Any]:
-    """Instantiate every entry of a keyed group (``callbacks``, ``logger``); null entries are skipped."""
+def _instantiate_group(cfg: DictConfig, key: str) -> dict[str, Any]:
+    """Instantiate every entry of a keyed group (``callbacks``, ``logger``) by its key; null entries are skipped."""
     group = OmegaConf.select(cfg, key) or {}
-    return [_instantiate(cfg, f"{key}.{name}") for name, node in group.items() if node is not None]
+    objects = {}
+    for name, node in group.items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ConfigError(f"{key}.{name}: has no _target_ (only some of its values are set, e.g. by a "
+                              f"batch_schedule without callbacks=abs); choose a {key} preset that defines it or "
+                              f"remove it with ~{key}.{name}")
+        objects[f"{key}.{name}"] = _instantiate(cfg, f"{key}.{name}")
+    return objects
+
+
+def _config_error(err: BaseException, objects: dict[str, Any], default: str) -> ConfigError:
+    """``err`` as a ``ConfigError`` naming the config key of the innermost object (by key) whose method raised it."""
+    owners = {id(obj): key for key, obj in objects.items()}
+    key = default
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        key = owners.get(id(frame.f_locals.get("self")), key)
+    return ConfigError(f"{key}: {err}")
 
 
 def _resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
@@ -130,8 +149,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = _instantiate(cfg, "data")
     module = _instantiate(cfg, "model")
     callbacks = _instantiate_group(cfg, "callbacks")
-    loggers = _instantiate_group(cfg, "logger")
-    trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    loggers = list(_instantiate_group(cfg, "logger").values())
+    trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=list(callbacks.values()), logger=loggers or False)
     metrics: dict[str, float] = {}
     ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     if cfg.train and ckpt_path:
@@ -140,7 +159,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except (ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"fit: {err}") from err
+            raise _config_error(err, {"data": datamodule, "model": module, **callbacks}, "fit") from err
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if cfg.test:
         # the final weights (or with train=false, ckpt_path's): with MNIST-1D's default val_size=0 the validation
@@ -267,8 +286,8 @@ def quantize(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"export.format: must be 'onnx', 'program' or 'none', got {cfg.export.format!r}")
     pl.seed_everything(cfg.seed, workers=True)
     callbacks = _instantiate_group(cfg, "callbacks")
-    loggers = _instantiate_group(cfg, "logger")
-    trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    loggers = list(_instantiate_group(cfg, "logger").values())
+    trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=list(callbacks.values()), logger=loggers or False)
     if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
         raise ConfigError("trainer.strategy: quantize cannot fine-tune in spawned or forked ranks (the bit plan would "
                           "stay in them); use one process (trainer=cpu or gpu) or trainer=ddp")
@@ -280,7 +299,7 @@ def quantize(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(hawq, datamodule=datamodule)
     except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"hawq: {err}") from err
+        raise _config_error(err, {"data": datamodule, "hawq": hawq, **callbacks}, "hawq") from err
     quant_metrics = trainer.test(hawq, datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:
         return {}

@@ -350,6 +350,7 @@ def test_quantize_recipe_meets_the_budget_and_exports_a_bit_exact_integer_model(
         ("hawq.bit_choices=[4,9]", "hawq: .*bit_choices"),
         ("hawq.budgets.size=-1", r"hawq: budgets\['size'\] must be a finite number >= 0"),
         ("trainer=ddp_sim", "trainer.strategy: quantize cannot fine-tune in spawned or forked ranks"),
+        ("data.batch_size=5000", "^data: batch_size=5000 exceeds the 4000 training samples"),
     ],
 )
 def test_quantize_bad_values_name_the_key(override, match, tmp_path, data_dir):

@@ -45,3 +45,18 @@ def test_missing_cifar_folder_names_the_key(tmp_path):
     result = run_recipe(["data=cifar10", "model=resnet20", f"data.data_dir={tmp_path}/none"], tmp_path)
     assert result.returncode == 2
     assert "data.data_dir" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["callbacks=hessian", "callbacks.hessian_spectrum.probe_size=100000"],
+         "^callbacks.hessian_spectrum: probe_size=100000 exceeds the 400 training samples"),
+        (["data.batch_size=5000"], "^data: batch_size=5000 exceeds the 400 training samples"),
+        (["callbacks=none", "+batch_schedule=abs"], "^callbacks.adaptive_batch_size: has no _target_"),
+    ],
+)
+def test_errors_during_fit_name_the_config_key(overrides, match, tmp_path, data_dir):
+    cfg = compose_config("train", [*SMALL, "trainer.max_epochs=1", *overrides], tmp_path, data_dir)
+    with pytest.raises(recipes.ConfigError, match=match):
+        recipes.train(cfg)
