@@ -281,7 +281,8 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path, d
     assert jobs[0].returncode == 0, outputs[0][1][-3000:]
     assert jobs[1].returncode == -9, outputs[1][1][-3000:]  # SIGKILL
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
-    resumed = run_script("train.py", [*common, f"hydra.run.dir={killed}", "ckpt_path=last"], tmp_path)
+    # the resumed run composes the killed run's overrides (resume_argv) but for its killer
+    resumed = run_script("train.py", [f"hydra.run.dir={killed}", "ckpt_path=last", "~callbacks.kill"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     def final(text: str) -> dict[str, str]:
