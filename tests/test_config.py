@@ -63,5 +63,5 @@ def test_every_batch_schedule_composes(schedule, tmp_path, data_dir):
 def test_absa_without_the_adaptive_callback_composes(tmp_path, data_dir):
     cfg = compose_config("train", ["experiment=mnist1d_absa", "~callbacks.adaptive_batch_size"], tmp_path, data_dir)
     OmegaConf.resolve(cfg)
-    assert set(cfg.callbacks) == {"model_checkpoint", "hessian_spectrum", "adversarial_augment"}
+    assert set(cfg.callbacks) == {"model_checkpoint", "last_checkpoint", "hessian_spectrum", "adversarial_augment"}
     assert instantiate(cfg.callbacks.adversarial_augment).fraction == 0.2

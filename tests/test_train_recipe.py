@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_hessian import recipes
 from tests.conftest import compose_config
@@ -17,6 +18,14 @@ def test_train_recipe_fits_tests_and_checkpoints(tmp_path, data_dir):
     assert metrics["test/acc"] > 0.3  # 10 classes: chance is 0.1
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "csv" / "metrics.csv").exists()
+
+
+def test_last_checkpoint_is_the_final_epoch_even_when_validation_did_not_improve(tmp_path, data_dir):
+    cfg = compose_config("train", SMALL + ["trainer.max_epochs=3", "model.optimizer.lr=0.0"], tmp_path, data_dir)
+    recipes.train(cfg)  # lr 0: val/acc never improves after epoch 0, so only epoch 0 is the "best" checkpoint
+    folder = tmp_path / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
 
 
 def run_recipe(args, cwd):
