@@ -311,3 +311,63 @@ def test_a_plan_on_unconverged_traces_warns_and_says_so_in_the_report(trained, t
     assert f"relative standard error is {worst:.1%}" in report
     sens, report = fit("steady", trace_rel_tol=0.5)
     assert sens.converged and "not converged" not in report
+
+
+class NoIndexWithState(ClassificationModule):
+    """A validation_step without batch_idx, and extra state kept through its own checkpoint hooks."""
+
+    def validation_step(self, batch):
+        return super().validation_step(batch, 0)
+
+    def on_train_epoch_end(self):
+        self.epochs_seen = getattr(self, "epochs_seen", 0) + 1
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["epochs_seen"] = getattr(self, "epochs_seen", 0)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.epochs_seen = checkpoint["epochs_seen"]
+
+
+class CountingHAWQ(HAWQModule):
+    """A subclass with its own epoch hook: it must run instead of the wrapped module's."""
+
+    def on_train_epoch_end(self):
+        self.own_calls = getattr(self, "own_calls", 0) + 1
+
+
+def test_step_signatures_checkpoint_hooks_and_subclass_hooks_are_honoured(trained, tmp_path):
+    x, y = make_data()
+    wrapped = like(NoIndexWithState, trained)
+    hawq = CountingHAWQ(wrapped, bits=8, probe_size=64)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, default_root_dir=tmp_path, **TRAINER)
+    loader = DataLoader(TensorDataset(x, y), 64)
+    trainer.fit(hawq, loader, loader)  # validation_step(batch) gets no batch_idx, as without the wrapper
+    assert hawq.own_calls == 2 and not hasattr(hawq.module, "epochs_seen")  # the subclass's hook ran instead
+    hawq.module.epochs_seen = 5
+    trainer.save_checkpoint(tmp_path / "h.ckpt")
+    assert torch.load(tmp_path / "h.ckpt", weights_only=False)["epochs_seen"] == 5
+    restored = like(NoIndexWithState, trained)
+    HAWQModule(restored).on_load_checkpoint(torch.load(tmp_path / "h.ckpt", weights_only=False))
+    assert restored.epochs_seen == 5
+
+
+def test_random_batch_hooks_in_the_probe_leave_the_training_random_stream_alone(trained, tmp_path):
+    class Augmented(ClassificationModule):
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            x, y = batch
+            return x + 0.01 * torch.randn_like(x), y
+
+    x, y = make_data()
+
+    def first_draw(callbacks):
+        pl.seed_everything(0)
+        module = like(Augmented, trained)
+        draws = []
+        module.on_train_batch_start = lambda batch, idx: draws.append(torch.rand(1).item())
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, callbacks=callbacks, default_root_dir=tmp_path,
+                             **TRAINER)
+        trainer.fit(module, DataLoader(TensorDataset(x, y), 64))
+        return draws[0]
+
+    assert first_draw([HessianSpectrumCallback(probe_size=64, trace=False)]) == first_draw([])

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -67,11 +68,13 @@ def probe_batches(
 def prepare_batch(trainer: pl.Trainer, batch: Any, convert_input: bool = True) -> Any:
     """``batch`` as the training loop hands it to ``training_step``: the precision plugin's input conversion
     (e.g. ``bf16-true``, ``64-true``; ``convert_input=False`` skips it, for modules the precision plugin has not
-    converted yet), the module's batch-transfer hooks and the move to its device."""
-    if convert_input:
-        batch = trainer.precision_plugin.convert_input(batch)
-    batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
-    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+    converted yet), the module's batch-transfer hooks and the move to its device. Random draws in those hooks
+    (augmentation) do not advance the training's random stream."""
+    with isolate_rng():
+        if convert_input:
+            batch = trainer.precision_plugin.convert_input(batch)
+        batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
+        return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
 def train_dataset_of(trainer: pl.Trainer) -> tuple[Dataset, Callable | None]:

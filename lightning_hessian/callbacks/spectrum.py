@@ -40,10 +40,11 @@ class HessianSpectrumCallback(Callback):
     """Log the loss Hessian's top-k eigenvalues, trace and (optionally) density and per-layer values.
 
     The Hessian is taken on a fixed probe set (``probe_size`` training samples drawn once with ``seed``, by
-    default 1,024 or the whole training set if smaller, or the given ``probe_data`` batches), so the curve
-    over training follows the model, not sampling noise. It runs every ``every_n_epochs`` epochs (or every
-    ``every_n_steps`` optimizer steps), in eval mode by default (``mode="train"`` uses batch statistics),
-    and leaves the model exactly as it found it. Under
+    default 1,024 or the whole training set if smaller, or the given ``probe_data`` batches: raw loader batches,
+    which get the precision conversion and batch hooks as training batches do; ``compute()`` called on its own
+    takes them as they are), so the curve over training follows the model, not sampling noise. It runs every
+    ``every_n_epochs`` epochs (or every ``every_n_steps`` optimizer steps), in eval mode by default
+    (``mode="train"`` uses batch statistics), and leaves the model exactly as it found it. Under
     DDP each rank takes its share of the probe set and the Hessian-vector products are all-reduced, so the
     values equal a single process's on the whole probe set.
 

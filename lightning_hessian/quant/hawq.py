@@ -10,6 +10,7 @@ model is wrapped; the bit configuration travels in the checkpoint as plain Pytho
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -207,9 +208,11 @@ class HAWQModule(LightningModule):
             "temperature": self.temperature, "solver": solver,
         })
         self.module = module
-        for hook in _DELEGATED_HOOKS:
-            if is_overridden(hook, module, LightningModule):
-                setattr(self, hook, partial(self._delegate, hook))
+        for hook in _DELEGATED_HOOKS:  # the wrapped module's own hooks, unless a subclass of this one has its own
+            if is_overridden(hook, module, LightningModule) and not is_overridden(hook, self, HAWQModule):
+                delegate = partial(self._delegate, hook)
+                delegate.__signature__ = inspect.signature(getattr(module, hook))  # e.g. a step without batch_idx
+                setattr(self, hook, delegate)
         object.__setattr__(self, "float_module", module)  # the teacher: not a submodule, not trained or saved
         # Weight bits per layer (0: float) and the activation bits (-1: "follow"), so a state dict rebuilds its
         # own network.
@@ -340,6 +343,9 @@ class HAWQModule(LightningModule):
                 if isinstance(q, ActivationQuantizer):
                     dist.all_reduce(q.running_min, op=dist.ReduceOp.MIN)
                     dist.all_reduce(q.running_max, op=dist.ReduceOp.MAX)
+                    flag = q.calibrated.to(torch.int32)  # a rank without probe batches takes the others' ranges
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    q.calibrated.copy_(flag.bool())
 
     def bit_report(self) -> BitReport:
         """Per-layer bits, sensitivity, size and BOPS against float (needs ``measure_costs`` to have run)."""
@@ -392,6 +398,7 @@ class HAWQModule(LightningModule):
             "momentum": self.momentum,
             "sensitivity": self.sensitivity.to_dict() if self.sensitivity is not None else None,
         }
+        self._delegate("on_save_checkpoint", checkpoint)  # the wrapped module's extra state (its keys unprefixed)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("hawq")
@@ -405,6 +412,7 @@ class HAWQModule(LightningModule):
         self.act_bits, self.momentum = validate_act_bits(state["act_bits"], "checkpoint act_bits"), state["momentum"]
         if state.get("sensitivity") is not None:
             self.sensitivity = Sensitivity.from_dict(state["sensitivity"])
+        self._delegate("on_load_checkpoint", checkpoint)
 
     def on_fit_start(self) -> None:
         self._require_quantized()
