@@ -6,6 +6,7 @@ The config ships inside the wheel as ``lightning_hessian.conf``, so the commands
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,16 @@ def resume_argv(argv: list[str]) -> list[str]:
         return argv
     saved = Path(run_dirs[-1]) / ".hydra" / "overrides.yaml"
     if not saved.exists():
+        warnings.warn(f"ckpt_path=last: no {saved}, so the run's own overrides are not restored (the config is "
+                      "composed from the command line alone)", stacklevel=2)
         return argv
     earlier = list(OmegaConf.load(saved))
     parser = OverridesParser.create()
-    keys = {(o.key_or_group, o.package) for o in parser.parse_overrides(given)}
-    kept = [arg for arg, o in zip(earlier, parser.parse_overrides(earlier)) if (o.key_or_group, o.package) not in keys]
-    return [argv[0], *kept, *argv[1:]]
+    # a new override of the same key wins by coming later; only a second `+key=` (adding a key twice) clashes
+    added = {(o.key_or_group, o.package) for o in parser.parse_overrides(given) if o.is_add()}
+    kept = [arg for arg, o in zip(earlier, parser.parse_overrides(earlier)) if (o.key_or_group, o.package) not in added]
+    # a sweep job's preset (experiment=absa_table) sets hydra.mode=MULTIRUN: resume this one job as a run
+    return [argv[0], *kept, "hydra.mode=RUN", *argv[1:]]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

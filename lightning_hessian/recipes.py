@@ -60,8 +60,16 @@ def run_id() -> str:
 
 # cached per config, so Hydra's sweep jobs (which copy the launcher's cache) reuse the launcher's name
 OmegaConf.register_new_resolver("lh_run_id", run_id, use_cache=True, replace=True)
-# LH_ROOT, else the working directory: unlike ${hydra:runtime.cwd} it resolves before HydraConfig is set
-OmegaConf.register_new_resolver("lh_root", lambda: os.environ.get("LH_ROOT") or os.getcwd(), replace=True)
+def root_dir() -> str:
+    """``LH_ROOT``, else the directory the app was started from (Hydra's ``runtime.cwd`` once it is set, so
+    ``hydra.job.chdir=true`` does not move the data into the run; the process's cwd before, e.g. in a sweep)."""
+    if os.environ.get("LH_ROOT"):
+        return os.environ["LH_ROOT"]
+    return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+
+
+# unlike ${hydra:runtime.cwd}, it resolves before HydraConfig is set (the sweeper resolves hydra.sweep.dir then)
+OmegaConf.register_new_resolver("lh_root", root_dir, replace=True)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -124,6 +132,8 @@ def _config_error(err: BaseException, objects: dict[str, Any], default: str) -> 
 
 def _resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     if ckpt_path != "last":
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path: no checkpoint file at {ckpt_path}")
         return ckpt_path
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
     if last.exists():
@@ -132,9 +142,21 @@ def _resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return None
 
 
+def _set_aside_old_metrics(output_dir: str) -> None:
+    """A fresh run into a used directory: move the earlier run's metrics.csv aside instead of appending to it."""
+    old = Path(output_dir) / "csv" / "metrics.csv"
+    if old.is_file() and int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        kept = old.with_name(f"metrics.{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}.csv")
+        old.rename(kept)
+        rank_zero_warn(f"{old} held an earlier run's rows (this run does not resume it): moved to {kept.name}")
+
+
 def _warn_restored_scheduler(cfg: DictConfig, ckpt_path: str) -> None:
     """Lightning restores the LR scheduler's state from the checkpoint over the config's values: say so."""
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("lr_schedulers") or [{}]
+    try:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("lr_schedulers") or [{}]
+    except Exception:  # noqa: BLE001 - only a warning rests on it: Lightning's own load reports a bad file
+        return
     configured = OmegaConf.to_container(cfg.model.scheduler, resolve=True) if cfg.model.get("scheduler") else {}
     for key, value in configured.items():
         if not isinstance(value, (list, dict)) and key in saved[0] and saved[0][key] != value:
@@ -153,6 +175,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=list(callbacks.values()), logger=loggers or False)
     metrics: dict[str, float] = {}
     ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+    if cfg.train and ckpt_path is None:
+        _set_aside_old_metrics(cfg.paths.output_dir)
     if cfg.train and ckpt_path:
         _warn_restored_scheduler(cfg, ckpt_path)
     if cfg.train:

@@ -24,9 +24,18 @@ def test_resume_argv_puts_the_runs_own_overrides_first(tmp_path):
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- model=mnist1d_mlp\n- trainer.max_epochs=1\n- +x.y=1\n")
     argv = ["train.py", f"hydra.run.dir={tmp_path}", "ckpt_path=last", "trainer.max_epochs=2", "x.y=2"]
-    assert resume_argv(argv) == ["train.py", "model=mnist1d_mlp", *argv[1:]]
+    earlier = ["model=mnist1d_mlp", "trainer.max_epochs=1", "+x.y=1"]
+    assert resume_argv(argv) == ["train.py", *earlier, "hydra.mode=RUN", *argv[1:]]  # later overrides win
+    readded = [*argv[:-1], "+x.y=2"]  # adding a key the run added too would clash: the run's is dropped
+    assert resume_argv(readded) == ["train.py", *earlier[:2], "hydra.mode=RUN", *readded[1:]]
     assert resume_argv(["train.py", "-m", *argv[1:]]) == ["train.py", "-m", *argv[1:]]  # not for sweeps
     assert resume_argv(argv[:2]) == argv[:2]  # not without ckpt_path=last
+
+
+def test_the_resumed_overrides_compose_with_the_new_ones_winning(tmp_path, data_dir):
+    overrides = ["model=mnist1d_mlp", "trainer.max_epochs=1", "+x.y=1", "trainer.max_epochs=2", "x.y=2"]
+    cfg = compose_config("train", overrides, tmp_path, data_dir)
+    assert (cfg.trainer.max_epochs, cfg.x.y) == (2, 2) and "MLP" in cfg.model.net._target_
 
 
 def test_ckpt_path_last_without_a_checkpoint_warns_naming_the_directory(tmp_path, data_dir):
@@ -68,3 +77,21 @@ def test_resume_uses_the_runs_config_keeps_its_metrics_and_one_last_ckpt(tmp_pat
         rows = list(csv.DictReader(f))
     assert {row["epoch"] for row in rows if row["train/loss_epoch"]} == {"0", "1"}
     assert sum(1 for row in rows if row["test/acc"]) == 2  # one test per run
+
+
+def test_a_missing_checkpoint_file_is_a_config_error(tmp_path, data_dir):
+    cfg = compose_config("train", [*SMALL, f"ckpt_path={tmp_path}/none.ckpt"], tmp_path, data_dir)
+    with pytest.raises(recipes.ConfigError, match="ckpt_path: no checkpoint file at"):
+        recipes.train(cfg)
+
+
+def test_a_fresh_run_into_a_used_directory_sets_the_old_metrics_aside(tmp_path, data_dir):
+    def run():
+        recipes.train(compose_config("train", [*SMALL, "trainer.max_epochs=1"], tmp_path, data_dir))
+        return (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+
+    first = run()
+    with pytest.warns(UserWarning, match="earlier run's rows"):
+        second = run()
+    kept = list((tmp_path / "csv").glob("metrics.*.csv"))
+    assert len(second) == len(first) and len(kept) == 1 and kept[0].read_text().splitlines() == first
