@@ -157,7 +157,7 @@ def test_failed_probes_warn_and_keep_the_batch():
 
 
 class HparamsData(Data):
-    """A datamodule that reads ``self.hparams.batch_size`` (lightning-hydra-template style)."""
+    """A datamodule whose loader reads ``self.hparams.batch_size`` (its saved hyperparameters)."""
 
     def __init__(self, batch_size: int):
         super().__init__(batch_size)
