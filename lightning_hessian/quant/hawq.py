@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
@@ -538,7 +539,7 @@ class HAWQModule(LightningModule):
         with torch.inference_mode(False):  # the evaluation loop's mode: the ranges must stay usable in training
             try:
                 batches = self._probe_batches(convert_input=True)
-            except Exception as err:
+            except (MisconfigurationException, TypeError, ValueError) as err:  # no (usable) train loader
                 raise RuntimeError(
                     "HAWQModule: the activation quantizers have no ranges and there is no training data to calibrate "
                     f"them on ({type(err).__name__}: {err}); pass probe_data= (a few training batches) or evaluate a "
