@@ -274,7 +274,7 @@ class AdaptiveBatchSizeCallback(Callback):
         if self.mode == "accumulate":
             trainer.accumulate_grad_batches *= growth
         else:
-            holder = self._batch_holder(trainer, pl_module)
+            holder, _ = self._batch_holder(trainer, pl_module)
             holder.batch_size *= growth
             # reload the train dataloader at the next epoch start (also when called from on_train_start,
             # after Lightning already built this epoch's loader)
@@ -303,25 +303,24 @@ class AdaptiveBatchSizeCallback(Callback):
         return self.batch_size is not None and self.batch_size * self.factor > self.max_batch_size
 
     @staticmethod
-    def _batch_holder(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        """The object whose ``batch_size`` the train dataloader reads: the datamodule when there is one (or its
-        ``hparams``), else the LightningModule (or its ``hparams``)."""
+    def _batch_holder(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, str]:
+        """The object whose ``batch_size`` the train dataloader reads, and its name: the datamodule when there is
+        one (or its ``hparams``), else the LightningModule (or its ``hparams``)."""
         source = trainer.datamodule if trainer.datamodule is not None else pl_module
-        for holder in (source, getattr(source, "hparams", None)):
+        name = type(source).__name__
+        for holder, label in ((source, name), (getattr(source, "hparams", None), f"{name}.hparams")):
             if holder is not None and isinstance(getattr(holder, "batch_size", None), int):
-                return holder
+                return holder, label
         raise ValueError(
             f"mode='dataloader' needs an integer `batch_size` attribute (or hparams.batch_size) on the "
-            f"{type(source).__name__} whose train_dataloader() reads it; add one, or use mode='accumulate'"
+            f"{name} whose train_dataloader() reads it; add one, or use mode='accumulate'"
         )
 
     def _check_loader_reads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fail if the train DataLoader's batch size is not the holder's (it does not read the one we change)."""
-        holder = self._batch_holder(trainer, pl_module)
+        holder, name = self._batch_holder(trainer, pl_module)
         loaded = getattr(trainer.train_dataloader, "batch_size", None)
         if loaded is not None and loaded != holder.batch_size:
-            source = trainer.datamodule if trainer.datamodule is not None else pl_module
-            name = type(source).__name__ + ("" if holder is source else ".hparams")
             raise ValueError(
                 f"mode='dataloader' sets {name}.batch_size (now {holder.batch_size}), but the train "
                 f"DataLoader has batch_size={loaded}: its train_dataloader() does not read that attribute. Build the "
@@ -330,7 +329,7 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def _per_device_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         if self.mode == "dataloader":
-            return self._batch_holder(trainer, pl_module).batch_size
+            return self._batch_holder(trainer, pl_module)[0].batch_size
         loader = trainer.train_dataloader
         if loader is None or getattr(loader, "batch_size", None) is None:
             raise ValueError("mode='accumulate' needs a train DataLoader with a fixed batch_size")
