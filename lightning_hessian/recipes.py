@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
@@ -114,9 +114,8 @@ def _instantiate_group(cfg: DictConfig, key: str) -> dict[str, Any]:
         if node is None:
             continue
         if "_target_" not in node:
-            raise ConfigError(f"{key}.{name}: has no _target_ (only some of its values are set, e.g. by a "
-                              f"batch_schedule without callbacks=abs); choose a {key} preset that defines it or "
-                              f"remove it with ~{key}.{name}")
+            raise ConfigError(f"{key}.{name}: has no _target_ (only some of its values are set); choose a {key} "
+                              f"preset that defines it or remove it with ~{key}.{name}")
         objects[f"{key}.{name}"] = _instantiate(cfg, f"{key}.{name}")
     return objects
 
@@ -142,10 +141,11 @@ def _resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return None
 
 
+@rank_zero_only
 def _set_aside_old_metrics(output_dir: str) -> None:
     """A fresh run into a used directory: move the earlier run's metrics.csv aside instead of appending to it."""
     old = Path(output_dir) / "csv" / "metrics.csv"
-    if old.is_file() and int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+    if old.is_file():
         kept = old.with_name(f"metrics.{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}.csv")
         old.rename(kept)
         rank_zero_warn(f"{old} held an earlier run's rows (this run does not resume it): moved to {kept.name}")
@@ -154,7 +154,7 @@ def _set_aside_old_metrics(output_dir: str) -> None:
 def _warn_restored_scheduler(cfg: DictConfig, ckpt_path: str) -> None:
     """Lightning restores the LR scheduler's state from the checkpoint over the config's values: say so."""
     try:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("lr_schedulers") or [{}]
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("lr_schedulers") or [{}]
     except Exception:  # noqa: BLE001 - only a warning rests on it: Lightning's own load reports a bad file
         return
     configured = OmegaConf.to_container(cfg.model.scheduler, resolve=True) if cfg.model.get("scheduler") else {}

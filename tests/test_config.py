@@ -31,7 +31,7 @@ def test_every_group_option_composes_and_instantiates(group, option, tmp_path, d
         assert all(isinstance(obj, (pl.Callback, Logger)) for obj in objects)
     else:
         expected = {"data": pl.LightningDataModule, "model": pl.LightningModule, "trainer": pl.Trainer}
-        assert isinstance(instantiate(node), expected.get(group, object)), group
+        assert isinstance(instantiate(node), expected[group]), group
 
 
 def test_train_config_defaults(tmp_path, data_dir):

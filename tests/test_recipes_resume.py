@@ -33,7 +33,10 @@ def test_resume_argv_puts_the_runs_own_overrides_first(tmp_path):
 
 
 def test_the_resumed_overrides_compose_with_the_new_ones_winning(tmp_path, data_dir):
-    overrides = ["model=mnist1d_mlp", "trainer.max_epochs=1", "+x.y=1", "trainer.max_epochs=2", "x.y=2"]
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- model=mnist1d_mlp\n- trainer.max_epochs=1\n- +x.y=1\n")
+    argv = resume_argv(["train.py", f"hydra.run.dir={tmp_path}", "ckpt_path=last", "trainer.max_epochs=2", "x.y=2"])
+    overrides = [arg for arg in argv[1:] if not arg.startswith("hydra.") and arg != "ckpt_path=last"]
     cfg = compose_config("train", overrides, tmp_path, data_dir)
     assert (cfg.trainer.max_epochs, cfg.x.y) == (2, 2) and "MLP" in cfg.model.net._target_
 
