@@ -55,7 +55,7 @@ def layer_blocks(
     return blocks
 
 
-def _segments(op: LinearOperator, blocks: Mapping[str, BlockSpec] | None) -> dict[str, list[slice]]:
+def block_slices(op: LinearOperator, blocks: Mapping[str, BlockSpec] | None) -> dict[str, list[slice]]:
     """Each block's coordinates in ``op``'s flat vectors, as a list of slices."""
     where = {id(p): op.slices[n] for n, p in zip(op.names, op.params)} if hasattr(op, "params") else {}
     if blocks is None:
@@ -119,7 +119,7 @@ def per_layer_top_eigenvalue(
     flattened in ``op`` order); ``num_hvps`` counts that block's vectors.
     """
     check_common(op, k, which, tol, max_iter)
-    segs = _segments(op, blocks)
+    segs = block_slices(op, blocks)
     solvers: dict[str, KrylovSolver] = {}
     for i, (name, seg) in enumerate(segs.items()):
         d = _size(seg)
@@ -169,7 +169,7 @@ def per_layer_trace(
     """
     check_sampling(num_samples, rel_tol, batch, min_samples, max_samples)
     z = z_score(confidence)
-    segs = _segments(op, blocks)
+    segs = block_slices(op, blocks)
     mask = torch.zeros(op.dim, dtype=op.dtype, device=op.device)
     for seg in segs.values():
         for s in seg:

@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_hessian.hessian.blocks import per_layer_top_eigenvalue, per_layer_trace
+from lightning_hessian.hessian.blocks import block_slices, per_layer_top_eigenvalue, per_layer_trace
 from lightning_hessian.hessian.operator import HessianOperator
 from lightning_hessian.hessian.trace import check_sampling
 from lightning_hessian.quant.modules import quantizable_layers
@@ -173,10 +173,7 @@ def quadratic_forms(op: HessianOperator, weights: Mapping[str, torch.Tensor],
     embedded in its layer's block of a flat vector (zero elsewhere), so ``v^T H v`` only sees ``H_ll``.
     One Hessian-vector product per (layer, bit width), sent ``op.chunk_size`` vectors per ``matmat``.
     """
-    where = {id(p): op.slices[n] for n, p in zip(op.names, op.params)}
-    missing = [name for name, w in weights.items() if id(w) not in where]
-    if missing:
-        raise ValueError(f"weights {missing} are not parameters of the Hessian operator")
+    where = block_slices(op, {name: [w] for name, w in weights.items()})  # raises for a weight not in op.params
     pairs = [(name, b) for name in weights for b in bit_choices]
     out: dict[str, dict[int, float]] = {name: {} for name in weights}
     for start in range(0, len(pairs), op.chunk_size):
@@ -184,7 +181,7 @@ def quadratic_forms(op: HessianOperator, weights: Mapping[str, torch.Tensor],
         V = torch.zeros(len(chunk), op.dim, dtype=op.dtype, device=op.device)
         for row, (name, b) in enumerate(chunk):
             w = weights[name].detach()
-            V[row, where[id(weights[name])]] = (quantize_weight(w, b) - w).reshape(-1).to(op.dtype)
+            V[row, where[name][0]] = (quantize_weight(w, b) - w).reshape(-1).to(op.dtype)
         forms = (V.double() * op.matmat(V).double()).sum(1)
         for (name, b), q in zip(chunk, forms.tolist()):
             out[name][b] = q
@@ -335,8 +332,9 @@ def layer_sensitivity(
     check_sampling(None, rel_tol, batch, min_samples, max_samples)
     if isinstance(metrics, str):
         raise TypeError(f"metrics must be a list of metric names, e.g. [{metrics!r}], got the string {metrics!r}")
-    wanted = [m for m in METRICS if m in set(metrics)]
-    unknown = sorted(set(metrics) - set(METRICS))
+    chosen = set(metrics)
+    wanted = [m for m in METRICS if m in chosen]
+    unknown = sorted(chosen - set(METRICS))
     if unknown or not wanted:
         raise ValueError(f"metrics: {unknown or 'empty'}; choose one or more of {METRICS}")
     modules = dict(model.named_modules())
