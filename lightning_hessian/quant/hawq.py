@@ -342,11 +342,7 @@ class HAWQModule(LightningModule):
         if dist.is_available() and dist.is_initialized():
             for q in self.module.modules():
                 if isinstance(q, ActivationQuantizer):
-                    dist.all_reduce(q.running_min, op=dist.ReduceOp.MIN)
-                    dist.all_reduce(q.running_max, op=dist.ReduceOp.MAX)
-                    flag = q.calibrated.to(torch.int32)  # a rank without probe batches takes the others' ranges
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    q.calibrated.copy_(flag.bool())
+                    q.merge_ranks()
 
     def bit_report(self) -> BitReport:
         """Per-layer bits, sensitivity, size and BOPS against float (needs ``measure_costs`` to have run)."""

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from numbers import Integral
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -178,6 +179,22 @@ class ActivationQuantizer(nn.Module):
             self.running_min.lerp_(lo, self.momentum)
             self.running_max.lerp_(hi, self.momentum)
         self.calibrated.fill_(True)
+
+    @torch.no_grad()
+    def merge_ranks(self, group: dist.ProcessGroup | None = None) -> None:
+        """Merge the range with the other ranks' (``torch.distributed``): min of the minima, max of the maxima.
+
+        A rank that saw no input takes the others' range; the quantizer is calibrated if any rank was.
+        """
+        if not self.calibrated:
+            self.running_min.fill_(float("inf"))
+            self.running_max.fill_(float("-inf"))
+        dist.all_reduce(self.running_min, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(self.running_max, op=dist.ReduceOp.MAX, group=group)
+        self.calibrated.fill_(bool(torch.isfinite(self.running_max)))
+        if not self.calibrated:  # no rank saw any input
+            self.running_min.zero_()
+            self.running_max.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:

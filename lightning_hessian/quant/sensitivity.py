@@ -208,12 +208,7 @@ def activation_ranges(op: HessianOperator, layers: Mapping[str, nn.Module],
             handle.remove()
     for name, q in observers.items():
         if op.distributed:
-            if not q.calibrated:  # this rank holds no batch: leave the others' range alone
-                q.running_min.fill_(float("inf"))
-                q.running_max.fill_(float("-inf"))
-            dist.all_reduce(q.running_min, op=dist.ReduceOp.MIN, group=op.process_group)
-            dist.all_reduce(q.running_max, op=dist.ReduceOp.MAX, group=op.process_group)
-            q.calibrated.fill_(bool(torch.isfinite(q.running_max)))
+            q.merge_ranks(op.process_group)
         if not q.calibrated:
             raise ValueError(f"layers: {name!r} never ran on the probe data, so its input activations have no range")
     return observers
