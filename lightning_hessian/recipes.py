@@ -129,11 +129,23 @@ def _config_error(err: BaseException, objects: dict[str, Any], default: str) -> 
     return ConfigError(f"{key}: {err}")
 
 
+def _trainer(cfg: DictConfig) -> tuple[pl.Trainer, dict[str, Any]]:
+    """The configured Trainer with the configured callbacks (returned by config key) and loggers."""
+    callbacks = _instantiate_group(cfg, "callbacks")
+    loggers = list(_instantiate_group(cfg, "logger").values())
+    trainer = _instantiate(cfg, "trainer", callbacks=list(callbacks.values()), logger=loggers or False)
+    return trainer, callbacks
+
+
+def _existing_ckpt(path: str | Path) -> Path:
+    if not Path(path).is_file():
+        raise ConfigError(f"ckpt_path: no checkpoint file at {path}")
+    return Path(path)
+
+
 def _resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     if ckpt_path != "last":
-        if ckpt_path is not None and not Path(ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path: no checkpoint file at {ckpt_path}")
-        return ckpt_path
+        return None if ckpt_path is None else str(_existing_ckpt(ckpt_path))
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
     if last.exists():
         return str(last)
@@ -170,9 +182,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg, "data")
     module = _instantiate(cfg, "model")
-    callbacks = _instantiate_group(cfg, "callbacks")
-    loggers = list(_instantiate_group(cfg, "logger").values())
-    trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=list(callbacks.values()), logger=loggers or False)
+    trainer, callbacks = _trainer(cfg)
     metrics: dict[str, float] = {}
     ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     if cfg.train and ckpt_path is None:
@@ -243,11 +253,9 @@ def _trained_model(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDat
     if cfg.ckpt_path in (None, "last"):
         if cfg.run_dir is None:
             raise ConfigError("ckpt_path: give a checkpoint (ckpt_path=path/to.ckpt) or a train run (run_dir=...)")
-        ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        ckpt = _existing_ckpt(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
     else:
-        ckpt = Path(cfg.ckpt_path)
-    if not ckpt.exists():
-        raise ConfigError(f"ckpt_path: {ckpt} not found")
+        ckpt = _existing_ckpt(cfg.ckpt_path)
     datamodule = _instantiate(cfg, "data")
     module = _instantiate(cfg, "model")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -309,9 +317,7 @@ def quantize(cfg: DictConfig) -> dict[str, Any]:
     if cfg.export.format not in ("onnx", "program", "none"):
         raise ConfigError(f"export.format: must be 'onnx', 'program' or 'none', got {cfg.export.format!r}")
     pl.seed_everything(cfg.seed, workers=True)
-    callbacks = _instantiate_group(cfg, "callbacks")
-    loggers = list(_instantiate_group(cfg, "logger").values())
-    trainer: pl.Trainer = _instantiate(cfg, "trainer", callbacks=list(callbacks.values()), logger=loggers or False)
+    trainer, callbacks = _trainer(cfg)
     if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
         raise ConfigError("trainer.strategy: quantize cannot fine-tune in spawned or forked ranks (the bit plan would "
                           "stay in them); use one process (trainer=cpu or gpu) or trainer=ddp")
