@@ -347,10 +347,13 @@ class QuantizationReport:
 
     weight_bits: dict[str, int]
     act_bits: int | str
-    layer_act_bits: dict[str, int] = field(default_factory=dict)
     float_layers: dict[str, str] = field(default_factory=dict)  # name -> why it stays float
     batchnorms: list[str] = field(default_factory=list)  # fold with fold_batchnorm before deployment
     fx_error: str | None = None  # why the torch.fx scan for functional ops could not run
+
+    @property
+    def layer_act_bits(self) -> dict[str, int]:
+        return {name: b if self.act_bits == FOLLOW else self.act_bits for name, b in self.weight_bits.items()}
 
     def __str__(self) -> str:
         lines = ["| layer | weight bits | input activation bits |", "|---|---|---|"]
@@ -438,18 +441,18 @@ def quantize_model(
         raise ValueError("model has no quantizable layer (nn.Conv1d, nn.Conv2d or nn.Linear)")
     validate_act_bits(act_bits, "act_bits")
     weight_bits = _resolve_bits(bits, layers)
-    layer_act_bits = {name: b if act_bits == FOLLOW else act_bits for name, b in weight_bits.items()}
     qmodel = copy.deepcopy(model)
     for name, m in list(qmodel.named_modules()):
         if name in weight_bits and type(m) in _SWAP:
-            _set_module(qmodel, name, _SWAP[type(m)].from_float(m, weight_bits[name], layer_act_bits[name], momentum))
+            layer_act = weight_bits[name] if act_bits == FOLLOW else act_bits
+            _set_module(qmodel, name, _SWAP[type(m)].from_float(m, weight_bits[name], layer_act, momentum))
         elif isinstance(m, ResidualAdd):
             add_bits = MAX_BITS if act_bits == FOLLOW else act_bits
             _set_module(qmodel, name, QuantResidualAdd(add_bits, momentum).train(m.training))
         elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
             _set_module(qmodel, name, QuantAdaptiveAvgPool.from_float(m).train(m.training))
     functional, fx_error = _functional_float_ops(model)
-    report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits, layer_act_bits=layer_act_bits,
+    report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits,
                                 float_layers={**_float_leftovers(model, weight_bits, ignore), **functional},
                                 batchnorms=[n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)],
                                 fx_error=fx_error)
