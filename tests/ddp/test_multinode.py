@@ -45,6 +45,11 @@ def test_two_node_torchrun_on_loopback_trains_the_recipe_with_the_hessian_callba
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     try:
         logs = [node.communicate(timeout=300)[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            node.kill()
+        logs = [node.communicate()[0] for node in nodes]
+        pytest.fail("the two nodes did not finish in 300 s:\n" + "\n=====\n".join(log[-3000:] for log in logs))
     finally:
         for node in nodes:
             node.kill()
