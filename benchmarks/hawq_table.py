@@ -138,7 +138,7 @@ def run(name: str, module: ClassificationModule, train: DataLoader, test: DataLo
     """Train FP32, then quantize and fine-tune every configuration; return a markdown section.
 
     ``tune`` holds the fine-tune's ``epochs``, ``batches`` (per epoch) and ``optimizer``. FP32 + fine-tune,
-    uniform W8A8/W4A4 and HAWQ at 0.5 (both metrics) are fine-tuned with seeds ``0..num_seeds-1``, random
+    uniform W8A8/W4A4 and HAWQ at 0.5 (every metric) are fine-tuned with seeds ``0..num_seeds-1``, random
     allocation ``i`` with seed ``i``, HAWQ at 0.25/0.75 with seed 0: every comparison in the goals averages
     the same seeds.
     """

@@ -360,6 +360,5 @@ class AdaptiveBatchSizeCallback(Callback):
         state = dict(state_dict)
         if "probe" in state:  # the probe's warm start: a resumed run's eigenvalues equal an uninterrupted one's
             self._probe.load_state_dict(state.pop("probe"))
-        state.pop("lr_factor", None)  # written by earlier versions
         for key, value in state.items():
             setattr(self, key, value)
