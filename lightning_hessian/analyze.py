@@ -23,6 +23,7 @@ from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import LossFn
 from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian import (
+    Batches,
     HessianOperator,
     hutchinson_trace,
     layer_blocks,
@@ -96,7 +97,7 @@ def analyze_model(
     report: dict[str, Any] = {**(meta or {}), "options": vars(opts).copy(), "seconds": {}}
     seconds = report["seconds"]
     with leave_no_trace(model, opts.mode):
-        op = HessianOperator(model, loss_fn, list(batches))
+        op = HessianOperator(model, loss_fn, Batches(batches))
         report["num_params"] = op.dim
         report["loss"] = op.loss()
         k = min(max(opts.top_k, 2), op.dim)  # the 2-D landscape needs two eigenvectors

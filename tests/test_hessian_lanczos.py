@@ -70,6 +70,27 @@ def test_small_dense_matrices_and_exact_invariant_subspaces() -> None:
     torch.testing.assert_close(result.eigenvalues, torch.tensor([5.0, 5, 2], dtype=torch.float64))
 
 
+def test_bf16_operator_keeps_a_float32_basis() -> None:
+    g = torch.Generator().manual_seed(0)
+    Qm = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64)).Q
+    H = (Qm @ torch.diag(torch.linspace(-0.5, 1.0, 64, dtype=torch.float64) ** 3) @ Qm.T).bfloat16()
+    exact = torch.linalg.eigvalsh(H.double()).flip(0)[:3]
+    result = top_eigenvalues(DenseOperator(H), k=3, tol=1e-2)
+    torch.testing.assert_close(result.eigenvalues, exact, rtol=2e-2, atol=0)  # bf16 products: ~3 digits
+
+
+def test_block_lanczos_pads_the_start_with_distinct_rows() -> None:
+    g = torch.Generator().manual_seed(0)
+    Qm = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64)).Q
+    H = Qm @ torch.diag(torch.cat([torch.tensor([3.0, 3.0]), torch.linspace(0, 1, 18)]).double()) @ Qm.T
+    op = DenseOperator(H)
+    rows = []
+    op.matmat = lambda V, mm=op.matmat: rows.append(V.shape[0]) or mm(V)
+    result = top_eigenvalues(op, k=2, block_size=2)
+    assert set(rows) == {2}
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([3.0, 3.0], dtype=torch.float64))
+
+
 def test_power_iteration_with_deflation_matches_and_costs_more() -> None:
     model, batch, H = problem("cnn")
     op = HessianOperator(model, loss_fn, batch)

@@ -6,6 +6,7 @@ The helpers at the top (``problem``, ``dense_hessian``, ``DenseOperator``) are s
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_hessian.hessian import HessianOperator
+from lightning_hessian.hessian import Batches, HessianOperator
 from lightning_hessian.models import MNIST1DCNN, MNIST1DMLP
 from tests.conftest import fit_full_batch
 
@@ -87,7 +88,7 @@ class DenseOperator:
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         self.num_hvps += V.shape[0]
-        return V @ self.H
+        return V.to(self.H) @ self.H  # as HessianOperator: products in the operator's dtype
 
 
 # ------------------------------------------------------------------------------------------------- tests
@@ -243,3 +244,30 @@ def test_auto_skips_a_form_the_model_cannot_run() -> None:
     assert op.hvp_timings["multi"]["forward"] == float("inf") and op.hvp_choice["multi"] != "forward"
     with pytest.raises(RuntimeError):
         HessianOperator(model, loss_fn, (x, y), hvp="forward").matvec(V[0])
+
+
+@pytest.mark.parametrize("form", ["reverse", "reverse-batched", "forward"])
+def test_a_selected_parameter_the_loss_does_not_reach_has_zero_rows(form: str) -> None:
+    model, batch, _ = problem("mlp")
+    model = copy.deepcopy(model)  # problem() is shared between tests
+    model.unused = nn.Linear(2, 2).double()  # selected, but not in the forward
+    op = HessianOperator(model, loss_fn, batch, hvp=form)
+    V = torch.randn(3, op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    HV = op.matmat(V)
+    used = HessianOperator(model, loss_fn, batch, params=["net*"], hvp="reverse")
+    torch.testing.assert_close(HV[:, : used.dim], used.matmat(V[:, : used.dim]), rtol=1e-9, atol=1e-11)
+    assert HV[:, used.dim :].abs().max() == 0
+
+
+def test_bare_tensor_batches_are_read_as_batches_when_wrapped() -> None:
+    model, (x, y), _ = problem("mlp")
+
+    def loss_of_inputs(m, inputs):  # e.g. an autoencoder: a batch is the input tensor alone
+        return m(inputs).square().mean()
+
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    whole = HessianOperator(model, loss_of_inputs, x).matvec(v)
+    split = HessianOperator(model, loss_of_inputs, Batches([x[:5], x[5:]])).matvec(v)
+    torch.testing.assert_close(split, whole, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="params is empty"):
+        HessianOperator(model, loss_fn, (x, y), params=[])

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -139,7 +140,8 @@ def test_failed_probe_warns_and_training_goes_on():
     "kwargs, match",
     [({"top_k": 0}, "top_k"), ({"every_n_steps": -1}, "every_n_steps"), ({"mode": "test"}, "mode"),
      ({"trace_rel_tol": 2.0}, "trace_rel_tol"), ({"trace_method": "exact"}, "trace_method"),
-     ({"max_overhead": 0}, "max_overhead"), ({"krylov_steps": 0}, "krylov_steps")],
+     ({"max_overhead": 0}, "max_overhead"), ({"krylov_steps": 0}, "krylov_steps"), ({"eig_tol": 0.0}, "eig_tol"),
+     ({"probe_data": []}, "probe_data holds no batches")],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -149,7 +151,9 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"probe_size": 500}, "probe_size=500 exceeds"), ({"params": ["no_such_layer*"]}, "no_such_layer"),
-     ({"probe_size": 32, "loss_fn": lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")}, "scalar")],
+     ({"probe_size": 32, "loss_fn": lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")}, "scalar"),
+     ({"probe_size": 32, "top_k": 500}, "top_k=500 exceeds"), ({"params": [], "probe_size": 32}, "params is empty"),
+     ({"probe_size": 32, "per_layer": True, "params": ["*.weight"]}, "per_layer=True.*select whole layers")],
 )
 def test_misconfiguration_fails_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -233,3 +237,63 @@ def test_every_n_steps_resume_does_not_probe_the_restored_step_again(tmp_path):
 
     assert run(1) == [2, 4, 6]
     assert run(2, ckpt_path=str(tmp_path / "last.ckpt")) == [2, 4, 6, 8, 10, 12]
+
+
+class InputOnlyModule(TinyModule):
+    """Batches are bare input tensors (an autoencoder-style loss): ``[x1, x2]`` must read as two batches."""
+
+    def training_step(self, batch, batch_idx):
+        return self.hessian_loss(batch)
+
+    def hessian_loss(self, x):
+        return self(x).square().mean()
+
+
+def test_bare_tensor_batches_are_probed_and_match_the_dense_hessian():
+    x = make_data().tensors[0]
+    cb = HessianSpectrumCallback(probe_size=40, probe_batch_size=16, trace=False, plot=False)
+    pl.seed_everything(0)
+    module = InputOnlyModule(batch_norm=False)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, DataLoader(x, batch_size=16))
+    assert len(cb.history) == 1 and len(cb._batches) == 3  # 16 + 16 + 8 samples
+    probe = torch.cat(list(cb._batches))
+    params = dict(module.named_parameters())
+    names = list(params)
+
+    def loss(flat):
+        parts, at = {}, 0
+        for n in names:
+            parts[n] = flat[at : at + params[n].numel()].view_as(params[n])
+            at += params[n].numel()
+        return torch.func.functional_call(module.eval(), parts, (probe.double(),)).square().mean()
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()]).double()
+    module.double()
+    dense = torch.func.hessian(loss)(flat)
+    top = float(torch.linalg.eigvalsh(dense)[-1])
+    assert abs(cb.history[0]["eigenvalues"][0] - top) <= 1e-3 * abs(top)
+
+
+def test_every_n_steps_writes_each_probe_to_the_logger_at_its_step(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = HessianSpectrumCallback(probe_size=32, trace=False, every_n_steps=3, plot=False)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb], logger=CSVLogger(tmp_path), log_every_n_steps=50,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=16))  # 6 steps per epoch
+    rows = [line.split(",") for line in Path(trainer.logger.log_dir, "metrics.csv").read_text().splitlines()]
+    col, step = rows[0].index("hessian/eig_1"), rows[0].index("step")
+    logged = [(int(r[step]), float(r[col])) for r in rows[1:] if r[col]]
+    assert logged == [(h["step"], h["eigenvalues"][0]) for h in cb.history]
+    assert [h["step"] for h in cb.history] == [3, 6, 9, 12, 15, 18]
+
+
+def test_two_callbacks_on_different_parameters_keep_their_own_state(tmp_path):
+    whole = HessianSpectrumCallback(probe_size=32, trace=False, plot=False)
+    head = HessianSpectrumCallback(probe_size=32, trace=False, plot=False, params=["net.4"])
+    assert whole.state_key != head.state_key
+    fit([whole, head], max_epochs=1)
+    assert whole.history[0]["eigenvalues"] != head.history[0]["eigenvalues"]

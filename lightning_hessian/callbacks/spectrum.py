@@ -24,6 +24,7 @@ from lightning_hessian.callbacks.probe import (
 )
 from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian import (
+    Batches,
     HessianOperator,
     hutchinson_trace,
     per_layer_top_eigenvalue,
@@ -31,6 +32,7 @@ from lightning_hessian.hessian import (
     spectral_density,
     top_eigenvalues,
 )
+from lightning_hessian.hessian.blocks import block_slices
 
 TRACE_METHODS = ("krylov", "hutch++", "hutchinson")
 DEFAULT_PROBE_SIZE = 1024
@@ -111,6 +113,12 @@ class HessianSpectrumCallback(Callback):
             raise ValueError(f"max_overhead must be a fraction > 0 of the training time, or None; got {max_overhead!r}")
         if not 0 < trace_rel_tol < 1:
             raise ValueError(f"trace_rel_tol must be in (0, 1), got {trace_rel_tol!r}")
+        if not eig_tol > 0:
+            raise ValueError(f"eig_tol must be > 0 (the eigenvalues' relative residual target), got {eig_tol!r}")
+        if probe_data is not None:
+            probe_data = list(probe_data)
+            if not probe_data:
+                raise ValueError("probe_data holds no batches: pass batches, or None to draw probe_size samples")
         self.top_k, self.trace, self.density, self.per_layer = top_k, trace, density, per_layer
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.probe_size, self.probe_batch_size, self.probe_data = probe_size, probe_batch_size, probe_data
@@ -134,15 +142,24 @@ class HessianSpectrumCallback(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(
             top_k=self.top_k, every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps,
-            probe_size=self.probe_size or DEFAULT_PROBE_SIZE, mode=self.mode,
+            probe_size=self.probe_size or DEFAULT_PROBE_SIZE, mode=self.mode, params=repr(self.params),
+            seed=self.seed, per_layer=self.per_layer, probe_data=self.probe_data is not None,
+            loss_fn=getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)),
         )
 
     # ---- hooks -------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._loss = resolve_loss_fn(pl_module, self.loss_fn)
-        if self.params is not None:
-            HessianOperator(pl_module, self._loss, [], params=self.params)  # raises if nothing is selected
+        op = HessianOperator(pl_module, self._loss, [], params=self.params)  # raises if nothing is selected
+        if self.top_k > op.dim:
+            raise ValueError(f"top_k={self.top_k} exceeds the {op.dim} selected parameters; lower top_k")
+        if self.per_layer:
+            try:
+                block_slices(op, None)
+            except ValueError as err:
+                raise ValueError(f"per_layer=True: {err}; select whole layers in params (e.g. 'net.0', not "
+                                 "'*.weight') or set per_layer=False") from None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe_data is not None:
@@ -153,7 +170,7 @@ class HessianSpectrumCallback(Callback):
             indices = draw_probe_indices(len(dataset), size, self.seed)
             batches = probe_batches(dataset, indices, self.probe_batch_size, collate_fn,
                                     trainer.global_rank, trainer.world_size)
-        self._batches = [prepare_batch(trainer, b) for b in batches]
+        self._batches = Batches(prepare_batch(trainer, b) for b in batches)
         if self._batches:  # a rank may hold no probe batch (fewer given batches than ranks)
             with leave_no_trace(pl_module, self.mode):
                 loss = self._loss(pl_module, self._batches[0])
@@ -204,7 +221,7 @@ class HessianSpectrumCallback(Callback):
         if self._batches is None:
             if self.probe_data is None:
                 raise ValueError("compute() outside a running Trainer needs probe_data= (the batches to probe)")
-            self._batches = list(self.probe_data)
+            self._batches = Batches(self.probe_data)
         if self._loss is None:
             self._loss = resolve_loss_fn(pl_module, self.loss_fn)
         record: dict[str, Any] = {}
@@ -230,6 +247,7 @@ class HessianSpectrumCallback(Callback):
                     max_samples=max(self.trace_max_samples, self.trace_min_samples), seed=self.seed + len(self.history),
                     method="hutchinson" if krylov else self.trace_method,
                     basis=basis, basis_trace=basis_trace,
+                    sketch_size=min(16, self.trace_min_samples, op.dim - 1) if self.trace_method == "hutch++" else None,
                 )
                 record["trace"], record["trace_std_error"] = float(tr.estimate), float(tr.std_error)
                 record["hvps"] += tr.num_hvps
@@ -237,11 +255,12 @@ class HessianSpectrumCallback(Callback):
                 eigs = per_layer_top_eigenvalue(op, tol=self.eig_tol, seed=self.seed)
                 record["layer_eigenvalue"] = {name: float(r.eigenvalues[0]) for name, r in eigs.items()}
                 if self.trace:
-                    traces = per_layer_trace(op, rel_tol=self.trace_rel_tol, max_samples=self.trace_max_samples,
-                                             seed=self.seed)
+                    traces = per_layer_trace(op, rel_tol=self.trace_rel_tol, min_samples=self.trace_min_samples,
+                                             max_samples=max(self.trace_max_samples, self.trace_min_samples),
+                                             batch=min(16, self.trace_min_samples), seed=self.seed)
                     record["layer_trace"] = {name: float(t.estimate) for name, t in traces.items()}
             if self.density:
-                dens = spectral_density(op, seed=self.seed)
+                dens = spectral_density(op, seed=self.seed, deflate=min(10, op.dim - 1))
                 self._last_density = {"grid": dens.grid.tolist(), "density": dens.density.tolist()}
         return record
 
@@ -279,8 +298,11 @@ class HessianSpectrumCallback(Callback):
             return
         record.update(step=trainer.global_step, epoch=trainer.current_epoch, seconds=time.perf_counter() - start)
         self.history.append(record)
-        pl_module.log_dict(self._metrics(record), on_step=self.every_n_steps is not None,
-                           on_epoch=self.every_n_steps is None, sync_dist=False)
+        if self.every_n_steps is None:
+            pl_module.log_dict(self._metrics(record), on_step=False, on_epoch=True, sync_dist=False)
+        else:  # straight to the loggers: self.log on a step is thinned out by the Trainer's log_every_n_steps
+            for logger in trainer.loggers:
+                logger.log_metrics(self._metrics(record), step=trainer.global_step)
 
     @staticmethod
     def _metrics(record: dict[str, Any]) -> dict[str, float]:

@@ -11,6 +11,7 @@ data, w.r.t. selected parameters, DDP-aware) or on any object with ``dim``, ``dt
         return torch.nn.functional.cross_entropy(model(x), y)
 
     op = HessianOperator(model, loss_fn, [(x1, y1), (x2, y2)])   # batches weighted by sample count
+    # (bare-tensor batches: Batches([x1, x2]), as a plain [x1, x2] reads as one [x, y] batch)
     eig = top_eigenvalues(op, k=5)              # Lanczos: eig.eigenvalues, eig.eigenvectors, eig.residual_norms
     tr = hutchinson_trace(op, rel_tol=0.01)     # tr.estimate +- tr.std_error
     dens = spectral_density(op)                 # SLQ: dens.grid, dens.density, dens.trace
@@ -24,12 +25,13 @@ from lightning_hessian.hessian.blocks import LAYER_TYPES, layer_blocks, per_laye
 from lightning_hessian.hessian.density import DensityResult, spectral_density
 from lightning_hessian.hessian.diagonal import DiagonalEstimate, hessian_diagonal
 from lightning_hessian.hessian.lanczos import EigenResult, top_eigenvalues
-from lightning_hessian.hessian.operator import HessianOperator, LinearOperator
+from lightning_hessian.hessian.operator import Batches, HessianOperator, LinearOperator
 from lightning_hessian.hessian.power import power_iteration
 from lightning_hessian.hessian.trace import TraceResult, hutchinson_trace
 
 __all__ = [
     "LAYER_TYPES",
+    "Batches",
     "DensityResult",
     "DiagonalEstimate",
     "EigenResult",

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from lightning_hessian.hessian.lanczos import EigenResult, KrylovSolver, check_common
+from lightning_hessian.hessian.lanczos import EigenResult, KrylovSolver, basis_dtype, check_common
 from lightning_hessian.hessian.operator import LinearOperator
 from lightning_hessian.hessian.trace import (
     TraceResult,
@@ -84,7 +84,7 @@ def block_slices(op: LinearOperator, blocks: Mapping[str, BlockSpec] | None) -> 
         else:
             raise TypeError(f"blocks[{name!r}] must be a module, a list of parameters or of slices")
     if not out:
-        raise ValueError("no blocks: the model has no layer of the given types with trainable parameters")
+        raise ValueError("no blocks: no layer of the given types has all its trainable parameters in op.params")
     return out
 
 
@@ -126,7 +126,8 @@ def per_layer_top_eigenvalue(
         if k > d:
             raise ValueError(f"k={k} exceeds the size {d} of block {name!r}")
         g = torch.Generator().manual_seed(seed + i)
-        start = torch.randn(1, d, generator=g, device="cpu", dtype=torch.float64).to(device=op.device, dtype=op.dtype)
+        start = torch.randn(1, d, generator=g, device="cpu", dtype=torch.float64)
+        start = start.to(device=op.device, dtype=basis_dtype(op.dtype))
         solvers[name] = KrylovSolver(d, k, which, start, tol, max_iter, ncv, None, seed + i)
     while True:
         requests = {name: X for name, s in solvers.items() if (X := s.request()) is not None}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_hessian.checks import check_positive_int
-from lightning_hessian.hessian.lanczos import EigenResult, top_eigenvalues
+from lightning_hessian.hessian.lanczos import EigenResult, basis_dtype, top_eigenvalues
 from lightning_hessian.hessian.operator import LinearOperator
 
 REORTH = ("full", "none")
@@ -67,7 +67,7 @@ def _lanczos_runs(
     for j in range(steps):
         every = len(active) == R
         v = basis[j % keep] if every else basis[j % keep, active]
-        w = op.matmat(v)
+        w = op.matmat(v).to(v)
         hvps += len(active)
         if Q.shape[0]:
             w -= (w @ Q.T) @ Q
@@ -140,10 +140,11 @@ def spectral_density(
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     dim = op.dim
     hvps = 0
-    Q = torch.zeros(0, dim, dtype=op.dtype, device=op.device)
+    work = basis_dtype(op.dtype)
+    Q = torch.zeros(0, dim, dtype=work, device=op.device)
     spikes = torch.zeros(0, dtype=torch.float64)
     if eigenpairs is not None:
-        Q, spikes = eigenpairs.eigenvectors.to(device=op.device, dtype=op.dtype), eigenpairs.eigenvalues
+        Q, spikes = eigenpairs.eigenvectors.to(device=op.device, dtype=work), eigenpairs.eigenvalues
         deflate = len(spikes)
     elif deflate:
         top = top_eigenvalues(op, k=deflate, which="LM", seed=seed)
@@ -154,7 +155,7 @@ def spectral_density(
     spike_weights = torch.full((deflate,), 1.0 / dim, dtype=torch.float64)
     for start in range(0, num_runs, batch):
         n = min(batch, num_runs - start)
-        V0 = torch.randn(n, dim, generator=gen, device="cpu", dtype=torch.float64).to(device=op.device, dtype=op.dtype)
+        V0 = torch.randn(n, dim, generator=gen, device="cpu", dtype=torch.float64).to(device=op.device, dtype=work)
         if deflate:
             V0 -= (V0 @ Q.T) @ Q
         V0 /= torch.linalg.vector_norm(V0, dim=1, keepdim=True)

@@ -67,6 +67,11 @@ def check_common(op: LinearOperator, k: int, which: str, tol: float, max_iter: i
     check_positive_int(max_iter, "max_iter")
 
 
+def basis_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype Krylov bases are kept in: the operator's, at least float32 (a bf16 basis loses orthogonality)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def start_vectors(
     dim: int, v0: torch.Tensor | None, seed: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -290,7 +295,9 @@ def top_eigenvalues(
             the basis holds at most 2**27 numbers, and at least ``max(2k + 2b, k + 2b + 20)`` (block size
             ``b``). A larger basis means fewer HVPs, mostly for "SA" (small eigenvalues are clustered).
         block_size: run block Lanczos with this many vectors per ``matmat`` call (default 1; cheaper per
-            vector when batched HVPs are, but usually more HVPs in all).
+            vector when batched HVPs are, but usually more HVPs in all). One start vector's Krylov space
+            holds a single copy of an eigenvalue repeated exactly (e.g. a zero-initialised softmax head's
+            Hessian), so ``k`` pairs may skip the copies: a block of at least the multiplicity finds them.
         min_iter: make at least this many HVPs even when converged earlier, to grow the Krylov basis (whose
             span holds the top and bottom of the spectrum) for a deflated trace estimate.
         return_basis: keep the Krylov basis and its projected trace in the result (``basis``,
@@ -301,12 +308,12 @@ def top_eigenvalues(
         raise ValueError(f"min_iter must be an int in [0, max_iter], got {min_iter!r}")
     if block_size is not None and (not isinstance(block_size, int) or not 1 <= block_size <= op.dim):
         raise ValueError(f"block_size must be an int in [1, dim], got {block_size!r}")
-    start = start_vectors(op.dim, v0, seed, op.dtype, op.device)
+    start = start_vectors(op.dim, v0, seed, basis_dtype(op.dtype), op.device)
     if block_size is None and start.shape[0] > 1:
         start = (start / torch.linalg.vector_norm(start, dim=1, keepdim=True)).sum(0, keepdim=True)
     elif block_size is not None and start.shape[0] < block_size:  # pad the block with seeded Gaussians
-        g = torch.Generator().manual_seed(seed)
-        extra = torch.randn(block_size - start.shape[0], op.dim, generator=g, device="cpu", dtype=torch.float64)
+        g = torch.Generator().manual_seed(seed)  # rows after the first: the default start is that stream's first
+        extra = torch.randn(block_size, op.dim, generator=g, device="cpu", dtype=torch.float64)[start.shape[0]:]
         start = torch.cat([start, extra.to(start)])
     solver = KrylovSolver(op.dim, k, which, start, tol, max_iter, ncv, block_size, seed, min_iter)
     while (X := solver.request()) is not None:

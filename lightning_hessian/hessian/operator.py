@@ -57,13 +57,20 @@ def _is_container(x: Any) -> bool:
     return isinstance(x, (tuple, list, Mapping))
 
 
+class Batches(list):
+    """A list read as a list of batches whatever its items are: for batches that are bare tensors, which a
+    plain list ``[x1, x2]`` cannot tell from one ``[x, y]`` batch."""
+
+
 def _as_batches(data: Any) -> tuple[list[Batch] | None, Iterable[Batch] | None]:
     """Split ``data`` into a materialised list of batches or a re-iterable source (e.g. a DataLoader).
 
-    One batch is a tensor, a dict, or a tuple/list holding at least one non-container (``(x, y)``); a
-    tuple/list whose items are all containers is a list of batches (possibly empty: a rank may hold no
-    shard); other iterables are sources of batches.
+    ``Batches`` is a list of batches. Otherwise one batch is a tensor, a dict, or a tuple/list holding at
+    least one non-container (``(x, y)``); a tuple/list whose items are all containers is a list of batches
+    (possibly empty: a rank may hold no shard); other iterables are sources of batches.
     """
+    if isinstance(data, Batches):
+        return list(data), None
     if isinstance(data, (torch.Tensor, Mapping)):
         return [data], None
     if isinstance(data, (tuple, list)):
@@ -122,6 +129,9 @@ def _select_params(model: nn.Module, params: Sequence[ParamSpec] | None) -> list
         return chosen
     if isinstance(params, (str, nn.Module, torch.Tensor)):
         params = [params]
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty: pass None (every parameter with requires_grad) or names/modules/tensors")
     by_id = {id(p): n for n, p in named}
     selected: set[str] = set()
     for spec in params:
@@ -387,6 +397,8 @@ class HessianOperator:
                     retain_graph=self.cache_graph or start + self.chunk_size < k,
                     is_grads_batched=True, allow_unused=True, materialize_grads=True,
                 )
+                # a parameter the loss does not reach gets zeros without the batch dimension: expand them
+                hv = [h.expand(rows.shape[0], *h.shape) if h.dim() == leaf.dim() else h for h, leaf in zip(hv, leaves)]
                 out[start : start + rows.shape[0]] = torch.cat([h.reshape(rows.shape[0], -1) for h in hv], 1)
             return out
         for r in range(k):

@@ -42,6 +42,7 @@ from lightning_hessian.callbacks.probe import (
     train_dataset_of,
 )
 from lightning_hessian.checks import check_positive_int
+from lightning_hessian.hessian import Batches
 from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
 from lightning_hessian.quant.modules import calibrate as calibrate_ranges
@@ -557,7 +558,7 @@ class HAWQModule(LightningModule):
             indices = draw_probe_indices(len(dataset), min(self.probe_size, len(dataset)), self.seed)
             batches = probe_batches(dataset, indices, self.probe_batch_size, collate, trainer.global_rank,
                                     trainer.world_size)
-        return [prepare_batch(trainer, batch, convert_input=convert_input) for batch in batches]
+        return Batches(prepare_batch(trainer, batch, convert_input=convert_input) for batch in batches)
 
     @staticmethod
     def _example(batches: Sequence[Any]) -> torch.Tensor:
