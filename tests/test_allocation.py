@@ -268,6 +268,8 @@ def test_pareto_frontier_explicit_budgets_and_errors():
         pareto_frontier(sens, costs, "latency", 5)
     with pytest.raises(ValueError, match="budgets_or_num_points"):
         pareto_frontier(sens, costs, "size", 1)
+    with pytest.raises(ValueError, match="budgets_or_num_points is an empty list"):
+        pareto_frontier(sens, costs, "size", [])
     with pytest.raises(ValueError, match="swept resource"):
         pareto_frontier(sens, costs, "size", 3, budgets={"size": 10.0})
 
@@ -285,6 +287,8 @@ COSTS = {"size": {"a": {4: 4.0, 8: 8.0}, "b": {4: 4.0, 8: 8.0}}}
         (dict(costs={"size": {"a": COSTS["size"]["a"]}}), ValueError, r"costs\['size'\] has no entry for layer 'b'"),
         (dict(costs={"size": {"a": {4: 4.0}, "b": COSTS["size"]["b"]}}), ValueError, r"lacks bit widths \[8\]"),
         (dict(costs={"size": {"a": {4: -1.0, 8: 8.0}, "b": COSTS["size"]["b"]}}), ValueError, r">= 0"),
+        (dict(costs={"size": {"a": [4.0, 8.0], "b": COSTS["size"]["b"]}}), TypeError,
+         r"costs\['size'\]\['a'\] must map bit widths to costs"),
         (dict(sensitivity={"a": {1: 1.0, 8: 0.0}, "b": SENS["b"]}), ValueError, r"\['a'\] bit width=1 is outside"),
         (dict(sensitivity={"a": {4: 1.0, 16: 0.0}, "b": SENS["b"]}), ValueError, r"bit width=16 is outside .* 2\.\.8"),
         (dict(sensitivity={"a": {4: 1.0, 8.0: 0.0}, "b": SENS["b"]}), TypeError, r"an int in 2\.\.8, got 8\.0"),

@@ -248,6 +248,8 @@ def test_bad_inputs_raise_one_clear_error_each(trained, tmp_path):
         HAWQModule(trained, budgets={"size": 0.5}, metric="quadratic+act")
     with pytest.raises(ValueError, match="act_bits=1 is outside"):
         HAWQModule(trained, bits=8, act_bits=1)
+    with pytest.raises(ValueError, match="max_samples=20 is below the 32"):
+        HAWQModule(trained, budgets={"size": 0.5}, max_samples=20)
     with pytest.raises(ValueError, match="act_bits='weights' is not supported.*'follow'"):
         HAWQModule(trained, bits=8, act_bits="weights")
     with pytest.raises(ValueError, match="metric must be one of"):

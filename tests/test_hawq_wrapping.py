@@ -319,6 +319,10 @@ class NoIndexWithState(ClassificationModule):
     def validation_step(self, batch):
         return super().validation_step(batch, 0)
 
+    def test_step(self, batch, idx):  # batch_idx under another name
+        self.test_indices = [*getattr(self, "test_indices", []), idx]
+        return super().test_step(batch, idx)
+
     def on_train_epoch_end(self):
         self.epochs_seen = getattr(self, "epochs_seen", 0) + 1
 
@@ -344,6 +348,8 @@ def test_step_signatures_checkpoint_hooks_and_subclass_hooks_are_honoured(traine
     loader = DataLoader(TensorDataset(x, y), 64)
     trainer.fit(hawq, loader, loader)  # validation_step(batch) gets no batch_idx, as without the wrapper
     assert hawq.own_calls == 2 and not hasattr(hawq.module, "epochs_seen")  # the subclass's hook ran instead
+    trainer.test(hawq, DataLoader(TensorDataset(x, y), 32), verbose=False)
+    assert hawq.module.test_indices == list(range(len(x) // 32 + (len(x) % 32 > 0)))
     hawq.module.epochs_seen = 5
     trainer.save_checkpoint(tmp_path / "h.ckpt")
     assert torch.load(tmp_path / "h.ckpt", weights_only=False)["epochs_seen"] == 5

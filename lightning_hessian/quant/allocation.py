@@ -185,6 +185,8 @@ def pareto_frontier(
         sweep = [lo + (hi - lo) * i / (n - 1) for i in range(n)]
     elif isinstance(budgets_or_num_points, Sequence) and not isinstance(budgets_or_num_points, str):
         sweep = [float(b) for b in budgets_or_num_points]
+        if not sweep:
+            raise ValueError("budgets_or_num_points is an empty list: give budgets, or a number of points >= 2")
     else:
         raise TypeError(
             f"budgets_or_num_points must be a number of points or a list of budgets, got {budgets_or_num_points!r}"
@@ -281,6 +283,9 @@ def _build_problem(
             if layer not in per_layer:
                 raise ValueError(f"costs[{resource!r}] has no entry for layer {layer!r}")
             where = f"costs[{resource!r}][{layer!r}]"
+            if not isinstance(per_layer[layer], Mapping):
+                raise TypeError(f"{where} must map bit widths to costs, e.g. {{4: 512, 8: 1024}}, "
+                                f"got {per_layer[layer]!r}")
             table = {validate_bits(b, f"{where} bit width"): v for b, v in per_layer[layer].items()}
             missing = sorted(set(candidates) - set(table))
             if missing:

@@ -55,7 +55,7 @@ from lightning_hessian.quant.quantizers import (
     validate_bits,
 )
 from lightning_hessian.quant.report import BitReport, bit_report
-from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
+from lightning_hessian.quant.sensitivity import METRICS, MIN_TRACE_SAMPLES, Sensitivity, layer_sensitivity
 
 RESOURCES = ("size", "bops")
 # The wrapped module's hooks that run unchanged inside a HAWQModule (logging to this run). Only those it overrides are
@@ -185,6 +185,9 @@ class HAWQModule(LightningModule):
         for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size),
                             ("max_samples", max_samples)):
             check_positive_int(value, name)
+        if max_samples < MIN_TRACE_SAMPLES:
+            raise ValueError(f"max_samples={max_samples} is below the {MIN_TRACE_SAMPLES} Hutchinson probes every "
+                             f"trace takes first; pass max_samples >= {MIN_TRACE_SAMPLES}")
         if not (isinstance(distill_weight, Real) and 0 <= distill_weight <= 1):
             raise ValueError(f"distill_weight must be in [0, 1] (0: no distillation), got {distill_weight!r}")
         if distill_weight > 0 and not module.automatic_optimization:
@@ -213,7 +216,11 @@ class HAWQModule(LightningModule):
         for hook in _DELEGATED_HOOKS:  # the wrapped module's own hooks, unless a subclass of this one has its own
             if is_overridden(hook, module, LightningModule) and not is_overridden(hook, self, HAWQModule):
                 delegate = partial(self._delegate, hook)
-                delegate.__signature__ = inspect.signature(getattr(module, hook))  # e.g. a step without batch_idx
+                # the wrapped hook's parameters (e.g. a step without batch_idx) behind a "self", which Lightning's
+                # signature check skips as it does for a method
+                own = inspect.signature(getattr(module, hook)).parameters.values()
+                this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                delegate.__signature__ = inspect.Signature([this, *own])
                 setattr(self, hook, delegate)
         object.__setattr__(self, "float_module", module)  # the teacher: not a submodule, not trained or saved
         # Weight bits per layer (0: float) and the activation bits (-1: "follow"), so a state dict rebuilds its

@@ -65,6 +65,7 @@ from lightning_hessian.quant.modules import quantizable_layers
 from lightning_hessian.quant.quantizers import MAX_BITS, ActivationQuantizer, quantize_weight, validate_bit_choices
 
 METRICS = ("trace", "eigenvalue", "quadratic", "quadratic+act")
+MIN_TRACE_SAMPLES = 32  # Hutchinson probes every per-layer trace takes before its stopping rule
 QUADRATIC_METRICS = ("quadratic", "quadratic+act")
 _CACHE_VERSION = 3
 
@@ -289,7 +290,7 @@ def layer_sensitivity(
     bit_choices: Iterable[int] = (2, 4, 8),
     *,
     rel_tol: float = 0.05,
-    min_samples: int = 32,
+    min_samples: int = MIN_TRACE_SAMPLES,
     max_samples: int = 400,
     batch: int = 16,
     metrics: Iterable[str] = ("trace",),
