@@ -186,3 +186,14 @@ def test_probe_draws_ignore_the_default_device() -> None:
         under_meta = draws()
     for a, b in zip(plain, under_meta):
         assert b.device.type == "cpu" and torch.equal(a, b)
+
+
+def test_default_sketch_and_deflation_fit_a_tiny_operator() -> None:
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    H = A @ A.T
+    tr = hutchinson_trace(DenseOperator(H), method="hutch++", rel_tol=0.01, batch=16, max_samples=400)
+    assert tr.converged and tr.std_error <= 0.01 * tr.estimate  # a 5-column sketch, probes for the rest
+    assert abs(tr.estimate - float(H.trace())) <= 4 * tr.std_error
+    dens = spectral_density(DenseOperator(H))  # 5 pairs deflated, the sixth from quadrature
+    assert abs(dens.trace - float(H.trace())) <= 1e-8 * float(H.trace())

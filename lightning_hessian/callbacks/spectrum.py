@@ -225,6 +225,9 @@ class HessianSpectrumCallback(Callback):
         if self._loss is None:
             self._loss = resolve_loss_fn(pl_module, self.loss_fn)
         record: dict[str, Any] = {}
+        sampling = dict(rel_tol=self.trace_rel_tol, min_samples=self.trace_min_samples,
+                        max_samples=max(self.trace_max_samples, self.trace_min_samples),
+                        batch=min(16, self.trace_min_samples))  # the whole model's trace and the per-layer ones
         with leave_no_trace(pl_module, self.mode):
             op = HessianOperator(pl_module, self._loss, self._batches, params=self.params)
             krylov = self.trace and self.trace_method == "krylov"
@@ -242,12 +245,8 @@ class HessianSpectrumCallback(Callback):
                     steps = min(self.krylov_steps, eig.basis.shape[0])
                     basis, basis_trace = eig.basis[:steps], float(eig.basis_projection[:steps, :steps].trace())
                 tr = hutchinson_trace(
-                    op, rel_tol=self.trace_rel_tol, min_samples=self.trace_min_samples,
-                    batch=min(16, self.trace_min_samples),
-                    max_samples=max(self.trace_max_samples, self.trace_min_samples), seed=self.seed + len(self.history),
-                    method="hutchinson" if krylov else self.trace_method,
-                    basis=basis, basis_trace=basis_trace,
-                    sketch_size=min(16, self.trace_min_samples, op.dim - 1) if self.trace_method == "hutch++" else None,
+                    op, **sampling, seed=self.seed + len(self.history),
+                    method="hutchinson" if krylov else self.trace_method, basis=basis, basis_trace=basis_trace,
                 )
                 record["trace"], record["trace_std_error"] = float(tr.estimate), float(tr.std_error)
                 record["hvps"] += tr.num_hvps
@@ -255,12 +254,10 @@ class HessianSpectrumCallback(Callback):
                 eigs = per_layer_top_eigenvalue(op, tol=self.eig_tol, seed=self.seed)
                 record["layer_eigenvalue"] = {name: float(r.eigenvalues[0]) for name, r in eigs.items()}
                 if self.trace:
-                    traces = per_layer_trace(op, rel_tol=self.trace_rel_tol, min_samples=self.trace_min_samples,
-                                             max_samples=max(self.trace_max_samples, self.trace_min_samples),
-                                             batch=min(16, self.trace_min_samples), seed=self.seed)
+                    traces = per_layer_trace(op, **sampling, seed=self.seed)
                     record["layer_trace"] = {name: float(t.estimate) for name, t in traces.items()}
             if self.density:
-                dens = spectral_density(op, seed=self.seed, deflate=min(10, op.dim - 1))
+                dens = spectral_density(op, seed=self.seed)
                 self._last_density = {"grid": dens.grid.tolist(), "density": dens.density.tolist()}
         return record
 

@@ -106,7 +106,7 @@ def spectral_density(
     grid: int | torch.Tensor = 1000,
     sigma: float | None = None,
     seed: int = 0,
-    deflate: int = 10,
+    deflate: int | None = None,
     batch: int = 8,
     reorth: str = "full",
     eigenpairs: EigenResult | None = None,
@@ -121,7 +121,8 @@ def spectral_density(
         grid: points of an even grid over the nodes' range (padded by ``5 * sigma``), or the grid itself.
         sigma: Gaussian smoothing width; default 1% of the nodes' range.
         seed: seed of the start vectors (and of the deflation's Lanczos).
-        deflate: top eigenpairs (largest magnitude) found first and kept exact (0 for plain SLQ).
+        deflate: top eigenpairs (largest magnitude) found first and kept exact (0 for plain SLQ); default
+            ``min(10, dim - 1)``.
         batch: runs pushed through ``matmat`` together (memory ``batch * lanczos_steps * dim``).
         reorth: ``"full"`` (reorthogonalise each run against its own basis; reliable nodes) or ``"none"``
             (three-term recurrence, memory ``3 * batch * dim``; ghost copies of outliers may appear, the
@@ -132,6 +133,8 @@ def spectral_density(
     """
     for name, value in (("num_runs", num_runs), ("lanczos_steps", lanczos_steps), ("batch", batch)):
         check_positive_int(value, name)
+    if deflate is None:
+        deflate = min(10, op.dim - 1)
     if not isinstance(deflate, int) or not 0 <= deflate < op.dim:
         raise ValueError(f"deflate must be an int in [0, dim), got {deflate!r}")
     if reorth not in REORTH:

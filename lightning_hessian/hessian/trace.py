@@ -130,7 +130,8 @@ def hutchinson_trace(
         method: ``"hutchinson"`` or ``"hutch++"``: first take the top of the spectrum exactly from a
             sketch ``Q = orth(H S)`` and estimate only ``tr((I - QQ^T) H (I - QQ^T))`` by probes, which
             pays off when a few eigenvalues dominate the trace.
-        sketch_size: Hutch++ sketch columns; default ``num_samples // 3``, or ``batch`` with ``rel_tol``.
+        sketch_size: Hutch++ sketch columns; default ``num_samples // 3``, or ``batch`` with ``rel_tol``
+            (at most ``dim - 1``).
         basis, basis_trace: deflate by a subspace already multiplied by ``H``: orthonormal rows ``Q`` with
             ``tr(Q H Q^T) = basis_trace`` known, e.g. the Krylov basis of a ``top_eigenvalues(...,
             return_basis=True)`` run, whose products are then reused for free (a Krylov-deflated Hutchinson
@@ -154,6 +155,8 @@ def hutchinson_trace(
         Q, exact = basis.to(device=op.device, dtype=op.dtype), float(basis_trace)
     if method == "hutch++":
         s = sketch_size if sketch_size is not None else (num_samples // 3 if num_samples is not None else batch)
+        if sketch_size is None:
+            s = min(s, op.dim - 1)
         if not isinstance(s, int) or not 1 <= s < op.dim:
             raise ValueError(f"sketch_size must be an int in [1, dim), got {s!r}")
         if num_samples is not None:
