@@ -160,7 +160,8 @@ class HessianOperator:
         model: the network; its train/eval mode is used as is (the caller decides). A
             ``DistributedDataParallel`` wrapper is unwrapped.
         loss_fn: ``loss_fn(model, batch) -> scalar`` tensor, the mean loss over the batch.
-        data: one batch (``(x, y)``, a dict, a tensor) or an iterable of batches (list, DataLoader).
+        data: one batch (``(x, y)``, a dict, a tensor) or an iterable of batches (list, DataLoader;
+            bare-tensor batches in a ``Batches`` list, as ``[x1, x2]`` reads as one ``[x, y]`` batch).
             Tensors are moved to the parameters' device. A rank of a process group may hold no batch; a
             product over no sample at all raises ``ValueError``.
         params: ``None`` for every parameter with ``requires_grad``; else a list of names, glob patterns
