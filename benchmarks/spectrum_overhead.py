@@ -85,8 +85,8 @@ def main() -> None:
         f"Machine: {machine()}  ",
         f"MNIST-1D CNN, {train_samples} train samples, batch 100, Adam 1e-2, {args.epochs} epochs; the median of "
         f"{args.repeats} interleaved runs per schedule (by wall time); probe time and HVPs are what the "
-        "callback's own history records. Break-even: the epoch size (train samples at this model's speed) at which the schedule's "
-        "probes cost 5% of training.",
+        "callback's own history records. Break-even: the epoch size (train samples at this model's speed) at "
+        "which the schedule's probes cost 5% of training.",
         "",
         "| schedule | wall s | vs no callback | probes run | HVPs per probe | probe s | probe share of wall "
         "| 5% break-even epoch | val acc |",
