@@ -187,6 +187,13 @@ def test_ties_respected_and_change_the_optimum():
     assert allocate_bits(sens, costs, {"size": 16.0}, ties=[("b", "a")]) == {"a": 8, "b": 8}
 
 
+def test_result_keeps_the_order_of_sensitivity_with_ties():
+    sens = {n: {4: 1.0, 8: 0.0} for n in "abcd"}
+    costs = {"size": {n: {4: 4.0, 8: 8.0} for n in "abcd"}}
+    bits = allocate_bits(sens, costs, {"size": 24.0}, ties=[("d", "a")])
+    assert list(bits) == list("abcd") and bits["a"] == bits["d"]
+
+
 def test_overlapping_ties_merge():
     sens = {n: {4: 1.0, 8: 0.0} for n in "abc"}
     sens["c"] = {4: 0.0, 8: 0.0}

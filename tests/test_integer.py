@@ -173,6 +173,46 @@ def test_standalone_quantacts_convert():
         assert torch.equal(integer(x), sim(x).float())
 
 
+class _ConvPool(nn.Module):
+    """Conv accumulators (no requantization) straight into an average pool: the pool sums int32 accumulators."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(64, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Linear(8, 2)
+        with torch.no_grad():
+            self.conv.weight.uniform_(0.0, 1.0)  # positive filters on positive inputs: accumulators near their bound
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+@pytest.mark.parametrize("size", [4, 24])
+def test_average_pool_window_sum_fits_int32(size):
+    """A window sum that may pass 2^31 - 1 is refused at conversion (it would wrap in int32); one that fits is exact."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 64, size, size) * 0.2 + 0.8
+    qmodel = _calibrated(_ConvPool(), x).eval()
+    if size == 24:  # 576 accumulators of up to 64 * 9 * 127 * 255 each
+        with pytest.raises(ValueError, match=r"'pool'.*576.*overflow int32.*QuantAct"):
+            to_integer_model(qmodel, x)
+        return
+    integer = to_integer_model(qmodel, x)
+    with torch.no_grad():
+        assert torch.equal(integer(x), set_integer_simulation(qmodel)(x).float())
+
+
+def test_accumulator_overflow_names_the_layer():
+    """A bias far above its weights' scale saturates its int32 code; the accumulator bound then passes 2^31 - 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-6)
+        model[2].bias.fill_(10.0)
+    x = torch.randn(64, 4)
+    with pytest.raises(ValueError, match=r"layer '2': its int32 accumulator may overflow"):
+        to_integer_model(_calibrated(model, x).eval(), x)
+
+
 def _calibrated(model, x, bits=8):
     qmodel, _ = quantize_model(model, bits)
     calibrate(qmodel, [x])

@@ -194,6 +194,55 @@ def test_fold_batchnorm_warns_on_unfoldable():
         assert fold_batchnorm(model, torch.randn(2, 4)) == {}
 
 
+class _SharedConv(nn.Module):
+    """One conv called twice: after each call its own BN (``both``) or a BN after the first call only."""
+
+    def __init__(self, both: bool):
+        super().__init__()
+        self.conv, self.bn_a = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4) if both else nn.Identity()
+
+    def forward(self, x):
+        return self.bn_b(self.conv(torch.relu(self.bn_a(self.conv(x)))))
+
+
+class _FunctionalConsumer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _ShapeRead(_FunctionalConsumer):
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y).view(y.shape[0], -1)  # reading y's shape does not consume its values
+
+
+@pytest.mark.parametrize("make, shape, folded", [
+    (lambda: _SharedConv(both=True), (2, 4, 6, 6), {}),
+    (lambda: _SharedConv(both=False), (2, 4, 6, 6), {}),
+    (_FunctionalConsumer, (2, 4, 6, 6), {}),
+    (_ShapeRead, (2, 4, 6, 6), {"bn": "conv"}),
+    # BatchNorm1d on (N, L, F) tokens normalises dim 1 (the tokens), not the Linear's features (dim -1)
+    (lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)), (2, 6, 4), {}),
+])
+def test_fold_batchnorm_only_where_exact(make, shape, folded):
+    """A BN is folded only when it alone consumes every output of its layer, along the layer's channels."""
+    torch.manual_seed(0)
+    model = _randomize_bn(make())
+    x = torch.randn(*shape)
+    ref = model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fold_batchnorm(model, x) == folded
+    assert bool(caught) == (not folded)
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
+
+
 @torch.no_grad()
 def test_fold_batchnorm_quantized_model_matches_unfolded():
     torch.manual_seed(0)

@@ -145,7 +145,8 @@ def allocate_bits(
             _raise_if_infeasible(problem, jointly=True)
         excess = {r: problem.cost_of(r, choice) - b - problem.tolerance(r) for r, b in problem.budgets.items()}
         if all(e <= 0 for e in excess.values()):
-            return {layer: bits[k] for g, bits, k in zip(problem.groups, problem.bits, choice) for layer in g}
+            chosen = {layer: bits[k] for g, bits, k in zip(problem.groups, problem.bits, choice) for layer in g}
+            return {layer: chosen[layer] for layer in sensitivity}
         # The solver's integrality tolerance let a rounded choice overshoot a budget: tighten and re-solve.
         for r, e in excess.items():
             rhs_cut[r] += max(e, 0.0) * 2

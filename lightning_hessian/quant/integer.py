@@ -15,6 +15,10 @@ exit) the model runs integer multiply, add and bit shift only:
   computed once at conversion, vectorised) with a round-half-up shift and a clamp; residual additions
   requantize both inputs to their output scale; average pooling is an integer window sum whose
   ``1/window`` rides in the next dyadic multiplier; ReLU is integer ``max(x, 0)``.
+- every int32 sum is bounded at conversion from the weights and ranges alone (any input): a conv or linear
+  accumulator, or a pooled window, that could pass ``2^31 - 1`` is refused rather than left to wrap.
+
+Convolutions must have ``groups=1`` and ``padding_mode='zeros'`` (others are refused at conversion).
 
 The conversion runs the model once in integer simulation (``set_integer_simulation``) on an example
 input to learn the scale reaching every quantized layer, so it works on any model whose forward code
@@ -25,6 +29,7 @@ The result reproduces the simulation bit for bit.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +95,7 @@ class IntegerAct(nn.Module):
 class _IntegerLayer(nn.Module):
     """Input requantization to int8 GEMM codes, int32 weights-times-codes accumulation, int32 bias."""
 
-    def __init__(self, layer: _QuantLayer, in_scale: Tensor | None, matrix: Tensor):
+    def __init__(self, name: str, layer: _QuantLayer, in_scale: Tensor | None, matrix: Tensor):
         super().__init__()
         _, bias, _ = layer.integer_params()
         qmin, qmax = layer.act.qrange()
@@ -99,7 +104,8 @@ class _IntegerLayer(nn.Module):
         bias = bias + self.offset * matrix.sum(1)
         bound = matrix.abs().sum(1) * max(qmax - self.offset, self.offset - qmin) + bias.abs()
         if bool((bound > INT32_MAX).any()):
-            raise ValueError(f"{type(layer).__name__} accumulator may overflow int32 (bound {int(bound.max())})")
+            raise ValueError(f"layer {name!r}: its int32 accumulator may overflow (|weight codes| x largest input "
+                             f"code + |bias code| reaches {int(bound.max())} > 2^31 - 1)")
         # in_scale None: the input arrives as codes, quantized on entry
         self.requant = None if in_scale is None else Requantizer(in_scale, layer.act.scale(), qmin, qmax, self.offset)
         self.weight_bits = layer.weight_bits
@@ -113,8 +119,8 @@ class _IntegerLayer(nn.Module):
 
 
 class IntegerLinear(_IntegerLayer):
-    def __init__(self, layer: _QuantLayer, in_scale: Tensor | None):
-        super().__init__(layer, in_scale, layer.integer_params()[0])
+    def __init__(self, name: str, layer: _QuantLayer, in_scale: Tensor | None):
+        super().__init__(name, layer, in_scale, layer.integer_params()[0])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._codes(x)
@@ -129,10 +135,10 @@ class IntegerConv(_IntegerLayer):
     weight matrix is laid out as ``(kernel..., in_channels)`` to match): a 20x faster gather than NC-first.
     """
 
-    def __init__(self, layer: _QuantConv, in_scale: Tensor | None):
+    def __init__(self, name: str, layer: _QuantConv, in_scale: Tensor | None):
         codes = layer.integer_params()[0]
         d = codes.dim() - 2
-        super().__init__(layer, in_scale, codes.permute(0, *range(2, 2 + d), 1).reshape(codes.shape[0], -1))
+        super().__init__(name, layer, in_scale, codes.permute(0, *range(2, 2 + d), 1).reshape(codes.shape[0], -1))
         self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
         if layer.padding == "same":
             total = [dil * (k - 1) for dil, k in zip(layer.dilation, layer.kernel_size)]
@@ -172,6 +178,7 @@ class IntegerAvgPool(nn.Module):
     def __init__(self, output_size: tuple[int | None, ...], input_size: tuple[int, ...]):
         super().__init__()
         self.output_size, self.input_size = output_size, input_size
+        self.window = math.prod(s // (s if o is None else o) for o, s in zip(output_size, input_size))
 
     def forward(self, x: Tensor) -> Tensor:
         if tuple(x.shape[2:]) != self.input_size:
@@ -244,7 +251,7 @@ def _trace_inputs(model: nn.Module, example_input: Tensor) -> tuple[dict[str, li
             kinds = []
             for a in args:
                 if isinstance(a, ScaledTensor) and a.quantized:
-                    kinds.append((_static_scale(a.scale, a, name), tuple(a.shape)))
+                    kinds.append((_static_scale(a.scale, a, name), tuple(a.shape), a.bound))
                 else:
                     kinds.append("input" if isinstance(a, ScaledTensor) and a.is_input else "float")
             seen.setdefault(name, []).append(kinds)
@@ -267,7 +274,8 @@ def to_integer_model(model: nn.Module, example_input: Tensor) -> IntegerModel:
     ``example_input`` (a batch like the deployment inputs) is run once in integer simulation to learn the
     scale reaching every quantized layer; its spatial size is fixed into average pools. Raises
     ``ValueError`` naming the layers when BatchNorm is unfolded, layers or ops are left in float, ranges
-    are uncalibrated, or a layer is unreachable from ``example_input``.
+    are uncalibrated, a layer is unreachable from ``example_input``, a conv has ``groups > 1`` or a
+    ``padding_mode`` other than ``'zeros'``, or an int32 accumulator or pooled sum could overflow.
     """
     _check_convertible(model)
     body = set_integer_simulation(copy.deepcopy(model).eval(), True)
@@ -305,16 +313,22 @@ def to_integer_model(model: nn.Module, example_input: Tensor) -> IntegerModel:
     for name, m in modules.items():
         if isinstance(m, _QuantLayer):
             cls = IntegerConv if isinstance(m, _QuantConv) else IntegerLinear
-            _set_module(body, name, cls(m, in_scale(f"{name}.act")))
+            _set_module(body, name, cls(name, m, in_scale(f"{name}.act")))
         elif isinstance(m, QuantAct) and not isinstance(modules[name.rpartition(".")[0]], _QuantLayer):
             scale = in_scale(name)  # a standalone QuantAct (layers' input quantizers are handled above)
             _set_module(body, name, IntegerAct(None if scale is None else Requantizer(scale, m.scale(), *m.qrange())))
         elif isinstance(m, QuantResidualAdd):
-            (scale_a, _), (scale_b, _) = seen[name][0]
+            (scale_a, *_), (scale_b, *_) = seen[name][0]
             qmin, qmax = m.act.qrange()
             _set_module(body, name, IntegerResidualAdd(Requantizer(scale_a, m.act.scale()),
                                                        Requantizer(scale_b, m.act.scale()), qmin, qmax))
         elif isinstance(m, QuantAdaptiveAvgPool):
-            _set_module(body, name, IntegerAvgPool(m.output_size, seen[name][0][0][1][2:]))
+            _, shape, bound = seen[name][0][0]
+            pool = IntegerAvgPool(m.output_size, shape[2:])
+            if pool.window * bound > INT32_MAX:
+                raise ValueError(f"average pool {name!r} sums windows of {pool.window} values of up to {bound} in "
+                                 "magnitude: the sum may overflow int32; requantize its input first (a QuantAct "
+                                 "module in front of the pool) or pool smaller windows")
+            _set_module(body, name, pool)
     entry = modules[entries[0]]
     return IntegerModel(body, entry.scale(), entry.qrange(), _static_scale(out.scale, out, "the output"))

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from lightning_hessian.models import ResidualAdd
 from lightning_hessian.modes import training_mode
@@ -76,16 +78,19 @@ class ScaledTensor(Tensor):
     the values are plain floats: ``is_input`` marks the raw model input (before the first quantizer),
     otherwise a non-integer op touched the tensor. Reshapes and ReLU keep the scale; any other op returns
     a plain tensor, which is how the integer conversion detects float ops between quantized layers.
+    ``bound`` is a static bound on ``|n|`` for any model input (from the ranges and weights, not the data):
+    the integer conversion checks that sums it does in int32 cannot overflow.
     """
 
     scale: Tensor | None
     is_input: bool
+    bound: int | None
 
     @staticmethod
-    def wrap(data: Tensor, scale: Tensor | None, is_input: bool = False) -> ScaledTensor:
+    def wrap(data: Tensor, scale: Tensor | None, is_input: bool = False, bound: int | None = None) -> ScaledTensor:
         with torch._C.DisableTorchFunctionSubclass():
             out = data.as_subclass(ScaledTensor)
-        out.scale, out.is_input = scale, is_input
+        out.scale, out.is_input, out.bound = scale, is_input, bound
         return out
 
     @property
@@ -115,7 +120,7 @@ class ScaledTensor(Tensor):
         if func in _MOVE_SCALE and scale is not None and scale.numel() > 1:
             full = scale.expand(src.shape).contiguous()
             scale = func(full, *args[1:], **kwargs) if args else func(**{**kwargs, "input": full})
-        return ScaledTensor.wrap(out, scale, src.is_input)
+        return ScaledTensor.wrap(out, scale, src.is_input, src.bound)
 
 
 def _is_quantized(x: Tensor) -> bool:
@@ -149,7 +154,7 @@ class QuantAct(ActivationQuantizer):
             n = requantize(x.integers(), *dyadic(x.scale / scale), qmin, qmax)
         else:
             n = quantize(x.double(), scale, qmin, qmax)
-        return ScaledTensor.wrap(n.double() * scale, scale)
+        return ScaledTensor.wrap(n.double() * scale, scale, bound=max(-qmin, qmax))
 
 
 class _QuantLayer:
@@ -187,7 +192,8 @@ class _QuantLayer:
             codes, bias, acc_scale = self.integer_params()
             acc = self._layer_op(x.integers().double(), codes.double(), None if bias is None else bias.double())
             scale = self._channel_scale(acc_scale, acc)
-            return ScaledTensor.wrap(acc * scale, scale)
+            bound = codes.abs().flatten(1).sum(1) * x.bound + (0 if bias is None else bias.abs())
+            return ScaledTensor.wrap(acc * scale, scale, bound=int(bound.max()))
         scale = weight_scale(self.weight, self.weight_bits)  # once, for the weight and the bias grid
         weight = quantize_weight(self.weight, self.weight_bits, scale)
         bias = self.bias
@@ -274,7 +280,7 @@ class QuantResidualAdd(nn.Module):
         scale = self.act.scale().double()
         qmin, qmax = self.act.qrange()
         n = sum(requantize(t.integers(), *dyadic(t.scale / scale)) for t in (a, b)).clamp(qmin, qmax)
-        return ScaledTensor.wrap(n.double() * scale, scale)
+        return ScaledTensor.wrap(n.double() * scale, scale, bound=max(-qmin, qmax))
 
 
 def window_sum(x: Tensor, output_size: tuple[int | None, ...]) -> Tensor:
@@ -317,8 +323,8 @@ class QuantAdaptiveAvgPool(nn.Module):
         if x.scale.dim() > self.dims and any(d != 1 for d in x.scale.shape[-self.dims:]):
             raise RuntimeError("integer average pooling needs a per-tensor or per-channel input scale")
         summed = window_sum(x.integers(), self.output_size)
-        scale = x.scale / (x.shape[2:].numel() // summed.shape[2:].numel())
-        return ScaledTensor.wrap(summed.double() * scale, scale)
+        window = x.shape[2:].numel() // summed.shape[2:].numel()
+        return ScaledTensor.wrap(summed.double() * (x.scale / window), x.scale / window, bound=window * x.bound)
 
     def extra_repr(self) -> str:
         return f"output_size={self.output_size}"
@@ -502,41 +508,76 @@ def calibrate(
     return model
 
 
+class _UseCounter(TorchFunctionMode):
+    """Counts the uses of recorded layer outputs: by leaf modules (pre-hooks) and by functional code.
+
+    Ops inside a leaf module's (or quantized layer's) forward belong to it; any other op that takes a recorded output
+    and returns a tensor (``y + z``, ``y.view(...)``; not ``y.shape``) is one more, functional, consumer.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.depth = 0  # > 0 while a leaf module or a quantized layer runs
+        self.producer: dict[int, str] = {}  # id(output) -> layer name
+        self.users: dict[int, list[str]] = {}  # id(output) -> consumers, one entry per use
+        self.keep: list[Tensor] = []  # hold the outputs so their ids stay unique
+
+    def use(self, consumer: str, args: Any) -> None:
+        for a in tree_leaves(args):
+            if isinstance(a, Tensor) and id(a) in self.producer:
+                self.users[id(a)].append(consumer)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.depth and any(isinstance(o, Tensor) for o in tree_leaves(out)):
+            self.use("<functional>", (args, kwargs))
+        return out
+
+
 def _conv_bn_pairs(model: nn.Module, example_input: Tensor) -> dict[str, str]:
-    """BatchNorm name -> name of the conv/linear whose output it (alone among modules) consumes."""
-    producers, consumers, pairs = {}, {}, {}
-    keep = []  # hold traced tensors so their ids stay unique
+    """BatchNorm name -> the conv/linear whose every output it alone consumes, normalising its channel axis."""
+    counter, bn_inputs = _UseCounter(), {}
 
     def pre_hook(name):
-        def hook(module, args):
-            for a in args:
-                if isinstance(a, Tensor):
-                    keep.append(a)
-                    consumers[id(a)] = consumers.get(id(a), 0) + 1
-                    if isinstance(module, _BATCHNORMS) and id(a) in producers:
-                        pairs[name] = producers[id(a)]
+        def hook(module, args, kwargs):
+            if not counter.depth:  # a module inside a quantized layer belongs to the layer
+                counter.use(name, (args, kwargs))
+            if isinstance(module, _BATCHNORMS):
+                bn_inputs.setdefault(name, []).append(counter.producer.get(id(args[0]) if args else None))
+            counter.depth += 1
         return hook
 
-    def out_hook(name):
+    def post_hook(name):
         def hook(module, args, out):
-            keep.append(out)
-            producers[id(out)] = name
+            counter.depth -= 1
+            # the channel axis is dim 1: a batched conv output, or a Linear output of shape (N, features)
+            if isinstance(module, tuple(_SWAP)) and out.dim() == (2 if isinstance(module, nn.Linear) else
+                                                                  module.weight.dim()):
+                counter.keep.append(out)
+                counter.producer[id(out)], counter.users[id(out)] = name, []
         return hook
 
     handles = []
     for name, m in model.named_modules():
-        if not list(m.children()):
-            handles.append(m.register_forward_pre_hook(pre_hook(name)))
-        if isinstance(m, tuple(_SWAP)):
-            handles.append(m.register_forward_hook(out_hook(name)))
+        if not list(m.children()) or isinstance(m, tuple(_SWAP)):
+            handles.append(m.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+            handles.append(m.register_forward_hook(post_hook(name), always_call=True))
     try:
-        with training_mode(model, False), torch.no_grad():
+        with training_mode(model, False), torch.no_grad(), counter:
             model(example_input)
     finally:
         for h in handles:
             h.remove()
-    out_ids = {producer: i for i, producer in producers.items()}
-    return {bn: conv for bn, conv in pairs.items() if consumers[out_ids[conv]] == 1}
+    outputs: dict[str, list[list[str]]] = {}
+    for i, layer in counter.producer.items():
+        outputs.setdefault(layer, []).append(counter.users[i])
+    pairs = {}
+    for bn, producers in bn_inputs.items():
+        layer = producers[0]
+        if layer is not None and all(users == [bn] for users in outputs[layer]) \
+                and len(outputs[layer]) == len(producers):
+            pairs[bn] = layer
+    return pairs
 
 
 @torch.no_grad()
@@ -565,10 +606,11 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor) -> dict[str, str]:
     """Fold each BatchNorm's frozen statistics into the conv/linear feeding it; replace it by ``nn.Identity``.
 
     Works on float and quantized models, in place. The pairs are found by running ``example_input``
-    once (eval mode, no state changed): a BatchNorm is folded when its input is the output of a
-    Conv1d/Conv2d/Linear that no other module consumes. Create optimizers after folding (a bias-free
-    conv gains a new bias parameter). Returns ``{batchnorm name: layer name}``; BatchNorms that could
-    not be folded are warned about.
+    once (eval mode, no state changed): a BatchNorm is folded when it alone consumes every output of a
+    Conv1d/Conv2d/Linear (no other module or functional op reads it, no other call of the layer goes
+    elsewhere) and normalises the layer's channels (a Linear output of shape ``(N, features)``).
+    Create optimizers after folding (a bias-free conv gains a new bias parameter). Returns
+    ``{batchnorm name: layer name}``; BatchNorms that could not be folded are warned about.
     """
     pairs = _conv_bn_pairs(model, example_input)
     modules = dict(model.named_modules())
@@ -577,6 +619,7 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor) -> dict[str, str]:
         _set_module(model, bn_name, nn.Identity())
     left = [n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
     if left:
-        warnings.warn(f"fold_batchnorm: BatchNorm layers {left} do not directly follow a conv/linear layer and "
-                      "stay unfolded (they block integer-only conversion)", UserWarning, stacklevel=2)
+        warnings.warn(f"fold_batchnorm: BatchNorm layers {left} are not the only consumer of a conv/linear "
+                      "layer's outputs along its channels and stay unfolded (they block integer-only conversion)",
+                      UserWarning, stacklevel=2)
     return pairs
