@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 
 def check_positive_int(value: object, name: str) -> int:
     """Return ``value`` unless it is not a positive ``int``; then a ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_number(value: object, name: str, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False) -> float:
+    """``value`` as a float unless it is not a finite real number in ``[low, high]`` (``(low, high]`` with
+    ``low_open``); then a ``ValueError`` naming ``name``."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (low < value if low_open else low <= value) and value <= high):
+        raise ValueError(f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}"
+                         f"{')' if math.isinf(high) else ']'}, got {value!r}")
+    return float(value)

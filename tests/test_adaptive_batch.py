@@ -24,10 +24,10 @@ class Data(pl.LightningDataModule):
 
 
 class Module(pl.LightningModule):
-    def __init__(self, milestones=None):
+    def __init__(self, milestones=None, scheduler=None):
         super().__init__()
         self.net = nn.Linear(5, 2)
-        self.milestones = milestones
+        self.milestones, self.scheduler = milestones, scheduler  # scheduler: optimizer -> lr_scheduler config
         self.seen = []  # (epoch, batch rows, lr) per training step
 
     def forward(self, x):
@@ -40,6 +40,8 @@ class Module(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        if self.scheduler is not None:
+            return {"optimizer": opt, "lr_scheduler": self.scheduler(opt)}
         if not self.milestones:
             return opt
         return [opt], [torch.optim.lr_scheduler.MultiStepLR(opt, self.milestones, gamma=0.5)]
@@ -51,11 +53,13 @@ def scripted_eigenvalues(monkeypatch):
                         lambda self, trainer, module: EIGS[trainer.current_epoch])
 
 
-def fit(callback, epochs=9, batch_size=8, milestones=None, ckpt_path=None, extra=(), root=None):
+def fit(callback, epochs=9, batch_size=8, milestones=None, ckpt_path=None, extra=(), root=None, scheduler=None,
+        **trainer_kwargs):
     pl.seed_everything(0)
-    module, data = Module(milestones), Data(batch_size)
+    module, data = Module(milestones, scheduler), Data(batch_size)
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[callback, *extra], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=bool(extra), default_root_dir=root)
+                         enable_model_summary=False, enable_checkpointing=bool(extra), default_root_dir=root,
+                         **trainer_kwargs)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, trainer
 
@@ -125,7 +129,12 @@ def test_resume_mid_schedule_equals_uninterrupted(mode, scripted_eigenvalues, tm
     "kwargs, match",
     [({"max_batch_size": 64, "factor": 1.5}, "factor"), ({"max_batch_size": 0}, "max_batch_size"),
      ({"max_batch_size": 64, "schedule": "xyz"}, "schedule"), ({"max_batch_size": 64, "mode": "x"}, "mode"),
-     ({"max_batch_size": 64, "adversarial_fraction": 1.5}, "adversarial_fraction")],
+     ({"max_batch_size": 64, "adversarial_fraction": 1.5}, "adversarial_fraction"),
+     ({"max_batch_size": 64, "adversarial_fraction": None}, "adversarial_fraction"),
+     ({"max_batch_size": 64, "decay_ratio": "2"}, "decay_ratio"),
+     ({"max_batch_size": 64, "warmup_epochs": float("nan")}, "warmup_epochs"),
+     ({"max_batch_size": 64, "fb_warmup_epochs": float("nan")}, "fb_warmup_epochs"),
+     ({"max_batch_size": 64, "warmup_epochs": "1"}, "warmup_epochs")],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -192,3 +201,130 @@ def test_dataloader_mode_fails_when_the_loader_does_not_read_the_batch_size(scri
                          logger=False, enable_progress_bar=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match=r"HparamsModule.hparams.batch_size \(now 16\).*DataLoader has batch_size=8"):
         trainer.fit(module, DataLoader(Data(8).data, batch_size=8))
+
+
+def _epoch_lrs(module):
+    """The LR of each epoch's first step."""
+    lrs = {}
+    for epoch, _, lr in module.seen:
+        lrs.setdefault(epoch, lr)
+    return [lrs[e] for e in sorted(lrs)]
+
+
+@pytest.mark.parametrize("mode", ["dataloader", "accumulate"])
+def test_resume_from_a_mid_epoch_checkpoint(mode, scripted_eigenvalues, tmp_path):
+    def run(ckpt=None):
+        cb = AdaptiveBatchSizeCallback(max_batch_size=64, duration=3, mode=mode, probe_size=16, plot=False)
+        # step 52: epoch 3, the first at batch 16 (16 + 16 + 16 steps at batch 8, then 8 per epoch), 4 steps in
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=52,
+                                                  save_top_k=-1)
+        _, trainer = fit(cb, ckpt_path=ckpt, extra=[checkpoint])
+        return cb, trainer
+
+    full_cb, full_trainer = run()
+    cb, trainer = run(ckpt=str(tmp_path / "step=52.ckpt"))
+    assert cb.history == full_cb.history
+    assert trainer.global_step == full_trainer.global_step
+
+
+def test_fb_warmup_keeps_the_scheduler_decays():
+    """The warmup scales only the LR the optimizer steps with: the scheduler's own decays go on underneath."""
+    def step_lr(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    plain, _ = fit(AdaptiveBatchSizeCallback(max_batch_size=64, schedule="fb", fb_warmup_epochs=0), epochs=4,
+                   scheduler=step_lr)
+    warmed, _ = fit(AdaptiveBatchSizeCallback(max_batch_size=64, schedule="fb", fb_warmup_epochs=2), epochs=4,
+                    scheduler=step_lr)
+    assert _epoch_lrs(plain) == pytest.approx([0.8, 0.4, 0.2, 0.1])
+    assert _epoch_lrs(warmed) == pytest.approx([0.1, 0.4 * (1 / 8 + 7 / 8 / 2), 0.2, 0.1])
+
+
+SCHEDULERS = {  # each keeps its own copy of the LR's scale: base_lrs of nested schedulers, group max_lr, ...
+    "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7),
+    "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.9**e),
+    "sequential": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt, [torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=2),
+              torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8)], milestones=[4]),
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=7, pct_start=0.5,
+                                                                cycle_momentum=False),
+    "cyclic": lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=2,
+                                                            cycle_momentum=False),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_growth_scales_the_lr_under_any_scheduler(name, monkeypatch):
+    """After a growth by 2 at the end of epoch 2 every later epoch's LR is twice the run without ABS."""
+    monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue", lambda self, trainer, module: 10.0)
+    plain, _ = fit(AdaptiveBatchSizeCallback(max_batch_size=8, schedule="bl"), epochs=6, scheduler=SCHEDULERS[name])
+    grown, _ = fit(AdaptiveBatchSizeCallback(max_batch_size=16, duration=2, probe_size=16, plot=False), epochs=6,
+                   scheduler=SCHEDULERS[name])
+    ratio = [b / a for a, b in zip(_epoch_lrs(plain), _epoch_lrs(grown))]
+    assert ratio == pytest.approx([1, 1, 1, 2, 2, 2])
+
+
+def test_gg_follows_plateau_and_closed_form_schedulers():
+    class Plateau(Module):
+        def training_step(self, batch, batch_idx):
+            self.log("flat", 1.0, on_step=False, on_epoch=True)  # never improves: the LR halves every epoch
+            return super().training_step(batch, batch_idx)
+
+    def plateau(opt):
+        return {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0),
+                "monitor": "flat"}
+
+    pl.seed_everything(0)
+    module = Plateau(scheduler=plateau)
+    cb = AdaptiveBatchSizeCallback(max_batch_size=32, schedule="gg", mode="accumulate", plot=False)
+    pl.Trainer(max_epochs=5, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False).fit(module, datamodule=Data(8))
+    # Lightning steps the plateau scheduler after the epoch's callbacks: its decay is undone before the next
+    # epoch's first step, and the batch grows in its place until the cap (then the LR decays as scheduled)
+    assert [h["batch_size"] for h in cb.history] == [8, 8, 16, 32, 32]
+    assert _epoch_lrs(module) == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05])
+
+    lam, _ = fit(AdaptiveBatchSizeCallback(max_batch_size=64, schedule="gg"), epochs=5,
+                 scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 if e >= 2 else 1.0))
+    assert _epoch_lrs(lam) == pytest.approx([0.1] * 5)
+    assert sorted({n for _, n, _ in lam.seen}) == [8, 16]  # grown once, where the lambda halves the LR
+
+
+def test_gg_grows_by_powers_of_factor():
+    cb = AdaptiveBatchSizeCallback(max_batch_size=128, schedule="gg")
+    module, _ = fit(cb, epochs=4, scheduler=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, [1], gamma=0.1))
+    assert [h["batch_size"] for h in cb.history] == [64, 64, 64, 64]  # a 10x decay: 2^3 = 8x the batch
+    assert _epoch_lrs(module) == pytest.approx([0.1, 0.08, 0.08, 0.08])  # the LR keeps the remaining 10 / 8
+
+
+def test_absa_second_half_by_steps(monkeypatch):
+    """ABSA drops the adversarial share in the second half of training, counted in steps under max_steps."""
+    monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue", lambda self, trainer, module: 10.0)  # no growth
+    fractions = []
+    for limit in ({"epochs": 10}, {"epochs": None, "max_steps": 160}):  # 16 steps per epoch: the same 10 epochs
+        cb = AdaptiveBatchSizeCallback(max_batch_size=16, duration=100, adversarial=True, probe_size=16, plot=False)
+        fit(cb, **limit)
+        fractions.append([h["adversarial_fraction"] for h in cb.history])
+    assert fractions == [[0.2] * 4 + [0.0] * 6] * 2
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(N):
+            x = torch.randn(5, generator=g)
+            yield x, int(x.sum() > 0)
+
+
+@pytest.mark.parametrize("schedule", ["bl", "abs"])
+def test_iterable_datasets(schedule):
+    module = Module()
+    cb = AdaptiveBatchSizeCallback(max_batch_size=64, schedule=schedule, mode="accumulate", plot=False)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False)
+    if schedule == "bl":
+        trainer.fit(module, DataLoader(Stream(), batch_size=8))
+        assert trainer.global_step == N // 8
+    else:
+        with pytest.raises(TypeError, match="iterable-style dataset.*probe_data"):
+            trainer.fit(module, DataLoader(Stream(), batch_size=8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_hessian.callbacks.probe import LossFn
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
-from lightning_hessian.checks import check_positive_int
+from lightning_hessian.checks import check_number, check_positive_int
 
 SCHEDULES = ("abs", "fb", "gg", "bl")
 MODES = ("dataloader", "accumulate")
@@ -26,8 +27,10 @@ class AdaptiveBatchSizeCallback(Callback):
     fixed probe set. The first epoch's value is the reference; when the eigenvalue has fallen to
     ``reference / decay_ratio`` the global batch grows by ``factor`` and the reference is reset; after
     ``duration`` epochs without growth it grows anyway. The learning rate is multiplied by the same factor
-    (in the optimizer and the schedulers' base LRs, optionally warmed up over ``warmup_epochs``); the
-    user's own scheduler still applies on top. Growth stops at ``max_batch_size``, and probing with it.
+    (optionally warmed up over ``warmup_epochs``) wherever the optimizer and its schedulers keep it (group
+    ``lr``/``initial_lr``/``max_lr``/``min_lr``, ``base_lrs`` and ``max_lrs``, nested schedulers too), so
+    the user's own scheduler still applies on top. Growth stops at ``max_batch_size``, and probing with it.
+    The probe set is ``probe_size`` training samples (a map-style dataset), or the given ``probe_data``.
     With ``adversarial=True`` (ABSA) an ``AdversarialAugmentCallback`` replaces a fraction of every batch
     (``adversarial_fraction``, halved at each growth, 0 at the cap and in the second half of training):
     the one in the Trainer's callbacks if there is one (choose attack and ``eps`` there), else FGSM at its
@@ -35,7 +38,11 @@ class AdaptiveBatchSizeCallback(Callback):
 
     Baselines in the same callback: ``"fb"`` trains at ``max_batch_size`` from the start with the LR scaled
     linearly and a ``fb_warmup_epochs`` warmup (Goyal et al.); ``"gg"`` multiplies the batch instead of
-    decaying the LR wherever the scheduler decays it (Smith et al.); ``"bl"`` changes nothing.
+    decaying the LR wherever the scheduler decays it (Smith et al.), by the power of ``factor`` nearest the
+    decay (the LR keeps the rest); ``"bl"`` changes nothing. Warmups scale only the LR the optimizer steps
+    with: the schedulers never see it. A ``ReduceLROnPlateau`` decay, which Lightning applies after the
+    epoch's callbacks, is undone before the next epoch's first step; in ``mode="dataloader"`` its larger
+    batch then arrives an epoch later.
 
     ``mode="dataloader"`` changes the per-device ``batch_size`` of the datamodule (or module) and reloads
     the train dataloader; ``mode="accumulate"`` raises ``trainer.accumulate_grad_batches``. Either way the
@@ -63,6 +70,7 @@ class AdaptiveBatchSizeCallback(Callback):
         adversarial_fraction: float = 0.2,
         probe_size: int | None = None,
         probe_batch_size: int = 1024,
+        probe_data: Iterable[Any] | None = None,
         seed: int = 0,
         loss_fn: LossFn | None = None,
         eig_tol: float = 1e-3,
@@ -73,15 +81,13 @@ class AdaptiveBatchSizeCallback(Callback):
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
             raise ValueError(f"factor must be an integer >= 2 (batch sizes stay whole), got {factor!r}")
-        if not decay_ratio > 1:
-            raise ValueError(f"decay_ratio must be > 1, got {decay_ratio!r}")
+        decay_ratio = check_number(decay_ratio, "decay_ratio", 1, low_open=True)
         check_positive_int(duration, "duration")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not 0 <= adversarial_fraction <= 1:
-            raise ValueError(f"adversarial_fraction must be in [0, 1], got {adversarial_fraction!r}")
-        if warmup_epochs < 0 or fb_warmup_epochs < 0:
-            raise ValueError("warmup_epochs and fb_warmup_epochs must be >= 0")
+        adversarial_fraction = check_number(adversarial_fraction, "adversarial_fraction", 0, 1)
+        warmup_epochs = check_number(warmup_epochs, "warmup_epochs", 0)
+        fb_warmup_epochs = check_number(fb_warmup_epochs, "fb_warmup_epochs", 0)
         if adversarial and schedule != "abs":
             raise ValueError("adversarial=True (ABSA) goes with schedule='abs'")
         self.max_batch_size, self.schedule, self.factor = max_batch_size, schedule, factor
@@ -90,8 +96,8 @@ class AdaptiveBatchSizeCallback(Callback):
         self.adversarial = adversarial
         self.plot = plot
         self._probe = HessianSpectrumCallback(
-            top_k=1, trace=False, probe_size=probe_size, probe_batch_size=probe_batch_size, seed=seed,
-            loss_fn=loss_fn, eig_tol=eig_tol, plot=False,
+            top_k=1, trace=False, probe_size=probe_size, probe_batch_size=probe_batch_size, probe_data=probe_data,
+            seed=seed, loss_fn=loss_fn, eig_tol=eig_tol, plot=False,
         )
         # schedule state (all of it in state_dict)
         self.base_batch_size: int | None = None
@@ -103,8 +109,11 @@ class AdaptiveBatchSizeCallback(Callback):
         self.probe_seconds = 0.0
         self.history: list[dict[str, Any]] = []
         self._adversary: Any = None
-        self._epoch_start_lrs: list[float] = []
-        self._group_lrs: list[float] = []
+        self._epoch_start_lrs: list[float] = []  # for the history
+        self._decision_lrs: list[float] = []  # the LRs after the last gg decision: a drop since is a decay
+        self._warm_ratio: float | None = None  # the warmup's LR multiplier for this batch's optimizer step
+        self._group_lrs: list[float] = []  # the LRs the warmup scaled, put back after the step
+        self._hooks: list[Any] = []
         self._reloaded = False  # a batch-size change awaits the next epoch's dataloader
 
     @property
@@ -145,7 +154,8 @@ class AdaptiveBatchSizeCallback(Callback):
                                "from_ratio": current / self.batch_size}
         else:
             self._realise(trainer, pl_module, self.batch_size // self.base_batch_size)
-        dataset_size = len(trainer.train_dataloader.dataset) if trainer.train_dataloader is not None else None
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        dataset_size = len(dataset) if isinstance(dataset, Sized) else None
         if dataset_size is not None and self._largest_reachable() > dataset_size:
             raise ValueError(
                 f"max_batch_size={self.max_batch_size} exceeds the {dataset_size} training samples: lower "
@@ -155,27 +165,38 @@ class AdaptiveBatchSizeCallback(Callback):
             self._probe.on_train_start(trainer, pl_module)
         if self._adversary is not None:
             self._adversary.fraction = self.adversarial_fraction
+        optimizer = trainer.optimizers[0]
+        self._epoch_start_lrs = self._decision_lrs = [g["lr"] for g in optimizer.param_groups]
+        self._hooks = [optimizer.register_step_pre_hook(self._warm), optimizer.register_step_post_hook(self._unwarm)]
 
-    # ---- per batch: LR warmup ---------------------------------------------------------------------------
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # ---- per batch: LR warmup, inside the optimizer step (schedulers only ever see the full LR) ---------
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._warm_ratio = None
         if not self.warmup:
             return
         progress = trainer.current_epoch + idx / max(trainer.num_training_batches, 1) - self.warmup["start_epoch"]
         if progress >= self.warmup["epochs"]:
             self.warmup = None
             return
-        ratio = self.warmup["from_ratio"] + (1 - self.warmup["from_ratio"]) * progress / self.warmup["epochs"]
-        groups = trainer.optimizers[0].param_groups
-        self._group_lrs = [g["lr"] for g in groups]
-        for g in groups:
-            g["lr"] *= ratio
+        start = self.warmup["from_ratio"]
+        self._warm_ratio = start + (1 - start) * progress / self.warmup["epochs"]
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self._group_lrs:  # schedulers only ever see the full (un-warmed) LR
-            for g, lr in zip(trainer.optimizers[0].param_groups, self._group_lrs):
-                g["lr"] = lr
-            self._group_lrs = []
+    def _warm(self, optimizer: Any, *args: Any) -> None:
+        if self._warm_ratio is not None:
+            self._group_lrs = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] *= self._warm_ratio
+
+    def _unwarm(self, optimizer: Any, *args: Any) -> None:
+        for g, lr in zip(optimizer.param_groups, self._group_lrs):
+            g["lr"] = lr
+        self._group_lrs = []
 
     # ---- per epoch: the schedule -------------------------------------------------------------------------
 
@@ -183,6 +204,8 @@ class AdaptiveBatchSizeCallback(Callback):
         if self._reloaded:  # the loader was just rebuilt for a new batch size: it must have taken it
             self._reloaded = False
             self._check_loader_reads(trainer, pl_module)
+        if self.schedule == "gg":  # a plateau scheduler's decay, applied after the last epoch's callbacks
+            self._apply_gg(trainer, pl_module)
         self._epoch_start_lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -192,11 +215,9 @@ class AdaptiveBatchSizeCallback(Callback):
             eigenvalue = self._top_eigenvalue(trainer, pl_module)
             self.probe_seconds += time.perf_counter() - start
             growth = self._abs_decision(eigenvalue) if eigenvalue is not None else 1  # failed probe: keep
+            growth = self._grow(trainer, pl_module, trainer.strategy.broadcast(growth, src=0))
         elif self.schedule == "gg":
-            growth = self._gg_decision(trainer)
-        growth = trainer.strategy.broadcast(growth, src=0)
-        if growth > 1:
-            self._grow(trainer, pl_module, growth)
+            growth = self._apply_gg(trainer, pl_module)
         if self.adversarial:
             self._update_adversarial_fraction(trainer, grew=growth > 1)
         record = {"epoch": trainer.current_epoch, "batch_size": self.batch_size, "lr": self._epoch_start_lrs[0],
@@ -227,16 +248,15 @@ class AdaptiveBatchSizeCallback(Callback):
         self.epochs_since_growth += 1
         return self.factor if self.epochs_since_growth >= self.duration else 1
 
-    def _gg_decision(self, trainer: pl.Trainer) -> int:
-        """Where the scheduler decayed the LR by ``f``, undo the decay and grow the batch by ``f`` instead."""
-        groups = trainer.optimizers[0].param_groups
-        decay = self._epoch_start_lrs[0] / groups[0]["lr"] if groups[0]["lr"] > 0 else 1.0
-        if decay < 1.5 or self._capped():
-            return 1
-        growth = min(round(decay), self._largest_reachable() // self.batch_size)
-        if growth > 1:
-            for g in groups:
-                g["lr"] *= growth
+    def _apply_gg(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """Where the scheduler decayed the LR by ``d`` since the last decision, grow the batch by the power of
+        ``factor`` nearest ``d`` (within the cap) and undo that much of the decay."""
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        decay = self._decision_lrs[0] / lr if lr > 0 else 1.0
+        steps = round(math.log(decay, self.factor)) if decay > 1 else 0
+        growth = self.factor**steps if steps >= 1 and not self._capped() else 1
+        growth = self._grow(trainer, pl_module, trainer.strategy.broadcast(growth, src=0))
+        self._decision_lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
         return growth
 
     def _top_eigenvalue(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
@@ -250,24 +270,36 @@ class AdaptiveBatchSizeCallback(Callback):
     def _update_adversarial_fraction(self, trainer: pl.Trainer, grew: bool) -> None:
         if grew:
             self.adversarial_fraction /= 2
-        if self._capped() or trainer.current_epoch + 1 >= (trainer.max_epochs or 0) / 2:
+        if self._capped() or self._past_half(trainer):
             self.adversarial_fraction = 0.0
         self._adversary.fraction = self.adversarial_fraction
 
+    @staticmethod
+    def _past_half(trainer: pl.Trainer) -> bool:
+        """Whether training is half done at this epoch's end, by ``max_epochs`` or ``max_steps`` (whichever ends
+        it first; never for an unbounded run)."""
+        done = []
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            done.append((trainer.current_epoch + 1) / trainer.max_epochs)
+        if trainer.max_steps > 0:
+            done.append(trainer.global_step / trainer.max_steps)
+        return bool(done) and max(done) >= 0.5
+
     # ---- realising a batch size --------------------------------------------------------------------------
 
-    def _grow(self, trainer: pl.Trainer, pl_module: pl.LightningModule, growth: int) -> None:
+    def _grow(self, trainer: pl.Trainer, pl_module: pl.LightningModule, growth: int) -> int:
+        """Grow the batch and scale the LR by ``growth`` (capped); return the growth made."""
         growth = min(growth, self._largest_reachable() // self.batch_size)
         if growth <= 1:
-            return
+            return 1
         self.batch_size *= growth
         self.epochs_since_growth = 0
         self._realise(trainer, pl_module, growth)
-        if self.schedule != "gg":
-            self._scale_lr(trainer, growth)
-            if self.warmup_epochs > 0:
-                self.warmup = {"start_epoch": trainer.current_epoch + 1.0, "epochs": self.warmup_epochs,
-                               "from_ratio": 1 / growth}
+        self._scale_lr(trainer, growth)  # gg: undoes the scheduler's decay
+        if self.schedule != "gg" and self.warmup_epochs > 0:
+            self.warmup = {"start_epoch": trainer.current_epoch + 1.0, "epochs": self.warmup_epochs,
+                           "from_ratio": 1 / growth}
+        return growth
 
     def _realise(self, trainer: pl.Trainer, pl_module: pl.LightningModule, growth: int) -> None:
         """Make the per-device batch (or the accumulation) ``growth`` times larger from the next epoch on."""
@@ -281,17 +313,24 @@ class AdaptiveBatchSizeCallback(Callback):
             trainer.fit_loop._last_train_dl_reload_epoch = float("-inf")
             self._reloaded = True
 
-    def _scale_lr(self, trainer: pl.Trainer, growth: float) -> None:
-        for g in trainer.optimizers[0].param_groups:
-            g["lr"] *= growth
-            if "initial_lr" in g:
-                g["initial_lr"] *= growth
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [lr * growth for lr in scheduler.base_lrs]
+    @staticmethod
+    def _scale_lr(trainer: pl.Trainer, growth: float) -> None:
+        """Multiply the LR wherever it is kept: the groups (OneCycleLR keeps its range there), the schedulers'
+        base (and CyclicLR's max) LRs, and those of schedulers nested in SequentialLR / ChainedScheduler."""
+        groups = trainer.optimizers[0].param_groups
+        for g in groups:
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if key in g:
+                    g[key] *= growth
+        pending = [config.scheduler for config in trainer.lr_scheduler_configs]
+        while pending:
+            scheduler = pending.pop()
+            pending.extend(getattr(scheduler, "_schedulers", []))
+            for attr in ("base_lrs", "max_lrs"):
+                if hasattr(scheduler, attr):
+                    setattr(scheduler, attr, [lr * growth for lr in getattr(scheduler, attr)])
             if hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr = [g["lr"] for g in trainer.optimizers[0].param_groups]
+                scheduler._last_lr = [g["lr"] for g in groups]
 
     def _largest_reachable(self) -> int:
         size = self.base_batch_size

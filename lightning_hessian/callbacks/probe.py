@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from typing import Any
 
 import lightning.pytorch as pl
@@ -92,4 +92,7 @@ def train_dataset_of(trainer: pl.Trainer) -> tuple[Dataset, Callable | None]:
         loader = next(iter(loader.values()))
     if not isinstance(loader, DataLoader):
         raise TypeError(f"cannot draw a probe set from a {type(loader).__name__}; pass probe batches explicitly")
+    if not isinstance(loader.dataset, Sized):
+        raise TypeError(f"cannot draw probe samples from an iterable-style dataset ({type(loader.dataset).__name__} "
+                        "has no len()); pass probe batches explicitly (probe_data=...)")
     return loader.dataset, loader.collate_fn
