@@ -14,11 +14,12 @@ def check_positive_int(value: object, name: str) -> int:
 
 
 def check_number(value: object, name: str, low: float = -math.inf, high: float = math.inf,
-                 low_open: bool = False) -> float:
-    """``value`` as a float unless it is not a finite real number in ``[low, high]`` (``(low, high]`` with
-    ``low_open``); then a ``ValueError`` naming ``name``."""
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float unless it is not a finite real number in ``[low, high]`` (an end excluded with
+    ``low_open`` / ``high_open``); then a ``ValueError`` naming ``name``."""
+    high_open = high_open or math.isinf(high)
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not (ok and (low < value if low_open else low <= value) and value <= high):
+    if not (ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
         raise ValueError(f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}"
-                         f"{')' if math.isinf(high) else ']'}, got {value!r}")
+                         f"{')' if high_open else ']'}, got {value!r}")
     return float(value)

@@ -141,6 +141,7 @@ def test_failed_probe_warns_and_training_goes_on():
     [({"top_k": 0}, "top_k"), ({"every_n_steps": -1}, "every_n_steps"), ({"mode": "test"}, "mode"),
      ({"trace_rel_tol": 2.0}, "trace_rel_tol"), ({"trace_method": "exact"}, "trace_method"),
      ({"max_overhead": 0}, "max_overhead"), ({"krylov_steps": 0}, "krylov_steps"), ({"eig_tol": 0.0}, "eig_tol"),
+     ({"eig_tol": "1e-3"}, "eig_tol"), ({"trace_rel_tol": float("nan")}, "trace_rel_tol"),
      ({"probe_data": []}, "probe_data holds no batches")],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

@@ -22,7 +22,7 @@ from lightning_hessian.callbacks.probe import (
     resolve_loss_fn,
     train_dataset_of,
 )
-from lightning_hessian.checks import check_positive_int
+from lightning_hessian.checks import check_number, check_positive_int
 from lightning_hessian.hessian import (
     Batches,
     HessianOperator,
@@ -109,12 +109,10 @@ class HessianSpectrumCallback(Callback):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         if trace_method not in TRACE_METHODS:
             raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}")
-        if max_overhead is not None and not 0 < max_overhead:
-            raise ValueError(f"max_overhead must be a fraction > 0 of the training time, or None; got {max_overhead!r}")
-        if not 0 < trace_rel_tol < 1:
-            raise ValueError(f"trace_rel_tol must be in (0, 1), got {trace_rel_tol!r}")
-        if not eig_tol > 0:
-            raise ValueError(f"eig_tol must be > 0 (the eigenvalues' relative residual target), got {eig_tol!r}")
+        if max_overhead is not None:  # a fraction of the training time
+            check_number(max_overhead, "max_overhead", 0, low_open=True)
+        check_number(trace_rel_tol, "trace_rel_tol", 0, 1, low_open=True, high_open=True)
+        check_number(eig_tol, "eig_tol", 0, low_open=True)  # the eigenvalues' relative residual target
         if probe_data is not None:
             probe_data = list(probe_data)
             if not probe_data:
