@@ -461,3 +461,21 @@ def test_lightning_gradient_accumulation_equals_one_step_on_the_union() -> None:
     for p, q in zip(module.net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert (ref[0].weight - net()[0].weight).abs().max() > 1e-2
+
+
+def test_frozen_parameter_with_a_leftover_grad_is_skipped() -> None:
+    """A layer frozen mid-training keeps its zeroed ``.grad`` (``set_to_none=False``); the step leaves it alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = AdaHessian(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    F.cross_entropy(model(x), y).backward(create_graph=True)
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    model[0].requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    trained = [p.detach().clone() for p in model[2].parameters()]
+    F.cross_entropy(model(x), y).backward(create_graph=True)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), frozen))
+    assert not any(torch.equal(p, q) for p, q in zip(model[2].parameters(), trained))

@@ -54,10 +54,12 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 
 
 class _AugmentedImages(Dataset):
-    """Random 4-pixel-padded 32x32 crops and horizontal flips (the standard CIFAR augmentation)."""
+    """Random 4-pixel-padded 32x32 crops and horizontal flips (the standard CIFAR augmentation), on normalised
+    images: the padding is black, as when the raw image is padded before normalising."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, padding: int = 4):
         self.images, self.labels, self.padding = images, labels, padding
+        self.black = (-torch.tensor(CIFAR10_MEAN) / torch.tensor(CIFAR10_STD)).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -65,7 +67,8 @@ class _AugmentedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[index]
         p = self.padding
-        padded = torch.nn.functional.pad(image, (p, p, p, p))
+        padded = self.black.expand(3, 32 + 2 * p, 32 + 2 * p).clone()
+        padded[:, p : p + 32, p : p + 32] = image
         top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
         image = padded[:, top : top + 32, left : left + 32]
         if torch.rand(()) < 0.5:

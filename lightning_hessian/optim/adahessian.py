@@ -82,8 +82,10 @@ class AdaHessian(torch.optim.Optimizer):
     curvature estimates over the default process group itself (one all-reduce), so all ranks take the
     same step, equal to one process on the union of equal-sized shards. DDP's own gradient all-reduce
     does not support ``backward(create_graph=True)`` (PyTorch raises), so run the forward and backward
-    inside ``ddp_model.no_sync()``; ``AdaHessianCallback`` does this for Lightning. Parameters must
-    share one device and dtype; with bf16 autocast the parameters and curvature stay float32.
+    inside ``ddp_model.no_sync()``; ``AdaHessianCallback`` does this for Lightning. A parameter one rank
+    did not use counts a zero gradient there; one no rank used is not updated; a frozen one
+    (``requires_grad=False``) never is. Parameters must share one device and dtype; with bf16 autocast
+    the parameters and curvature stay float32.
 
     Example::
 
@@ -174,19 +176,29 @@ class AdaHessian(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if any(p.grad.is_sparse for p in params):
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        # Frozen parameters are skipped whatever their .grad. The others all take part, so the probes'
+        # layout (and every rank's list under DDP) does not depend on which ones this backward reached: a
+        # parameter without .grad counts a zero gradient and is updated only if some rank used it.
+        groups = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
+        params = [p for p, _ in groups]
+        used = [p.grad is not None for p in params]
+        if any(p.grad is not None and p.grad.is_sparse for p in params):
             raise RuntimeError("AdaHessian does not support sparse gradients")
-        if params:
+        if distributed or any(used):
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             diagonals = self._curvature(params) if self.hessian_due else [None] * len(params)
             for p in params:
                 p.grad = p.grad.detach()  # releases the graph (and the param -> grad -> graph cycle)
-            self._average_across_ranks(params, diagonals)
-            by_param = dict(zip(params, diagonals))
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._update(p, by_param[p], group)
+            if distributed:
+                used = self._average_across_ranks(params, diagonals, used)
+            for (p, group), d, u in zip(groups, diagonals, used):
+                if u:
+                    self._update(p, d, group)
+                else:
+                    p.grad = None
         self._steps += 1
         return loss
 
@@ -202,16 +214,19 @@ class AdaHessian(torch.optim.Optimizer):
         return [d.view_as(p) for d, p in zip(flat.split([p.numel() for p in params]), params)]
 
     @staticmethod
-    def _average_across_ranks(params: list[torch.Tensor], diagonals: Sequence[torch.Tensor | None]) -> None:
-        """Average gradients and curvature over the default process group in one all-reduce."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
+    def _average_across_ranks(params: list[torch.Tensor], diagonals: Sequence[torch.Tensor | None],
+                              used: list[bool]) -> list[bool]:
+        """Average gradients and curvature over the default process group in one all-reduce; return which
+        parameters some rank used."""
         tensors = [p.grad for p in params] + [d for d in diagonals if d is not None]
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flags = torch.tensor(used, dtype=params[0].grad.dtype, device=params[0].grad.device)
+        flat = torch.cat([t.reshape(-1) for t in tensors] + [flags])
         dist.all_reduce(flat)
         flat.div_(dist.get_world_size())
-        for t, avg in zip(tensors, flat.split([t.numel() for t in tensors])):
+        *averages, flags = flat.split([t.numel() for t in tensors] + [len(used)])
+        for t, avg in zip(tensors, averages):
             t.copy_(avg.view_as(t))
+        return (flags > 0).tolist()
 
     def _kernel_average(self, d: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         """``|D|`` averaged over the group's ``average_dims`` or the conv kernel's spatial dims (kept as size 1)."""

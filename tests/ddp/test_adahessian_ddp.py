@@ -89,6 +89,54 @@ def test_raw_ddp_ranks_match_each_other_and_the_union_run(tmp_path: Path) -> Non
     _assert_ranks_identical_and_equal_to(tmp_path, _single_process_reference())
 
 
+class _TwoHeads(nn.Module):
+    """A trunk and two heads; rank r trains head r only, so each head is unused on the other rank."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.heads = nn.Linear(6, 4).double(), nn.ModuleList(nn.Linear(4, 3).double() for _ in range(2))
+        self.unused = nn.Linear(2, 2).double()  # used by no rank: left as it is, like a parameter without .grad
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, head: int) -> torch.Tensor:
+        return F.cross_entropy(self.heads[head](torch.tanh(self.trunk(x))), y)
+
+
+def _two_heads_data(step: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(10 * step + head)
+    return torch.randn(BATCH, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _two_heads_worker(rank: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    model = _TwoHeads()
+    opt = AdaHessian(model.parameters(), **OPT)
+    for step in range(STEPS):
+        opt.zero_grad()
+        model.loss(*_two_heads_data(step, rank), head=rank).backward(create_graph=True)
+        opt.step()
+    save_rank(model.state_dict(), out, rank)
+    dist.destroy_process_group()
+
+
+def test_parameters_unused_on_some_ranks(tmp_path: Path) -> None:
+    """Equal to one process minimising the ranks' mean loss: an unused parameter counts a zero gradient."""
+    torch.multiprocessing.start_processes(_two_heads_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="fork")
+    model = _TwoHeads()
+    opt = AdaHessian(model.parameters(), **OPT)
+    for step in range(STEPS):
+        opt.zero_grad()
+        (sum(model.loss(*_two_heads_data(step, r), head=r) for r in range(WORLD)) / WORLD).backward(create_graph=True)
+        opt.step()
+    ranks = load_ranks(tmp_path, WORLD)
+    for name, ref in model.state_dict().items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0][name], ref, rtol=0, atol=1e-12)
+    assert torch.equal(ranks[0]["unused.weight"], _TwoHeads().unused.weight)
+
+
 class _Module(pl.LightningModule):
     def __init__(self):
         super().__init__()
