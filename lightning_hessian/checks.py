@@ -17,9 +17,11 @@ def check_number(value: object, name: str, low: float = -math.inf, high: float =
                  low_open: bool = False, high_open: bool = False) -> float:
     """``value`` as a float unless it is not a finite real number in ``[low, high]`` (an end excluded with
     ``low_open`` / ``high_open``); then a ``ValueError`` naming ``name``."""
-    high_open = high_open or math.isinf(high)
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
     if not (ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
-        raise ValueError(f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}"
-                         f"{')' if high_open else ']'}, got {value!r}")
+        if math.isinf(high):
+            where = "" if math.isinf(low) else f" {'>' if low_open else '>='} {low:g}"
+        else:
+            where = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number{where}, got {value!r}")
     return float(value)

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_hessian.attacks import attack_success_rate, fgsm, pgd, trust_region
 from lightning_hessian.attacks._common import NORMS, check_eps
 from lightning_hessian.callbacks.no_trace import leave_no_trace
-from lightning_hessian.checks import check_positive_int
+from lightning_hessian.checks import check_number, check_positive_int
 
 Attack = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Schedule = Callable[[int], float] | Mapping[int, float]
@@ -155,9 +155,7 @@ class AdversarialAugmentCallback(Callback):
 
     @fraction.setter
     def fraction(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError(f"fraction must be a number in [0, 1], got {value!r}")
-        self._fraction = float(value)
+        self._fraction = check_number(value, "fraction", 0, 1)
 
     @property
     def eps(self) -> float:

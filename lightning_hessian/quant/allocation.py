@@ -24,6 +24,7 @@ from typing import NamedTuple
 from ortools.linear_solver import pywraplp
 from ortools.sat.python import cp_model
 
+from lightning_hessian.checks import check_number
 from lightning_hessian.quant.quantizers import validate_bits
 
 SOLVERS = ("cbc", "scip", "cp-sat")
@@ -210,13 +211,6 @@ def allocation_total(table: Mapping[str, Mapping[int, float]], allocation: Mappi
     return math.fsum(table[layer][bits] for layer, bits in allocation.items())
 
 
-def _check_value(value: object, where: str, nonnegative: bool) -> float:
-    if not isinstance(value, Real) or not math.isfinite(value) or (nonnegative and value < 0):
-        kind = "a finite number >= 0" if nonnegative else "a finite number"
-        raise ValueError(f"{where} must be {kind}, got {value!r}")
-    return float(value)
-
-
 def _tie_groups(layers: list[str], ties: Iterable[Iterable[str]]) -> list[list[str]]:
     """Partition ``layers`` into tie groups (union of overlapping ties), in first-layer order."""
     parent = {layer: layer for layer in layers}
@@ -263,7 +257,7 @@ def _build_problem(
             raise ValueError(f"sensitivity[{layer!r}] must be a non-empty mapping {{bits: float}}")
         where = f"sensitivity[{layer!r}]"
         sens[layer] = {
-            validate_bits(b, f"{where} bit width"): _check_value(v, f"{where}[{b}]", False) for b, v in table.items()
+            validate_bits(b, f"{where} bit width"): check_number(v, f"{where}[{b}]") for b, v in table.items()
         }
     clean_budgets: dict[str, float] = {}
     for resource, budget in budgets.items():
@@ -291,7 +285,7 @@ def _build_problem(
             missing = sorted(set(candidates) - set(table))
             if missing:
                 raise ValueError(f"{where} lacks bit widths {missing} that sensitivity[{layer!r}] offers")
-            cost_tables[resource][layer] = {b: _check_value(table[b], f"{where}[{b}]", True) for b in candidates}
+            cost_tables[resource][layer] = {b: check_number(table[b], f"{where}[{b}]", 0) for b in candidates}
     groups = _tie_groups(list(sens), ties)
     bits = []
     for group in groups:
