@@ -571,13 +571,10 @@ def _conv_bn_pairs(model: nn.Module, example_input: Tensor) -> dict[str, str]:
     outputs: dict[str, list[list[str]]] = {}
     for i, layer in counter.producer.items():
         outputs.setdefault(layer, []).append(counter.users[i])
-    pairs = {}
-    for bn, producers in bn_inputs.items():
-        layer = producers[0]
-        if layer is not None and all(users == [bn] for users in outputs[layer]) \
-                and len(outputs[layer]) == len(producers):
-            pairs[bn] = layer
-    return pairs
+    # every call of the BN reads an output of one layer, and every output of that layer is read by the BN alone
+    return {bn: layers[0] for bn, layers in bn_inputs.items()
+            if layers[0] is not None and set(layers) == {layers[0]}
+            and all(users == [bn] for users in outputs[layers[0]])}
 
 
 @torch.no_grad()
