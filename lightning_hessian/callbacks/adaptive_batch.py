@@ -109,8 +109,8 @@ class AdaptiveBatchSizeCallback(Callback):
         self.probe_seconds = 0.0
         self.history: list[dict[str, Any]] = []
         self._adversary: Any = None
-        self._epoch_start_lrs: list[float] = []  # for the history
-        self._decision_lrs: list[float] = []  # the LRs after the last gg decision: a drop since is a decay
+        self._epoch_lr = 0.0  # the first group's LR at the epoch start, for the history
+        self._decision_lr = 0.0  # its LR after the last gg decision: a drop since is a scheduler's decay
         self._warm_ratio: float | None = None  # the warmup's LR multiplier for this batch's optimizer step
         self._group_lrs: list[float] = []  # the LRs the warmup scaled, put back after the step
         self._hooks: list[Any] = []
@@ -166,7 +166,7 @@ class AdaptiveBatchSizeCallback(Callback):
         if self._adversary is not None:
             self._adversary.fraction = self.adversarial_fraction
         optimizer = trainer.optimizers[0]
-        self._epoch_start_lrs = self._decision_lrs = [g["lr"] for g in optimizer.param_groups]
+        self._epoch_lr = self._decision_lr = optimizer.param_groups[0]["lr"]
         self._hooks = [optimizer.register_step_pre_hook(self._warm), optimizer.register_step_post_hook(self._unwarm)]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -206,7 +206,7 @@ class AdaptiveBatchSizeCallback(Callback):
             self._check_loader_reads(trainer, pl_module)
         if self.schedule == "gg":  # a plateau scheduler's decay, applied after the last epoch's callbacks
             self._apply_gg(trainer, pl_module)
-        self._epoch_start_lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+        self._epoch_lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         eigenvalue, growth = None, 1
@@ -220,7 +220,7 @@ class AdaptiveBatchSizeCallback(Callback):
             growth = self._apply_gg(trainer, pl_module)
         if self.adversarial:
             self._update_adversarial_fraction(trainer, grew=growth > 1)
-        record = {"epoch": trainer.current_epoch, "batch_size": self.batch_size, "lr": self._epoch_start_lrs[0],
+        record = {"epoch": trainer.current_epoch, "batch_size": self.batch_size, "lr": self._epoch_lr,
                   "eigenvalue": eigenvalue, "adversarial_fraction": self.adversarial_fraction}
         self.history.append(record)
         metrics = {"abs/batch_size": float(record["batch_size"]), "abs/lr": record["lr"],
@@ -252,11 +252,11 @@ class AdaptiveBatchSizeCallback(Callback):
         """Where the scheduler decayed the LR by ``d`` since the last decision, grow the batch by the power of
         ``factor`` nearest ``d`` (within the cap) and undo that much of the decay."""
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        decay = self._decision_lrs[0] / lr if lr > 0 else 1.0
+        decay = self._decision_lr / lr if lr > 0 else 1.0
         steps = round(math.log(decay, self.factor)) if decay > 1 else 0
         growth = self.factor**steps if steps >= 1 and not self._capped() else 1
         growth = self._grow(trainer, pl_module, trainer.strategy.broadcast(growth, src=0))
-        self._decision_lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+        self._decision_lr = trainer.optimizers[0].param_groups[0]["lr"]
         return growth
 
     def _top_eigenvalue(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
