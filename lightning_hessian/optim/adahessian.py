@@ -180,8 +180,8 @@ class AdaHessian(torch.optim.Optimizer):
         # Frozen parameters are skipped whatever their .grad. The others all take part, so the probes'
         # layout (and every rank's list under DDP) does not depend on which ones this backward reached: a
         # parameter without .grad counts a zero gradient and is updated only if some rank used it.
-        groups = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
-        params = [p for p, _ in groups]
+        owned = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
+        params = [p for p, _ in owned]
         used = [p.grad is not None for p in params]
         if any(p.grad is not None and p.grad.is_sparse for p in params):
             raise RuntimeError("AdaHessian does not support sparse gradients")
@@ -194,7 +194,7 @@ class AdaHessian(torch.optim.Optimizer):
                 p.grad = p.grad.detach()  # releases the graph (and the param -> grad -> graph cycle)
             if distributed:
                 used = self._average_across_ranks(params, diagonals, used)
-            for (p, group), d, u in zip(groups, diagonals, used):
+            for (p, group), d, u in zip(owned, diagonals, used):
                 if u:
                     self._update(p, d, group)
                 else:
