@@ -102,8 +102,9 @@ class HAWQModule(LightningModule):
             Hessian-vector product per layer and bit width) or, with ``act_bits="follow"``, ``"quadratic+act"``
             (plus ``dA_i^T H_A dA_i`` of the layer's input activations rounded at the same bits); see
             :mod:`~lightning_hessian.quant.sensitivity`.
-        probe_data: batches for the sensitivity (a list of batches or a DataLoader); default
-            ``probe_size`` training samples drawn with ``seed`` (split over the ranks under DDP).
+        probe_data: batches for the sensitivity and calibration (a list of batches or a DataLoader); default
+            ``probe_size`` training samples drawn with ``seed``. Under DDP the ranks split either (rank ``r``
+            takes batches ``r, r + world_size, ...``) and all-reduce, as one process on all of them.
         probe_size, probe_batch_size: size of the default probe set and of its batches.
         seed: seed of the probe draw and of the Hutchinson probes.
         trace_rel_tol, max_samples: Hutchinson stopping rule (relative standard error of every layer's
@@ -379,7 +380,9 @@ class HAWQModule(LightningModule):
         if self.weight_bits is not None and self.stats is not None:
             return
         batches = self._probe_batches()
-        example = self.example_input if self.example_input is not None else self._example(batches)
+        example = self.example_input
+        if example is None:  # a rank may hold no given probe batch: the first one still tells the input
+            example = self._example(batches or [prepare_batch(trainer, next(iter(self.probe_data)))])
         if self.weight_bits is None and self.budgets is not None:
             self.float_module.to(trainer.strategy.root_device)
             self.quantize(trainer.strategy.broadcast(self.plan(batches, example), src=0))
@@ -553,13 +556,14 @@ class HAWQModule(LightningModule):
             self.calibrate(batches)
 
     def _probe_batches(self, convert_input: bool = False) -> list[Any]:
-        """``probe_data`` or this rank's share of ``probe_size`` training samples, as the training loop would hand
-        them over (batch-transfer hooks, device; the precision plugin's conversion with ``convert_input``)."""
+        """This rank's share of ``probe_data`` or of ``probe_size`` training samples, as the training loop would
+        hand them over (batch-transfer hooks, device; the precision plugin's conversion with ``convert_input``)."""
         trainer = self.trainer
         if self.probe_data is not None:
             batches = list(self.probe_data)
             if not batches:
                 raise ValueError("probe_data holds no batches")
+            batches = batches[trainer.global_rank :: trainer.world_size]
         else:
             dataset, collate = train_dataset_of(trainer)
             indices = draw_probe_indices(len(dataset), min(self.probe_size, len(dataset)), self.seed)

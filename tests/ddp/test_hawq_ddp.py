@@ -76,3 +76,41 @@ def test_two_process_fine_tune_plans_once_and_keeps_ranks_equal(tmp_path: Path) 
     assert hawq.weight_bits == ranks[0]["bits"]
     torch.testing.assert_close(dict(hawq.named_parameters())["module.net.classifier.weight"],
                                ranks[0]["params"]["module.net.classifier.weight"])
+
+
+class RecordingLoss:
+    """Cross-entropy that records which batches it saw (by the sum of their inputs)."""
+
+    def __init__(self) -> None:
+        self.seen: set[float] = set()
+
+    def __call__(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        self.seen.add(round(float(batch[0].sum()), 3))
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("num_batches", [3, 1])  # 1: rank 1 holds no probe batch
+def test_given_probe_batches_are_split_over_the_ranks(tmp_path: Path, num_batches: int) -> None:
+    module = trained()
+    x, y = data().tensors
+    probe = [(x[16 * i: 16 * (i + 1)], y[16 * i: 16 * (i + 1)]) for i in range(num_batches)]
+    hawq = HAWQModule(module, budgets={"size": 0.5}, probe_data=probe, loss_fn=RecordingLoss())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="fork", process_group_backend="gloo"),
+            max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[SaveRankResults(tmp_path, lambda t, m: {**_rank_state(t, m), "seen": sorted(m.loss_fn.seen)})],
+        )
+        trainer.fit(hawq, DataLoader(data(), batch_size=16))
+    finally:
+        torch.set_num_threads(threads)
+    ranks = load_ranks(tmp_path, 2)
+    for rank, result in enumerate(ranks):  # each rank measured and calibrated on its own batches only
+        assert result["seen"] == sorted(round(float(b[0].sum()), 3) for b in probe[rank::2])
+    single = HAWQModule(module, budgets={"size": 0.5})
+    assert single.plan(probe) == ranks[0]["bits"] == ranks[1]["bits"]
+    for name, trace in single.sensitivity.trace.items():
+        assert ranks[0]["trace"][name] == ranks[1]["trace"][name] == pytest.approx(trace, rel=1e-5)
