@@ -30,14 +30,13 @@ from lightning_hessian.quant.quantizers import validate_bits
 SOLVERS = ("cbc", "scip", "cp-sat")
 CPSAT_RESOLUTION = 10**9
 """CP-SAT works on integers. ``allocate_bits(..., solver="cp-sat")`` shifts each group's sensitivities
-and costs by their smallest value (the budget by the sum of those), then rounds sensitivities to the
-nearest multiple of ``delta = S / CPSAT_RESOLUTION`` (``S``: summed per-group spread
-``max_b - min_b``) and costs *up* to a multiple of ``Delta_r = C_r / CPSAT_RESOLUTION`` (``C_r``:
-the same spread of resource ``r``) with the budget rounded *down*; integer costs whose spread
-``C_r <= CPSAT_RESOLUTION`` (sizes in bits, say) are used unrounded (no slack term). So the returned
-allocation always meets every budget, and with ``G`` tie groups its summed sensitivity is at most
-``G * delta`` above the best allocation that meets each budget with slack ``G * Delta_r``: exact up
-to that resolution (``G / 10**9`` of the spreads, e.g. ``2e-7`` for 200 layers)."""
+and costs by their smallest value (the budget by the sum of those). Budgets are kept exactly: integer
+costs (sizes in bits, BOPS) are used as they are, others are floored to multiples of ``tol / (2 G)``
+(``G`` tie groups, ``tol`` the float slack every solver has on a budget, ``1e-9`` of it) against the
+budget plus ``tol / 2``, so no allocation within the budget is ruled out and none above it (beyond that
+slack) is admitted. Sensitivities are rounded to the nearest multiple of ``delta = S / CPSAT_RESOLUTION``
+(``S``: summed per-group spread ``max_b - min_b``), so the returned allocation's summed sensitivity is at
+most ``G * delta`` above the optimum: ``G / 10**9`` of the spread, e.g. ``2e-7`` for 200 layers."""
 
 _FEASIBILITY_RTOL = 1e-9  # relative slack on budgets: absorbs float summation order, nothing more
 _MIP_NAMES = {"cbc": "CBC", "scip": "SCIP"}
@@ -88,7 +87,9 @@ class _Problem:
         return math.fsum(max(c) for c in self.costs[resource])
 
     def tolerance(self, resource: str) -> float:
-        scale = max(abs(self.budgets.get(resource, 0.0)), math.fsum(max(map(abs, c)) for c in self.costs[resource]))
+        """Slack on the budget of ``resource``: relative to the budget (or the resource's minimum), so one
+        dear option elsewhere in the table never lets an allocation over a small budget through."""
+        scale = max(self.budgets[resource], self.minimum(resource))
         return _FEASIBILITY_RTOL * (scale if math.isfinite(scale) else 0.0)
 
     def cost_of(self, resource: str, choice: list[int]) -> float:
@@ -129,8 +130,8 @@ def allocate_bits(
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not supported; use one of {SOLVERS}")
-    if not (isinstance(time_limit_s, Real) and time_limit_s > 0):
-        raise ValueError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
+    if isinstance(time_limit_s, bool) or not (isinstance(time_limit_s, Real) and time_limit_s > 0):
+        raise ValueError(f"time_limit_s must be a positive number of seconds (math.inf for none), got {time_limit_s!r}")
     problem = _build_problem(sensitivity, costs, budgets, ties)
     _raise_if_infeasible(problem, jointly=False)
     rhs_cut = dict.fromkeys(problem.budgets, 0.0)
@@ -263,7 +264,7 @@ def _build_problem(
     for resource, budget in budgets.items():
         if resource not in costs:
             raise ValueError(f"budgets[{resource!r}] has no cost table: costs has resources {sorted(costs)}")
-        if not isinstance(budget, Real) or math.isnan(budget) or budget < 0:
+        if isinstance(budget, bool) or not isinstance(budget, Real) or math.isnan(budget) or budget < 0:
             raise ValueError(f"budgets[{resource!r}] must be a number >= 0 (math.inf for none), got {budget!r}")
         clean_budgets[resource] = float(budget)
     cost_tables: dict[str, dict[str, dict[int, float]]] = {}
@@ -322,15 +323,34 @@ def _raise_if_infeasible(problem: _Problem, jointly: bool) -> None:
     )
 
 
-def _budget_rows(problem: _Problem, rhs_cut: Mapping[str, float]) -> list[tuple[list[list[float]], float]]:
-    """Budget rows with each group's cheapest cost subtracted (from the budget too): ``(coefficients, rhs)``."""
+class _Row(NamedTuple):
+    """A budget row with each group's cheapest cost subtracted, from the budget too."""
+
+    coeffs: list[list[float]]  # 0 for the banned choices
+    rhs: float  # budget + tol - cut - minimum
+    tol: float
+
+
+def _budget_rows(problem: _Problem, rhs_cut: Mapping[str, float]) -> tuple[list[_Row], set[tuple[int, int]]]:
+    """The budget rows and the banned ``(group, choice)`` pairs: those that alone cost more than a row allows.
+
+    The solvers fix banned choices to 0 and leave them out of the rows, so a row's scale is set by what can
+    fit: one dear option never turns a small budget into a value below the solver's tolerances.
+    """
     rows = []
     for r, budget in problem.budgets.items():
         shifted = [[c - min(cs) for c in cs] for cs in problem.costs[r]]
         if math.isinf(budget) or not any(map(any, shifted)):
             continue  # unconstrained, or constant and already checked against its minimum
-        rows.append((shifted, budget + problem.tolerance(r) - rhs_cut[r] - problem.minimum(r)))
-    return rows
+        tol = problem.tolerance(r)
+        rows.append(_Row(shifted, budget + tol - rhs_cut[r] - problem.minimum(r), tol))
+    banned = {(g, k) for row in rows for g, cs in enumerate(row.coeffs) for k, c in enumerate(cs) if c > row.rhs}
+    kept = []
+    for row in rows:
+        coeffs = [[0.0 if (g, k) in banned else c for k, c in enumerate(cs)] for g, cs in enumerate(row.coeffs)]
+        if any(map(any, coeffs)):  # else every allowed choice fits (a negative rhs bans them all)
+            kept.append(row._replace(coeffs=coeffs))
+    return kept, banned
 
 
 def _shifted_objective(problem: _Problem) -> tuple[list[list[float]], float]:
@@ -349,7 +369,10 @@ def _solve_mip(problem: _Problem, name: str, time_limit_s: float, rhs_cut: Mappi
         one = solver.Constraint(1.0, 1.0)
         for v in xs:
             one.SetCoefficient(v, 1.0)
-    for coeffs, rhs in _budget_rows(problem, rhs_cut):
+    rows, banned = _budget_rows(problem, rhs_cut)
+    for g, k in banned:
+        x[g][k].SetBounds(0.0, 0.0)
+    for coeffs, rhs, _ in rows:
         scale = max(map(max, coeffs))  # coefficients in [0, 1] keep the solver's tolerances meaningful
         row = solver.Constraint(-solver.infinity(), rhs / scale)
         for xs, cs in zip(x, coeffs):
@@ -361,7 +384,8 @@ def _solve_mip(problem: _Problem, name: str, time_limit_s: float, rhs_cut: Mappi
         for v, s in zip(xs, ss):
             objective.SetCoefficient(v, s * _MIP_OBJECTIVE_SCALE / spread if spread > 0 else 0.0)
     objective.SetMinimization()
-    solver.SetTimeLimit(max(1, int(time_limit_s * 1000)))
+    if math.isfinite(time_limit_s):
+        solver.SetTimeLimit(max(1, int(time_limit_s * 1000)))
     if name == "SCIP":  # root cutting planes cost SCIP more than they save on these knapsacks (3-5x slower)
         solver.SetSolverSpecificParametersAsString("separating/maxroundsroot = 0")
     params = pywraplp.MPSolverParameters()
@@ -384,12 +408,16 @@ def _solve_cpsat(problem: _Problem, time_limit_s: float, rhs_cut: Mapping[str, f
     x = [[model.new_bool_var(f"x{g}_{b}") for b in bits] for g, bits in enumerate(problem.bits)]
     for xs in x:
         model.add_exactly_one(xs)
-    for coeffs, rhs in _budget_rows(problem, rhs_cut):
-        spread = math.fsum(map(max, coeffs))
-        integral = spread <= CPSAT_RESOLUTION and all(c == int(c) for cs in coeffs for c in cs)
-        delta = 1.0 if integral else spread / CPSAT_RESOLUTION
-        ints = [[math.ceil(c / delta) for c in cs] for cs in coeffs]
-        model.add(sum(c * v for xs, cs in zip(x, ints) for v, c in zip(xs, cs)) <= math.floor(rhs / delta))
+    rows, banned = _budget_rows(problem, rhs_cut)
+    for g, k in banned:
+        model.add(x[g][k] == 0)
+    for coeffs, rhs, tol in rows:
+        if all(c == int(c) for cs in coeffs for c in cs) and math.fsum(map(max, coeffs)) < 2**53:
+            delta, limit = 1.0, rhs  # integers: exact
+        else:  # floors lose less than G * delta = tol / 2 in all, the budget's own slack tol / 2 takes it
+            delta, limit = tol / (2 * len(coeffs)), max(rhs - tol / 2, 0.0)
+        ints = [[math.floor(c / delta) for c in cs] for cs in coeffs]
+        model.add(sum(c * v for xs, cs in zip(x, ints) for v, c in zip(xs, cs)) <= math.floor(limit / delta))
     shifted, spread = _shifted_objective(problem)
     if spread > 0:
         delta = spread / CPSAT_RESOLUTION
