@@ -140,6 +140,40 @@ def test_cache_hit_returns_identical_values_without_hessian_products(tmp_path, m
         layer_sensitivity(model, loss_fn, (x + 1, y), bit_choices=(4, 8), max_samples=64, cache_dir=tmp_path)
 
 
+def _scaled_loss(scale: float):
+    def loss(model, batch):  # one __qualname__ for every scale
+        return scale * loss_fn(model, batch)
+    return loss
+
+
+def test_cache_misses_on_other_code_and_reads_generators_and_damaged_files(tmp_path):
+    """The key sees what parameters do not: the activation, the loss's code and the values it closes over."""
+    batch = tiny_data()
+    first = layer_sensitivity(tiny_model(), loss_fn, batch, metrics=["quadratic"], cache_dir=tmp_path)
+    relu = tiny_model()
+    relu[1] = nn.ReLU()  # the same parameters
+    fresh = layer_sensitivity(relu, loss_fn, batch, metrics=["quadratic"])
+    again = layer_sensitivity(relu, loss_fn, batch, metrics=["quadratic"], cache_dir=tmp_path)
+    assert not again.cached and again.quadratic == fresh.quadratic != first.quadratic
+    for loss in (_scaled_loss(1.0), _scaled_loss(3.0), lambda m, b: 3.0 * loss_fn(m, b)):
+        got = layer_sensitivity(tiny_model(), loss, batch, metrics=["quadratic"], cache_dir=tmp_path)
+        factor = 1.0 if loss.__closure__ and loss.__closure__[0].cell_contents == 1.0 else 3.0
+        assert not got.cached  # each loss measures once (the 1.0 one has other code than loss_fn)
+        for name, table in got.quadratic.items():
+            assert table == pytest.approx({b: factor * q for b, q in first.quadratic[name].items()}, rel=1e-9)
+    # A generator is read once: for the key and the measurement alike.
+    split = [(batch[0][:16], batch[1][:16]), (batch[0][16:], batch[1][16:])]
+    listed = layer_sensitivity(tiny_model(), loss_fn, split, metrics=["quadratic"], cache_dir=tmp_path / "g")
+    generated = layer_sensitivity(tiny_model(), loss_fn, iter(split), metrics=["quadratic"], cache_dir=tmp_path / "g")
+    assert generated.cached and generated.quadratic == listed.quadratic
+    # A file that is JSON but not a measurement is a miss, measured again and rewritten.
+    (cached,) = (tmp_path / "g").glob("sensitivity-*.json")
+    cached.write_text("{}")
+    redone = layer_sensitivity(tiny_model(), loss_fn, split, metrics=["quadratic"], cache_dir=tmp_path / "g")
+    assert not redone.cached and redone.quadratic == listed.quadratic
+    assert layer_sensitivity(tiny_model(), loss_fn, split, metrics=["quadratic"], cache_dir=tmp_path / "g").cached
+
+
 def test_same_seed_gives_the_same_estimate_and_dict_round_trip():
     model, batch = tiny_model(), tiny_data()
     a = layer_sensitivity(model, loss_fn, batch, max_samples=48)

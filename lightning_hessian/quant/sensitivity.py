@@ -37,7 +37,8 @@ first-order graph per batch. The weight-activation cross term is left out (each 
 own rounding, like the weight form). Omega of one layer is then what ``Q_b`` on that layer alone costs.
 
 The Hessian part is the expensive one, so it is cached on disk (a JSON file keyed by a hash of the
-model's parameters and buffers, the probe data and the estimator settings); the perturbations are
+model's parameters, buffers, structure and code, the loss function's code, the probe data and the estimator
+settings); the perturbations are
 recomputed every call (no Hessian-vector product), so re-planning with other bit widths is free for the
 trace and eigenvalue metrics (the quadratic forms depend on the bit widths, which are in the key).
 Under ``torch.distributed`` each rank passes its share of the probe data and the products are
@@ -46,9 +47,11 @@ all-reduced (see :class:`~lightning_hessian.hessian.operator.HessianOperator`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,9 +323,14 @@ def layer_sensitivity(
         batch: Rademacher probes per batched HVP call.
         seed: seed of the probes and Lanczos start vectors (same seed, same result on every rank).
         cache_dir: folder of the JSON cache; ``None`` disables caching. The key covers the model's
-            parameters, buffers and modes, every tensor of ``data`` (a shuffling DataLoader never hits)
-            and the settings above; under DDP each rank keys its own shard and all ranks hit or all measure.
+            parameters, buffers, modes, structure (``repr``) and the code of its module classes, the loss
+            function's code with the plain values it closes over, every tensor of ``data`` (a shuffling
+            DataLoader never hits) and the settings above; what it cannot see is state a loss reads from
+            elsewhere (a global, an object it closes over). Under DDP each rank keys its own shard and all
+            ranks hit or all measure.
     """
+    if iter(data) is data:  # a generator or iterator: read once, for the key and the measurement alike
+        data = list(data)
     names = _check_layers(model, layers)
     bits = validate_bit_choices(bit_choices)
     check_sampling(None, rel_tol, batch, min_samples, max_samples)
@@ -339,16 +347,16 @@ def layer_sensitivity(
     settings = {
         "version": _CACHE_VERSION, "layers": names, "rel_tol": rel_tol, "min_samples": min_samples,
         "max_samples": max_samples, "batch": batch, "metrics": wanted, "eig_tol": eig_tol, "seed": seed,
-        "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
+        "loss_fn": _code_of(loss_fn),
         "bits": bits if set(QUADRATIC_METRICS) & set(wanted) else None,
         "act_momentum": act_momentum if "quadratic+act" in wanted else None,
     }
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"sensitivity-{_cache_key(model, data, settings)}.json"
-        found = _read_cache(path)
+        found = _read_cache(path, perturbation)
         if _all_ranks(found is not None):
-            return Sensitivity.from_dict({**found, "perturbation": perturbation, "num_hvps": 0, "cached": True})
+            return found
     hessian = _measure(model, loss_fn, data, weights, bits, wanted, rel_tol, min_samples, max_samples, batch,
                        eig_tol, act_momentum, seed)
     if path is not None:
@@ -430,15 +438,52 @@ def _tensors(obj: Any) -> Iterable[torch.Tensor]:
 
 
 def _cache_key(model: nn.Module, data: Any, settings: Mapping[str, Any]) -> str:
-    """SHA-256 of the settings, every parameter and buffer (name, dtype, shape, values), the probe data."""
+    """SHA-256 of the settings, every parameter and buffer (name, dtype, shape, values), the model's structure
+    and code, the probe data."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for name in sorted(state):
         _update(digest, state[name], name)
     digest.update(json.dumps([m.training for m in model.modules()]).encode())
+    digest.update(repr(model).encode())
+    for cls in sorted({c for m in model.modules() for c in type(m).__mro__}, key=lambda c: c.__qualname__):
+        if not cls.__module__.startswith(("torch.", "lightning.", "torchmetrics.", "builtins")):
+            for name, attr in sorted(vars(cls).items()):
+                if isinstance(attr, types.FunctionType):
+                    digest.update(f"{cls.__qualname__}.{name}:{_code_of(attr)}".encode())
     for tensor in _tensors(data):
         _update(digest, tensor, "data")
     return digest.hexdigest()[:32]
+
+
+def _code_of(fn: Any) -> str:
+    """What a callable computes, as far as can be read: its bytecode, names, constants, defaults and the plain
+    values it closes over (or a ``partial``'s arguments); a callable object by its class's ``__call__``."""
+    if isinstance(fn, functools.partial):
+        return f"partial({_code_of(fn.func)}, {_plain(fn.args)}, {_plain(fn.keywords)})"
+    fn = getattr(fn, "__func__", fn)  # a bound method: the function (its object is keyed elsewhere or not at all)
+    if not isinstance(fn, types.FunctionType):
+        call = type(fn).__call__  # loss functions are callable
+        inner = _code_of(call) if isinstance(call, types.FunctionType) else ""
+        return f"{type(fn).__module__}.{type(fn).__qualname__}({inner})"
+    cells = tuple(cell.cell_contents for cell in fn.__closure__ or ())
+    return f"{fn.__qualname__}:{_bytecode(fn.__code__)}:{_plain(fn.__defaults__)}:{_plain(cells)}"
+
+
+def _bytecode(code: types.CodeType) -> str:
+    consts = [_bytecode(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    return f"{code.co_code.hex()}|{code.co_names}|{consts}"
+
+
+def _plain(value: Any) -> str:
+    """``repr`` of plain values (numbers, strings, their containers); other objects by their type."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return f"[{', '.join(map(_plain, value))}]"
+    if isinstance(value, Mapping):
+        return f"{{{', '.join(f'{_plain(k)}: {_plain(v)}' for k, v in value.items())}}}"
+    return type(value).__qualname__
 
 
 def _update(digest: Any, tensor: torch.Tensor, label: str) -> None:
@@ -447,10 +492,12 @@ def _update(digest: Any, tensor: torch.Tensor, label: str) -> None:
     digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def _read_cache(path: Path) -> dict[str, Any] | None:
+def _read_cache(path: Path, perturbation: dict[str, dict[int, float]]) -> Sensitivity | None:
+    """The cached measurement, or ``None`` for a missing or unreadable file (measured again, then)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        found = json.loads(path.read_text())
+        return Sensitivity.from_dict({**found, "perturbation": perturbation, "num_hvps": 0, "cached": True})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
