@@ -19,6 +19,7 @@ from lightning_hessian.quant.costs import (
     size_costs,
 )
 from lightning_hessian.quant.modules import quantizable_layers, quantize_model
+from lightning_hessian.quant.report import bit_report
 
 
 def conv_out(length: int, kernel: int, stride: int, padding: int) -> int:
@@ -177,3 +178,23 @@ def test_costs_and_quantize_model_agree_on_quantizable_layers():
     with pytest.warns(UserWarning, match="ScaledConv: unsupported layer type"):
         qmodel, _ = quantize_model(model, 8)
     assert list(layer_stats(qmodel, x)) == quantizable_layers(qmodel) == ["1", "3"]
+
+
+class _Gated(nn.Module):
+    """A head that runs only for 4-feature inputs (an early-exit branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(x) if x.shape[-1] == 4 else x
+
+
+def test_report_of_a_layer_that_never_ran(tmp_path):
+    with pytest.warns(UserWarning, match="MACs are 0"):
+        stats = layer_stats(_Gated(), torch.randn(2, 3))
+    report = bit_report(stats, {"head": 4})
+    total = report.to_markdown().splitlines()[3]  # size: 8 x 4 + 2 x 32 bits against 8 x 32 + 2 x 32
+    assert total.endswith("0.01 (0.04), 3.33x | 0.00 (0.00), n/a |"), total
+    assert report.plot(tmp_path / "bits.png").stat().st_size > 0

@@ -155,6 +155,31 @@ def test_onnx_export_bit_identical(case, tmp_path):
     assert float_nodes == [0, 1, 2, 3, len(ops) - 4, len(ops) - 3, len(ops) - 2, len(ops) - 1]
 
 
+class _Tokens(nn.Module):
+    """Linear over (N, L, F) tokens, then the axes swapped in one of the call forms torch accepts."""
+
+    def __init__(self, swap):
+        super().__init__()
+        self.a, self.b, self.swap = nn.Linear(6, 4), nn.Linear(20, 3), swap
+
+    def forward(self, x):
+        return self.b(self.swap(self.a(x)).flatten(1))
+
+
+@pytest.mark.parametrize("swap", [lambda h: h.transpose(1, 2), lambda h: h.transpose(dim0=1, dim1=2),
+                                  lambda h: torch.transpose(h, dim1=2, dim0=1), lambda h: h.permute(dims=(0, 2, 1)),
+                                  lambda h: torch.permute(h, (0, 2, 1))])
+def test_onnx_export_reads_axes_given_by_keyword(swap, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    x = torch.randn(30, 5, 6)
+    _, integer = _pipeline(_Tokens(swap), 8, x)
+    session = ort.InferenceSession(str(export_onnx(integer, x[:8], tmp_path / "t.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert np.array_equal(session.run(None, {"input": x.numpy()})[0], integer(x).numpy())
+
+
 def test_torch_export_program_agrees(tmp_path):
     torch.manual_seed(1)
     x = torch.randn(40, 40)

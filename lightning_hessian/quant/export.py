@@ -178,7 +178,7 @@ def _emit_module(g: _Graph, m: nn.Module, inputs: list[str], out: Tensor) -> str
     return acc
 
 
-def _emit_op(g: _Graph, func, args: tuple, src: str, x: Tensor, out: Tensor) -> str:
+def _emit_op(g: _Graph, func, args: tuple, kwargs: dict, src: str, x: Tensor, out: Tensor) -> str:
     if func in IDENTITY_OPS:
         return src
     if func in RELU_OPS:
@@ -189,7 +189,7 @@ def _emit_op(g: _Graph, func, args: tuple, src: str, x: Tensor, out: Tensor) -> 
             shape[0] = 0  # copy the (dynamic) batch dimension
         return g.node("Reshape", [src, g.const(torch.tensor(shape))])
     if func in TRANSPOSE_OPS:
-        dims = args[1:]
+        dims = [*args[1:], *(v for k, v in kwargs.items() if k != "input")]  # transpose(dim0=1, dim1=2) too
         if func in (torch.transpose, Tensor.transpose):
             perm = list(range(x.dim()))
             a, b = (d % x.dim() for d in dims)
@@ -227,7 +227,7 @@ def export_onnx(model: IntegerModel, example_input: Tensor, path: str | os.PathL
         if kind == "module":
             names[id(result)] = _emit_module(g, obj, inputs, result)
         else:
-            names[id(result)] = _emit_op(g, obj, args, inputs[0], tensors[0], result)
+            names[id(result)] = _emit_op(g, obj, args, kwargs, inputs[0], tensors[0], result)
     if id(out) not in names:
         raise NotImplementedError("export_onnx: the model output is not produced by the traced integer graph")
     logits = g.cast(g.node("Mul", [g.cast(names[id(out)], "DOUBLE"), g.const(model.output_scale, "output_scale")]),

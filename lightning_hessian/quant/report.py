@@ -74,8 +74,8 @@ class BitReport:
             )
         lines.append(
             f"| **total** | | {sum(r.params for r in self.rows)} | | | | | "
-            f"{_kb(self.size_bits)} ({_kb(self.float_size_bits)}), {self.float_size_bits / self.size_bits:.2f}x | "
-            f"{_mega(self.bops)} ({_mega(self.float_bops)}), {self.float_bops / self.bops:.2f}x |"
+            f"{_kb(self.size_bits)} ({_kb(self.float_size_bits)}), {_times(self.float_size_bits, self.size_bits)} | "
+            f"{_mega(self.bops)} ({_mega(self.float_bops)}), {_times(self.float_bops, self.bops)} |"
         )
         acts = "as the weights" if self.activation_bits is None else f"{self.activation_bits} bits"
         lines.append("")
@@ -107,8 +107,8 @@ class BitReport:
                 twin.plot(list(xs), traces, "o-", color="tab:red")
                 twin.set_yscale("log")
                 twin.set_ylabel("Tr(H)/n", color="tab:red")
-            ax.set_title(f"bits per layer: size {self.float_size_bits / self.size_bits:.2f}x smaller, "
-                         f"BOPS {self.float_bops / self.bops:.1f}x fewer than float")
+            ax.set_title(f"bits per layer: size {_times(self.float_size_bits, self.size_bits)} smaller, "
+                         f"BOPS {_times(self.float_bops, self.bops)} fewer than float")
             fig.tight_layout()
             fig.savefig(path, dpi=120)
         finally:
@@ -163,6 +163,11 @@ def bit_report(
 
 def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.3g}"
+
+
+def _times(float_value: float, value: float) -> str:
+    """How many times smaller than float (``n/a`` when nothing was counted, e.g. no layer ran)."""
+    return f"{float_value / value:.2f}x" if value else "n/a"
 
 
 def _kb(size_bits: float) -> str:
