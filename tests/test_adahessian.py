@@ -413,6 +413,19 @@ def test_lightning_update_each_uses_create_graph_only_when_due(data_dir) -> None
     assert seen == [True, False] * (len(seen) // 2) and len(seen) == 8
 
 
+def test_module_restored_when_fit_raises(data_dir) -> None:
+    class Failing(MNIST1DModule):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    module = Failing()
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(module, data_dir, epochs=1)
+    assert "backward" not in module.__dict__  # a later fit with another optimizer keeps no second-order graph
+
+
 def test_callback_fails_fast_on_misconfiguration(data_dir) -> None:
     class WithAdam(MNIST1DModule):
         def configure_optimizers(self):

@@ -328,3 +328,23 @@ def test_iterable_datasets(schedule):
     else:
         with pytest.raises(TypeError, match="iterable-style dataset.*probe_data"):
             trainer.fit(module, DataLoader(Stream(), batch_size=8))
+
+
+def test_optimizer_hooks_removed_when_fit_raises(scripted_eigenvalues):
+    class Failing(Module):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 3:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+        def configure_optimizers(self):  # an optimizer the module keeps: it outlives the failed fit
+            self.opt = getattr(self, "opt", None) or torch.optim.SGD(self.parameters(), lr=0.1)
+            return self.opt
+
+    module = Failing()
+    trainer = pl.Trainer(max_epochs=2, callbacks=[AdaptiveBatchSizeCallback(max_batch_size=64, probe_size=16)],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, datamodule=Data(8))
+    assert not module.opt._optimizer_step_pre_hooks and not module.opt._optimizer_step_post_hooks

@@ -170,6 +170,12 @@ class AdaptiveBatchSizeCallback(Callback):
         self._hooks = [optimizer.register_step_pre_hook(self._warm), optimizer.register_step_post_hook(self._unwarm)]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()  # Lightning skips teardown when fit raises
+
+    def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

@@ -22,7 +22,7 @@ class AdaHessianCallback(Callback):
     (see ``update_each``). Under DDP it also switches off DDP's own gradient all-reduce, which cannot
     carry the second-order graph (PyTorch raises on it): AdaHessian averages gradients and curvature
     across ranks itself, so every rank takes the same step as a single process on the union of the
-    shards. Everything is restored when ``fit`` ends.
+    shards. Everything is restored when ``fit`` ends, also when it raises.
 
     Works with ``precision`` 32, 64 and ``"bf16-mixed"``. Not supported (fails fast at setup): fp16 loss
     scaling (``"16-mixed"``), which unscales the gradients but not the graph they carry, and manual
@@ -97,6 +97,12 @@ class AdaHessianCallback(Callback):
         pl_module.backward = backward_with_graph
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()  # Lightning skips teardown when fit raises
+
+    def _restore(self) -> None:
         if self._module is not None:
             if self._previous_backward is None:
                 self._module.__dict__.pop("backward", None)
