@@ -79,6 +79,16 @@ def test_bf16_operator_keeps_a_float32_basis() -> None:
     torch.testing.assert_close(result.eigenvalues, exact, rtol=2e-2, atol=0)  # bf16 products: ~3 digits
 
 
+def test_bf16_power_iteration_keeps_float32_vectors() -> None:
+    g = torch.Generator().manual_seed(0)
+    Qm = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64)).Q
+    eig = torch.cat([torch.tensor([10.0, 8.0, 6.0]), torch.linspace(-1, 1, 197)]).double()
+    op = DenseOperator((Qm @ torch.diag(eig) @ Qm.T).bfloat16())
+    result = power_iteration(op, k=3, max_iter=300, tol=1e-3)  # in bf16 it never converged (632 HVPs)
+    assert result.converged and result.eigenvectors.dtype == torch.float32
+    torch.testing.assert_close(result.eigenvalues, eig[:3], rtol=2e-3, atol=0)
+
+
 def test_block_lanczos_pads_the_start_with_distinct_rows() -> None:
     g = torch.Generator().manual_seed(0)
     Qm = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64)).Q

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_hessian.hessian.lanczos import EigenResult, check_common, start_vectors
+from lightning_hessian.hessian.lanczos import EigenResult, basis_dtype, check_common, start_vectors
 from lightning_hessian.hessian.operator import LinearOperator
 
 
@@ -36,21 +36,22 @@ def power_iteration(
     Returns the pairs ordered by decreasing magnitude (``which="LM"`` of ``top_eigenvalues``).
     """
     check_common(op, k, "LM", tol, max_iter)
-    given = start_vectors(op.dim, v0, seed, op.dtype, op.device) if v0 is not None else None
+    work = basis_dtype(op.dtype)  # vectors in at least float32, as Lanczos keeps its basis
+    given = start_vectors(op.dim, v0, seed, work, op.device) if v0 is not None else None
     g = torch.Generator().manual_seed(seed)
-    found = torch.zeros(0, op.dim, dtype=op.dtype, device=op.device)
+    found = torch.zeros(0, op.dim, dtype=work, device=op.device)
     values, residuals = [], []
     num_hvps, converged = 0, True
     for i in range(k):
         if given is not None and i < given.shape[0]:
             v = given[i].clone()
         else:
-            v = torch.randn(op.dim, generator=g, device="cpu", dtype=torch.float64).to(device=op.device, dtype=op.dtype)
+            v = torch.randn(op.dim, generator=g, device="cpu", dtype=torch.float64).to(device=op.device, dtype=work)
         lam, res, done, x = 0.0, float("inf"), False, v
         for _ in range(max_iter):
             x = v - found.T @ (found @ v)
             x /= torch.linalg.vector_norm(x)
-            v = op.matmat(x[None])[0]
+            v = op.matmat(x[None])[0].to(work)
             num_hvps += 1
             v -= found.T @ (found @ v)  # the deflated operator (I - UU^T) H (I - UU^T)
             lam = float(torch.dot(x, v))
