@@ -13,6 +13,7 @@ from typing import Any
 
 import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_hessian import recipes
@@ -47,16 +48,19 @@ def resume_argv(argv: list[str]) -> list[str]:
     overrides given now on top, instead of the default config, which need not fit its checkpoint.
     """
     given = [arg for arg in argv[1:] if "=" in arg and not arg.startswith("-")]
-    run_dirs = [arg.split("=", 1)[1] for arg in given if arg.startswith("hydra.run.dir=")]
-    if "ckpt_path=last" not in given or not run_dirs or {"-m", "--multirun"} & set(argv):
+    parser = OverridesParser.create()
+    try:
+        values = {o.key_or_group: o.value() for o in parser.parse_overrides(given) if not o.is_delete()}
+    except OverrideParseException:  # Hydra reports it, with the override's position
         return argv
-    saved = Path(run_dirs[-1]) / ".hydra" / "overrides.yaml"
+    if values.get("ckpt_path") != "last" or "hydra.run.dir" not in values or {"-m", "--multirun"} & set(argv):
+        return argv
+    saved = Path(str(values["hydra.run.dir"])) / ".hydra" / "overrides.yaml"
     if not saved.exists():
         warnings.warn(f"ckpt_path=last: no {saved}, so the run's own overrides are not restored (the config is "
                       "composed from the command line alone)", stacklevel=2)
         return argv
     earlier = list(OmegaConf.load(saved))
-    parser = OverridesParser.create()
     # a new override of the same key wins by coming later; only a second `+key=` (adding a key twice) clashes
     added = {(o.key_or_group, o.package) for o in parser.parse_overrides(given) if o.is_add()}
     kept = [arg for arg, o in zip(earlier, parser.parse_overrides(earlier)) if (o.key_or_group, o.package) not in added]

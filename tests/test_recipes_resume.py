@@ -30,6 +30,8 @@ def test_resume_argv_puts_the_runs_own_overrides_first(tmp_path):
     assert resume_argv(readded) == ["train.py", *earlier[:2], "hydra.mode=RUN", *readded[1:]]
     assert resume_argv(["train.py", "-m", *argv[1:]]) == ["train.py", "-m", *argv[1:]]  # not for sweeps
     assert resume_argv(argv[:2]) == argv[:2]  # not without ckpt_path=last
+    quoted = ["train.py", f"hydra.run.dir='{tmp_path}'", "ckpt_path='last'"]  # Hydra reads the same values
+    assert resume_argv(quoted) == ["train.py", *earlier, "hydra.mode=RUN", *quoted[1:]]
 
 
 def test_the_resumed_overrides_compose_with_the_new_ones_winning(tmp_path, data_dir):
