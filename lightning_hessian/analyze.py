@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import LossFn
-from lightning_hessian.checks import check_positive_int
+from lightning_hessian.checks import check_number, check_positive_int
 from lightning_hessian.hessian import (
     Batches,
     HessianOperator,
@@ -32,8 +32,9 @@ from lightning_hessian.hessian import (
     spectral_density,
     top_eigenvalues,
 )
+from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
 from lightning_hessian.landscape import loss_line, loss_plane
-from lightning_hessian.plots import plot_spectral_density, save_figure
+from lightning_hessian.plots import new_figure, plot_spectral_density, save_figure
 
 
 @dataclass
@@ -70,10 +71,15 @@ class AnalysisOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 3 or value % 2 == 0:
                 raise ValueError(f"{name} must be an odd integer >= 3 (so the grid holds the trained point), "
                                  f"got {value!r}")
-        if self.radius is not None and not self.radius > 0:
-            raise ValueError(f"radius must be > 0 or None (automatic), got {self.radius!r}")
-        if not self.rise > 0:
-            raise ValueError(f"rise must be > 0, got {self.rise!r}")
+        if self.trace_max_samples < MIN_TRACE_SAMPLES:
+            raise ValueError(f"trace_max_samples must be >= {MIN_TRACE_SAMPLES} (the probes every trace takes before "
+                             f"its stopping rule), got {self.trace_max_samples}")
+        for name in ("tol", "trace_rel_tol", "rise"):
+            check_number(getattr(self, name), name, 0, low_open=True)
+        if self.radius is not None:
+            check_number(self.radius, "radius (None: automatic)", 0, low_open=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {self.mode!r}")
 
@@ -135,7 +141,7 @@ def analyze_model(
         seconds["landscape"] = time.perf_counter() - start
 
     report["figures"] = _figures(report, density, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.json").write_text(json.dumps(_finite_or_null(report), indent=2, allow_nan=False))
     (out / "report.md").write_text(markdown_report(report))
     return report
 
@@ -164,43 +170,44 @@ def _landscape(
     line = loss_line(op, eigenvectors[0], alphas)
     h = float(alphas[1] - alphas[0])
     mid = opts.points_1d // 2
-    grid = torch.linspace(-radius, radius, opts.points_2d, dtype=torch.float64)
-    plane = loss_plane(op, eigenvectors[0], eigenvectors[1], grid, grid)
-    return {
+    land = {
         "radius": radius,
         "alphas": alphas.tolist(),
         "loss_1d": line.tolist(),
         "quadratic_1d": (line[mid] + 0.5 * lam * alphas**2).tolist(),
         # second difference at the trained point: equals lambda_1 up to O(h^2) where the loss is smooth
         "curvature_1d": float((line[mid + 1] - 2 * line[mid] + line[mid - 1]) / h**2),
-        "grid_2d": grid.tolist(),
-        "loss_2d": plane.tolist(),
-        "eigenvalues_2d": [lam, float(eigenvalues[1])],
     }
+    if len(eigenvectors) >= 2:  # a plane needs two directions (one parameter has one)
+        grid = torch.linspace(-radius, radius, opts.points_2d, dtype=torch.float64)
+        land["grid_2d"] = grid.tolist()
+        land["loss_2d"] = loss_plane(op, eigenvectors[0], eigenvectors[1], grid, grid).tolist()
+        land["eigenvalues_2d"] = [lam, float(eigenvalues[1])]
+    return land
 
 
 # ---- figures and Markdown -------------------------------------------------------------------------------
 
 
 def _figures(report: dict[str, Any], density: Any, out: Path) -> dict[str, str]:
-    import matplotlib.pyplot as plt
-
     land = report["landscape"]
     figures: dict[str, str] = {}
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.plot(land["alphas"], land["loss_1d"], label="loss")
-    ax.plot(land["alphas"], land["quadratic_1d"], "--", label=f"quadratic, $\\lambda_1$={report['eigenvalues'][0]:.3g}")
-    ax.set(xlabel="step along top eigenvector", ylabel="loss", title="Loss along the top eigenvector")
-    ax.legend(fontsize=8)
-    figures["landscape_1d"] = str(save_figure(fig, out / "landscape_1d.png"))
+    with new_figure(figsize=(5, 3.6)) as (fig, ax):
+        ax.plot(land["alphas"], land["loss_1d"], label="loss")
+        ax.plot(land["alphas"], land["quadratic_1d"], "--",
+                label=f"quadratic, $\\lambda_1$={report['eigenvalues'][0]:.3g}")
+        ax.set(xlabel="step along top eigenvector", ylabel="loss", title="Loss along the top eigenvector")
+        ax.legend(fontsize=8)
+        figures["landscape_1d"] = str(save_figure(fig, out / "landscape_1d.png"))
 
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    contour = ax.contourf(land["grid_2d"], land["grid_2d"], torch.tensor(land["loss_2d"]).T.numpy(), levels=30)
-    fig.colorbar(contour, ax=ax, label="loss")
-    ax.plot([0], [0], "w+", ms=10)
-    ax.set(xlabel="$v_1$", ylabel="$v_2$", title="Loss in the plane of the top two eigenvectors")
-    figures["landscape_2d"] = str(save_figure(fig, out / "landscape_2d.png"))
+    if "loss_2d" in land:
+        with new_figure(figsize=(5, 4.2)) as (fig, ax):
+            contour = ax.contourf(land["grid_2d"], land["grid_2d"], torch.tensor(land["loss_2d"]).T.numpy(), levels=30)
+            fig.colorbar(contour, ax=ax, label="loss")
+            ax.plot([0], [0], "w+", ms=10)
+            ax.set(xlabel="$v_1$", ylabel="$v_2$", title="Loss in the plane of the top two eigenvectors")
+            figures["landscape_2d"] = str(save_figure(fig, out / "landscape_2d.png"))
 
     if density is not None:
         figures["density"] = str(plot_spectral_density(density.grid.tolist(), density.density.tolist(),
@@ -208,16 +215,27 @@ def _figures(report: dict[str, Any], density: Any, out: Path) -> dict[str, str]:
     if report.get("per_layer"):
         names = list(report["per_layer"])
         has_trace = all("trace_per_param" in v for v in report["per_layer"].values())
-        fig, axes = plt.subplots(1, 2 if has_trace else 1, figsize=(10 if has_trace else 5, 3.6), squeeze=False)
-        axes[0, 0].barh(names, [report["per_layer"][n]["eigenvalue"] for n in names])
-        axes[0, 0].set(xlabel="top eigenvalue", title="Per-layer top eigenvalue")
-        axes[0, 0].invert_yaxis()  # the first layer on top
-        if has_trace:
-            axes[0, 1].barh(names, [report["per_layer"][n]["trace_per_param"] for n in names])
-            axes[0, 1].set(xlabel="trace / parameters", title="Per-layer average trace")
-            axes[0, 1].invert_yaxis()
-        figures["per_layer"] = str(save_figure(fig, out / "per_layer.png"))
+        with new_figure(1, 2 if has_trace else 1, figsize=(10 if has_trace else 5, 3.6), squeeze=False) as (fig, axes):
+            axes[0, 0].barh(names, [report["per_layer"][n]["eigenvalue"] for n in names])
+            axes[0, 0].set(xlabel="top eigenvalue", title="Per-layer top eigenvalue")
+            axes[0, 0].invert_yaxis()  # the first layer on top
+            if has_trace:
+                axes[0, 1].barh(names, [report["per_layer"][n]["trace_per_param"] for n in names])
+                axes[0, 1].set(xlabel="trace / parameters", title="Per-layer average trace")
+                axes[0, 1].invert_yaxis()
+            figures["per_layer"] = str(save_figure(fig, out / "per_layer.png"))
     return figures
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (JSON has no such numbers; e.g. one SLQ run has no error)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -236,9 +254,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     if "trace" in report:
         tr = report["trace"]
         lines.append(f"| trace (Hutchinson, {tr['num_samples']} probes) | {tr['estimate']:.6g} ± "
-                     f"{tr['std_error']:.2g} |")
+                     f"{_error(tr['std_error'])} |")
     if "density" in report:
-        lines.append(f"| trace (SLQ) | {report['density']['trace']:.6g} ± {report['density']['trace_std_error']:.2g} |")
+        density = report["density"]
+        lines.append(f"| trace (SLQ) | {density['trace']:.6g} ± {_error(density['trace_std_error'])} |")
     land = report["landscape"]
     lines.append(f"| curvature along v1 (finite difference) | {land['curvature_1d']:.6g} |")
     if report.get("per_layer"):
@@ -250,3 +269,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     for name, path in report["figures"].items():
         lines += [f"![{name}]({Path(path).name})", ""]
     return "\n".join(lines)
+
+
+def _error(value: float | None) -> str:
+    return f"{value:.2g}" if value is not None and math.isfinite(value) else "n/a"

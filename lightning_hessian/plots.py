@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -11,55 +13,67 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+@contextmanager
+def new_figure(*args: Any, **kwargs: Any) -> Iterator[tuple[plt.Figure, Any]]:
+    """``plt.subplots(*args, **kwargs)``, closed when the block ends, also when it raises (no figure piles up)."""
+    fig, axes = plt.subplots(*args, **kwargs)
+    try:
+        yield fig, axes
+    finally:
+        plt.close(fig)
+
+
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:
-    """Lay out, save (creating folders) and close ``fig``; return its path."""
+    """Lay out and save ``fig`` (creating folders); return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_spectrum_history(history: Sequence[dict], path: str | Path) -> Path:
     """Top eigenvalues and trace (with one standard error) against the training step."""
+    if not history:
+        raise ValueError("plot_spectrum_history: the history is empty (no probe has run)")
     steps = [h["step"] for h in history]
-    has_trace = any(h.get("trace") is not None for h in history)
-    fig, axes = plt.subplots(1, 2 if has_trace else 1, figsize=(10 if has_trace else 5, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    k = max(len(h.get("eigenvalues", [])) for h in history)
-    for i in range(k):
-        pts = [(s, h["eigenvalues"][i]) for s, h in zip(steps, history) if len(h.get("eigenvalues", [])) > i]
-        ax.plot(*zip(*pts), marker="o", ms=3, label=f"$\\lambda_{i + 1}$")
-    ax.set(xlabel="step", ylabel="eigenvalue", title="Top Hessian eigenvalues")
-    ax.legend(fontsize=8)
-    if has_trace:
-        ax = axes[0, 1]
-        pts = [(s, h["trace"], h.get("trace_std_error") or 0.0) for s, h in zip(steps, history) if h.get("trace")]
-        s, t, e = zip(*pts)
-        ax.errorbar(s, t, yerr=e, marker="o", ms=3, capsize=2)
-        ax.set(xlabel="step", ylabel="trace", title="Hessian trace (Hutchinson, ±1 s.e.)")
-    return save_figure(fig, path)
+    traces = [(s, h["trace"], h.get("trace_std_error") or 0.0)
+              for s, h in zip(steps, history) if h.get("trace") is not None]
+    with new_figure(1, 2 if traces else 1, figsize=(10 if traces else 5, 3.6), squeeze=False) as (fig, axes):
+        ax = axes[0, 0]
+        k = max(len(h.get("eigenvalues", [])) for h in history)
+        for i in range(k):
+            pts = [(s, h["eigenvalues"][i]) for s, h in zip(steps, history) if len(h.get("eigenvalues", [])) > i]
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"$\\lambda_{i + 1}$")
+        ax.set(xlabel="step", ylabel="eigenvalue", title="Top Hessian eigenvalues")
+        if k:
+            ax.legend(fontsize=8)
+        if traces:
+            s, t, e = zip(*traces)
+            axes[0, 1].errorbar(s, t, yerr=e, marker="o", ms=3, capsize=2)
+            axes[0, 1].set(xlabel="step", ylabel="trace", title="Hessian trace (Hutchinson, ±1 s.e.)")
+        return save_figure(fig, path)
 
 
 def plot_spectral_density(grid: Sequence[float], density: Sequence[float], path: str | Path, title: str = "") -> Path:
     """Smoothed spectral density on a log scale, as in the loss-landscape literature."""
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.semilogy(grid, [max(d, 1e-12) for d in density])
-    ax.set(xlabel="eigenvalue", ylabel="density", title=title or "Hessian spectral density (SLQ)")
-    return save_figure(fig, path)
+    with new_figure(figsize=(5, 3.6)) as (fig, ax):
+        ax.semilogy(grid, [max(d, 1e-12) for d in density])
+        ax.set(xlabel="eigenvalue", ylabel="density", title=title or "Hessian spectral density (SLQ)")
+        return save_figure(fig, path)
 
 
 def plot_batch_schedule(history: Sequence[dict], path: str | Path) -> Path:
     """Batch size and learning rate against the epoch (and the eigenvalue that drove them, if measured)."""
     epochs = [h["epoch"] for h in history]
     eigs = [(h["epoch"], h["eigenvalue"]) for h in history if h.get("eigenvalue") is not None]
-    fig, axes = plt.subplots(1, 3 if eigs else 2, figsize=(12 if eigs else 8, 3.4), squeeze=False)
-    axes[0, 0].step(epochs, [h["batch_size"] for h in history], where="post")
-    axes[0, 0].set(xlabel="epoch", ylabel="global batch size", yscale="log", title="Batch size")
-    axes[0, 1].plot(epochs, [h["lr"] for h in history])
-    axes[0, 1].set(xlabel="epoch", ylabel="learning rate", yscale="log", title="Learning rate")
-    if eigs:
-        axes[0, 2].plot(*zip(*eigs), marker="o", ms=3)
-        axes[0, 2].set(xlabel="epoch", ylabel="top eigenvalue", yscale="log", title="Hessian top eigenvalue")
-    return save_figure(fig, path)
+    with new_figure(1, 3 if eigs else 2, figsize=(12 if eigs else 8, 3.4), squeeze=False) as (fig, axes):
+        axes[0, 0].step(epochs, [h["batch_size"] for h in history], where="post")
+        axes[0, 0].set(xlabel="epoch", ylabel="global batch size", yscale="log", title="Batch size")
+        axes[0, 1].plot(epochs, [h["lr"] for h in history])
+        axes[0, 1].set(xlabel="epoch", ylabel="learning rate", yscale="log", title="Learning rate")
+        if eigs:
+            axes[0, 2].plot(*zip(*eigs), marker="o", ms=3)
+            scale = "log" if all(e > 0 for _, e in eigs) else "symlog"  # a Hessian can curve down
+            axes[0, 2].set(xlabel="epoch", ylabel="top eigenvalue", yscale=scale, title="Hessian top eigenvalue")
+        return save_figure(fig, path)

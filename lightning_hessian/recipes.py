@@ -283,9 +283,9 @@ def _probe_set(cfg: DictConfig, datamodule: pl.LightningDataModule) -> list[Any]
     loader = datamodule.train_dataloader() if probe.split == "train" else datamodule.test_dataloader()
     try:
         indices = draw_probe_indices(len(loader.dataset), probe.probe_size, probe.seed)
+        return probe_batches(loader.dataset, indices, probe.probe_batch_size, loader.collate_fn, seed=probe.seed)
     except ValueError as err:
-        raise ConfigError(f"probe.probe_size: {err}") from err
-    return probe_batches(loader.dataset, indices, probe.probe_batch_size, loader.collate_fn)
+        raise ConfigError(f"probe: {err}") from err
 
 
 def analyze(cfg: DictConfig) -> dict[str, Any]:

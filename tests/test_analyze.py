@@ -1,6 +1,7 @@
 """The analyze recipe and the loss landscape, against the core and against a dense Hessian."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -90,11 +91,48 @@ def test_loss_along_rejects_bad_shapes(directions, coords, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"points_1d": 20}, "points_1d must be an odd integer"), ({"top_k": 0}, "top_k must be a positive integer"),
-     ({"radius": -1.0}, "radius must be > 0"), ({"mode": "test"}, "mode must be 'eval' or 'train'")],
+     ({"radius": -1.0}, r"radius \(None: automatic\) must be a finite number > 0"),
+     ({"radius": float("inf")}, "radius .* must be a finite number"), ({"rise": float("inf")}, "rise must be a finite"),
+     ({"tol": 0.0}, "tol must be a finite number > 0"), ({"trace_rel_tol": -0.1}, "trace_rel_tol must be a finite"),
+     ({"trace_max_samples": 31}, "trace_max_samples must be >= 32"), ({"seed": 1.5}, "seed must be an integer"),
+     ({"mode": "test"}, "mode must be 'eval' or 'train'")],
 )
 def test_analysis_options_reject_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AnalysisOptions(**kwargs)
+
+
+def test_report_is_strict_json_and_one_parameter_gets_a_line_only(tmp_path):
+    from lightning_hessian.analyze import analyze_model
+
+    op, x, y, model = _quadratic_op()
+    options = AnalysisOptions(top_k=2, density_runs=1, density_steps=5, per_layer=False)
+    report = analyze_model(model, op.loss_fn, [(x, y)], tmp_path, options)
+    assert math.isnan(report["density"]["trace_std_error"])  # one SLQ run: no error estimate
+    strict = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert strict["density"]["trace_std_error"] is None
+    assert any(line.startswith("| trace (SLQ) |") and line.endswith("± n/a |")
+               for line in (tmp_path / "report.md").read_text().splitlines())
+    one = nn.Linear(1, 1, bias=False).double()  # a single parameter: a 1-D landscape, no plane
+    report = analyze_model(one, op.loss_fn, [(x[:, :1], y)], tmp_path / "one", options)
+    assert report["num_params"] == 1 and "loss_2d" not in report["landscape"]
+    assert "landscape_2d" not in report["figures"]
+    assert report["landscape"]["curvature_1d"] == pytest.approx(float((x[:, :1] ** 2).mean()), rel=1e-6)
+
+
+def test_figures_close_on_errors_and_draw_a_zero_trace(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from lightning_hessian.plots import plot_spectrum_history
+
+    before = plt.get_fignums()
+    with pytest.raises(ValueError, match="history is empty"):
+        plot_spectrum_history([], tmp_path / "h.png")
+    history = [{"step": s, "eigenvalues": [1.0], "trace": 0.0, "trace_std_error": 0.0} for s in (1, 2)]
+    with pytest.raises(ValueError, match="not supported"):
+        plot_spectrum_history(history, tmp_path / "h.unknownext")
+    assert plt.get_fignums() == before
+    assert plot_spectrum_history(history, tmp_path / "h.png").stat().st_size > 0  # a zero trace is a value
 
 
 def test_analyze_recipe_report_equals_the_core_and_the_dense_hessian(tmp_path, data_dir):
@@ -184,14 +222,18 @@ def test_run_dir_reuses_the_runs_data_location_and_applies_model_and_data_overri
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("probe.probe_size=100000", "probe.probe_size: probe_size=100000 exceeds the 400 training samples"),
+        ("probe.probe_size=100000", "probe: probe_size=100000 exceeds the 400 training samples"),
+        ("probe.probe_size=-5", "probe: probe_size must be a positive integer, got -5"),
+        ("probe.probe_size=100 probe.probe_batch_size=0", "probe: probe_batch_size must be a positive integer, got 0"),
+        ("analysis.trace_max_samples=20", "analysis: trace_max_samples must be >= 32"),
         ("probe.split=val", "probe.split: must be 'train' or 'test', got 'val'"),
         ("analysis.points_1d=4", "analysis: points_1d must be an odd integer"),
         ("+analysis.bogus=1", "analysis: .*unexpected keyword argument 'bogus'"),
     ],
 )
 def test_analyze_bad_values_name_the_key(override, match, tmp_path, data_dir):
-    cfg = compose_config("analyze", DATA + MODEL + [f"ckpt_path={tmp_path}/fresh.ckpt", override], tmp_path, data_dir)
+    cfg = compose_config("analyze", DATA + MODEL + [f"ckpt_path={tmp_path}/fresh.ckpt", *override.split()], tmp_path,
+                         data_dir)
     torch.save({"state_dict": instantiate(cfg.model).state_dict()}, tmp_path / "fresh.ckpt")
     with pytest.raises(recipes.ConfigError, match=match):
         recipes.analyze(cfg)

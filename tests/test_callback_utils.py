@@ -76,6 +76,42 @@ def test_probe_indices_fixed_and_sharded_union():
     assert sum(len(y) for _, y in shards[0]) == sum(len(y) for _, y in shards[1]) == 32
 
 
+class _Augmenting(torch.utils.data.Dataset):
+    """Sample ``i`` plus noise from all three global generators (like random crops and flips)."""
+
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        return torch.full((2,), float(i)) + torch.rand(2) + np.random.rand() + random.random(), i
+
+
+def test_probe_of_an_augmenting_dataset_is_fixed_and_leaves_the_rng_alone():
+    indices = draw_probe_indices(100, 12, seed=5)
+    torch.manual_seed(11), np.random.seed(11), random.seed(11)
+    expected = (torch.rand(3).tolist(), np.random.rand(), random.random())
+    torch.manual_seed(11), np.random.seed(11), random.seed(11)
+    first = probe_batches(_Augmenting(), indices, batch_size=5, seed=5)
+    assert (torch.rand(3).tolist(), np.random.rand(), random.random()) == expected
+    again = probe_batches(_Augmenting(), indices, batch_size=4, seed=5)  # other batches, the same samples
+    torch.testing.assert_close(torch.cat([x for x, _ in again]), torch.cat([x for x, _ in first]), rtol=0, atol=0)
+    shards = [probe_batches(_Augmenting(), indices, batch_size=5, rank=r, world_size=2, seed=5) for r in range(2)]
+    by_index = {int(i): x for shard in shards for xs, ids in shard for x, i in zip(xs, ids)}
+    for xs, ids in first:  # a sample is the same on whichever rank reads it
+        for x, i in zip(xs, ids):
+            assert torch.equal(by_index[int(i)], x)
+    other = probe_batches(_Augmenting(), indices, batch_size=5, seed=6)
+    assert not torch.equal(other[0][0], first[0][0])
+
+
+@pytest.mark.parametrize("size", [0, -5, True, 2.0])
+def test_probe_sizes_must_be_positive_integers(size):
+    with pytest.raises(ValueError, match=f"probe_size must be a positive integer, got {size!r}"):
+        draw_probe_indices(100, size, seed=0)
+    with pytest.raises(ValueError, match=f"probe_batch_size must be a positive integer, got {size!r}"):
+        probe_batches(_Augmenting(), [0, 1], batch_size=size)
+
+
 def test_default_loss_needs_pairs():
     with pytest.raises(TypeError, match="hessian_loss"):
         cross_entropy_loss(nn.Linear(2, 2), {"x": torch.zeros(1, 2)})

@@ -197,3 +197,17 @@ def test_default_sketch_and_deflation_fit_a_tiny_operator() -> None:
     assert abs(tr.estimate - float(H.trace())) <= 4 * tr.std_error
     dens = spectral_density(DenseOperator(H))  # 5 pairs deflated, the sixth from quadrature
     assert abs(dens.trace - float(H.trace())) <= 1e-8 * float(H.trace())
+
+
+def test_eigenpairs_spanning_the_space_are_the_density() -> None:
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    H = A @ A.T - 2 * torch.eye(5, dtype=torch.float64)
+    op = DenseOperator(H)
+    pairs = top_eigenvalues(op, k=5, tol=1e-10, seed=0)  # every pair: no room left for quadrature
+    before = op.num_hvps
+    dens = spectral_density(op, num_runs=3, eigenpairs=pairs)
+    assert op.num_hvps == before and dens.num_hvps == 0
+    torch.testing.assert_close(dens.nodes, pairs.eigenvalues.to(torch.float64).expand(3, 5))
+    torch.testing.assert_close(dens.weights.sum(1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-15)
+    assert dens.trace == pytest.approx(float(H.trace()), rel=1e-10) and dens.trace_std_error == 0.0

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence, Sized
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_hessian.checks import check_positive_int
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -41,6 +45,7 @@ def resolve_loss_fn(pl_module: pl.LightningModule, loss_fn: LossFn | None) -> Lo
 
 def draw_probe_indices(dataset_size: int, probe_size: int, seed: int) -> list[int]:
     """``probe_size`` distinct sample indices, the same for a given seed on every rank and every call."""
+    check_positive_int(probe_size, "probe_size")
     if probe_size > dataset_size:
         raise ValueError(
             f"probe_size={probe_size} exceeds the {dataset_size} training samples: lower probe_size"
@@ -56,13 +61,38 @@ def probe_batches(
     collate_fn: Callable | None = None,
     rank: int = 0,
     world_size: int = 1,
+    seed: int = 0,
 ) -> list[Any]:
-    """This rank's share of the probe samples, collated into batches (ranks split the indices evenly)."""
+    """This rank's share of the probe samples, collated into batches (ranks split the indices evenly).
+
+    Each sample is read with the random generators seeded by ``(seed, index)``, so a dataset that augments
+    (random crops, flips) gives the same probe set on every call and every rank split, and training's random
+    stream is left as it was.
+    """
+    check_positive_int(batch_size, "probe_batch_size")
     shard = list(indices[rank::world_size])
     # a private generator: iterating a DataLoader otherwise draws from the global RNG (training's stream)
-    loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                        generator=torch.Generator())
+    loader = DataLoader(Subset(_SeededSamples(dataset, seed), shard), batch_size=batch_size, shuffle=False,
+                        collate_fn=collate_fn, generator=torch.Generator())
     return list(loader)
+
+
+class _SeededSamples(Dataset):
+    """``dataset[i]`` read with torch's, NumPy's and Python's generators seeded by ``(seed, i)``, then restored."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        with isolate_rng(include_cuda=False):
+            sample_seed = (self.seed * 1_000_003 + index) % 2**32
+            torch.manual_seed(sample_seed)
+            np.random.seed(sample_seed)
+            random.seed(sample_seed)
+            return self.dataset[index]
 
 
 def prepare_batch(trainer: pl.Trainer, batch: Any, convert_input: bool = True) -> Any:

@@ -167,7 +167,7 @@ class HessianSpectrumCallback(Callback):
             size = self.probe_size if self.probe_size is not None else min(DEFAULT_PROBE_SIZE, len(dataset))
             indices = draw_probe_indices(len(dataset), size, self.seed)
             batches = probe_batches(dataset, indices, self.probe_batch_size, collate_fn,
-                                    trainer.global_rank, trainer.world_size)
+                                    trainer.global_rank, trainer.world_size, self.seed)
         self._batches = Batches(prepare_batch(trainer, b) for b in batches)
         if self._batches:  # a rank may hold no probe batch (fewer given batches than ranks)
             with leave_no_trace(pl_module, self.mode):

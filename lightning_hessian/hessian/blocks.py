@@ -20,6 +20,7 @@ from torch import nn
 from lightning_hessian.hessian.lanczos import EigenResult, KrylovSolver, basis_dtype, check_common
 from lightning_hessian.hessian.operator import LinearOperator
 from lightning_hessian.hessian.trace import (
+    MIN_TRACE_SAMPLES,
     TraceResult,
     check_sampling,
     rademacher,
@@ -158,7 +159,7 @@ def per_layer_trace(
     rel_tol: float = 0.01,
     confidence: float | None = 0.95,
     batch: int = 16,
-    min_samples: int = 32,
+    min_samples: int = MIN_TRACE_SAMPLES,
     max_samples: int = 2000,
     seed: int = 0,
 ) -> dict[str, TraceResult]:

@@ -158,6 +158,10 @@ def spectral_density(
     spike_weights = torch.full((deflate,), 1.0 / dim, dtype=torch.float64)
     for start in range(0, num_runs, batch):
         n = min(batch, num_runs - start)
+        if steps == 0:  # the eigenpairs span the whole space: the spectrum is exactly theirs
+            all_nodes += [spikes.to(torch.float64)] * n
+            all_weights += [spike_weights] * n
+            continue
         V0 = torch.randn(n, dim, generator=gen, device="cpu", dtype=torch.float64).to(device=op.device, dtype=work)
         if deflate:
             V0 -= (V0 @ Q.T) @ Q

@@ -19,6 +19,7 @@ from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian.operator import LinearOperator
 
 METHODS = ("hutchinson", "hutch++")
+MIN_TRACE_SAMPLES = 32  # probes a trace takes before its stopping rule (a standard error needs a few dozen)
 
 
 @dataclass
@@ -104,7 +105,7 @@ def hutchinson_trace(
     rel_tol: float = 0.01,
     confidence: float | None = 0.95,
     batch: int = 16,
-    min_samples: int = 32,
+    min_samples: int = MIN_TRACE_SAMPLES,
     max_samples: int = 2000,
     seed: int = 0,
     method: str = "hutchinson",

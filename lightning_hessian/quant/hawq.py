@@ -568,7 +568,7 @@ class HAWQModule(LightningModule):
             dataset, collate = train_dataset_of(trainer)
             indices = draw_probe_indices(len(dataset), min(self.probe_size, len(dataset)), self.seed)
             batches = probe_batches(dataset, indices, self.probe_batch_size, collate, trainer.global_rank,
-                                    trainer.world_size)
+                                    trainer.world_size, self.seed)
         return Batches(prepare_batch(trainer, batch, convert_input=convert_input) for batch in batches)
 
     @staticmethod

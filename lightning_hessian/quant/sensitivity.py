@@ -63,12 +63,11 @@ from torch import nn
 
 from lightning_hessian.hessian.blocks import block_slices, per_layer_top_eigenvalue, per_layer_trace
 from lightning_hessian.hessian.operator import HessianOperator
-from lightning_hessian.hessian.trace import check_sampling
+from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES, check_sampling
 from lightning_hessian.quant.modules import quantizable_layers
 from lightning_hessian.quant.quantizers import MAX_BITS, ActivationQuantizer, quantize_weight, validate_bit_choices
 
 METRICS = ("trace", "eigenvalue", "quadratic", "quadratic+act")
-MIN_TRACE_SAMPLES = 32  # Hutchinson probes every per-layer trace takes before its stopping rule
 QUADRATIC_METRICS = ("quadratic", "quadratic+act")
 _CACHE_VERSION = 3
 
