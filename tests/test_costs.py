@@ -113,6 +113,15 @@ def test_size_and_bops_tables_and_float_baselines():
     assert model_bops(stats, {"a": 4, "b": 8}, activation_bits=8) == 5000 * 32 + 40 * 64
 
 
+@pytest.mark.parametrize("count", [model_size, model_bops, bit_report])
+def test_bit_widths_are_checked_by_every_count(count):
+    stats = {"a": LayerStats("Linear", 100, 10, 5000)}
+    with pytest.raises(ValueError, match=r"bits\['a'\].* 2\.\.8"):
+        count(stats, {"a": 40})
+    with pytest.raises(ValueError, match=r"bits names layers \['c'\] that stats does not have; stats has \['a'\]"):
+        count(stats, {"c": 4})
+
+
 def test_budget_between_is_hawq_v3_fraction():
     costs = size_costs({"a": LayerStats("Linear", 100, 0, 1), "b": LayerStats("Linear", 300, 0, 1)}, (2, 4, 8))
     assert budget_between(costs, 0.0) == 400 * 4

@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_hessian.modes import training_mode
 from lightning_hessian.quant.modules import quantizable_layers
-from lightning_hessian.quant.quantizers import MIN_BITS, validate_bit_choices
+from lightning_hessian.quant.quantizers import MIN_BITS, validate_bit_choices, validate_bits
 
 FLOAT_BITS = 32
 _UNITS = {"bits": 1, "bytes": 8}
@@ -174,7 +174,7 @@ def model_size(stats: Mapping[str, LayerStats], bits: Mapping[str, int] | None =
     ``bits=None`` gives the float (32-bit) size for reports.
     """
     bits = bits or {}
-    _check_known(stats, bits)
+    check_layer_bits(stats, bits)
     total = sum(s.params * bits.get(name, FLOAT_BITS) + s.bias * FLOAT_BITS for name, s in stats.items())
     return total / _unit(unit)
 
@@ -188,7 +188,7 @@ def model_bops(
     ``activation_bits`` as in :func:`bops_costs`.
     """
     bits = bits or {}
-    _check_known(stats, bits)
+    check_layer_bits(stats, bits)
     a = _check_activation_bits(activation_bits)
     total = 0
     for name, s in stats.items():
@@ -221,10 +221,13 @@ def _check_activation_bits(activation_bits: int | None) -> int | None:
     return activation_bits
 
 
-def _check_known(stats: Mapping[str, LayerStats], bits: Mapping[str, int]) -> None:
+def check_layer_bits(stats: Mapping[str, LayerStats], bits: Mapping[str, int]) -> None:
+    """``bits`` names layers of ``stats`` only, each with a width in 2..8."""
     unknown = [name for name in bits if name not in stats]
     if unknown:
-        raise ValueError(f"bits has layers {unknown} that are not in stats")
+        raise ValueError(f"bits names layers {unknown} that stats does not have; stats has {list(stats)}")
+    for name, b in bits.items():
+        validate_bits(b, f"bits[{name!r}]")
 
 
 def _unit(unit: str) -> int:

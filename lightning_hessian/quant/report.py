@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_hessian.quant.costs import FLOAT_BITS, LayerStats
+from lightning_hessian.quant.costs import FLOAT_BITS, LayerStats, check_layer_bits
 from lightning_hessian.quant.sensitivity import Sensitivity
 
 
@@ -137,9 +137,7 @@ def bit_report(
     columns (``Omega`` at the chosen bits by ``metric``, when it was measured); ``activation_bits`` as in
     :func:`~lightning_hessian.quant.costs.bops_costs` (``None``: the same width as the weights).
     """
-    unknown = [name for name in bits if name not in stats]
-    if unknown:
-        raise ValueError(f"bits names layers {unknown} that stats does not have; stats has {list(stats)}")
+    check_layer_bits(stats, bits)
     omega = sensitivity.omega(metric) if sensitivity is not None and metric in sensitivity.metrics else {}
     rows = []
     for name, s in stats.items():
