@@ -124,3 +124,16 @@ def test_budget_and_bad_arguments() -> None:
         top_eigenvalues(op, v0=torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="ncv"):
         top_eigenvalues(op, k=5, ncv=6)
+
+
+@pytest.mark.parametrize("spectrum_head", [[4.0, 2.0, 1.0, 0.0], [5.0, 4.0, 3.0, -1.0]])
+def test_a_closed_krylov_space_is_not_taken_for_the_answer(spectrum_head) -> None:
+    """The start vector's Krylov space closes after 4 products (3 distinct values + one copy of the repeated
+    one): its pairs are exact but the wanted ones lie outside; they used to come back 'converged'."""
+    g = torch.Generator().manual_seed(0)
+    Qm = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64)).Q
+    eig = torch.tensor(spectrum_head[:3] + [spectrum_head[3]] * 57, dtype=torch.float64)
+    result = top_eigenvalues(DenseOperator(Qm @ torch.diag(eig) @ Qm.T), k=3, which="SA")
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, torch.full((3,), spectrum_head[3], dtype=torch.float64),
+                               rtol=0, atol=1e-10)

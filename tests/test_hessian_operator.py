@@ -271,3 +271,59 @@ def test_bare_tensor_batches_are_read_as_batches_when_wrapped() -> None:
     torch.testing.assert_close(split, whole, rtol=1e-9, atol=1e-11)
     with pytest.raises(ValueError, match="params is empty"):
         HessianOperator(model, loss_fn, (x, y), params=[])
+
+
+class _Tempered(nn.Module):
+    """A linear layer over a learnable scalar temperature (a 0-dim parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 3).double()
+        self.temperature = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.layer(x) / self.temperature
+
+
+@pytest.mark.parametrize("form", ["auto", "reverse", "reverse-batched", "forward"])
+def test_a_scalar_parameter_takes_part(form: str) -> None:
+    torch.manual_seed(0)
+    model = _Tempered()
+    batch = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    H = dense_hessian(model, loss_fn, batch)
+    op = HessianOperator(model, loss_fn, batch, hvp=form)
+    V = torch.randn(2, op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V[0]), V[0] @ H, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(op.matmat(V), V @ H, rtol=1e-9, atol=1e-11)
+
+
+def test_bf16_batches_are_summed_in_float32() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).bfloat16()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(4, 8, generator=g).bfloat16(), torch.randint(0, 3, (4,), generator=g)) for _ in range(200)]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=g).bfloat16()
+    op = HessianOperator(model, loss_fn, batches, hvp="reverse")
+    each = torch.stack([HessianOperator(model, loss_fn, b, hvp="reverse").matvec(v).double() for b in batches])
+    mean = each.mean(0)  # the same per-batch products, averaged in float64
+    error = float((op.matvec(v).double() - mean).norm() / mean.norm())
+    assert error <= 2**-8  # one bf16 rounding of the result (summed in bf16: 1.1e-2)
+
+
+def test_auto_choices_are_remembered_per_mode_and_not_from_empty_input(monkeypatch) -> None:
+    from lightning_hessian.hessian import operator
+
+    monkeypatch.setattr(operator, "_CHOICES", {})
+    torch.manual_seed(0)
+    model = MNIST1DCNN(channels=4, batch_norm=True).double().eval()
+    batch = teacher_batch(16, seed=3)
+    op = HessianOperator(model, loss_fn, batch)
+    assert op.matmat(torch.zeros(0, op.dim)).shape == (0, op.dim) and not operator._CHOICES
+    op.matmat(torch.randn(3, op.dim, dtype=torch.float64))
+    # a form BatchNorm runs only in eval mode, remembered for eval mode only
+    (key,) = operator._CHOICES
+    operator._CHOICES[key] = ("forward", {"reverse": 1.0, "reverse-batched": 1.0, "forward": 0.0})
+    model.train()
+    V = torch.randn(3, op.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    HV = HessianOperator(model, loss_fn, batch).matmat(V)  # measured anew: forward cannot run in train mode
+    torch.testing.assert_close(HV, HessianOperator(model, loss_fn, batch, hvp="reverse").matmat(V))

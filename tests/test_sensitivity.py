@@ -154,7 +154,9 @@ def test_cache_misses_on_other_code_and_reads_generators_and_damaged_files(tmp_p
     relu[1] = nn.ReLU()  # the same parameters
     fresh = layer_sensitivity(relu, loss_fn, batch, metrics=["quadratic"])
     again = layer_sensitivity(relu, loss_fn, batch, metrics=["quadratic"], cache_dir=tmp_path)
-    assert not again.cached and again.quadratic == fresh.quadratic != first.quadratic
+    assert not again.cached and again.quadratic["3"] != pytest.approx(first.quadratic["3"], rel=1e-3)
+    for name, table in fresh.quadratic.items():  # equal up to the HVP form the operator picks
+        assert again.quadratic[name] == pytest.approx(table, rel=1e-9)
     for loss in (_scaled_loss(1.0), _scaled_loss(3.0), lambda m, b: 3.0 * loss_fn(m, b)):
         got = layer_sensitivity(tiny_model(), loss, batch, metrics=["quadratic"], cache_dir=tmp_path)
         factor = 1.0 if loss.__closure__ and loss.__closure__[0].cell_contents == 1.0 else 3.0
@@ -170,7 +172,7 @@ def test_cache_misses_on_other_code_and_reads_generators_and_damaged_files(tmp_p
     (cached,) = (tmp_path / "g").glob("sensitivity-*.json")
     cached.write_text("{}")
     redone = layer_sensitivity(tiny_model(), loss_fn, split, metrics=["quadratic"], cache_dir=tmp_path / "g")
-    assert not redone.cached and redone.quadratic == listed.quadratic
+    assert not redone.cached and redone.quadratic["3"] == pytest.approx(listed.quadratic["3"], rel=1e-9)
     assert layer_sensitivity(tiny_model(), loss_fn, split, metrics=["quadratic"], cache_dir=tmp_path / "g").cached
 
 

@@ -89,6 +89,9 @@ def start_vectors(
     return v0
 
 
+_CLOSED = 1e-10  # a new direction this small (relative to ||H||) is rounding left by an invariant subspace
+
+
 class KrylovSolver:
     """One thick-restart Lanczos run on an operator of size ``dim`` (reverse communication).
 
@@ -125,6 +128,8 @@ class KrylovSolver:
         self.scale = 0.0  # running estimate of ||H|| (largest projection seen), for the breakdown threshold
         self.n = 0  # basis vectors whose products are known (columns of T filled)
         self.m = 0  # basis vectors in use; V[n:m] are pending
+        self.closed = False  # the last products added no direction beyond rounding: an invariant subspace
+        self.wanted_when_closed: torch.Tensor | None = None
         self._append(start.clone(), float(torch.linalg.vector_norm(start, dim=1).max()))
         if self.m == 0:
             raise ValueError("v0 is zero")
@@ -156,6 +161,7 @@ class KrylovSolver:
         space, is spanned) and is dropped.
         """
         rows: list[torch.Tensor] = []
+        closed = True
         coeffs = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64)
         for j in range(W.shape[0]):
             w = W[j]
@@ -168,9 +174,11 @@ class KrylovSolver:
                     w -= c * q
                     coeffs[idx, j] += float(c)
             beta = float(torch.linalg.vector_norm(w))
+            closed &= beta <= _CLOSED * scale
             if beta > 100 * self.eps * scale and self.m + len(rows) < self.cap:
                 coeffs[len(rows), j] = beta
                 rows.append(w / beta)
+        self.closed = closed
         for q in rows:
             self.V[self.m] = q
             self.m += 1
@@ -216,6 +224,22 @@ class KrylovSolver:
         self.num_hvps += c
         self.iterations += 1
         self._ritz()
+        self._check_closed_subspace()
+
+    def _check_closed_subspace(self) -> None:
+        """Pairs of an invariant subspace have zero residuals but say nothing of the rest of the space: after the
+        basis closes (``n < dim``), a random direction is explored, and the pairs count as converged only once such
+        an exploration closed again without changing them, or changed them and then passed the residual test."""
+        if self.n < self.k or self.n >= self.dim:
+            return
+        wanted = self.theta[: self.k]
+        known = self.wanted_when_closed
+        same = known is not None and torch.allclose(wanted, known, rtol=self.tol, atol=self.tol * self.scale)
+        if self.closed:
+            self.wanted_when_closed = wanted.clone()
+            self.converged = same and self.num_hvps >= self.min_iter
+        elif same:  # exploring a new direction that has not (yet) changed the wanted pairs
+            self.converged = False
 
     # ------------------------------------------------------------------------------------ Rayleigh-Ritz
     def _ritz(self) -> None:

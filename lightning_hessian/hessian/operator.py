@@ -266,7 +266,7 @@ class HessianOperator:
         if vec.shape[-1] != self.dim:
             raise ValueError(f"vector length {vec.shape[-1]} != op.dim {self.dim}")
         lead = vec.shape[:-1]
-        return [vec[..., self.slices[n]].reshape(*lead, *p.shape) for n, p in zip(self.names, self.params)]
+        return [vec[..., self.slices[n]].reshape((*lead, *p.shape)) for n, p in zip(self.names, self.params)]
 
     # ---------------------------------------------------------------------------------------- products
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -281,10 +281,13 @@ class HessianOperator:
             raise ValueError(f"matmat expects shape (k, {self.dim}), got {tuple(V.shape)}")
         V = V.to(device=self.device, dtype=self.dtype)
         k = V.shape[0]
+        if k == 0:  # nothing to time the HVP forms on
+            return V.new_zeros(0, self.dim)
         with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             if V.is_inference():  # an inference tensor from the caller becomes a normal one
                 V = V.clone()
-            total = torch.zeros(k, self.dim, device=self.device, dtype=self.dtype)
+            # summed in at least float32: bf16 sums over many batches drift (1% over 200)
+            total = torch.zeros(k, self.dim, device=self.device, dtype=torch.promote_types(self.dtype, torch.float32))
             count = 0
             kind = "single" if k == 1 else "multi"
             batches = iter(self._iter_batches())
@@ -303,7 +306,7 @@ class HessianOperator:
             total, count = self._reduce(total, count)
             total /= count
         self.num_hvps += k
-        return total
+        return total.to(self.dtype)
 
     def loss(self) -> float:
         """Sample-weighted mean loss over the data (all ranks when distributed)."""
@@ -437,7 +440,7 @@ class HessianOperator:
         """
         forms = ("reverse", "forward") if kind == "single" else HVP_FORMS
         key = (id(self.model), tuple(self.names), self.dtype, str(self.device), self.cache_graph, kind,
-               None if batch is None else _signature(batch))
+               tuple(m.training for m in self.model.modules()), None if batch is None else _signature(batch))
         known = _CHOICES.get(key)
         miss = batch is not None and known is None
         index = forms.index(known[0]) if known is not None else -1
