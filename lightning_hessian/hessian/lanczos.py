@@ -228,8 +228,9 @@ class KrylovSolver:
 
     def _check_closed_subspace(self) -> None:
         """Pairs of an invariant subspace have zero residuals but say nothing of the rest of the space: after the
-        basis closes (``n < dim``), a random direction is explored, and the pairs count as converged only once such
-        an exploration closed again without changing them, or changed them and then passed the residual test."""
+        basis closes (``n < dim``), a fresh direction (random, or what rounding left) is explored, and the pairs
+        count as converged only once such an exploration closed again without changing them, or changed them and
+        then passed the residual test."""
         if self.n < self.k or self.n >= self.dim:
             return
         wanted = self.theta[: self.k]
