@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from lightning_hessian.hessian.lanczos import EigenResult, KrylovSolver, basis_dtype, check_common
-from lightning_hessian.hessian.operator import LinearOperator
+from lightning_hessian.hessian.lanczos import EigenResult, KrylovSolver, check_common
+from lightning_hessian.hessian.operator import LinearOperator, working_dtype
 from lightning_hessian.hessian.trace import (
     MIN_TRACE_SAMPLES,
     TraceResult,
@@ -128,7 +128,7 @@ def per_layer_top_eigenvalue(
             raise ValueError(f"k={k} exceeds the size {d} of block {name!r}")
         g = torch.Generator().manual_seed(seed + i)
         start = torch.randn(1, d, generator=g, device="cpu", dtype=torch.float64)
-        start = start.to(device=op.device, dtype=basis_dtype(op.dtype))
+        start = start.to(device=op.device, dtype=working_dtype(op.dtype))
         solvers[name] = KrylovSolver(d, k, which, start, tol, max_iter, ncv, None, seed + i)
     while True:
         requests = {name: X for name, s in solvers.items() if (X := s.request()) is not None}

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from lightning_hessian.checks import check_positive_int
-from lightning_hessian.hessian.lanczos import EigenResult, basis_dtype, top_eigenvalues
-from lightning_hessian.hessian.operator import LinearOperator
+from lightning_hessian.hessian.lanczos import EigenResult, top_eigenvalues
+from lightning_hessian.hessian.operator import LinearOperator, working_dtype
 
 REORTH = ("full", "none")
 
@@ -143,7 +143,7 @@ def spectral_density(
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     dim = op.dim
     hvps = 0
-    work = basis_dtype(op.dtype)
+    work = working_dtype(op.dtype)
     Q = torch.zeros(0, dim, dtype=work, device=op.device)
     spikes = torch.zeros(0, dtype=torch.float64)
     if eigenpairs is not None:

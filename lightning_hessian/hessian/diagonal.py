@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from lightning_hessian.checks import check_positive_int
-from lightning_hessian.hessian.operator import LinearOperator
+from lightning_hessian.hessian.operator import LinearOperator, working_dtype
 
 
 class DiagonalEstimate(NamedTuple):
@@ -67,7 +67,7 @@ def hessian_diagonal(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     # Running mean and sum of squared deviations, merged batch by batch (Chan et al.), at least in float32.
-    acc_dtype = torch.promote_types(dtype, torch.float32)
+    acc_dtype = working_dtype(dtype)
     mean = torch.zeros(op.dim, dtype=acc_dtype, device=device)
     m2 = torch.zeros_like(mean)
     count = 0

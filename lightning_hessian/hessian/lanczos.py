@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_hessian.checks import check_positive_int
-from lightning_hessian.hessian.operator import LinearOperator
+from lightning_hessian.hessian.operator import LinearOperator, working_dtype
 
 WHICH = ("LA", "LM", "SA")
 
@@ -65,11 +65,6 @@ def check_common(op: LinearOperator, k: int, which: str, tol: float, max_iter: i
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
     check_positive_int(max_iter, "max_iter")
-
-
-def basis_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype Krylov bases are kept in: the operator's, at least float32 (a bf16 basis loses orthogonality)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def start_vectors(
@@ -333,7 +328,7 @@ def top_eigenvalues(
         raise ValueError(f"min_iter must be an int in [0, max_iter], got {min_iter!r}")
     if block_size is not None and (not isinstance(block_size, int) or not 1 <= block_size <= op.dim):
         raise ValueError(f"block_size must be an int in [1, dim], got {block_size!r}")
-    start = start_vectors(op.dim, v0, seed, basis_dtype(op.dtype), op.device)
+    start = start_vectors(op.dim, v0, seed, working_dtype(op.dtype), op.device)
     if block_size is None and start.shape[0] > 1:
         start = (start / torch.linalg.vector_norm(start, dim=1, keepdim=True)).sum(0, keepdim=True)
     elif block_size is not None and start.shape[0] < block_size:  # pad the block with seeded Gaussians

@@ -57,6 +57,12 @@ def _is_container(x: Any) -> bool:
     return isinstance(x, (tuple, list, Mapping))
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: the dtype of Krylov vectors and of sums over many products (bf16 vectors lose
+    orthogonality, bf16 sums drift)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class Batches(list):
     """A list read as a list of batches whatever its items are: for batches that are bare tensors, which a
     plain list ``[x1, x2]`` cannot tell from one ``[x, y]`` batch."""
@@ -286,8 +292,7 @@ class HessianOperator:
         with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             if V.is_inference():  # an inference tensor from the caller becomes a normal one
                 V = V.clone()
-            # summed in at least float32: bf16 sums over many batches drift (1% over 200)
-            total = torch.zeros(k, self.dim, device=self.device, dtype=torch.promote_types(self.dtype, torch.float32))
+            total = torch.zeros(k, self.dim, device=self.device, dtype=working_dtype(self.dtype))
             count = 0
             kind = "single" if k == 1 else "multi"
             batches = iter(self._iter_batches())
@@ -349,13 +354,12 @@ class HessianOperator:
         return int(first.shape[0])
 
     def _reduce(self, total: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
-        """Sum ``total`` and ``count`` over ranks in one all-reduce (at least float32, so counts stay exact)."""
+        """Sum ``total`` (float32 or float64: counts stay exact) and ``count`` over ranks in one all-reduce."""
         if self.distributed:
-            acc = torch.float64 if total.dtype == torch.float64 else torch.float32
-            n = torch.tensor([float(count)], dtype=acc, device=total.device)
-            packed = torch.cat([total.reshape(-1).to(acc), n])
+            n = torch.tensor([float(count)], dtype=total.dtype, device=total.device)
+            packed = torch.cat([total.reshape(-1), n])
             dist.all_reduce(packed, group=self.process_group)
-            total, count = packed[:-1].reshape(total.shape).to(total.dtype), float(packed[-1])
+            total, count = packed[:-1].reshape(total.shape), float(packed[-1])
         if count <= 0:
             raise ValueError("data holds no samples (on any rank): pass at least one non-empty batch")
         return total, count

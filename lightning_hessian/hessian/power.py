@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_hessian.hessian.lanczos import EigenResult, basis_dtype, check_common, start_vectors
-from lightning_hessian.hessian.operator import LinearOperator
+from lightning_hessian.hessian.lanczos import EigenResult, check_common, start_vectors
+from lightning_hessian.hessian.operator import LinearOperator, working_dtype
 
 
 def power_iteration(
@@ -36,7 +36,7 @@ def power_iteration(
     Returns the pairs ordered by decreasing magnitude (``which="LM"`` of ``top_eigenvalues``).
     """
     check_common(op, k, "LM", tol, max_iter)
-    work = basis_dtype(op.dtype)  # vectors in at least float32, as Lanczos keeps its basis
+    work = working_dtype(op.dtype)  # vectors in at least float32, as Lanczos keeps its basis
     given = start_vectors(op.dim, v0, seed, work, op.device) if v0 is not None else None
     g = torch.Generator().manual_seed(seed)
     found = torch.zeros(0, op.dim, dtype=work, device=op.device)
