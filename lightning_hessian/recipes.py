@@ -274,6 +274,7 @@ def _trained_model(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDat
 def _probe_set(cfg: DictConfig, datamodule: pl.LightningDataModule) -> list[Any]:
     """``probe.probe_size`` samples of ``probe.split`` drawn with ``probe.seed``, as the callbacks draw them."""
     from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
+    from lightning_hessian.checks import check_positive_int
 
     probe = cfg.probe
     if probe.split not in ("train", "test"):
@@ -281,11 +282,12 @@ def _probe_set(cfg: DictConfig, datamodule: pl.LightningDataModule) -> list[Any]
     if probe.split == "test":
         datamodule.setup("test")
     loader = datamodule.train_dataloader() if probe.split == "train" else datamodule.test_dataloader()
-    try:
+    try:  # the settings only: an error while loading the samples is the data's, not the config's
         indices = draw_probe_indices(len(loader.dataset), probe.probe_size, probe.seed)
-        return probe_batches(loader.dataset, indices, probe.probe_batch_size, loader.collate_fn, seed=probe.seed)
+        check_positive_int(probe.probe_batch_size, "probe_batch_size")
     except ValueError as err:
         raise ConfigError(f"probe: {err}") from err
+    return probe_batches(loader.dataset, indices, probe.probe_batch_size, loader.collate_fn, seed=probe.seed)
 
 
 def analyze(cfg: DictConfig) -> dict[str, Any]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian.checks import check_positive_int
@@ -45,12 +45,8 @@ def load_mnist1d(
         args.num_samples = num_train + num_test
         args.train_split = num_train / args.num_samples
         args.seed = seed
-        np_state, py_state = np.random.get_state(), random.getstate()  # the generator seeds both
-        try:
+        with isolate_rng(include_cuda=False):  # the generator seeds NumPy's and Python's global RNGs
             raw = make_dataset(args)
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, x=raw["x"], y=raw["y"], x_test=raw["x_test"], y_test=raw["y_test"])

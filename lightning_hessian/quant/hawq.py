@@ -43,6 +43,7 @@ from lightning_hessian.callbacks.probe import (
 )
 from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian import Batches
+from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
 from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
 from lightning_hessian.quant.modules import calibrate as calibrate_ranges
@@ -55,7 +56,7 @@ from lightning_hessian.quant.quantizers import (
     validate_bits,
 )
 from lightning_hessian.quant.report import BitReport, bit_report
-from lightning_hessian.quant.sensitivity import METRICS, MIN_TRACE_SAMPLES, Sensitivity, layer_sensitivity
+from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
 
 RESOURCES = ("size", "bops")
 # The wrapped module's hooks that run unchanged inside a HAWQModule (logging to this run). Only those it overrides are
