@@ -29,6 +29,13 @@ def _train_bn(model: nn.Module, shape: tuple, steps: int = 3) -> nn.Module:
     return model.eval()
 
 
+@torch.no_grad()
+def _spread_logits(model: nn.Module) -> nn.Module:
+    """A 10x larger classifier, so an untrained network's top-1 is not one class for nearly every input."""
+    model.fc.weight.mul_(10)
+    return model
+
+
 def _pipeline(model: nn.Module, bits, x: torch.Tensor, act_bits: int | str = 8):
     """quantize -> calibrate (a few training-mode batches) -> fold BN -> simulation and integer model."""
     qmodel, _ = quantize_model(model, bits, act_bits)
@@ -47,7 +54,7 @@ CASES = {  # make, input shape, weight bits, activation bits
     "cnn_bn_follow": (lambda: _train_bn(MNIST1DCNN(batch_norm=True), (64, 40)), (300, 40),
                       {"features.0": 4, "features.3": 8, "features.6": 6, "classifier": 5}, "follow"),
     "mlp": (lambda: MNIST1DMLP(), (300, 40), {"net.0": 8, "net.2": 4, "net.4": 8}, 8),
-    "resnet20": (lambda: _train_bn(resnet20(width=16), (16, 3, 32, 32)), (64, 3, 32, 32), 8, 8),
+    "resnet20": (lambda: _spread_logits(_train_bn(resnet20(width=16), (16, 3, 32, 32))), (64, 3, 32, 32), 8, 8),
     "resnet20_follow": (lambda: _train_bn(resnet20(width=4), (16, 3, 32, 32)), (64, 3, 32, 32),
                         {"conv1": 8, "layers.1.conv1": 4, "layers.3.conv2": 4, "layers.3.shortcut.0": 6, "fc": 6},
                         "follow"),
@@ -80,6 +87,7 @@ def test_integer_logits_bit_identical_to_simulation(case):
         out = integer(x)
     assert out.dtype == torch.float32
     assert torch.equal(out, sim_out.float())
+    assert torch.equal(integer(x[:1]), sim_out[:1].float())  # one sample (an overlapping im2col view)
     assert torch.equal(out.argmax(1), sim_out.argmax(1))  # top-1 agreement 100%
     assert len(torch.unique(out.argmax(1))) > 1  # not a degenerate constant model
 

@@ -101,9 +101,42 @@ def test_float_leftovers_are_warned():
     assert set(report.float_layers) == {"lstm", "<add>"}
     assert isinstance(qmodel.fc1, QuantLinear) and isinstance(qmodel.lstm, nn.LSTM)
     assert report.fx_error is None
-    # an untraceable model still gets its module-level scan, and says why fx could not run
-    _, report = quantize_model(MNIST1DCNN(), 8)
-    assert report.fx_error is not None and report.float_layers == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the reference models trace: nothing to warn about
+        assert quantize_model(MNIST1DCNN(), 8)[1].fx_error is None
+
+
+class _Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else torch.sigmoid(self.fc(x))
+
+
+def test_untraceable_model_is_scanned_by_module_and_warned():
+    with pytest.warns(UserWarning, match=r"torch.fx cannot trace the model \(TraceError.*not checked") as record:
+        qmodel, report = quantize_model(_Branching(), 8)
+    assert len(record) == 1 and report.fx_error.startswith("TraceError") and report.float_layers == {}
+    assert isinstance(qmodel.fc, QuantLinear)
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+        self.again = self.block  # one layer at two module paths
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.again(torch.relu(self.block(x))))
+
+
+def test_shared_layer_is_quantized_at_every_path():
+    qmodel, report = quantize_model(_Shared(), {"block": 4, "head": 8})
+    assert isinstance(qmodel.again, QuantLinear) and qmodel.again is qmodel.block
+    assert report.weight_bits == {"block": 4, "head": 8} and report.float_layers == {}
 
 
 def test_fake_quant_forward_is_the_quantized_formula():
@@ -282,17 +315,24 @@ def test_simulation_mode_requirements_and_outputs():
     assert float((out.float() - fake).abs().max()) < 0.05 * float(fake.abs().max())
 
 
-def test_residual_add_simulation_formula():
+def test_residual_add_fake_quant_and_simulation_round_each_input():
+    torch.manual_seed(0)
     add = QuantResidualAdd(bits=8)
-    a, b = torch.randn(6, 5), torch.randn(6, 5)
-    add.train()(a, b)
-    assert torch.equal(add.eval()(a, b), fake_quantize(a + b, add.act.scale(), *add.act.qrange()))
-    add.simulate = True
     sa, sb = torch.tensor(0.01, dtype=torch.float64), torch.tensor(0.03, dtype=torch.float64)
     na, nb = torch.randint(-300, 300, (6, 5)), torch.randint(-100, 100, (6, 5))
-    out = add(ScaledTensor.wrap(na * sa, sa), ScaledTensor.wrap(nb * sb, sb))
+    a, b = (na * sa).requires_grad_(), nb * sb
+    add.train()(a, b)
     s = add.act.scale().double()
-    exact = torch.clamp(torch.floor(na * (sa / s) + 0.5) + torch.floor(nb * (sb / s) + 0.5), -127, 127)
+    # each input rounded to the output grid, then added and clamped: the integer model's two roundings
+    summed = torch.floor(na * (sa / s) + 0.5) + torch.floor(nb * (sb / s) + 0.5)
+    exact = torch.clamp(summed, -127, 127)
+    assert not torch.equal(exact, torch.clamp(torch.round((a + b) / s), -127, 127))  # one rounding differs
+    fake = add.eval()(a, b)
+    assert torch.equal(torch.round(fake / s), exact)
+    fake.sum().backward()
+    assert torch.equal(a.grad, (summed.abs() <= 127).double())  # straight through inside the range
+    add.simulate = True
+    out = add(ScaledTensor.wrap(na * sa, sa), ScaledTensor.wrap(nb * sb, sb))
     assert torch.equal(out.integers(), exact.long())  # dyadic error < 2^-29 never moves these roundings
     with pytest.raises(RuntimeError, match="quantized inputs"):
         add(torch.randn(2), torch.randn(2))

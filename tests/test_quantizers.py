@@ -149,7 +149,32 @@ def test_bias_codes_int32():
     assert codes.dtype == torch.int64
     assert torch.equal(codes, torch.round(b.double() / scale).long())
     assert bool(((codes * scale - b.double()).abs() <= scale / 2).all())
-    assert bias_codes(torch.tensor([1e6]), torch.tensor([1e-6])).item() == INT32_MAX  # clamped to int32
+    with pytest.warns(UserWarning, match="bias codes exceed int32"):
+        assert bias_codes(torch.tensor([1e6]), torch.tensor([1e-6])).item() == INT32_MAX  # clamped to int32
+
+
+def test_all_zero_channel_and_range_keep_a_usable_scale():
+    # a pruned channel codes to zeros at any scale: it takes the largest channel's, so its bias stays exact
+    w = torch.tensor([[0.0, 0.0], [0.5, -1.27]])
+    torch.testing.assert_close(weight_codes(w, 8)[1], torch.tensor([0.01, 0.01]))
+    assert torch.equal(weight_codes(torch.zeros(2, 3), 8)[1], torch.ones(2))
+    codes = bias_codes(torch.tensor([2.0, 2.0]), weight_codes(w, 8)[1].double() * 0.05)
+    assert torch.equal(codes, torch.tensor([4000, 4000]))  # was clamped at int32 with a 1e-8 scale
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # 1e-8 underflows to 0 in half precision
+        q = ActivationQuantizer(8).train()
+        out = q(torch.zeros(3, dtype=dtype))
+        assert torch.equal(out, torch.zeros(3, dtype=dtype)) and q.scale().item() == 1.0
+        assert torch.equal(quantize_weight(torch.zeros(2, 3, dtype=dtype), 4), torch.zeros(2, 3, dtype=dtype))
+
+
+def test_weight_ste_passes_the_channel_maximum():
+    # qmax * (max|w| / qmax) can round below max|w|: a value-domain clamp there would zero its gradient
+    torch.manual_seed(0)
+    w = torch.randn(1000, 64, requires_grad=True)
+    for bits in (2, 4, 8):
+        w.grad = None
+        quantize_weight(w, bits).sum().backward()
+        assert torch.equal(w.grad, torch.ones_like(w))
 
 
 def test_dyadic_precision():

@@ -124,7 +124,7 @@ class IntegerLinear(_IntegerLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._codes(x)
-        acc = torch._int_mm(x.reshape(-1, self.in_features), self.weight).add_(self.bias)
+        acc = torch._int_mm(x.reshape(-1, self.in_features).contiguous(), self.weight).add_(self.bias)
         return acc.view(*x.shape[:-1], -1)
 
 
@@ -156,7 +156,8 @@ class IntegerConv(_IntegerLayer):
             x = x[(..., *(slice(None, None, dil) for dil in self.dilation))]
         n, spatial = x.shape[0], x.shape[1:1 + d]
         cols = x.permute(0, *range(1, 1 + d), *range(2 + d, 2 + 2 * d), 1 + d).reshape(-1, self.in_features)
-        acc = torch._int_mm(cols, self.weight).add_(self.bias)
+        # a batch of 1 leaves cols an overlapping-stride view, which _int_mm misreads: copy it
+        acc = torch._int_mm(cols.contiguous(), self.weight).add_(self.bias)
         return acc.view(n, *spatial, -1).movedim(-1, 1).contiguous()
 
 

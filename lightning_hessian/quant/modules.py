@@ -47,6 +47,7 @@ from lightning_hessian.quant.quantizers import (
     quantize_bias,
     quantize_weight,
     requantize,
+    round_ste,
     validate_act_bits,
     validate_bits,
     weight_codes,
@@ -272,7 +273,7 @@ class QuantResidualAdd(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if not self.simulate:
-            return self.act(a + b)
+            return self._fake_quantized_add(a, b)
         _check_simulation(self.act)
         if not (_is_quantized(a) and _is_quantized(b)):
             raise RuntimeError("QuantResidualAdd in integer simulation needs quantized inputs on both branches "
@@ -281,6 +282,17 @@ class QuantResidualAdd(nn.Module):
         qmin, qmax = self.act.qrange()
         n = sum(requantize(t.integers(), *dyadic(t.scale / scale)) for t in (a, b)).clamp(qmin, qmax)
         return ScaledTensor.wrap(n.double() * scale, scale, bound=max(-qmin, qmax))
+
+    def _fake_quantized_add(self, a: Tensor, b: Tensor) -> Tensor:
+        """Each input rounded to the output grid, then added and clamped (straight-through gradient): the
+        integer model's two roundings, not one rounding of ``a + b``."""
+        if self.act.training:
+            self.act.observe(a + b)
+        if not self.act.calibrated:
+            return a + b
+        scale = self.act.scale().to(a.dtype)
+        qmin, qmax = self.act.qrange()
+        return (round_ste(a / scale) + round_ste(b / scale)).clamp(qmin, qmax) * scale
 
 
 def window_sum(x: Tensor, output_size: tuple[int | None, ...]) -> Tensor:
@@ -448,15 +460,22 @@ def quantize_model(
     validate_act_bits(act_bits, "act_bits")
     weight_bits = _resolve_bits(bits, layers)
     qmodel = copy.deepcopy(model)
-    for name, m in list(qmodel.named_modules()):
+    swapped: dict[int, nn.Module] = {}  # a module at several paths (shared) gets one quantized module at all
+    for name, m in list(qmodel.named_modules(remove_duplicate=False)):
+        if id(m) in swapped:
+            _set_module(qmodel, name, swapped[id(m)])
+            continue
         if name in weight_bits and type(m) in _SWAP:
             layer_act = weight_bits[name] if act_bits == FOLLOW else act_bits
-            _set_module(qmodel, name, _SWAP[type(m)].from_float(m, weight_bits[name], layer_act, momentum))
+            swapped[id(m)] = _SWAP[type(m)].from_float(m, weight_bits[name], layer_act, momentum)
         elif isinstance(m, ResidualAdd):
             add_bits = MAX_BITS if act_bits == FOLLOW else act_bits
-            _set_module(qmodel, name, QuantResidualAdd(add_bits, momentum).train(m.training))
+            swapped[id(m)] = QuantResidualAdd(add_bits, momentum).train(m.training)
         elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-            _set_module(qmodel, name, QuantAdaptiveAvgPool.from_float(m).train(m.training))
+            swapped[id(m)] = QuantAdaptiveAvgPool.from_float(m).train(m.training)
+        else:
+            continue
+        _set_module(qmodel, name, swapped[id(m)])
     functional, fx_error = _functional_float_ops(model)
     report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits,
                                 float_layers={**_float_leftovers(model, weight_bits, ignore), **functional},
@@ -465,6 +484,10 @@ def quantize_model(
     if report.float_layers:
         listed = "; ".join(f"{n} ({why})" for n, why in report.float_layers.items())
         warnings.warn(f"quantize_model: {len(report.float_layers)} layer(s)/op(s) left in float: {listed}",
+                      UserWarning, stacklevel=2)
+    if fx_error:
+        warnings.warn(f"quantize_model: torch.fx cannot trace the model ({fx_error}), so functional ops in its "
+                      "forward() (e.g. torch.sigmoid, x * y) were not checked: any there run in float",
                       UserWarning, stacklevel=2)
     return qmodel, report
 

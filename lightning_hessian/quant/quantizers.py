@@ -12,6 +12,7 @@ the integer model both call these two functions, which is what makes them agree 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from numbers import Integral
 
@@ -24,7 +25,6 @@ FOLLOW = "follow"  # act_bits: each layer's input activations take its weight bi
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 MANTISSA_BITS = 30  # m in [2^29, 2^30): |n * m| + 2^(c-1) < 2^62 for any int32 n (room for an offset of 2^62)
 MAX_SHIFT = 54  # keeps 128 * 2^c (an int8 offset folded into the rounding) and x * m + 2^62 inside int64
-_EPS = 1e-8  # smallest scale, so an all-zero channel or tensor does not divide by zero
 
 
 def validate_bits(bits: object, name: str = "bits") -> int:
@@ -76,7 +76,7 @@ def fake_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     (the clamp is applied in the value domain so no ``1/scale * scale`` rounding touches it).
     """
     scale = scale.detach()
-    clamped = torch.clamp(x, qmin * scale, qmax * scale)  # gradient 1 on the bounds too (max|w| sits on one)
+    clamped = torch.clamp(x, qmin * scale, qmax * scale)
     return clamped + (torch.round(clamped / scale) * scale - clamped).detach()
 
 
@@ -86,9 +86,16 @@ def quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
 
 
 def weight_scale(weight: Tensor, bits: int) -> Tensor:
-    """Per-output-channel scale ``max|w_c| / (2^(b-1)-1)``, shape ``(out_channels,)``, detached."""
+    """Per-output-channel scale ``max|w_c| / (2^(b-1)-1)``, shape ``(out_channels,)``, detached.
+
+    An all-zero channel (pruned, or folded with a zero BatchNorm gain) codes to zeros at any scale: it takes
+    the largest channel's scale (1 if all are zero), so its int32 bias grid ``s_w * s_in`` stays as fine as
+    the other channels' instead of overflowing.
+    """
     _, qmax = qrange(bits, signed=True)
-    return (weight.detach().abs().flatten(1).amax(dim=1) / qmax).clamp_min(_EPS)
+    scale = weight.detach().abs().flatten(1).amax(dim=1) / qmax
+    largest = scale.max()
+    return torch.where(scale > 0, scale, torch.where(largest > 0, largest, 1.0))
 
 
 def _per_channel(scale: Tensor, like: Tensor) -> Tensor:
@@ -107,13 +114,21 @@ def quantize_weight(weight: Tensor, bits: int, scale: Tensor | None = None) -> T
     ``weight_scale(weight, bits)`` when the caller already has it."""
     validate_bits(bits, "bits")
     qmin, qmax = qrange(bits, signed=True)
-    scale = weight_scale(weight, bits) if scale is None else scale
-    return fake_quantize(weight, _per_channel(scale, weight), qmin, qmax)
+    scale = _per_channel(weight_scale(weight, bits) if scale is None else scale, weight)
+    # every weight is in range by construction: clamping the codes only (not the values) keeps the gradient
+    # 1 on max|w_c|, which a value-domain clamp at qmax * scale (rounded below max|w_c|) could cut
+    return weight + (quantize(weight, scale, qmin, qmax) * scale - weight).detach()
 
 
 def bias_codes(bias: Tensor, scale: Tensor) -> Tensor:
-    """int32 bias codes ``round(b / scale)`` as int64 (computed in float64; clamped to the int32 range)."""
-    return torch.clamp(torch.round(bias.detach().double() / scale.double()), INT32_MIN, INT32_MAX).long()
+    """int32 bias codes ``round(b / scale)`` as int64 (computed in float64; clamped to the int32 range, with a
+    warning when that changes a bias)."""
+    codes = torch.round(bias.detach().double() / scale.double())
+    if bool((codes.abs() > INT32_MAX).any()):
+        warnings.warn(f"bias codes exceed int32 on the accumulator grid s_w * s_in (smallest {scale.min().item():.3g}):"
+                      " they are clamped, so the quantized bias is wrong; a channel with tiny weights and a large "
+                      "bias needs its weights or bias rescaled", UserWarning, stacklevel=2)
+    return torch.clamp(codes, INT32_MIN, INT32_MAX).long()
 
 
 def quantize_bias(bias: Tensor, scale: Tensor) -> Tensor:
@@ -163,7 +178,7 @@ class ActivationQuantizer(nn.Module):
             bound = torch.maximum(self.running_min.abs(), self.running_max.abs())
         else:
             bound = self.running_max.clamp_min(0)
-        return (bound / qmax).clamp_min(_EPS)
+        return torch.where(bound > 0, bound / qmax, 1.0)  # a zero range codes to zeros at any scale
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
