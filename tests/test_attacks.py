@@ -288,3 +288,52 @@ def test_metrics_against_hand_computed_values():
     pn = perturbation_norm(x, x_adv, "linf", mask=torch.tensor([True, False, False, True]))
     assert pn.absolute.item() == pytest.approx(3.5)
     assert pn.relative.item() == pytest.approx((3 / 2 + 4) / 2)
+
+
+def test_per_channel_clamp_keeps_each_channel_in_its_own_pixel_range():
+    # standardised RGB-like data: each channel's valid range is ((0 - mean_c) / std_c, (1 - mean_c) / std_c)
+    mean, std = torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.25, 0.24, 0.26])
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(32, 3, 4, 4, generator=g)
+    pixels[:, :, 0, 0], pixels[:, :, 0, 1] = 0.0, 1.0  # every channel at both ends of its range
+    x = (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # float32 rounding: a few ulps off the bounds
+    y = torch.randint(0, 3, (32,), generator=g)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    clamp = (((0 - mean) / std).double().tolist(), ((1 - mean) / std).double().tolist())
+    for attack in (partial(fgsm, eps=0.4), partial(pgd, eps=0.4, steps=3), partial(trust_region, eps=0.4)):
+        back = attack(model, x, y, clamp=clamp) * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+        assert back.min() >= -1e-6 and back.max() <= 1 + 1e-6  # the union of the channels' ranges would not hold
+    scalar = fgsm(model, x, y, 0.4, clamp=(min(clamp[0]), max(clamp[1]))) * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    assert scalar.min() < -0.01 or scalar.max() > 1.01
+    with pytest.raises(ValueError, match=r"clamp holds 2 per-channel bounds but x .* has 3 channels"):
+        fgsm(model, x, y, 0.4, clamp=([0.0, 0.0], [1.0, 1.0]))
+    with pytest.raises(ValueError, match="two per-channel sequences of equal length"):
+        fgsm(model, x, y, 0.4, clamp=([0.0, 0.0, 0.0], [1.0, 1.0]))
+    with pytest.raises(ValueError, match="outside it"):  # more than rounding outside still fails
+        fgsm(model, x + 1e-3, y, 0.4, clamp=clamp)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_results_stay_inside_the_eps_ball(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 3)).to(dtype)
+    x, y = (torch.randn(64, 16) * 3).to(dtype), torch.randint(0, 3, (64,))
+    for norm in ("linf", "l2"):
+        attacks = [partial(pgd, steps=3, norm=norm), partial(trust_region, norm=norm, max_iter=3)]
+        for attack in attacks + ([fgsm] if norm == "linf" else []):
+            delta = (attack(model, x, y, 0.1).double() - x.double()).flatten(1)
+            dist = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+            # measured in float64 (up to its own rounding): rounding x + delta to bfloat16 went 1.5% past eps before
+            assert dist.max() <= 0.1 * (1 + 1e-12)
+
+
+def test_trust_region_moves_samples_off_an_exact_tie():
+    # equal logits: the linearised distance to the boundary is 0, so the first radius was 0 and stayed there
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+        model.bias.zero_()
+    x, y = torch.zeros(2, 2), torch.zeros(2, dtype=torch.int64)
+    for norm in ("linf", "l2"):
+        x_adv = trust_region(model, x, y, norm=norm, max_iter=5)
+        assert (model(x_adv).argmax(1) == 1).all() and float((x_adv - x).abs().max()) < 1e-3

@@ -94,6 +94,9 @@ def test_cifar10_reads_standard_folder(tmp_path):
     mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
     expected = (x_test[0].float() / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1)
     assert torch.allclose(xb[0], expected, atol=1e-6)
+    # the attacks' valid range, per channel: pixel values 0 and 1 once standardised
+    lo, hi = (torch.tensor(bound) for bound in dm.input_range)
+    torch.testing.assert_close(lo, -mean / std) and torch.testing.assert_close(hi, (1 - mean) / std)
 
 
 def test_cifar10_augmentation_is_crop_and_flip(tmp_path):

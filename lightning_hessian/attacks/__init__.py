@@ -7,10 +7,11 @@ Every attack is a function ``attack(model, x, y, eps, **options) -> x_adv`` that
 - measures ``eps`` (and step sizes, radii, ``clamp``) in the units of ``x`` as the model receives it. For a
   model that normalises its inputs, attack in raw units by passing a model that includes the normalisation,
   e.g. ``nn.Sequential(Normalize(mean, std), net)``; then ``x`` and ``clamp=(0, 1)`` are raw pixel units. To
-  attack standardised data directly, give ``clamp`` in standardised units (``((0 - mean) / std, (1 - mean)
-  / std)``) and ``eps`` in standardised units too;
-- clamps to the valid input range ``clamp=(lo, hi)`` (None: no clamping), which must hold the clean ``x``;
-  it is never taken from the batch's own min/max;
+  attack standardised data directly, give ``clamp`` in standardised units (per channel ``c``,
+  ``((0 - mean_c) / std_c, (1 - mean_c) / std_c)``) and ``eps`` in standardised units too;
+- clamps to the valid input range ``clamp=(lo, hi)`` (None: no clamping), which must hold the clean ``x`` (up
+  to rounding); ``lo`` and ``hi`` are numbers or per-channel sequences (dim 1 of ``x``), so standardised RGB
+  data keeps each channel's own pixel range; it is never taken from the batch's own min/max;
 - runs the model in eval mode and restores every module's mode afterwards (BatchNorm running statistics
   untouched), takes gradients w.r.t. the input only (parameters' ``.grad`` untouched), and works when
   called under ``torch.no_grad()`` or ``torch.inference_mode()`` (Lightning's validation loop);

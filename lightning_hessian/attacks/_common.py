@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -43,19 +44,60 @@ def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
                          f"got {_describe(y)}")
 
 
-def check_clamp(clamp: tuple[float, float] | None, x: torch.Tensor) -> tuple[float, float] | None:
-    """Validate the valid-input range and that the clean batch lies inside it (else clamping would move it)."""
+Range = tuple[float | tuple[float, ...], float | tuple[float, ...]]
+
+
+def check_range(clamp: object, name: str = "clamp") -> Range | None:
+    """``clamp`` as ``(lo, hi)`` with ``lo < hi``: two numbers, or two per-channel sequences of one length (the
+    channels are dim 1 of ``x``, e.g. the pixel range of standardised RGB data); ``ValueError`` naming ``name``."""
     if clamp is None:
         return None
-    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2 or not float(clamp[0]) < float(clamp[1]):
-        raise ValueError(f"clamp must be None or a pair (lo, hi) with lo < hi, got {clamp!r}")
-    lo, hi = float(clamp[0]), float(clamp[1])
-    if x.numel() and (x.min() < lo or x.max() > hi):
+    pair = [_bound(b) for b in clamp] if isinstance(clamp, Sequence) and not isinstance(clamp, str) else []
+    lengths = {len(b) for b in pair if isinstance(b, tuple)}
+    if len(pair) != 2 or None in pair or len(lengths) > 1 or 0 in lengths or not bool(
+            (torch.tensor(pair[0]) < torch.tensor(pair[1])).all()):
+        raise ValueError(f"{name} must be None or a pair (lo, hi) with lo < hi: two numbers, or two per-channel "
+                         f"sequences of equal length, got {clamp!r}")
+    return pair[0], pair[1]
+
+
+def _bound(value: object) -> float | tuple[float, ...] | None:
+    def number(v: object) -> bool:
+        return isinstance(v, Real) and not isinstance(v, bool)
+
+    if number(value):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str) and all(number(v) for v in value):
+        return tuple(float(v) for v in value)
+    return None
+
+
+def check_clamp(clamp: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The valid-input range as two tensors that broadcast against ``x`` (per-channel bounds along dim 1),
+    after checking that the clean batch lies inside it, up to a few units of rounding in ``x``'s dtype."""
+    bounds = check_range(clamp)
+    if bounds is None:
+        return None
+    lo, hi = (_bound_tensor(b, x) for b in bounds)
+    slack = 4 * torch.finfo(x.dtype).eps * max(1.0, float(torch.maximum(lo.abs(), hi.abs()).max()))
+    if x.numel() and (bool((x < lo - slack).any()) or bool((x > hi + slack).any())):
         raise ValueError(
-            f"clamp={clamp!r} but x has values in [{x.min().item():.4g}, {x.max().item():.4g}]: pass the data's "
-            f"valid range in the units of x (for standardised data, the standardised bounds)"
+            f"clamp={clamp!r} but x has values in [{x.min().item():.9g}, {x.max().item():.9g}] outside it: pass the "
+            "data's valid range in the units of x (for standardised data, the standardised bounds)"
         )
     return lo, hi
+
+
+def _bound_tensor(bound: float | tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+    t = torch.tensor(bound, dtype=x.dtype, device=x.device)
+    if t.dim() == 0:
+        return t
+    if x.dim() < 2 or x.shape[1] != len(t):
+        raise ValueError(f"clamp holds {len(t)} per-channel bounds but x of shape {tuple(x.shape)} has "
+                         f"{x.shape[1] if x.dim() > 1 else 'no'} channels (dim 1)")
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
 
 
 def _describe(t: object) -> str:
@@ -108,9 +150,21 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return delta * as_column(factor, delta)
 
 
-def into_range(x: torch.Tensor, clamp: tuple[float, float] | None) -> torch.Tensor:
-    """Clamp to the valid-input range (identity when ``clamp`` is None)."""
-    return x if clamp is None else x.clamp(clamp[0], clamp[1])
+def into_range(x: torch.Tensor, clamp: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Clamp to the valid-input range from :func:`check_clamp` (identity when ``clamp`` is None)."""
+    return x if clamp is None else torch.clamp(x, clamp[0], clamp[1])
+
+
+def into_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """``x_adv`` projected onto the ``eps``-ball around ``x`` in float64, then rounded to ``x``'s dtype with no
+    coordinate farther from ``x`` than its projected value: rounding ``x + delta`` (by up to 0.4% of a value
+    in bfloat16) never takes a sample outside the ball."""
+    if math.isinf(eps):
+        return x_adv
+    x64 = x.double()
+    delta = project(x_adv.double() - x64, eps, norm)
+    rounded = (x64 + delta).to(x_adv.dtype)
+    return torch.where((rounded.double() - x64).abs() > delta.abs(), torch.nextafter(rounded, x), rounded)
 
 
 def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:

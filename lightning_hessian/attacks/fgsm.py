@@ -7,12 +7,14 @@ from torch import nn
 
 from lightning_hessian.attacks._common import (
     LossFn,
+    Range,
     attack_context,
     check_batch,
     check_clamp,
     check_eps,
     detached_copy,
     input_grad,
+    into_ball,
     into_range,
 )
 
@@ -24,7 +26,7 @@ def fgsm(
     eps: float,
     *,
     loss_fn: LossFn | None = None,
-    clamp: tuple[float, float] | None = None,
+    clamp: Range | None = None,
     targeted: bool = False,
 ) -> torch.Tensor:
     """One signed-gradient step of size ``eps`` (L-inf): ``x + eps * sign(grad_x loss)``, clamped to ``clamp``.
@@ -35,7 +37,7 @@ def fgsm(
         y: int64 labels ``(N,)``; with ``targeted=True`` the classes to move towards.
         eps: L-inf radius, > 0.
         loss_fn: ``loss_fn(logits, y) -> scalar`` summed or averaged over samples; default cross-entropy.
-        clamp: valid input range ``(lo, hi)``; None for no clamping.
+        clamp: valid input range ``(lo, hi)``, numbers or per-channel sequences; None for no clamping.
         targeted: descend the loss towards ``y`` instead of ascending it away from ``y``.
 
     Returns:
@@ -47,4 +49,4 @@ def fgsm(
     with attack_context(model):
         x, y = detached_copy(x), detached_copy(y)
         step = input_grad(model, x, y, loss_fn).sign() * eps
-        return into_range(x - step if targeted else x + step, clamp).detach()
+        return into_range(into_ball(x - step if targeted else x + step, x, eps, "linf"), clamp).detach()

@@ -7,6 +7,7 @@ from torch import nn
 
 from lightning_hessian.attacks._common import (
     LossFn,
+    Range,
     as_column,
     ascent_direction,
     attack_context,
@@ -16,6 +17,7 @@ from lightning_hessian.attacks._common import (
     check_norm,
     detached_copy,
     input_grad,
+    into_ball,
     into_range,
     project,
 )
@@ -32,7 +34,7 @@ def pgd(
     step_size: float | None = None,
     norm: str = "linf",
     random_start: bool = True,
-    clamp: tuple[float, float] | None = None,
+    clamp: Range | None = None,
     loss_fn: LossFn | None = None,
     targeted: bool = False,
     generator: torch.Generator | None = None,
@@ -49,7 +51,7 @@ def pgd(
         norm: ``"linf"`` (signed-gradient steps) or ``"l2"`` (normalised-gradient steps).
         random_start: start from a uniform point of the L-inf ball, or for L2 from a random direction at a
             uniform random radius in ``[0, eps]``.
-        clamp: valid input range ``(lo, hi)``; None for no clamping.
+        clamp: valid input range ``(lo, hi)``, numbers or per-channel sequences; None for no clamping.
         loss_fn: ``loss_fn(logits, y) -> scalar`` summed or averaged over samples; default cross-entropy.
         targeted: descend the loss towards ``y`` instead of ascending it away from ``y``.
         generator: random source of the start (on ``x``'s device) for reproducible attacks.
@@ -73,7 +75,7 @@ def pgd(
             grad = input_grad(model, x_adv, y, loss_fn)
             delta = x_adv + (sign * step_size) * ascent_direction(grad, norm) - x
             x_adv = into_range(x + project(delta, eps, norm), clamp)
-        return x_adv.detach()
+        return into_range(into_ball(x_adv, x, eps, norm), clamp).detach()
 
 
 def _random_delta(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:

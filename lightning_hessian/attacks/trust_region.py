@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_hessian.attacks._common import (
+    Range,
     as_column,
     ascent_direction,
     attack_context,
@@ -24,6 +25,7 @@ from lightning_hessian.attacks._common import (
     check_eps,
     check_norm,
     detached_copy,
+    into_ball,
     into_range,
     per_sample_norm,
     project,
@@ -31,6 +33,7 @@ from lightning_hessian.attacks._common import (
 from lightning_hessian.checks import check_positive_int
 
 _FIRST_RADIUS_FRACTION = 0.1  # default first radius, as a fraction of the first linearised distance
+_MIN_STEP = 1e-4  # smallest step, relative to 1 + ||x||: moves a sample off an exact tie of logits
 
 
 def trust_region(
@@ -48,7 +51,7 @@ def trust_region(
     rho_grow: float = 0.9,
     rho_shrink: float = 0.5,
     overshoot: float = 0.02,
-    clamp: tuple[float, float] | None = None,
+    clamp: Range | None = None,
 ) -> torch.Tensor:
     """Minimal-perturbation untargeted attack in L-inf or L2, iterating only on samples not yet fooled.
 
@@ -69,7 +72,7 @@ def trust_region(
         rho_grow, rho_shrink: thresholds on ``rho = achieved / predicted`` margin decrease.
         overshoot: a step aiming at the linearised boundary goes ``overshoot`` times the total perturbation
             beyond it, so that the boundary is crossed (as in DeepFool) even from a near-tie.
-        clamp: valid input range ``(lo, hi)``; None for no clamping.
+        clamp: valid input range ``(lo, hi)``, numbers or per-channel sequences; None for no clamping.
 
     Returns:
         Detached adversarial inputs inside the ``eps``-ball and ``clamp``; samples not fooled within
@@ -111,8 +114,10 @@ def trust_region(
             bounds = None if lower is None else (lower[active], upper[active])
             j, m, g, d = _nearest_boundary(logits, xa, ya, targets, dual, bounds)
             xa = xa.detach()
-            ra = torch.where(ra.isinf(), _FIRST_RADIUS_FRACTION * d, ra)
-            crossing = d + overshoot * (d + per_sample_norm(xa - x0, norm))
+            # a floor on every step: at d = 0 (logits tied) the radius would start, and stay, at 0
+            min_step = _MIN_STEP * (1 + per_sample_norm(x0, norm))
+            ra = torch.where(ra.isinf(), torch.maximum(_FIRST_RADIUS_FRACTION * d, min_step), ra)
+            crossing = torch.maximum(d + overshoot * (d + per_sample_norm(xa - x0, norm)), min_step)
             step = torch.where(d.isfinite(), torch.minimum(ra, crossing), 0.0)  # inf: no direction left open
             trial = xa - as_column(step, xa) * ascent_direction(g, norm)
             trial = into_range(x0 + project(trial - x0, eps, norm), clamp)
@@ -128,18 +133,18 @@ def trust_region(
                 rho > rho_grow, ra * grow, torch.where(rho < rho_shrink, torch.minimum(ra, step) * shrink, ra)
             )
             active = active[alive & ~(accept & fooled)]
-        return x_adv.detach()
+        return into_range(into_ball(x_adv, x, eps, norm), clamp).detach()
 
 
 def _box(
-    x: torch.Tensor, eps: float, norm: str, clamp: tuple[float, float] | None
+    x: torch.Tensor, eps: float, norm: str, clamp: tuple[torch.Tensor, torch.Tensor] | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Per-coordinate bounds on ``x_adv``: the valid range, intersected with the eps-box for L-inf."""
     box_eps = norm == "linf" and not math.isinf(eps)
     if clamp is None and not box_eps:
         return None, None
-    lo, hi = clamp if clamp is not None else (-math.inf, math.inf)
-    lower, upper = torch.full_like(x, lo), torch.full_like(x, hi)
+    lo, hi = clamp if clamp is not None else (x.new_tensor(-math.inf), x.new_tensor(math.inf))
+    lower, upper = lo.expand_as(x), hi.expand_as(x)
     if box_eps:
         lower, upper = torch.maximum(lower, x - eps), torch.minimum(upper, x + eps)
     return lower, upper

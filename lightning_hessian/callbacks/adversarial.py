@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, MutableMapping, MutableSequence, Sequence
+import warnings
+from collections.abc import Callable, Mapping, MutableMapping, MutableSequence
 from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_hessian.attacks import attack_success_rate, fgsm, pgd, trust_region
-from lightning_hessian.attacks._common import NORMS, check_eps
+from lightning_hessian.attacks._common import NORMS, Range, check_eps, check_range
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.checks import check_number, check_positive_int
 
@@ -26,13 +27,15 @@ MODES = ("replace", "append")
 class AdversarialAugmentCallback(Callback):
     """Replace (or append) a fraction of every training batch with adversarial examples; measure robustness.
 
-    At each training batch, ``round(fraction * N)`` randomly chosen samples are attacked with ``attack`` on
-    the LightningModule itself (``pl_module(x)`` must return logits) and, with ``mode="replace"``, take the
-    place of their clean rows; with ``mode="append"`` they are added to the batch with their labels (so the
-    batch grows to ``N + round(fraction * N)``; other per-sample entries of a dict batch are not extended).
-    Attacks run in eval mode, leave the parameters' ``.grad`` and the module's modes untouched, and use
-    their own seeded random source, so the global RNG stream is unchanged. Under DDP each rank attacks its
-    own shard, with no collectives.
+    At each training batch, ``fraction * N`` randomly chosen samples (rounded up with probability equal to
+    the fractional part, so any batch size attacks ``fraction`` of its samples on average) are attacked with
+    ``attack`` on the LightningModule itself (``pl_module(x)`` must return logits) and, with
+    ``mode="replace"``, take the place of their clean rows; with ``mode="append"`` they are added to the
+    batch with their labels (other per-sample entries of a dict batch are not extended). Attacks run in
+    eval mode, leave the parameters' ``.grad`` and the module's modes untouched, and use their own seeded
+    random source, so the global RNG stream is unchanged. Under DDP each rank attacks its own shard, with
+    no collectives. An attack that fails on the first batch raises (a misconfiguration); one that fails
+    later warns and leaves that batch clean.
 
     ``eps`` is in the units of the inputs as the model receives them (default 0.1: a tenth of a standard
     deviation for standardised data such as the project's MNIST-1D and CIFAR-10 datamodules; for CIFAR-10
@@ -52,8 +55,8 @@ class AdversarialAugmentCallback(Callback):
     With ``robust_eval=True`` every validation epoch also measures accuracy under ``robust_eval_attack``
     (default PGD with ``robust_eval_steps`` steps at ``robust_eval_eps``, default ``eps``), with random
     starts drawn from a generator seeded with ``seed`` (plus the rank) at each validation epoch start.
-    Logged per epoch: ``adv/fraction`` (mean over the epoch's batches), ``adv/success_rate`` (share of the
-    attacked training samples the model misclassifies after the attack, all ranks pooled) and
+    Logged per epoch (all ranks pooled): ``adv/fraction`` (share of the epoch's training samples attacked),
+    ``adv/success_rate`` (share of the attacked samples the model misclassifies after the attack) and
     ``adv/robust_acc``.
 
     Example::
@@ -72,7 +75,7 @@ class AdversarialAugmentCallback(Callback):
         norm: str = "linf",
         steps: int = 10,
         step_size: float | None = None,
-        clamp: str | tuple[float, float] | None = "auto",
+        clamp: str | Range | None = "auto",
         input_key: int | str | None = None,
         target_key: int | str | None = None,
         fraction_schedule: Schedule | None = None,
@@ -92,8 +95,8 @@ class AdversarialAugmentCallback(Callback):
             mode: ``"replace"`` the attacked rows, or ``"append"`` the adversarial copies.
             norm: ``"linf"`` or ``"l2"`` ball for PGD and the trust-region attack (FGSM is L-inf only).
             steps, step_size: PGD steps and step length (default ``2.5 * eps / steps``).
-            clamp: valid input range ``(lo, hi)``, None for none, or ``"auto"`` (the datamodule's
-                ``input_range``).
+            clamp: valid input range ``(lo, hi)`` (numbers, or per-channel sequences), None for none, or
+                ``"auto"`` (the datamodule's ``input_range``).
             input_key, target_key: where inputs and int labels sit in a batch (index or dict key).
             fraction_schedule, eps_schedule: ``epoch -> value`` callables or ``{first_epoch: value}`` dicts.
             robust_eval: measure accuracy under ``robust_eval_attack`` every validation epoch.
@@ -116,8 +119,8 @@ class AdversarialAugmentCallback(Callback):
             check_eps(step_size, "step_size")
         if robust_eval_eps is not None:
             check_eps(robust_eval_eps, "robust_eval_eps")
-        if not (clamp is None or clamp == "auto" or _is_range(clamp)):
-            raise ValueError(f"clamp must be 'auto', None or a pair (lo, hi) with lo < hi, got {clamp!r}")
+        if not (isinstance(clamp, str) and clamp == "auto"):
+            check_range(clamp, "clamp (or 'auto')")
         for name, key in (("input_key", input_key), ("target_key", target_key)):
             if key is not None and (isinstance(key, bool) or not isinstance(key, (int, str))):
                 raise TypeError(f"{name} must be an int (tuple/list position), a str (dict key) or None, got {key!r}")
@@ -139,9 +142,11 @@ class AdversarialAugmentCallback(Callback):
         self.batches_seen = 0
         self.samples_attacked = 0
         self.samples_fooled = 0
-        self._range: tuple[float, float] | None = None
+        self._range: Range | None = None
         self._differentiable = False
-        self._train_counts = torch.zeros(4, dtype=torch.float64)  # epoch: sum of fractions, batches, fooled, attacked
+        self._train_counts = torch.zeros(3, dtype=torch.float64)  # this epoch's samples, attacked, fooled
+        self._counts_epoch = -1  # the epoch _train_counts belong to (restored mid-epoch, they carry on)
+        self._train_ok = False
         self._eval_counts = torch.zeros(2, dtype=torch.float64)  # this validation: correct, total
         self._eval_ok = False
         self._eval_generator: torch.Generator | None = None
@@ -174,19 +179,16 @@ class AdversarialAugmentCallback(Callback):
     # ---- hooks -------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.clamp != "auto":
-            self._range = None if self.clamp is None else (float(self.clamp[0]), float(self.clamp[1]))
+        if not (isinstance(self.clamp, str) and self.clamp == "auto"):
+            self._range = check_range(self.clamp)
             return
         found = getattr(trainer.datamodule, "input_range", None)
         if found is None:
             rank_zero_info("AdversarialAugmentCallback: clamp='auto' found no `input_range` on the datamodule; "
                            "adversarial inputs are not clamped (pass clamp=(lo, hi) to bound them)")
             self._range = None
-        elif _is_range(found):
-            self._range = (float(found[0]), float(found[1]))
         else:
-            raise ValueError(f"clamp='auto' needs datamodule.input_range to be a pair (lo, hi) with lo < hi, got "
-                             f"{found!r}; pass clamp=(lo, hi) or clamp=None")
+            self._range = check_range(found, "datamodule.input_range (read for clamp='auto'; else pass clamp=)")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -194,31 +196,40 @@ class AdversarialAugmentCallback(Callback):
             self.fraction = _scheduled(self.fraction_schedule, epoch, self.fraction)
         if self.eps_schedule is not None:
             self.eps = _scheduled(self.eps_schedule, epoch, self.eps)
-        self._train_counts.zero_()
+        if self._counts_epoch != epoch:
+            self._train_counts.zero_()
+            self._counts_epoch = epoch
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         x, y = self._inputs_and_targets(batch)
         n = x.shape[0]
-        k = round(self.fraction * n)
         self.batches_seen += 1
-        self._train_counts[:2] += torch.tensor([self.fraction, 1], dtype=torch.float64)
+        seed = _mix(self.seed, self.batches_seen, trainer.global_rank)
+        generator = torch.Generator().manual_seed(seed)
+        # fraction * n rounded up with probability its fractional part, so every batch size attacks `fraction`
+        k = math.floor(self.fraction * n)
+        k += int(torch.rand((), generator=generator).item() < self.fraction * n - k)
+        self._train_counts[0] += n
         if k == 0:
             return
         if not self._differentiable:
             self._check_differentiable(pl_module, x, "attack")
-        seed = _mix(self.seed, self.batches_seen, trainer.global_rank)
-        generator = torch.Generator().manual_seed(seed)
         rows = torch.randperm(n, generator=generator, device="cpu")[:k].sort().values.to(x.device)
         x_clean, y_clean = x[rows], y[rows].long()
         attack = self._attack(self.attack, self.eps, self.steps, self.step_size,
                               torch.Generator(device=x.device).manual_seed(seed))
-        x_adv = _checked_output(attack(pl_module, x_clean, y_clean), x_clean, "attack").to(x.dtype)
-        fooled = round(float(attack_success_rate(pl_module, x_adv, y_clean)) * k)
+        try:
+            x_adv = _checked_output(attack(pl_module, x_clean, y_clean), x_clean, "attack").to(x.dtype)
+            fooled = round(float(attack_success_rate(pl_module, x_adv, y_clean)) * k)
+        except Exception as err:
+            _fail_first_then_warn(err, self._train_ok, f"the attack on training batch {batch_idx}", trainer)
+            return
+        self._train_ok = True
         self.samples_attacked += k
         self.samples_fooled += fooled
-        self._train_counts[2:] += torch.tensor([fooled, k], dtype=torch.float64)
+        self._train_counts[1:] += torch.tensor([k, fooled], dtype=torch.float64)
         if self.mode == "replace":
             new_x = x.clone()
             new_x[rows] = x_adv
@@ -228,10 +239,10 @@ class AdversarialAugmentCallback(Callback):
             _put(batch, self._key(batch, "target"), y, torch.cat([y, y[rows]]))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fraction_sum, batches, fooled, attacked = _all_ranks_sum(trainer, pl_module, self._train_counts)
+        samples, attacked, fooled = _all_ranks_sum(trainer, pl_module, self._train_counts)
         metrics = {}
-        if batches > 0:
-            metrics["adv/fraction"] = fraction_sum / batches
+        if samples > 0:
+            metrics["adv/fraction"] = attacked / samples
         if attacked > 0:
             metrics["adv/success_rate"] = fooled / attacked
         if metrics:
@@ -259,10 +270,7 @@ class AdversarialAugmentCallback(Callback):
             x_adv = _checked_output(attack(pl_module, x, y), x, "robust_eval_attack")
             wrong = round(float(attack_success_rate(pl_module, x_adv, y)) * len(y))
         except Exception as err:
-            if not self._eval_ok:  # the first batch: a misconfiguration, fail fast
-                raise
-            rank_zero_warn(f"AdversarialAugmentCallback: robust evaluation of batch {batch_idx} failed ({err!r}); "
-                           "skipped, training continues")  # a diagnostic never ends a training run
+            _fail_first_then_warn(err, self._eval_ok, f"the robust evaluation of batch {batch_idx}", trainer)
             return
         self._eval_ok = True
         self._eval_counts += torch.tensor([len(y) - wrong, len(y)], dtype=torch.float64)
@@ -278,10 +286,15 @@ class AdversarialAugmentCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"fraction": self.fraction, "eps": self.eps, "batches_seen": self.batches_seen,
-                "samples_attacked": self.samples_attacked, "samples_fooled": self.samples_fooled}
+                "samples_attacked": self.samples_attacked, "samples_fooled": self.samples_fooled,
+                "train_counts": self._train_counts.tolist(), "counts_epoch": self._counts_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key, value in state_dict.items():
+        state = dict(state_dict)
+        if "train_counts" in state:
+            self._train_counts = torch.tensor(state.pop("train_counts"), dtype=torch.float64)
+            self._counts_epoch = state.pop("counts_epoch")
+        for key, value in state.items():
             setattr(self, key, value)
 
     # ---- helpers -----------------------------------------------------------------------------------------
@@ -358,6 +371,15 @@ def _all_ranks_sum(trainer: pl.Trainer, pl_module: pl.LightningModule, counts: t
     return trainer.strategy.reduce(counts.clone().to(pl_module.device), reduce_op="sum").cpu().tolist()
 
 
+def _fail_first_then_warn(err: Exception, succeeded_before: bool, what: str, trainer: pl.Trainer) -> None:
+    """Re-raise a failure before any success (a misconfiguration: fail fast); later ones warn and the batch is
+    skipped, so one bad batch never ends a training run."""
+    if not succeeded_before:
+        raise err
+    warnings.warn(f"AdversarialAugmentCallback: {what} failed on rank {trainer.global_rank} ({err!r}); skipped, "
+                  "training continues", RuntimeWarning, stacklevel=2)
+
+
 def _put(batch: Any, key: int | str, old: torch.Tensor, new: torch.Tensor) -> None:
     """Store ``new`` at ``key``: in the slot of a list or dict, else (tuples) in ``old``'s own tensor object."""
     if isinstance(batch, (MutableMapping, MutableSequence)):
@@ -402,12 +424,6 @@ def _check_schedule(schedule: Any, name: str, valid: Callable[[float], bool], ru
     ):
         raise ValueError(f"{name} must be None, a callable epoch -> value, or a dict {{first_epoch: value}} with "
                          f"integer epochs >= 0 and values {rule}, got {schedule!r}")
-
-
-def _is_range(value: Any) -> bool:
-    return (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            and float(value[0]) < float(value[1]))
 
 
 def _describe(value: Any) -> str:

@@ -109,7 +109,7 @@ class CIFAR10DataModule(LightningDataModule):
         self.num_train, self.num_test, self.augment, self.num_workers = num_train, num_test, augment, num_workers
         self.seed = seed
         mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
-        self.input_range = (float((-mean / std).min()), float(((1 - mean) / std).max()))
+        self.input_range = (tuple((-mean / std).tolist()), tuple(((1 - mean) / std).tolist()))  # per channel
         self.train_set = self.test_set = None
 
     def prepare_data(self) -> None:
