@@ -189,18 +189,30 @@ def test_dataloader_mode_grows_the_datamodule_hparams_the_loader_reads(scripted_
     trainer = pl.Trainer(max_epochs=4, callbacks=[AdaptiveBatchSizeCallback(max_batch_size=64, plot=False)],
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False)
-    trainer.fit(module, datamodule=HparamsData(8))
+    data = HparamsData(8)
+    trainer.fit(module, datamodule=data)
     rows = {epoch: max(r for e, r, _ in module.seen if e == epoch) for epoch in range(4)}
     assert rows == {0: 8, 1: 8, 2: 8, 3: 16}  # EIGS 10, 8, 4.9: 4.9 <= 10 / 2 grows after epoch 2
     assert module.hparams.batch_size == 8
+    assert data.hparams.batch_size == 8  # restored after fit: fitting (or resuming) it again starts from 8
+
+
+class FixedLoaderModule(HparamsModule):
+    def train_dataloader(self):  # ignores hparams.batch_size
+        return DataLoader(Data(8).data, batch_size=8)
 
 
 def test_dataloader_mode_fails_when_the_loader_does_not_read_the_batch_size(scripted_eigenvalues):
-    module = HparamsModule(batch_size=16)  # the module's batch_size, but the loader is fixed at 8
-    trainer = pl.Trainer(max_epochs=2, callbacks=[AdaptiveBatchSizeCallback(max_batch_size=64, plot=False)],
-                         logger=False, enable_progress_bar=False, enable_checkpointing=False)
-    with pytest.raises(ValueError, match=r"HparamsModule.hparams.batch_size \(now 16\).*DataLoader has batch_size=8"):
-        trainer.fit(module, DataLoader(Data(8).data, batch_size=8))
+    def trainer():
+        return pl.Trainer(max_epochs=2, callbacks=[AdaptiveBatchSizeCallback(max_batch_size=64, plot=False)],
+                          logger=False, enable_progress_bar=False, enable_checkpointing=False)
+
+    module = FixedLoaderModule(batch_size=16)  # the module's batch_size, but its loader is fixed at 8
+    with pytest.raises(ValueError, match=r"FixedLoaderModule.hparams.batch_size \(now 16\).*DataLoader has batch_s"):
+        trainer().fit(module)
+    # a DataLoader given to fit() cannot be rebuilt: refused at once, not at the first growth (it matched at 8)
+    with pytest.raises(ValueError, match=r"a DataLoader passed to fit\(\) cannot do.*mode='accumulate'"):
+        trainer().fit(HparamsModule(batch_size=8), DataLoader(Data(8).data, batch_size=8))
 
 
 def _epoch_lrs(module):
@@ -250,6 +262,7 @@ SCHEDULERS = {  # each keeps its own copy of the LR's scale: base_lrs of nested 
                                                                 cycle_momentum=False),
     "cyclic": lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=2,
                                                             cycle_momentum=False),
+    "cosine_floor": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6, eta_min=0.05),
 }
 
 
@@ -348,3 +361,41 @@ def test_optimizer_hooks_removed_when_fit_raises(scripted_eigenvalues):
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(module, datamodule=Data(8))
     assert not module.opt._optimizer_step_pre_hooks and not module.opt._optimizer_step_post_hooks
+
+
+def test_a_step_that_raises_during_warmup_leaves_the_scheduled_lr():
+    # the warmup scales the LR in the step's pre-hook; the post-hook that puts it back never runs when the
+    # training step (inside the closure) raises, and a checkpoint taken then would keep the scaled LR
+    class Failing(Module):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 3:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    module, data = Failing(), Data(8)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[AdaptiveBatchSizeCallback(max_batch_size=64, schedule="fb")],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, datamodule=data)
+    assert module.seen[-1][2] < 0.8  # the steps ran warmed up
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.8)  # fb: 8x the batch, 8x the LR
+    assert data.batch_size == 8  # and the datamodule has its own batch size back
+
+
+def test_resume_from_a_mid_epoch_checkpoint_under_a_per_step_scheduler(tmp_path):
+    # gg measures the scheduler's decay from the LR at its last decision, the history records each epoch's
+    # first LR: both must come from the checkpoint, not from the LR at the resumed step
+    def step_decay(opt):  # x0.5 over each 16-step epoch at batch 8
+        return {"scheduler": torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5 ** (1 / 16)), "interval": "step"}
+
+    def run(schedule, ckpt=None):
+        cb = AdaptiveBatchSizeCallback(max_batch_size=64, schedule=schedule, plot=False)
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / schedule, filename="{step}",
+                                                  every_n_train_steps=6, save_top_k=-1)
+        fit(cb, epochs=3, scheduler=step_decay, ckpt_path=ckpt, extra=[checkpoint])
+        return cb.history
+
+    for schedule in ("gg", "bl"):
+        full = run(schedule)
+        assert run(schedule, ckpt=str(tmp_path / schedule / "step=6.ckpt")) == full

@@ -1,4 +1,5 @@
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -177,6 +178,31 @@ def test_every_n_steps_probes_once_per_optimizer_step_under_accumulation():
     assert [h["step"] for h in cb.history] == [2, 4, 6]
 
 
+class TwoOptimizerModule(TinyModule):
+    """Manual optimization with two optimizers: ``global_step`` moves by 2 per batch."""
+
+    def __init__(self):
+        super().__init__(batch_norm=False)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for opt in self.optimizers():
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+            opt.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.05), torch.optim.SGD(self.net[4].parameters(), lr=0.05)]
+
+
+def test_every_n_steps_probes_when_the_step_jumps_past_a_multiple():
+    cb = HessianSpectrumCallback(probe_size=32, trace=False, every_n_steps=3, plot=False)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(TwoOptimizerModule(), DataLoader(make_data(), batch_size=8))  # 12 batches: steps 2, 4, ..., 24
+    assert [h["step"] for h in cb.history] == [4, 6, 10, 12, 16, 18, 22, 24]  # the first step past each multiple
+
+
 class ScaledInputModule(TinyModule):
     """Doubles the inputs in ``on_before_batch_transfer``: the probe must see what training_step sees."""
 
@@ -298,3 +324,31 @@ def test_two_callbacks_on_different_parameters_keep_their_own_state(tmp_path):
     assert whole.state_key != head.state_key
     fit([whole, head], max_epochs=1)
     assert whole.history[0]["eigenvalues"] != head.history[0]["eigenvalues"]
+
+
+class LossObject:
+    def __call__(self, model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_state_key_is_the_same_in_every_process_and_tells_configurations_apart():
+    # a key holding a memory address (a loss object's or a partial's repr) differs after a restart, and
+    # Lightning then drops the checkpointed history
+    for loss_fn in (LossObject(), partial(F.cross_entropy), lambda m, b: F.cross_entropy(m(b[0]), b[1])):
+        key = HessianSpectrumCallback(loss_fn=loss_fn).state_key
+        assert " at 0x" not in key and key == HessianSpectrumCallback(loss_fn=loss_fn).state_key
+    keys = {HessianSpectrumCallback(**kwargs).state_key for kwargs in (
+        {}, {"trace": False}, {"density": True}, {"trace_method": "hutch++"}, {"eig_tol": 1e-6},
+        {"krylov_steps": 8}, {"probe_batch_size": 64})}
+    assert len(keys) == 7  # two callbacks that differ only there can run side by side
+
+
+def test_a_failing_plot_warns_and_keeps_the_history(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lightning_hessian.plots.plot_spectrum_history", broken)
+    cb = HessianSpectrumCallback(probe_size=32, trace=False)
+    with pytest.warns(UserWarning, match=r"writing the plots failed \(OSError\('disk full'\)\)"):
+        fit([cb], max_epochs=1, default_root_dir=tmp_path)
+    assert len(cb.history) == 1

@@ -109,12 +109,13 @@ class AdaptiveBatchSizeCallback(Callback):
         self.probe_seconds = 0.0
         self.history: list[dict[str, Any]] = []
         self._adversary: Any = None
-        self._epoch_lr = 0.0  # the first group's LR at the epoch start, for the history
-        self._decision_lr = 0.0  # its LR after the last gg decision: a drop since is a scheduler's decay
+        self._epoch_lr: tuple[int, float] | None = None  # (epoch, the first group's LR at its start), for history
+        self._decision_lr: float | None = None  # that LR after the last gg decision: a drop since is a decay
         self._warm_ratio: float | None = None  # the warmup's LR multiplier for this batch's optimizer step
         self._group_lrs: list[float] = []  # the LRs the warmup scaled, put back after the step
         self._hooks: list[Any] = []
         self._reloaded = False  # a batch-size change awaits the next epoch's dataloader
+        self._configured: tuple[Any, int] | None = None  # (holder, batch_size) or (trainer, accumulation) to restore
 
     @property
     def state_key(self) -> str:
@@ -128,6 +129,10 @@ class AdaptiveBatchSizeCallback(Callback):
         if self.schedule == "abs":
             self._probe.setup(trainer, pl_module, stage)
         if self.mode == "dataloader":
+            if not trainer.fit_loop._data_source.is_module():
+                raise ValueError("mode='dataloader' rebuilds the train loader from train_dataloader() with a larger "
+                                 "batch_size, which a DataLoader passed to fit() cannot do: give fit() a datamodule "
+                                 "(or a module with train_dataloader()), or use mode='accumulate'")
             self._batch_holder(trainer, pl_module)  # fails early if there is none
             trainer.reload_dataloaders_every_n_epochs = 1
         if self.adversarial:
@@ -141,6 +146,8 @@ class AdaptiveBatchSizeCallback(Callback):
         per_device = self._per_device_batch(trainer, pl_module)
         accumulate = trainer.accumulate_grad_batches
         current = per_device * trainer.world_size * accumulate
+        self._configured = ((self._batch_holder(trainer, pl_module)[0], per_device) if self.mode == "dataloader"
+                            else (trainer, accumulate))
         if self.batch_size is None:  # a fresh run (a resumed one has its schedule from the checkpoint)
             self.base_batch_size = self.batch_size = current
             if self.max_batch_size < current:
@@ -153,7 +160,10 @@ class AdaptiveBatchSizeCallback(Callback):
                 self.warmup = {"start_epoch": 0.0, "epochs": self.fb_warmup_epochs,
                                "from_ratio": current / self.batch_size}
         else:
-            self._realise(trainer, pl_module, self.batch_size // self.base_batch_size)
+            if current != self.base_batch_size:
+                rank_zero_warn(f"AdaptiveBatchSizeCallback: the resumed schedule starts from the checkpoint's batch "
+                               f"{self.base_batch_size} (now at {self.batch_size}), not the configured {current}")
+            self._realise(trainer, pl_module)
         dataset = getattr(trainer.train_dataloader, "dataset", None)
         dataset_size = len(dataset) if isinstance(dataset, Sized) else None
         if dataset_size is not None and self._largest_reachable() > dataset_size:
@@ -166,19 +176,29 @@ class AdaptiveBatchSizeCallback(Callback):
         if self._adversary is not None:
             self._adversary.fraction = self.adversarial_fraction
         optimizer = trainer.optimizers[0]
-        self._epoch_lr = self._decision_lr = optimizer.param_groups[0]["lr"]
+        if self._decision_lr is None:  # fresh, or a checkpoint without it
+            self._decision_lr = optimizer.param_groups[0]["lr"]
         self._hooks = [optimizer.register_step_pre_hook(self._warm), optimizer.register_step_post_hook(self._unwarm)]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
+        self._restore(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()  # Lightning skips teardown when fit raises
+        self._restore(trainer)  # Lightning skips teardown when fit raises
 
-    def _remove_hooks(self) -> None:
+    def _restore(self, trainer: pl.Trainer) -> None:
+        """Leave no trace after fit: the LRs an interrupted warmup step scaled (a checkpoint taken on the
+        exception must not keep them), the optimizer hooks, and the configured batch size or accumulation
+        (a datamodule fitted again, or resumed, starts from its own value)."""
+        if self._group_lrs and trainer.optimizers:
+            self._unwarm(trainer.optimizers[0])
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._configured is not None:
+            owner, value = self._configured
+            setattr(owner, "batch_size" if self.mode == "dataloader" else "accumulate_grad_batches", value)
+            self._configured = None
 
     # ---- per batch: LR warmup, inside the optimizer step (schedulers only ever see the full LR) ---------
 
@@ -212,7 +232,8 @@ class AdaptiveBatchSizeCallback(Callback):
             self._check_loader_reads(trainer, pl_module)
         if self.schedule == "gg":  # a plateau scheduler's decay, applied after the last epoch's callbacks
             self._apply_gg(trainer, pl_module)
-        self._epoch_lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if self._epoch_lr is None or self._epoch_lr[0] != trainer.current_epoch:  # kept when resumed mid-epoch
+            self._epoch_lr = (trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         eigenvalue, growth = None, 1
@@ -226,7 +247,7 @@ class AdaptiveBatchSizeCallback(Callback):
             growth = self._apply_gg(trainer, pl_module)
         if self.adversarial:
             self._update_adversarial_fraction(trainer, grew=growth > 1)
-        record = {"epoch": trainer.current_epoch, "batch_size": self.batch_size, "lr": self._epoch_lr,
+        record = {"epoch": trainer.current_epoch, "batch_size": self.batch_size, "lr": self._epoch_lr[1],
                   "eigenvalue": eigenvalue, "adversarial_fraction": self.adversarial_fraction}
         self.history.append(record)
         metrics = {"abs/batch_size": float(record["batch_size"]), "abs/lr": record["lr"],
@@ -239,7 +260,10 @@ class AdaptiveBatchSizeCallback(Callback):
         if self.plot and self.history and trainer.is_global_zero:
             from lightning_hessian.plots import plot_batch_schedule
 
-            plot_batch_schedule(self.history, Path(trainer.default_root_dir) / "hessian" / "batch_schedule.png")
+            try:
+                plot_batch_schedule(self.history, Path(trainer.default_root_dir) / "hessian" / "batch_schedule.png")
+            except Exception as err:  # the history is kept (state_dict); only the picture is lost
+                rank_zero_warn(f"AdaptiveBatchSizeCallback: writing the plot failed ({err!r})")
 
     # ---- decisions ---------------------------------------------------------------------------------------
 
@@ -300,20 +324,27 @@ class AdaptiveBatchSizeCallback(Callback):
             return 1
         self.batch_size *= growth
         self.epochs_since_growth = 0
-        self._realise(trainer, pl_module, growth)
+        self._realise(trainer, pl_module)
         self._scale_lr(trainer, growth)  # gg: undoes the scheduler's decay
         if self.schedule != "gg" and self.warmup_epochs > 0:
             self.warmup = {"start_epoch": trainer.current_epoch + 1.0, "epochs": self.warmup_epochs,
                            "from_ratio": 1 / growth}
         return growth
 
-    def _realise(self, trainer: pl.Trainer, pl_module: pl.LightningModule, growth: int) -> None:
-        """Make the per-device batch (or the accumulation) ``growth`` times larger from the next epoch on."""
-        if self.mode == "accumulate":
-            trainer.accumulate_grad_batches *= growth
+    def _realise(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Set the per-device batch (or the accumulation) that makes the global batch ``batch_size`` from the
+        next epoch on (absolute, so a holder already changed by an earlier fit does not compound)."""
+        accumulate = self.mode == "accumulate"
+        per_step = trainer.world_size * (self._per_device_batch(trainer, pl_module) if accumulate
+                                         else trainer.accumulate_grad_batches)
+        if self.batch_size % per_step:
+            layout = "per-device batch x devices" if accumulate else "devices x accumulation"
+            raise ValueError(f"AdaptiveBatchSizeCallback: the global batch {self.batch_size} is not a multiple of "
+                             f"{per_step} ({layout}); resume a checkpoint on a layout that divides it")
+        if accumulate:
+            trainer.accumulate_grad_batches = self.batch_size // per_step
         else:
-            holder, _ = self._batch_holder(trainer, pl_module)
-            holder.batch_size *= growth
+            self._batch_holder(trainer, pl_module)[0].batch_size = self.batch_size // per_step
             # reload the train dataloader at the next epoch start (also when called from on_train_start,
             # after Lightning already built this epoch's loader)
             trainer.fit_loop._last_train_dl_reload_epoch = float("-inf")
@@ -322,7 +353,8 @@ class AdaptiveBatchSizeCallback(Callback):
     @staticmethod
     def _scale_lr(trainer: pl.Trainer, growth: float) -> None:
         """Multiply the LR wherever it is kept: the groups (OneCycleLR keeps its range there), the schedulers'
-        base (and CyclicLR's max) LRs, and those of schedulers nested in SequentialLR / ChainedScheduler."""
+        base LRs, maxima (CyclicLR) and floors (cosine annealing, ReduceLROnPlateau), and those of schedulers
+        nested in SequentialLR / ChainedScheduler."""
         groups = trainer.optimizers[0].param_groups
         for g in groups:
             for key in ("lr", "initial_lr", "max_lr", "min_lr"):
@@ -332,9 +364,11 @@ class AdaptiveBatchSizeCallback(Callback):
         while pending:
             scheduler = pending.pop()
             pending.extend(getattr(scheduler, "_schedulers", []))
-            for attr in ("base_lrs", "max_lrs"):
+            for attr in ("base_lrs", "max_lrs", "min_lrs"):  # min_lrs: ReduceLROnPlateau's floors
                 if hasattr(scheduler, attr):
                     setattr(scheduler, attr, [lr * growth for lr in getattr(scheduler, attr)])
+            if isinstance(getattr(scheduler, "eta_min", None), (int, float)):  # the cosine schedules' floor
+                scheduler.eta_min *= growth
             if hasattr(scheduler, "_last_lr"):
                 scheduler._last_lr = [g["lr"] for g in groups]
 
@@ -399,11 +433,15 @@ class AdaptiveBatchSizeCallback(Callback):
             "reference": self.reference, "epochs_since_growth": self.epochs_since_growth,
             "adversarial_fraction": self.adversarial_fraction, "warmup": self.warmup,
             "probe_seconds": self.probe_seconds, "history": self.history, "probe": self._probe.state_dict(),
+            "decision_lr": self._decision_lr, "epoch_lr": None if self._epoch_lr is None else list(self._epoch_lr),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         if "probe" in state:  # the probe's warm start: a resumed run's eigenvalues equal an uninterrupted one's
             self._probe.load_state_dict(state.pop("probe"))
+        self._decision_lr = state.pop("decision_lr", None)
+        epoch_lr = state.pop("epoch_lr", None)
+        self._epoch_lr = None if epoch_lr is None else (int(epoch_lr[0]), float(epoch_lr[1]))
         for key, value in state.items():
             setattr(self, key, value)

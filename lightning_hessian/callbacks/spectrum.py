@@ -142,7 +142,9 @@ class HessianSpectrumCallback(Callback):
             top_k=self.top_k, every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps,
             probe_size=self.probe_size or DEFAULT_PROBE_SIZE, mode=self.mode, params=repr(self.params),
             seed=self.seed, per_layer=self.per_layer, probe_data=self.probe_data is not None,
-            loss_fn=getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)),
+            loss_fn=_callable_name(self.loss_fn), trace=self.trace, density=self.density,
+            trace_method=self.trace_method, eig_tol=self.eig_tol, krylov_steps=self.krylov_steps,
+            probe_batch_size=self.probe_batch_size,
         )
 
     # ---- hooks -------------------------------------------------------------------------------------------
@@ -180,8 +182,8 @@ class HessianSpectrumCallback(Callback):
         self._clock = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        step = trainer.global_step  # moves once per optimizer step, not per accumulated micro-batch
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+        step = trainer.global_step  # per optimizer step, not micro-batch (two optimizers: it moves by 2)
+        if self.every_n_steps and step // self.every_n_steps > self._last_step // self.every_n_steps:
             self._last_step = step
             self._probe_and_log(trainer, pl_module)
 
@@ -195,7 +197,10 @@ class HessianSpectrumCallback(Callback):
                            f"max_overhead={self.max_overhead} ({self._probe_seconds:.1f} s probing, "
                            f"{self._train_seconds:.1f} s training)")
         if self.plot and self.history and trainer.is_global_zero:
-            self.write_plots(trainer)
+            try:
+                self.write_plots(trainer)
+            except Exception as err:  # the history is kept (state_dict); only the picture is lost
+                rank_zero_warn(f"HessianSpectrumCallback: writing the plots failed ({err!r})")
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "skipped": self.skipped, "probe_seconds": self._probe_seconds,
@@ -328,3 +333,10 @@ class HessianSpectrumCallback(Callback):
                     image = torch.from_numpy(matplotlib.image.imread(path)[..., :3]).permute(2, 0, 1)
                     logger.experiment.add_image(f"hessian/{path.stem}", image, trainer.global_step)
         return paths
+
+
+def _callable_name(fn: Any) -> str:
+    """A name for ``fn`` that is the same in every process (no memory address): a function's qualified name,
+    a partial's function's, else the type's."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return getattr(fn, "__qualname__", type(fn).__qualname__)

@@ -9,8 +9,11 @@ across ranks when a ``torch.distributed`` process group is initialised.
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -257,6 +260,7 @@ class HessianOperator:
         self._wrapper = _LossModule(model, loss_fn)
         self._keys = tuple("model." + n for n in self.names)
         self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor | None]]] = {}
+        self._failure: Exception | None = None  # a rank-local error, carried as NaN through the next all-reduce
 
     # ----------------------------------------------------------------------------------------- vectors
     def flatten(self, tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -301,13 +305,11 @@ class HessianOperator:
                 first = next(batches, None)
                 hv = self._choose(kind, first, V)
                 if first is not None:
-                    n = self._batch_size(first)
-                    total.add_(hv, alpha=float(n))
-                    count, start = n, 1
+                    count += self._local(self._add_weighted, total, first, lambda _: hv) or 0
+                    start = 1
             for index, batch in enumerate(batches, start):
-                n = self._batch_size(batch)
-                total.add_(self._hvp(self.hvp_choice[kind], index, batch, V), alpha=float(n))
-                count += n
+                product = partial(self._hvp, self.hvp_choice[kind], index, V=V)
+                count += self._local(self._add_weighted, total, batch, product) or 0
             total, count = self._reduce(total, count)
             total /= count
         self.num_hvps += k
@@ -327,9 +329,7 @@ class HessianOperator:
         together when distributed: how the operator averages batches, for other per-batch quantities."""
         total, count = torch.zeros(shape, device=self.device, dtype=torch.float64), 0
         for batch in self._iter_batches():
-            n = self._batch_size(batch)
-            total += float(n) * fn(batch).to(total)
-            count += n
+            count += self._local(self._add_weighted, total, batch, fn) or 0
         total, count = self._reduce(total, count)
         return total / count
 
@@ -353,13 +353,42 @@ class HessianOperator:
             raise ValueError("cannot infer the batch size (no tensor with a batch dim): pass batch_size_fn=")
         return int(first.shape[0])
 
+    def _add_weighted(self, total: torch.Tensor, batch: Batch, fn: Callable[[Batch], torch.Tensor]) -> int:
+        """``total += n * fn(batch)`` for a batch of ``n`` samples; returns ``n``."""
+        n = self._batch_size(batch)
+        total.add_(fn(batch).to(total), alpha=float(n))
+        return n
+
+    def _local(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``: this rank's own work between all-reduces. Under a process group a failure must not
+        leave the other ranks waiting in the next all-reduce: it is kept (the result is None, later work is
+        skipped) and that all-reduce then carries NaN to every rank, which all see the same non-finite
+        products and so take the same path (e.g. a callback's warning). Without one, it raises."""
+        if self._failure is not None:
+            return None
+        try:
+            return fn(*args)
+        except Exception as err:
+            if not self.distributed:
+                raise
+            self._failure = err
+            return None
+
     def _reduce(self, total: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
         """Sum ``total`` (float32 or float64: counts stay exact) and ``count`` over ranks in one all-reduce."""
         if self.distributed:
             n = torch.tensor([float(count)], dtype=total.dtype, device=total.device)
             packed = torch.cat([total.reshape(-1), n])
+            if self._failure is not None:
+                packed.fill_(float("nan"))
             dist.all_reduce(packed, group=self.process_group)
             total, count = packed[:-1].reshape(total.shape), float(packed[-1])
+            if self._failure is not None:
+                warnings.warn(f"HessianOperator: rank {dist.get_rank()} failed ({self._failure!r}); its products "
+                              "are NaN on every rank, so all ranks stay in step", RuntimeWarning, stacklevel=3)
+                self._failure = None
+            if math.isnan(count):
+                return total, 1.0
         if count <= 0:
             raise ValueError("data holds no samples (on any rank): pass at least one non-empty batch")
         return total, count
@@ -455,7 +484,7 @@ class HessianOperator:
         if not miss:
             self.hvp_choice[kind] = forms[max(index, 0)]
             self.hvp_timings[kind] = dict(known[1]) if known is not None else {}
-            return None if batch is None else self._hvp(self.hvp_choice[kind], 0, batch, V)
+            return None if batch is None else self._local(self._hvp, self.hvp_choice[kind], 0, batch, V)
         result = self._calibrate(kind, batch, V)
         if batch is not None:
             if len(_CHOICES) >= _MAX_CHOICES:
@@ -473,8 +502,8 @@ class HessianOperator:
         timings = dict.fromkeys(forms, 0.0)
         result, errors = None, []
         if batch is not None and self.cache_graph:
-            self._first_order(0, batch)  # a one-time cost, not part of a cached reverse HVP
-        for form in forms if batch is not None else ():
+            self._local(self._first_order, 0, batch)  # a one-time cost, not part of a cached reverse HVP
+        for form in forms if batch is not None and self._failure is None else ():
             try:
                 self._sync()
                 start = time.perf_counter()
@@ -482,11 +511,11 @@ class HessianOperator:
                 self._sync()
                 timings[form] = time.perf_counter() - start
                 result = hv
-            except RuntimeError as err:  # a form this model does not support (e.g. no vmap batching rule)
+            except Exception as err:  # a form this model does not support (e.g. no vmap batching rule)
                 timings[form] = float("inf")
                 errors.append(err)
         if errors and result is None:
-            raise errors[0]
+            self._local(_raise, errors[0])
         if self.distributed:  # every rank must pick the same form
             packed = torch.tensor([timings[f] for f in forms], dtype=torch.float64, device=self.device)
             dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.process_group)
@@ -496,8 +525,13 @@ class HessianOperator:
         self.hvp_timings[kind] = timings
         if result is None or V.shape[0] == probe.shape[0]:
             return result
-        return torch.cat([result, self._hvp(choice, 0, batch, V[probe.shape[0] :])])
+        rest = self._local(self._hvp, choice, 0, batch, V[probe.shape[0] :])
+        return None if rest is None else torch.cat([result, rest])
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _raise(err: Exception) -> None:
+    raise err

@@ -1,7 +1,11 @@
 """Under DDP the Hessian callbacks give the single-process values, and every rank takes the same decisions."""
 
+from datetime import timedelta
+
 import lightning.pytorch as pl
 import pytest
+import torch
+import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
@@ -77,3 +81,23 @@ def test_abs_ranks_agree_on_every_change(tmp_path):
     # epoch: 2 epochs of 6 steps of 8, 1 epoch of 3 steps of 16, 1 epoch of 32 + 16
     assert rank0["rows"] == [8] * 12 + [16] * 3 + [32, 16]
     assert rank0["weights"] == pytest.approx(rank1["weights"], abs=0)
+
+
+def _fails_on_rank_1_in_epoch_1(model, batch):
+    if torch.distributed.get_rank() == 1 and model.trainer.current_epoch == 1:
+        raise RuntimeError("rank-1-only failure")
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_a_probe_failing_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    # the failing rank used to warn and train on while the others waited in its all-reduce: a hang
+    pl.seed_everything(0)
+    cb = HessianSpectrumCallback(top_k=1, trace=False, probe_size=32, probe_batch_size=16, plot=False,
+                                 loss_fn=_fails_on_rank_1_in_epoch_1)
+    history = SaveRankResults(tmp_path, lambda trainer, module: [h["epoch"] for h in cb.history])
+    strategy = DDPStrategy(start_method="fork", process_group_backend="gloo", timeout=timedelta(seconds=60))
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb, history], logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", devices=2,
+                         strategy=strategy)
+    trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=16))
+    assert load_ranks(tmp_path, 2) == [[0, 2], [0, 2]]  # a collective timeout (a hang) fails instead
