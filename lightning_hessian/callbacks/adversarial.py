@@ -119,7 +119,7 @@ class AdversarialAugmentCallback(Callback):
             check_eps(step_size, "step_size")
         if robust_eval_eps is not None:
             check_eps(robust_eval_eps, "robust_eval_eps")
-        if not (isinstance(clamp, str) and clamp == "auto"):
+        if clamp != "auto":
             check_range(clamp, "clamp (or 'auto')")
         for name, key in (("input_key", input_key), ("target_key", target_key)):
             if key is not None and (isinstance(key, bool) or not isinstance(key, (int, str))):
@@ -179,7 +179,7 @@ class AdversarialAugmentCallback(Callback):
     # ---- hooks -------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not (isinstance(self.clamp, str) and self.clamp == "auto"):
+        if self.clamp != "auto":
             self._range = check_range(self.clamp)
             return
         found = getattr(trainer.datamodule, "input_range", None)

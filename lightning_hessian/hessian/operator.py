@@ -360,19 +360,22 @@ class HessianOperator:
         return n
 
     def _local(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)``: this rank's own work between all-reduces. Under a process group a failure must not
-        leave the other ranks waiting in the next all-reduce: it is kept (the result is None, later work is
-        skipped) and that all-reduce then carries NaN to every rank, which all see the same non-finite
-        products and so take the same path (e.g. a callback's warning). Without one, it raises."""
+        """``fn(*args)``, this rank's own work between all-reduces; None once this rank has failed."""
         if self._failure is not None:
             return None
         try:
             return fn(*args)
         except Exception as err:
-            if not self.distributed:
-                raise
-            self._failure = err
+            self._fail(err)
             return None
+
+    def _fail(self, err: Exception) -> None:
+        """Raise ``err``; under a process group, keep it instead: the other ranks would wait for this one in
+        the next all-reduce forever. That all-reduce then carries NaN to every rank, so all see the same
+        non-finite products and take the same path (e.g. a callback's warning)."""
+        if not self.distributed:
+            raise err
+        self._failure = err
 
     def _reduce(self, total: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
         """Sum ``total`` (float32 or float64: counts stay exact) and ``count`` over ranks in one all-reduce."""
@@ -514,8 +517,8 @@ class HessianOperator:
             except Exception as err:  # a form this model does not support (e.g. no vmap batching rule)
                 timings[form] = float("inf")
                 errors.append(err)
-        if errors and result is None:
-            self._local(_raise, errors[0])
+        if errors and result is None:  # no form ran: the batch itself fails
+            self._fail(errors[0])
         if self.distributed:  # every rank must pick the same form
             packed = torch.tensor([timings[f] for f in forms], dtype=torch.float64, device=self.device)
             dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.process_group)
@@ -531,7 +534,3 @@ class HessianOperator:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def _raise(err: Exception) -> None:
-    raise err
