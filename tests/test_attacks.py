@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -337,3 +338,8 @@ def test_trust_region_moves_samples_off_an_exact_tie():
     for norm in ("linf", "l2"):
         x_adv = trust_region(model, x, y, norm=norm, max_iter=5)
         assert (model(x_adv).argmax(1) == 1).all() and float((x_adv - x).abs().max()) < 1e-3
+
+
+def test_eps_may_be_a_numpy_scalar(mlp):
+    model, x, y = mlp
+    torch.testing.assert_close(fgsm(model, x[:8], y[:8], np.float32(0.25)), fgsm(model, x[:8], y[:8], 0.25))

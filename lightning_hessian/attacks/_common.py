@@ -19,7 +19,7 @@ NORMS = ("linf", "l2")
 
 def check_eps(eps: float, name: str = "eps", allow_inf: bool = False) -> float:
     """Return ``eps`` as a float; ``ValueError`` naming ``name`` unless it is a positive (finite) number."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if isinstance(eps, bool) or not isinstance(eps, Real):  # numpy scalars too
         raise ValueError(f"{name} must be a positive number in input units, got {eps!r}")
     eps = float(eps)
     if not eps > 0 or (math.isinf(eps) and not allow_inf):

@@ -48,7 +48,8 @@ class HessianSpectrumCallback(Callback):
     ``every_n_epochs`` epochs (or every ``every_n_steps`` optimizer steps), in eval mode by default
     (``mode="train"`` uses batch statistics), and leaves the model exactly as it found it. Under
     DDP each rank takes its share of the probe set and the Hessian-vector products are all-reduced, so the
-    values equal a single process's on the whole probe set.
+    values equal a single process's on the whole probe set (in eval mode; with ``mode="train"`` BatchNorm
+    normalises each rank's probe batches by their own statistics, as DDP training does without SyncBatchNorm).
 
     The trace reuses the eigenvalue run by default (``trace_method="krylov"``): Lanczos goes on to at least
     ``krylov_steps`` Hessian-vector products, the trace on that Krylov basis is known exactly, and Hutchinson
