@@ -266,8 +266,12 @@ def test_bad_inputs_raise_one_clear_error_each(trained, tmp_path):
         HAWQModule(str(tmp_path / "float.ckpt"), bits=8)
     with pytest.raises(TypeError, match="must be a LightningModule or a checkpoint path"):
         HAWQModule(nn.Linear(2, 2), bits=8)
-    with pytest.raises(ValueError, match="distill_weight must be in"):
-        HAWQModule(trained, bits=8, distill_weight=2)
+    for kwargs, match in (({"distill_weight": 2}, r"distill_weight .* in \[0, 1\]"),
+                          ({"distill_weight": True}, "distill_weight"), ({"temperature": 0}, "temperature"),
+                          ({"momentum": 2.0}, "momentum"), ({"trace_rel_tol": -1}, "trace_rel_tol"),
+                          ({"seed": "a"}, "seed")):  # at construction, before any Hessian is measured
+        with pytest.raises(ValueError, match=match):
+            HAWQModule(trained, bits=8, **kwargs)
     # 10 bits is below the all-4-bit size (1,464 bits): the error gives the smallest achievable size.
     hawq = HAWQModule(trained, budgets={"size": 10.0})
     with pytest.raises(InfeasibleBudgetError, match=r"budgets=\{'size': 10.0\}.*size.*1464") as err:
@@ -288,3 +292,74 @@ def test_module_from_a_checkpoint_path_and_a_factory(trained, tmp_path):
     factory = partial(ClassificationModule.load_from_checkpoint, net=MNIST1DCNN(channels=6, num_classes=4))
     hawq = HAWQModule(str(path), module_class=factory, bits=8)
     torch.testing.assert_close(hawq.module.net.classifier.weight, module.net.classifier.weight)
+
+
+class Stateful(ClassificationModule):
+    """Keeps a counter in the checkpoint through its own hooks, reads the Trainer in forward and builds a
+    layer in configure_model."""
+
+    def configure_model(self):
+        if not hasattr(self, "extra"):
+            self.extra = nn.Identity()
+
+    def forward(self, x):
+        assert self.trainer.state.fn is not None  # attached to the run (the quantized copy too)
+        return super().forward(self.extra(x))
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["counter"] = getattr(self, "counter", 0)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.counter = checkpoint["counter"]
+
+
+def stateful(seed: int = 0) -> Stateful:
+    torch.manual_seed(seed)
+    return Stateful(MNIST1DCNN(channels=6, num_classes=4), num_classes=4)
+
+
+def test_wrapped_module_keeps_its_hooks_trainer_and_checkpoint_state(trained, tmp_path):
+    train, test = loaders()
+    source = stateful()
+    source.load_state_dict(trained.state_dict())
+    hawq = HAWQModule(source, bits=4, probe_size=64)
+    trainer = pl.Trainer(max_steps=2, **TRAINER)
+    trainer.fit(hawq, train)  # configure_model ran on the wrapped module; its forward reads self.trainer
+    assert isinstance(hawq.module.extra, nn.Identity)
+    hawq.module.counter = 5
+    trainer.save_checkpoint(tmp_path / "q.ckpt")
+    # the checkpoint's bits (4) replace the constructor's (8): the re-quantized module keeps the counter
+    fresh = HAWQModule(stateful(seed=1), bits=8)
+    with pytest.warns(UserWarning, match="checkpoint's bits"):
+        pl.Trainer(**TRAINER).test(fresh, test, ckpt_path=str(tmp_path / "q.ckpt"), verbose=False)
+    assert set(fresh.weight_bits.values()) == {4} and fresh.module.counter == 5
+
+
+class SkipsOddBatches(ClassificationModule):
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx % 2 else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_distillation_runs_in_true_precision_and_on_skipped_batches(trained, precision):
+    source = SkipsOddBatches(MNIST1DCNN(channels=6, num_classes=4), num_classes=4)
+    source.load_state_dict(trained.state_dict())
+    hawq = HAWQModule(source, bits=8, distill_weight=0.5, probe_size=64)
+    train, _ = loaders()
+    pl.Trainer(max_steps=4, precision=precision, **TRAINER).fit(hawq, train)
+    dtype = torch.float64 if precision == "64-true" else torch.bfloat16
+    assert hawq._teacher.net.classifier.weight.dtype == dtype  # the run's precision: a copy
+    assert source.net.classifier.weight.dtype == torch.float32  # the user's float module is left as it is
+
+
+def test_a_resumed_planned_fit_takes_the_checkpoints_bits_and_reports_them(trained, tmp_path):
+    train, _ = loaders()
+    first = HAWQModule(trained, budgets={"size": 0.0}, probe_size=64, report_dir=tmp_path / "a")  # all 4-bit
+    trainer = pl.Trainer(max_steps=1, **TRAINER)
+    trainer.fit(first, train)
+    trainer.save_checkpoint(tmp_path / "q.ckpt")
+    resumed = HAWQModule(trained, budgets={"size": 1.0}, probe_size=64, report_dir=tmp_path / "b")  # plans 8-bit
+    with pytest.warns(UserWarning, match=r"checkpoint's bits .* replace this run's plan"):
+        pl.Trainer(max_steps=2, **TRAINER).fit(resumed, train, ckpt_path=str(tmp_path / "q.ckpt"))
+    assert set(resumed.weight_bits.values()) == {4}
+    assert (tmp_path / "b" / "hawq_report.md").read_text() == (tmp_path / "a" / "hawq_report.md").read_text()

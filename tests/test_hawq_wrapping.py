@@ -353,9 +353,9 @@ def test_step_signatures_checkpoint_hooks_and_subclass_hooks_are_honoured(traine
     hawq.module.epochs_seen = 5
     trainer.save_checkpoint(tmp_path / "h.ckpt")
     assert torch.load(tmp_path / "h.ckpt", weights_only=False)["epochs_seen"] == 5
-    restored = like(NoIndexWithState, trained)
-    HAWQModule(restored).on_load_checkpoint(torch.load(tmp_path / "h.ckpt", weights_only=False))
-    assert restored.epochs_seen == 5
+    restored = HAWQModule(like(NoIndexWithState, trained))
+    restored.on_load_checkpoint(torch.load(tmp_path / "h.ckpt", weights_only=False))
+    assert restored.module.epochs_seen == 5 and set(restored.weight_bits.values()) == {8}  # on the quantized copy
 
 
 def test_random_batch_hooks_in_the_probe_leave_the_training_random_stream_alone(trained, tmp_path):

@@ -10,6 +10,7 @@ model is wrapped; the bit configuration travels in the checkpoint as plain Pytho
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -41,7 +42,7 @@ from lightning_hessian.callbacks.probe import (
     resolve_loss_fn,
     train_dataset_of,
 )
-from lightning_hessian.checks import check_positive_int
+from lightning_hessian.checks import check_number, check_positive_int
 from lightning_hessian.hessian import Batches
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
 from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits
@@ -190,14 +191,17 @@ class HAWQModule(LightningModule):
         if max_samples < MIN_TRACE_SAMPLES:
             raise ValueError(f"max_samples={max_samples} is below the {MIN_TRACE_SAMPLES} Hutchinson probes every "
                              f"trace takes first; pass max_samples >= {MIN_TRACE_SAMPLES}")
-        if not (isinstance(distill_weight, Real) and 0 <= distill_weight <= 1):
-            raise ValueError(f"distill_weight must be in [0, 1] (0: no distillation), got {distill_weight!r}")
+        check_number(distill_weight, "distill_weight (0: no distillation)", 0, 1)
         if distill_weight > 0 and not module.automatic_optimization:
             raise ValueError("distill_weight > 0 adds the distillation term to the loss training_step returns, but "
                              f"{type(module).__name__} optimizes manually (automatic_optimization=False): pass "
                              "distill_weight=0")
-        if not (isinstance(temperature, Real) and temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        check_number(temperature, "temperature", 0, low_open=True)
+        check_number(trace_rel_tol, "trace_rel_tol", 0, low_open=True)
+        if momentum is not None:
+            check_number(momentum, "momentum (None: running min/max)", 0, 1, low_open=True)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver={solver!r} is not supported; use one of {SOLVERS}")
         self.metric, self.seed, self.solver, self.momentum = metric, seed, solver, momentum
@@ -224,7 +228,7 @@ class HAWQModule(LightningModule):
                 this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
                 delegate.__signature__ = inspect.Signature([this, *own])
                 setattr(self, hook, delegate)
-        object.__setattr__(self, "float_module", module)  # the teacher: not a submodule, not trained or saved
+        object.__setattr__(self, "float_module", module)  # what every quantization copies: not a submodule, not saved
         # Weight bits per layer (0: float) and the activation bits (-1: "follow"), so a state dict rebuilds its
         # own network.
         self.register_buffer("hawq_bits", torch.zeros(len(self.layers) + 1, dtype=torch.int64))
@@ -232,6 +236,8 @@ class HAWQModule(LightningModule):
         self.sensitivity: Sensitivity | None = None
         self.stats: dict[str, LayerStats] | None = None
         self._quantized_with: tuple | None = None
+        self._reported: dict[str, int] | None = None  # the bits the written report shows
+        self._teacher: nn.Module | None = None  # the distillation teacher (not a submodule: not trained or saved)
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_bits(self, bits: int | Mapping[str, int]) -> int | dict[str, int]:
@@ -321,6 +327,8 @@ class HAWQModule(LightningModule):
         if report.float_layers:
             listed = "; ".join(f"{n} ({why})" for n, why in report.float_layers.items())
             rank_zero_warn(f"HAWQModule: {len(report.float_layers)} layer(s)/op(s) left in float: {listed}")
+        if self._trainer is not None:  # the deep copy left the Trainer behind; the wrapped forward may read it
+            qmodule.trainer = self._trainer
         self.module = qmodule
         self.weight_bits = dict(report.weight_bits)
         self._quantized_with = (self.weight_bits, self.act_bits, self.momentum)
@@ -363,13 +371,18 @@ class HAWQModule(LightningModule):
     # --------------------------------------------------------------------------------- Lightning hooks
     def configure_model(self) -> None:
         """Quantize before the strategy wraps the model (fixed bits, or a plan on the probe set), calibrate the
-        activation ranges on the probe set, measure the costs and write the report.
+        activation ranges on the probe set, measure the costs and write the report. The wrapped module's own
+        ``configure_model`` runs first, so the quantized copy has what it builds.
 
         A module without ``bits``/``budgets``, and a planned one without a Trainer (``load_from_checkpoint``)
-        or outside ``fit`` without ``probe_data``, waits for a checkpoint: ``load_state_dict`` brings the bits.
+        or outside ``fit`` without ``probe_data``, waits for a checkpoint: ``on_load_checkpoint`` brings the bits.
         Fixed bits there are quantized at once and calibrated when evaluation starts, unless a checkpoint brings
-        the ranges. A later ``fit`` completes what an evaluation left out (calibration, costs, report).
+        the ranges. A later ``fit`` completes what an evaluation left out (calibration, costs, report). A ``fit``
+        resumed with ``ckpt_path`` still plans here (Lightning reads the checkpoint after this hook; a
+        ``cache_dir`` makes that free), then takes the checkpoint's bits and ranges and rewrites the report.
         """
+        if is_overridden("configure_model", self.float_module, LightningModule):
+            self._delegate("configure_model")
         if self.fixed_bits is None and self.budgets is None:
             return
         trainer = self._trainer
@@ -381,24 +394,35 @@ class HAWQModule(LightningModule):
         if self.weight_bits is not None and self.stats is not None:
             return
         batches = self._probe_batches()
-        example = self.example_input
-        if example is None:  # a rank may hold no given probe batch: the first one still tells the input
-            example = self._example(batches or [prepare_batch(trainer, next(iter(self.probe_data)))])
         if self.weight_bits is None and self.budgets is not None:
             self.float_module.to(trainer.strategy.root_device)
-            self.quantize(trainer.strategy.broadcast(self.plan(batches, example), src=0))
-        else:
-            self.measure_costs(example)
-            if self.weight_bits is None:
-                self.quantize(self.fixed_bits)
+            self.quantize(trainer.strategy.broadcast(self.plan(batches, self._example_of(batches)), src=0))
+        elif self.weight_bits is None:
+            self.quantize(self.fixed_bits)
+        self._complete(batches)
+
+    def _complete(self, batches: list[Any]) -> None:
+        """The layer costs, the activation ranges (unless something brought them) and the report on rank 0."""
+        if self.stats is None:
+            self.measure_costs(self._example_of(batches))
         if not self._calibrated():
             self.calibrate(batches)
-        if trainer.is_global_zero:
-            folder = self.report_dir if self.report_dir is not None else Path(trainer.default_root_dir) / "hawq"
+        self._write_report()
+
+    def _write_report(self) -> None:
+        self._reported = self.weight_bits
+        if self.trainer.is_global_zero:
+            folder = self.report_dir if self.report_dir is not None else Path(self.trainer.default_root_dir) / "hawq"
             table, _ = self.bit_report().save(folder)
             note = self._not_converged()
             if note is not None:
                 table.write_text(f"{table.read_text()}\n**Sensitivity not converged**: {note}.\n")
+
+    def _example_of(self, batches: list[Any]) -> Any:
+        """``example_input``, else one from the probe batches (a rank may hold none: then the first given one)."""
+        if self.example_input is not None:
+            return self.example_input
+        return self._example(batches or [prepare_batch(self.trainer, next(iter(self.probe_data)))])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hawq"] = {
@@ -417,16 +441,20 @@ class HAWQModule(LightningModule):
         fixed = self.fixed_bits
         if fixed is not None and (fixed if isinstance(fixed, dict) else dict.fromkeys(self.layers, fixed)) != bits:
             rank_zero_warn(f"HAWQModule: the checkpoint's bits {bits} replace bits={self.fixed_bits}")
-        # load_state_dict re-quantizes
+        elif self.budgets is not None and self.weight_bits is not None and self.weight_bits != bits:
+            rank_zero_warn(f"HAWQModule: the checkpoint's bits {bits} replace this run's plan {self.weight_bits}")
         self.act_bits, self.momentum = validate_act_bits(state["act_bits"], "checkpoint act_bits"), state["momentum"]
         if state.get("sensitivity") is not None:
             self.sensitivity = Sensitivity.from_dict(state["sensitivity"])
+        if bits and self._quantized_with != (bits, self.act_bits, self.momentum):
+            self.quantize(bits)  # before the wrapped hook restores its state onto the module that stays
         self._delegate("on_load_checkpoint", checkpoint)
 
     def on_fit_start(self) -> None:
         self._require_quantized()
-        if self.distill_weight > 0:
-            self.float_module.to(self.device).eval()
+        if self._reported is not None and self._reported != self.weight_bits:  # a resumed fit: the checkpoint's
+            self._write_report()
+        self._teacher = None  # built at the first step, on this run's device and in its precision
         self._delegate("on_fit_start")
 
     def on_validation_start(self) -> None:
@@ -455,13 +483,15 @@ class HAWQModule(LightningModule):
             out = self._delegate("training_step", batch, batch_idx)
         finally:
             handle.remove()
+        if out is None:  # the wrapped step skips this batch
+            return None
         if not calls:
             raise RuntimeError("distill_weight > 0 needs the wrapped training_step to compute its logits with "
                                "self(...) (the module's forward), so the float teacher sees the same input")
         args, kwargs, student = calls[-1]
         self._check_logits(student)
         with torch.no_grad():
-            teacher = self.float_module(*args, **kwargs)
+            teacher = self._teacher_module()(*args, **kwargs)
         t = self.temperature
         kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
                       reduction="batchmean") * t * t
@@ -515,6 +545,16 @@ class HAWQModule(LightningModule):
             return allocate_bits(omega, costs, budgets, self.ties, self.solver)
         except InfeasibleBudgetError as err:
             raise InfeasibleBudgetError(f"HAWQModule budgets={self.budgets}: {err}", err.minimums, err.budgets) from err
+
+    def _teacher_module(self) -> nn.Module:
+        """A frozen copy of the float module on this module's device and in the run's precision ("64-true"
+        converts the student and its inputs); the user's module stays as it is."""
+        if self._teacher is None:
+            teacher = copy.deepcopy(self.float_module).to(self.device).eval().requires_grad_(False)
+            if self._trainer is not None:
+                teacher = self._trainer.precision_plugin.convert_module(teacher)
+            object.__setattr__(self, "_teacher", teacher)
+        return self._teacher
 
     def _check_logits(self, output: Any) -> None:
         if self.distill_weight > 0 and not isinstance(output, torch.Tensor):
