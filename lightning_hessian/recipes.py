@@ -23,6 +23,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -31,6 +33,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
+
+
+# what a fit raises for a value it was configured with (Lightning's own checks raise MisconfigurationException)
+_CONFIG_ERRORS = (ValueError, TypeError, FileNotFoundError, MisconfigurationException)
 
 
 def run_id() -> str:
@@ -126,11 +132,19 @@ def _config_error(err: BaseException, objects: dict[str, Any], default: str) -> 
     key = default
     for frame, _ in traceback.walk_tb(err.__traceback__):
         key = owners.get(id(frame.f_locals.get("self")), key)
-    return ConfigError(f"{key}: {err}")
+    return ConfigError(f"{key}: {str(err).strip()}")
+
+
+_TRAINER_INTS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "num_nodes", "accumulate_grad_batches",
+                 "log_every_n_steps", "check_val_every_n_epoch", "num_sanity_val_steps")
 
 
 def _trainer(cfg: DictConfig) -> tuple[pl.Trainer, dict[str, Any]]:
     """The configured Trainer with the configured callbacks (returned by config key) and loggers."""
+    for key in _TRAINER_INTS:  # the Trainer takes any value here and fails deep inside fit (a bare assertion)
+        value = OmegaConf.select(cfg, f"trainer.{key}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"trainer.{key}: must be an integer, got {value!r}")
     callbacks = _instantiate_group(cfg, "callbacks")
     loggers = list(_instantiate_group(cfg, "logger").values())
     trainer = _instantiate(cfg, "trainer", callbacks=list(callbacks.values()), logger=loggers or False)
@@ -177,29 +191,45 @@ def _warn_restored_scheduler(cfg: DictConfig, ckpt_path: str) -> None:
                            "to change the schedule, start a new run from the checkpoint's weights")
 
 
+def _seed(cfg: DictConfig) -> None:
+    try:
+        pl.seed_everything(cfg.seed, workers=True)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"seed: {err}") from err
+
+
+def _hpc_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The checkpoint Lightning's SLURM support resumes a requeued job from when no ckpt_path is given."""
+    return trainer._checkpoint_connector._hpc_resume_path if SLURMEnvironment.detect() else None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test the configured module on the configured data; return the logged metrics."""
-    pl.seed_everything(cfg.seed, workers=True)
+    _seed(cfg)
     datamodule = _instantiate(cfg, "data")
     module = _instantiate(cfg, "model")
     trainer, callbacks = _trainer(cfg)
     metrics: dict[str, float] = {}
     ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
-    if cfg.train and ckpt_path is None:
+    resumed_from = ckpt_path or _hpc_checkpoint(trainer)  # a requeued SLURM job resumes from its hpc_ckpt
+    if cfg.train and resumed_from is None:
         _set_aside_old_metrics(cfg.paths.output_dir)
-    if cfg.train and ckpt_path:
-        _warn_restored_scheduler(cfg, ckpt_path)
+    if cfg.train and resumed_from:
+        _warn_restored_scheduler(cfg, resumed_from)
     if cfg.train:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        except (ValueError, FileNotFoundError) as err:
-            raise _config_error(err, {"data": datamodule, "model": module, **callbacks}, "fit") from err
+        except _CONFIG_ERRORS as err:
+            raise _config_error(err, {"data": datamodule, "model": module, **callbacks}, "trainer") from err
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if cfg.test:
         # the final weights (or with train=false, ckpt_path's): with MNIST-1D's default val_size=0 the validation
         # split is the test split, so testing a checkpoint selected on it would report a selected accuracy
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=None if cfg.train else ckpt_path,
-                               verbose=False)
+        test_ckpt = None if cfg.train else ckpt_path
+        if cfg.train and test_ckpt is None and _hpc_checkpoint(trainer):  # Lightning would test that checkpoint
+            test_ckpt = str(Path(cfg.paths.output_dir) / "checkpoints" / "final.ckpt")
+            trainer.save_checkpoint(test_ckpt)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()})
     if trainer.is_global_zero:
         print(f"outputs: {cfg.paths.output_dir}")
@@ -299,10 +329,10 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         options = AnalysisOptions(**OmegaConf.to_container(cfg.analysis, resolve=True))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"analysis: {err}") from err
-    pl.seed_everything(cfg.seed, workers=True)
+    _seed(cfg)
     module, datamodule, ckpt = _trained_model(cfg)
     batches = _probe_set(cfg, datamodule)
-    module.to(cfg.device)
+    module.to(_analysis_device(cfg))
     meta = {"checkpoint": str(ckpt), "probe": OmegaConf.to_container(cfg.probe, resolve=True)}
     report = analyze_model(module, resolve_loss_fn(module, None), batches, cfg.paths.output_dir, options, meta)
     print(f"outputs: {cfg.paths.output_dir}")
@@ -314,11 +344,24 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
+def _analysis_device(cfg: DictConfig) -> str:
+    """``device``, else the one the trainer preset's accelerator names (``trainer=gpu``: cuda)."""
+    if cfg.device is not None:
+        return cfg.device
+    accelerator = cfg.trainer.get("accelerator", "cpu")
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if accelerator == "gpu" else accelerator
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator: {accelerator!r}, but torch sees no GPU; use trainer=cpu or device=cpu")
+    return device
+
+
 def quantize(cfg: DictConfig) -> dict[str, Any]:
     """HAWQ from a trained checkpoint: plan bits, fine-tune, test, export integer-only; return the report."""
     if cfg.export.format not in ("onnx", "program", "none"):
         raise ConfigError(f"export.format: must be 'onnx', 'program' or 'none', got {cfg.export.format!r}")
-    pl.seed_everything(cfg.seed, workers=True)
+    _seed(cfg)
     trainer, callbacks = _trainer(cfg)
     if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
         raise ConfigError("trainer.strategy: quantize cannot fine-tune in spawned or forked ranks (the bit plan would "
@@ -330,7 +373,7 @@ def quantize(cfg: DictConfig) -> dict[str, Any]:
     float_metrics = evaluator.test(module, datamodule=datamodule, verbose=False)[0]
     try:
         trainer.fit(hawq, datamodule=datamodule)
-    except (ValueError, FileNotFoundError) as err:
+    except _CONFIG_ERRORS as err:
         raise _config_error(err, {"data": datamodule, "hawq": hawq, **callbacks}, "hawq") from err
     quant_metrics = trainer.test(hawq, datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:

@@ -96,7 +96,8 @@ def test_cifar10_reads_standard_folder(tmp_path):
     assert torch.allclose(xb[0], expected, atol=1e-6)
     # the attacks' valid range, per channel: pixel values 0 and 1 once standardised
     lo, hi = (torch.tensor(bound) for bound in dm.input_range)
-    torch.testing.assert_close(lo, -mean / std) and torch.testing.assert_close(hi, (1 - mean) / std)
+    torch.testing.assert_close(lo, -mean / std)
+    torch.testing.assert_close(hi, (1 - mean) / std)
 
 
 def test_cifar10_augmentation_is_crop_and_flip(tmp_path):
@@ -118,6 +119,26 @@ def test_cifar10_augmentation_is_crop_and_flip(tmp_path):
         assert hits
         matched |= hits
     assert matched - {(4, 4)}  # some crop reaches into the padding
+
+
+def test_cifar10_augmented_batches_depend_on_seed_and_epoch_only(tmp_path):
+    # crops and flips drawn from the global RNG (which a checkpoint does not restore) made a resumed epoch
+    # train on other images than the uninterrupted run
+    write_fake_cifar10(tmp_path)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=40, augment=True)
+    dm.setup("fit")
+
+    def first_batch(epoch, global_seed, workers=0):
+        torch.manual_seed(global_seed)
+        loader = dm.train_dataloader()
+        loader = torch.utils.data.DataLoader(loader.dataset, 40, sampler=loader.sampler, num_workers=workers)
+        loader.sampler.set_epoch(epoch)
+        return next(iter(loader))[0]
+
+    reference = first_batch(3, global_seed=0)
+    assert torch.equal(reference, first_batch(3, global_seed=1))
+    assert torch.equal(reference, first_batch(3, global_seed=2, workers=2))
+    assert not torch.equal(reference, first_batch(4, global_seed=0))
 
 
 def test_cifar10_missing_folder_names_the_path(tmp_path):

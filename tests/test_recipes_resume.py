@@ -100,3 +100,22 @@ def test_a_fresh_run_into_a_used_directory_sets_the_old_metrics_aside(tmp_path, 
         second = run()
     kept = list((tmp_path / "csv").glob("metrics.*.csv"))
     assert len(second) == len(first) and len(kept) == 1 and kept[0].read_text().splitlines() == first
+
+
+def test_a_requeued_slurm_job_resumes_its_metrics_and_tests_its_final_weights(tmp_path, data_dir, monkeypatch):
+    # Lightning resumes a requeued SLURM job from hpc_ckpt_<n>.ckpt with ckpt_path=None, and would test that
+    # (stale) checkpoint too: the run must not set its metrics aside, and must test the weights it trained
+    for key, value in {"SLURM_JOB_ID": "777", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    schedule = "model.scheduler.T_max=10"  # the LR is not yet 0 after epoch 0, so epoch 1 moves the weights
+    recipes.train(compose_config("train", [*SMALL, schedule, "trainer.max_epochs=1"], tmp_path, data_dir))
+    (tmp_path / "checkpoints" / "last.ckpt").rename(tmp_path / "hpc_ckpt_1.ckpt")  # as at a preemption
+    resumed = recipes.train(compose_config("train", [*SMALL, schedule, "trainer.max_epochs=2"], tmp_path, data_dir))
+    assert not list((tmp_path / "csv").glob("metrics.*.csv"))
+    monkeypatch.delenv("SLURM_NTASKS")  # not SLURM now: test given checkpoints
+    final, stale = (recipes.train(compose_config("train", [*SMALL, "train=false", f"ckpt_path={ckpt}", "logger=none"],
+                                                 tmp_path / name, data_dir))
+                    for name, ckpt in (("f", tmp_path / "checkpoints" / "last.ckpt"),
+                                       ("s", tmp_path / "hpc_ckpt_1.ckpt")))
+    assert resumed["test/loss"] == pytest.approx(final["test/loss"]) != pytest.approx(stale["test/loss"])

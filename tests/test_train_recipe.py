@@ -63,9 +63,24 @@ def test_missing_cifar_folder_names_the_key(tmp_path):
          "^callbacks.hessian_spectrum: probe_size=100000 exceeds the 400 training samples"),
         (["data.batch_size=5000"], "^data: batch_size=5000 exceeds the 400 training samples"),
         (["callbacks=none", "+batch_schedule=abs"], "^callbacks.adaptive_batch_size: has no _target_"),
+        (["seed=abc"], "^seed: invalid literal"),
+        (["trainer.max_epochs=abc"], "^trainer.max_epochs: must be an integer, got 'abc'"),  # was a bare assert
+        (["+trainer.val_check_interval=1000"], "^trainer: `val_check_interval` .* must be less than or equal"),
     ],
 )
 def test_errors_during_fit_name_the_config_key(overrides, match, tmp_path, data_dir):
     cfg = compose_config("train", [*SMALL, "trainer.max_epochs=1", *overrides], tmp_path, data_dir)
     with pytest.raises(recipes.ConfigError, match=match):
         recipes.train(cfg)
+
+
+def test_analyze_runs_on_the_device_its_trainer_preset_names(tmp_path, data_dir):
+    def device(*overrides):
+        return recipes._analysis_device(compose_config("analyze", list(overrides), tmp_path, data_dir))
+
+    assert device() == "cpu" and device("device=cuda:1") == "cuda:1"
+    if torch.cuda.is_available():
+        assert device("trainer=gpu") == "cuda"
+    else:  # the trainer group was composed and ignored: trainer=gpu analyzed on the CPU without a word
+        with pytest.raises(recipes.ConfigError, match="trainer.accelerator: 'gpu', but torch sees no GPU"):
+            device("trainer=gpu")

@@ -64,14 +64,18 @@ class _AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``key``: an index (crop and flip from the global RNG), or ``(index, seed)`` from a keyed
+        :class:`EpochShuffleSampler` (from that seed: the same in a resumed epoch, in any worker)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
         image = self.images[index]
         p = self.padding
         padded = self.black.expand(3, 32 + 2 * p, 32 + 2 * p).clone()
         padded[:, p : p + 32, p : p + 32] = image
-        top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        top, left = torch.randint(0, 2 * p + 1, (2,), generator=generator).tolist()
         image = padded[:, top : top + 32, left : left + 32]
-        if torch.rand(()) < 0.5:
+        if torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
         return image, self.labels[index]
 
@@ -80,7 +84,8 @@ class CIFAR10DataModule(LightningDataModule):
     """CIFAR-10 from ``data_dir`` (the ``cifar-10-batches-py`` folder or its parent); nothing is downloaded.
 
     ``num_train`` / ``num_test`` take the first samples of each split (for quick runs); ``augment``
-    applies random crops and flips to training images; the training order depends on ``(seed, epoch)``.
+    applies random crops and flips to training images; the training order and the augmentation depend on
+    ``(seed, epoch)`` only, so a resumed run sees what an uninterrupted one would.
 
     Example::
 
@@ -131,7 +136,7 @@ class CIFAR10DataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.batch_size > len(self.train_set):
             raise ValueError(f"batch_size={self.batch_size} exceeds the {len(self.train_set)} training samples")
-        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed, keyed=self.augment)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:

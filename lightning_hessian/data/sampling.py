@@ -13,10 +13,13 @@ class EpochShuffleSampler(Sampler[int]):
 
     With the default ``RandomSampler`` the order comes from the global random state, which a checkpoint
     does not restore; with this sampler the epoch after a resume sees the batches it would have seen.
+
+    ``keyed=True`` yields ``(index, sample_seed)`` pairs, the seed a function of ``(seed, epoch, index)``, for a
+    dataset that draws its random augmentation from it: a resumed epoch then also sees the same crops.
     """
 
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int = 0, keyed: bool = False):
+        self.size, self.seed, self.epoch, self.keyed = size, seed, 0, keyed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -24,6 +27,9 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        epoch_seed = self.seed * 100_003 + self.epoch
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        if not self.keyed:
+            return iter(order)
+        return iter((i, (epoch_seed * 1_000_003 + i) % 2**63) for i in order)
