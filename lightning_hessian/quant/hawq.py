@@ -452,8 +452,8 @@ class HAWQModule(LightningModule):
 
     def on_fit_start(self) -> None:
         self._require_quantized()
-        if self._reported is not None and self._reported != self.weight_bits:  # a resumed fit: the checkpoint's
-            self._write_report()
+        if self._reported is not None and self._reported != self.weight_bits:  # a resumed fit took the checkpoint's
+            self._write_report()  # bits after configure_model reported its plan
         self._teacher = None  # built at the first step, on this run's device and in its precision
         self._delegate("on_fit_start")
 
