@@ -23,7 +23,6 @@ from lightning_hessian.quant.modules import (
     quantize_model,
     set_integer_simulation,
 )
-from lightning_hessian.quant.quantizers import fake_quantize, quantize_bias, quantize_weight, weight_scale
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -148,10 +147,16 @@ def test_fake_quant_forward_is_the_quantized_formula():
     calibrate(qmodel, [x])
     act = q.act
     assert act.is_signed and act.running_max == x.max()
-    xq = fake_quantize(x, act.scale(), *act.qrange())
-    expected = F.linear(xq, quantize_weight(layer.weight, 3),
-                        quantize_bias(layer.bias, weight_scale(layer.weight, 3) * act.scale()))
-    assert torch.equal(qmodel(x), expected)
+    # written out here, not with the library's quantizers: 3-bit weights per output channel (codes -3..3),
+    # 4-bit signed input (codes -7..7) on the calibrated range, the bias on the grid s_w * s_x
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    s_w = w.abs().amax(1, keepdim=True) / 3
+    s_x = torch.maximum(-x.min(), x.max()).double() / 7
+    wq = torch.clamp(torch.round(w / s_w), -3, 3) * s_w
+    xq = torch.clamp(torch.round(x.double() / s_x), -7, 7) * s_x
+    bq = torch.round(b / (s_w.squeeze(1) * s_x)) * s_w.squeeze(1) * s_x
+    assert torch.equal(wq.abs().amax(1), w.abs().amax(1))  # each channel's largest weight is a code +-3
+    torch.testing.assert_close(qmodel(x).double(), F.linear(xq, wq, bq), rtol=1e-6, atol=1e-6)
     # gradients reach the float weights through the STE
     qmodel.train()
     qmodel(x).square().mean().backward()
