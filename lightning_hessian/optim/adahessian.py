@@ -182,6 +182,9 @@ class AdaHessian(torch.optim.Optimizer):
         # parameter without .grad counts a zero gradient and is updated only if some rank used it.
         owned = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
         params = [p for p, _ in owned]
+        if not params:  # all frozen: nothing to do (every rank holds the same parameters, so none all-reduces)
+            self._steps += 1
+            return loss
         used = [p.grad is not None for p in params]
         if any(p.grad is not None and p.grad.is_sparse for p in params):
             raise RuntimeError("AdaHessian does not support sparse gradients")

@@ -96,6 +96,18 @@ class AdaHessianCallback(Callback):
 
         pl_module.backward = backward_with_graph
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._sync_buffers()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._sync_buffers()
+
+    def _sync_buffers(self) -> None:
+        """DDP broadcasts rank 0's buffers (BatchNorm statistics) before a forward only after a backward that
+        synced gradients; with that sync off for the whole fit, it would never again: ask for it every batch."""
+        if self._ddp is not None:
+            self._ddp.require_forward_param_sync = True
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()
 

@@ -181,3 +181,67 @@ def test_lightning_ddp_ranks_match_each_other_and_the_union_run(tmp_path: Path) 
     finally:
         torch.set_num_threads(threads)
     _assert_ranks_identical_and_equal_to(ddp_dir, load_ranks(ref_dir, 1)[0])
+
+
+def _frozen_worker(rank: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    model = _model().requires_grad_(False)
+    opt = AdaHessian(model.parameters(), **OPT, update_each=2)
+    for _ in range(3):  # curvature steps and reuse steps
+        opt.step()
+    save_rank({"steps": opt.state_dict()["steps"], "weights": model.state_dict()}, out, rank)
+    dist.destroy_process_group()
+
+
+def test_an_optimizer_with_only_frozen_parameters_steps_on_every_rank(tmp_path: Path) -> None:
+    # it used to index the first of no parameters under DDP (a single process returned at once)
+    torch.multiprocessing.start_processes(_frozen_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="fork")
+    for result in load_ranks(tmp_path, WORLD):
+        assert result["steps"] == 3
+        for name, value in _model().state_dict().items():
+            assert torch.equal(result["weights"][name], value)
+
+
+class _BatchNormModule(pl.LightningModule):
+    """BatchNorm fed different data on each rank: its running statistics differ unless DDP broadcasts them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.net(batch[0])
+
+    def configure_optimizers(self):
+        return AdaHessian(self.parameters(), lr=0.1)
+
+    def _loader(self, n):
+        rank = self.trainer.global_rank
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(n, 4, generator=g) + 3 * rank
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 2, (n,), generator=g)),
+                                           batch_size=8)
+
+    def train_dataloader(self):
+        return self._loader(24)
+
+    def val_dataloader(self):
+        return self._loader(8)
+
+
+def test_batchnorm_statistics_stay_rank_0s_as_under_plain_ddp(tmp_path: Path) -> None:
+    # the callback turns DDP's gradient sync off for the fit, which also stopped DDP's buffer broadcast
+    save = SaveRankResults(tmp_path, lambda trainer, module: module.net[1].running_mean.clone())
+    strategy = DDPStrategy(start_method="fork", process_group_backend="gloo")
+    pl.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_epochs=1,
+               callbacks=[AdaHessianCallback(), save], use_distributed_sampler=False, logger=False,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               num_sanity_val_steps=0).fit(_BatchNormModule())
+    rank0, rank1 = load_ranks(tmp_path, WORLD)
+    assert torch.equal(rank0, rank1) and rank0.abs().sum() > 0
