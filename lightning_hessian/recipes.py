@@ -35,8 +35,9 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
 
 
-# what a fit raises for a value it was configured with (Lightning's own checks raise MisconfigurationException)
-_CONFIG_ERRORS = (ValueError, TypeError, FileNotFoundError, MisconfigurationException)
+# what a fit raises for a value it was configured with (Lightning's own checks raise MisconfigurationException);
+# not TypeError, which is more often a bug in a training step, whose traceback the user needs
+_CONFIG_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException)
 
 
 def run_id() -> str:

@@ -66,6 +66,8 @@ def test_missing_cifar_folder_names_the_key(tmp_path):
         (["seed=abc"], "^seed: invalid literal"),
         (["trainer.max_epochs=abc"], "^trainer.max_epochs: must be an integer, got 'abc'"),  # was a bare assert
         (["+trainer.val_check_interval=1000"], "^trainer: `val_check_interval` .* must be less than or equal"),
+        (["callbacks.model_checkpoint.monitor=val/accc"],  # Lightning's MisconfigurationException
+         r"^callbacks.model_checkpoint: `ModelCheckpoint\(monitor='val/accc'\)` could not find"),
     ],
 )
 def test_errors_during_fit_name_the_config_key(overrides, match, tmp_path, data_dir):
