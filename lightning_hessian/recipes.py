@@ -212,7 +212,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer, callbacks = _trainer(cfg)
     metrics: dict[str, float] = {}
     ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
-    resumed_from = ckpt_path or _hpc_checkpoint(trainer)  # a requeued SLURM job resumes from its hpc_ckpt
+    hpc = _hpc_checkpoint(trainer)  # a requeued SLURM job resumes from it, and Lightning would test it
+    resumed_from = ckpt_path or hpc
     if cfg.train and resumed_from is None:
         _set_aside_old_metrics(cfg.paths.output_dir)
     if cfg.train and resumed_from:
@@ -227,7 +228,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # the final weights (or with train=false, ckpt_path's): with MNIST-1D's default val_size=0 the validation
         # split is the test split, so testing a checkpoint selected on it would report a selected accuracy
         test_ckpt = None if cfg.train else ckpt_path
-        if cfg.train and test_ckpt is None and _hpc_checkpoint(trainer):  # Lightning would test that checkpoint
+        if cfg.train and test_ckpt is None and hpc:  # test the weights just trained, not that checkpoint
             test_ckpt = str(Path(cfg.paths.output_dir) / "checkpoints" / "final.ckpt")
             trainer.save_checkpoint(test_ckpt)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)

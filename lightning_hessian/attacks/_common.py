@@ -155,16 +155,17 @@ def into_range(x: torch.Tensor, clamp: tuple[torch.Tensor, torch.Tensor] | None)
     return x if clamp is None else torch.clamp(x, clamp[0], clamp[1])
 
 
-def into_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """``x_adv`` projected onto the ``eps``-ball around ``x`` in float64, then rounded to ``x``'s dtype with no
-    coordinate farther from ``x`` than its projected value: rounding ``x + delta`` (by up to 0.4% of a value
-    in bfloat16) never takes a sample outside the ball."""
-    if math.isinf(eps):
-        return x_adv
-    x64 = x.double()
-    delta = project(x_adv.double() - x64, eps, norm)
-    rounded = (x64 + delta).to(x_adv.dtype)
-    return torch.where((rounded.double() - x64).abs() > delta.abs(), torch.nextafter(rounded, x), rounded)
+def adversarial_result(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str,
+                       clamp: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """What an attack returns: ``x_adv`` projected onto the ``eps``-ball around ``x`` in float64, rounded to
+    ``x``'s dtype with no coordinate farther from ``x`` than its projected value (rounding ``x + delta``, by
+    up to 0.4% of a value in bfloat16, never leaves the ball), clamped to the valid range and detached."""
+    if not math.isinf(eps):
+        x64 = x.double()
+        delta = project(x_adv.double() - x64, eps, norm)
+        rounded = (x64 + delta).to(x_adv.dtype)
+        x_adv = torch.where((rounded.double() - x64).abs() > delta.abs(), torch.nextafter(rounded, x), rounded)
+    return into_range(x_adv, clamp).detach()
 
 
 def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:

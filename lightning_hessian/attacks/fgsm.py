@@ -8,14 +8,13 @@ from torch import nn
 from lightning_hessian.attacks._common import (
     LossFn,
     Range,
+    adversarial_result,
     attack_context,
     check_batch,
     check_clamp,
     check_eps,
     detached_copy,
     input_grad,
-    into_ball,
-    into_range,
 )
 
 
@@ -49,4 +48,4 @@ def fgsm(
     with attack_context(model):
         x, y = detached_copy(x), detached_copy(y)
         step = input_grad(model, x, y, loss_fn).sign() * eps
-        return into_range(into_ball(x - step if targeted else x + step, x, eps, "linf"), clamp).detach()
+        return adversarial_result(x - step if targeted else x + step, x, eps, "linf", clamp)

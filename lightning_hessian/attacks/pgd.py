@@ -8,6 +8,7 @@ from torch import nn
 from lightning_hessian.attacks._common import (
     LossFn,
     Range,
+    adversarial_result,
     as_column,
     ascent_direction,
     attack_context,
@@ -17,7 +18,6 @@ from lightning_hessian.attacks._common import (
     check_norm,
     detached_copy,
     input_grad,
-    into_ball,
     into_range,
     project,
 )
@@ -75,7 +75,7 @@ def pgd(
             grad = input_grad(model, x_adv, y, loss_fn)
             delta = x_adv + (sign * step_size) * ascent_direction(grad, norm) - x
             x_adv = into_range(x + project(delta, eps, norm), clamp)
-        return into_range(into_ball(x_adv, x, eps, norm), clamp).detach()
+        return adversarial_result(x_adv, x, eps, norm, clamp)
 
 
 def _random_delta(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_hessian.attacks._common import (
     Range,
+    adversarial_result,
     as_column,
     ascent_direction,
     attack_context,
@@ -25,7 +26,6 @@ from lightning_hessian.attacks._common import (
     check_eps,
     check_norm,
     detached_copy,
-    into_ball,
     into_range,
     per_sample_norm,
     project,
@@ -133,7 +133,7 @@ def trust_region(
                 rho > rho_grow, ra * grow, torch.where(rho < rho_shrink, torch.minimum(ra, step) * shrink, ra)
             )
             active = active[alive & ~(accept & fooled)]
-        return into_range(into_ball(x_adv, x, eps, norm), clamp).detach()
+        return adversarial_result(x_adv, x, eps, norm, clamp)
 
 
 def _box(

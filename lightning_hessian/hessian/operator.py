@@ -356,7 +356,7 @@ class HessianOperator:
     def _add_weighted(self, total: torch.Tensor, batch: Batch, fn: Callable[[Batch], torch.Tensor]) -> int:
         """``total += n * fn(batch)`` for a batch of ``n`` samples; returns ``n``."""
         n = self._batch_size(batch)
-        total.add_(fn(batch).to(total), alpha=float(n))
+        total.add_(fn(batch), alpha=float(n))  # summed in total's dtype, no copy of the product
         return n
 
     def _local(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -399,10 +399,6 @@ class HAWQModule(LightningModule):
             self.quantize(trainer.strategy.broadcast(self.plan(batches, self._example_of(batches)), src=0))
         elif self.weight_bits is None:
             self.quantize(self.fixed_bits)
-        self._complete(batches)
-
-    def _complete(self, batches: list[Any]) -> None:
-        """The layer costs, the activation ranges (unless something brought them) and the report on rank 0."""
         if self.stats is None:
             self.measure_costs(self._example_of(batches))
         if not self._calibrated():
@@ -410,6 +406,7 @@ class HAWQModule(LightningModule):
         self._write_report()
 
     def _write_report(self) -> None:
+        """The bit report on rank 0; the bits it shows are kept, so on_fit_start can tell a checkpoint changed them."""
         self._reported = self.weight_bits
         if self.trainer.is_global_zero:
             folder = self.report_dir if self.report_dir is not None else Path(self.trainer.default_root_dir) / "hawq"
