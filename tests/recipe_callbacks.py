@@ -46,3 +46,15 @@ class DumpRankState(Callback):
         }
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.dirpath / f"rank_{trainer.global_rank}.pt")
+
+
+class PoisonAtStep(Callback):
+    """Fill the module's first parameter with NaN after optimizer step ``step``: the next loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))

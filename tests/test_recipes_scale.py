@@ -299,6 +299,13 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path, d
     # checkpoint does not hold, so the resumed run's first probe starts from its seed vector instead
     assert histories[1] == pytest.approx(histories[0], rel=1e-4) and len(histories[0]) == 3
 
+    def logged(run: Path) -> list[tuple[str, str]]:  # the (step, metric) of every value in metrics.csv
+        with open(run / "csv" / "metrics.csv") as f:
+            return sorted((row["step"], k) for row in csv.DictReader(f) for k, v in row.items()
+                          if v and k not in ("step", "epoch"))
+
+    assert logged(killed) == logged(full)  # the replayed steps once each, as in the uninterrupted run
+
 
 # ---- quantize: HAWQ from a checkpoint, integer-only export ----------------------------------------------
 
