@@ -19,8 +19,9 @@ from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import first_line, module_loss_problem
 from lightning_hessian.checks import check_number, check_positive_int
 
-Attack = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-Schedule = Callable[[int], float] | Mapping[int, float]
+# (model, x, y) -> x_adv and epoch -> value; typed loosely so LightningCLI takes a function by its dotted path
+Attack = Callable[..., Any]
+Schedule = Callable[..., Any] | Mapping[int, float]
 ATTACKS = ("fgsm", "pgd", "trust_region")
 MODES = ("replace", "append")
 
@@ -69,7 +70,7 @@ class AdversarialAugmentCallback(Callback):
 
     def __init__(
         self,
-        attack: str | Attack = "fgsm",
+        attack: Attack | str = "fgsm",
         eps: float = 0.1,
         fraction: float = 0.5,
         mode: str = "replace",
@@ -82,7 +83,7 @@ class AdversarialAugmentCallback(Callback):
         fraction_schedule: Schedule | None = None,
         eps_schedule: Schedule | None = None,
         robust_eval: bool = False,
-        robust_eval_attack: str | Attack = "pgd",
+        robust_eval_attack: Attack | str = "pgd",
         robust_eval_steps: int = 10,
         robust_eval_eps: float | None = None,
         seed: int = 0,
