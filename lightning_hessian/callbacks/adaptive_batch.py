@@ -140,9 +140,10 @@ class AdaptiveBatchSizeCallback(Callback):
             self._probe.setup(trainer, pl_module, stage)
         if self.mode == "dataloader":
             if not trainer.fit_loop._data_source.is_module():
-                raise ValueError("mode='dataloader' rebuilds the train loader from train_dataloader() with a larger "
-                                 "batch_size, which a DataLoader passed to fit() cannot do: give fit() a datamodule "
-                                 "(or a module with train_dataloader()), or use mode='accumulate'")
+                raise ValueError("AdaptiveBatchSizeCallback: mode='dataloader' rebuilds the train loader from "
+                                 "train_dataloader() with a larger batch_size, which a DataLoader passed to fit() "
+                                 "cannot do: give fit() a datamodule (or a module with train_dataloader()), or use "
+                                 "mode='accumulate'")
             self._batch_holder(trainer, pl_module)  # fails early if there is none
             self._reload_every = trainer.reload_dataloaders_every_n_epochs
         if self.adversarial:
@@ -154,7 +155,8 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
-            raise ValueError(f"AdaptiveBatchSizeCallback scales one optimizer's LR; found {len(trainer.optimizers)}")
+            raise ValueError(f"AdaptiveBatchSizeCallback scales one optimizer's LR; found {len(trainer.optimizers)} "
+                             "(ABS needs a single-optimizer module)")
         if self.mode == "dataloader":
             self._check_loader_reads(trainer, pl_module)
         per_device = self._per_device_batch(trainer, pl_module)
@@ -414,8 +416,8 @@ class AdaptiveBatchSizeCallback(Callback):
             if holder is not None and isinstance(getattr(holder, "batch_size", None), int):
                 return holder, label
         raise ValueError(
-            f"mode='dataloader' needs an integer `batch_size` attribute (or hparams.batch_size) on the "
-            f"{name} whose train_dataloader() reads it; add one, or use mode='accumulate'"
+            f"AdaptiveBatchSizeCallback: mode='dataloader' needs an integer `batch_size` attribute (or "
+            f"hparams.batch_size) on the {name} whose train_dataloader() reads it; add one, or use mode='accumulate'"
         )
 
     def _check_loader_follows(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

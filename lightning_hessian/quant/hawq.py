@@ -223,7 +223,8 @@ class _HAWQ:
         loss = resolve_loss_fn(model, self.loss_fn, "HAWQModule")
         batches = batches if isinstance(batches, Sequence) else Batches(batches)
         with leave_no_trace(model, "eval"):
-            check_loss(loss, model, batches, "HAWQModule")
+            if batches:  # under DDP a rank may hold none (it still joins the products)
+                check_loss(loss, model, batches, "HAWQModule")
             self.sensitivity = layer_sensitivity(
                 model, loss, batches, self.layers, self.bit_choices, metrics=(self.metric,),
                 rel_tol=self.trace_rel_tol, max_samples=self.max_samples, act_momentum=self.momentum, seed=self.seed,

@@ -150,13 +150,14 @@ class TokenClassificationData(Dataset):
 
 
 class GLUEDataModule(LightningDataModule):
-    def __init__(self, train_batch_size: int = 16, eval_batch_size: int = 16):
+    def __init__(self, train_batch_size: int = 16, eval_batch_size: int = 16, num_samples: int = 96):
         super().__init__()
         self.train_batch_size = train_batch_size
         self.eval_batch_size = eval_batch_size
+        self.num_samples = num_samples
 
     def setup(self, stage: str):
-        self.train = TokenClassificationData()
+        self.train = TokenClassificationData(length=self.num_samples)
         self.validation = TokenClassificationData(length=32, seed=1)
 
     def train_dataloader(self):

@@ -42,7 +42,7 @@ def dense_hessian(module: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.T
     module.eval()
     try:
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no second derivative
-            return torch.func.hessian(loss)(flat)
+            return torch.func.hessian(loss)(flat).detach()
     finally:
         module.train(training)
 

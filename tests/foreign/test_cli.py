@@ -4,6 +4,7 @@ their dotted paths (unannotated functions were refused, with an empty error outs
 from __future__ import annotations
 
 import functools
+import sys
 
 import pytest
 import yaml
@@ -26,6 +27,12 @@ def callbacks(loss: str, partial_loss: str) -> list[dict]:
         {"class_path": "lightning_hessian.AdversarialAugmentCallback",
          "init_args": {"attack": "tests.foreign.cli_models.small_fgsm", "fraction": 0.5}},
     ]
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_arguments(monkeypatch):
+    """LightningCLI reads sys.argv besides args=: give it none of pytest's."""
+    monkeypatch.setattr(sys, "argv", ["lightning"])
 
 
 def run_cli(tmp_path, model: str, configured: list[dict]) -> LightningCLI:
