@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -38,7 +39,8 @@ from tests.foreign.cases import CASES, Case  # noqa: E402
 FEATURES = ("HessianSpectrumCallback", "AdaptiveBatchSizeCallback", "AdversarialAugmentCallback", "HAWQModule")
 REQUIRED = ("hydra_mnist", "pl_regression", "bert_like", "gan")
 TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-               enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
+               enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+               default_root_dir=tempfile.mkdtemp(prefix="outside_modules_"))  # HAWQ's reports, not in the checkout
 
 
 def benchmark_data(case: Case, samples: int) -> Callable[[], dict[str, Any]]:
