@@ -16,10 +16,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_hessian.attacks import attack_success_rate, fgsm, pgd, trust_region
 from lightning_hessian.attacks._common import NORMS, Range, check_eps, check_range
 from lightning_hessian.callbacks.no_trace import leave_no_trace
+from lightning_hessian.callbacks.probe import first_line, module_loss_problem
 from lightning_hessian.checks import check_number, check_positive_int
 
-Attack = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-Schedule = Callable[[int], float] | Mapping[int, float]
+# (model, x, y) -> x_adv and epoch -> value; typed loosely so LightningCLI takes a function by its dotted path
+Attack = Callable[..., Any]
+Schedule = Callable[..., Any] | Mapping[int, float]
 ATTACKS = ("fgsm", "pgd", "trust_region")
 MODES = ("replace", "append")
 
@@ -68,7 +70,7 @@ class AdversarialAugmentCallback(Callback):
 
     def __init__(
         self,
-        attack: str | Attack = "fgsm",
+        attack: Attack | str = "fgsm",
         eps: float = 0.1,
         fraction: float = 0.5,
         mode: str = "replace",
@@ -81,7 +83,7 @@ class AdversarialAugmentCallback(Callback):
         fraction_schedule: Schedule | None = None,
         eps_schedule: Schedule | None = None,
         robust_eval: bool = False,
-        robust_eval_attack: str | Attack = "pgd",
+        robust_eval_attack: Attack | str = "pgd",
         robust_eval_steps: int = 10,
         robust_eval_eps: float | None = None,
         seed: int = 0,
@@ -179,6 +181,13 @@ class AdversarialAugmentCallback(Callback):
     # ---- hooks -------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        builtin = [(name, a) for name, a in (("attack", self.attack), ("robust_eval_attack", self.robust_eval_attack))
+                   if isinstance(a, str) and (name == "attack" or self.robust_eval)]
+        problem = module_loss_problem(pl_module) if builtin else None
+        if problem is not None:
+            name, attack = builtin[0]
+            raise ValueError(f"AdversarialAugmentCallback: {name}={attack!r} ascends cross_entropy(module(x), y), "
+                             f"which does not apply: {problem}; pass {name}=<callable (model, x, y) -> x_adv>")
         if self.clamp != "auto":
             self._range = check_range(self.clamp)
             return
@@ -215,7 +224,7 @@ class AdversarialAugmentCallback(Callback):
         if k == 0:
             return
         if not self._differentiable:
-            self._check_differentiable(pl_module, x, "attack")
+            self._check_differentiable(pl_module, x, y, "attack")
         rows = torch.randperm(n, generator=generator, device="cpu")[:k].sort().values.to(x.device)
         x_clean, y_clean = x[rows], y[rows].long()
         attack = self._attack(self.attack, self.eps, self.steps, self.step_size,
@@ -263,7 +272,7 @@ class AdversarialAugmentCallback(Callback):
         x, y = self._inputs_and_targets(batch)
         y = y.long()
         if not self._differentiable:
-            self._check_differentiable(pl_module, x, "robust_eval_attack")
+            self._check_differentiable(pl_module, x, y, "robust_eval_attack")
         attack = self._attack(self.robust_eval_attack, self.robust_eval_eps, self.robust_eval_steps, None,
                               self._eval_generator)
         try:
@@ -345,14 +354,28 @@ class AdversarialAugmentCallback(Callback):
                              f"of shape ({x.shape[0]},), got {_describe(y)}: set target_key= to the labels")
         return x, y
 
-    def _check_differentiable(self, pl_module: pl.LightningModule, x: torch.Tensor, name: str) -> None:
-        """Fail clearly when ``pl_module(x)`` gives no logits with a gradient w.r.t. ``x``."""
+    def _check_differentiable(self, pl_module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor,
+                              name: str) -> None:
+        """Fail clearly when ``pl_module(x)`` gives no class logits for the labels ``y`` with a gradient w.r.t. ``x``
+        (the built-in attacks ascend ``cross_entropy(pl_module(x), y)``)."""
+        fix = f"pass {name}=<callable (model, x, y) -> x_adv> otherwise"
         with leave_no_trace(pl_module, "eval"):
-            probe = x[:1].detach().clone().requires_grad_(True)
-            out = pl_module(probe)
-            if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                raise ValueError(f"{name}: pl_module(x) must return logits of shape (N, classes) for the attacks, "
-                                 f"got {_describe(out)}; pass {name}=<callable (model, x, y) -> x_adv> otherwise")
+            probe = x.detach().clone().requires_grad_(True)
+            try:
+                out = pl_module(probe)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:
+                raise ValueError(f"AdversarialAugmentCallback ({name}): {type(pl_module).__name__}(x) failed on the "
+                                 f"batch's inputs ({type(err).__name__}: {first_line(err)}); the attacks need "
+                                 f"pl_module(x) -> logits: set input_key= to the model's input, or {fix}") from err
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0] or out.shape[1] < 2:
+                raise ValueError(f"AdversarialAugmentCallback ({name}): pl_module(x) must return logits of shape "
+                                 f"({x.shape[0]}, classes >= 2) for the attacks, got {_describe(out)}; {fix}")
+            if bool(((y < 0) | (y >= out.shape[1])).any()):
+                raise ValueError(f"AdversarialAugmentCallback ({name}): the labels hold {int(y.min())}..{int(y.max())} "
+                                 f"but pl_module(x) has {out.shape[1]} outputs: they are not class logits for these "
+                                 f"labels; set target_key= to the class labels, or {fix}")
             grad = None
             if out.requires_grad:
                 (grad,) = torch.autograd.grad(out.sum(), probe, allow_unused=True)

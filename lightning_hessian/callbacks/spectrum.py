@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import (
     LossFn,
+    check_loss,
     draw_probe_indices,
     prepare_batch,
     probe_batches,
@@ -134,6 +135,7 @@ class HessianSpectrumCallback(Callback):
         self._last_step = 0  # the optimizer step last probed by every_n_steps (step 0 is never probed)
         self._batches: list[Any] | None = None
         self._loss: LossFn | None = None
+        self._owner = type(self).__name__  # named in loss errors (AdaptiveBatchSizeCallback's probe names its own)
         self._warm_start: torch.Tensor | None = None
         self._last_density: dict[str, list[float]] | None = None
 
@@ -151,7 +153,7 @@ class HessianSpectrumCallback(Callback):
     # ---- hooks -------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._loss = resolve_loss_fn(pl_module, self.loss_fn)
+        self._loss = resolve_loss_fn(pl_module, self.loss_fn, self._owner)
         op = HessianOperator(pl_module, self._loss, [], params=self.params)  # raises if nothing is selected
         if self.top_k > op.dim:
             raise ValueError(f"top_k={self.top_k} exceeds the {op.dim} selected parameters; lower top_k")
@@ -174,12 +176,7 @@ class HessianSpectrumCallback(Callback):
         self._batches = Batches(prepare_batch(trainer, b) for b in batches)
         if self._batches:  # a rank may hold no probe batch (fewer given batches than ranks)
             with leave_no_trace(pl_module, self.mode):
-                loss = self._loss(pl_module, self._batches[0])
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError(
-                    "loss_fn must return a scalar tensor (the mean loss over the batch), got "
-                    f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
-                )
+                check_loss(self._loss, pl_module, self._batches, self._owner)
         self._clock = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -227,7 +224,9 @@ class HessianSpectrumCallback(Callback):
                 raise ValueError("compute() outside a running Trainer needs probe_data= (the batches to probe)")
             self._batches = Batches(self.probe_data)
         if self._loss is None:
-            self._loss = resolve_loss_fn(pl_module, self.loss_fn)
+            self._loss = resolve_loss_fn(pl_module, self.loss_fn, self._owner)
+            with leave_no_trace(pl_module, self.mode):
+                check_loss(self._loss, pl_module, self._batches, self._owner)
         record: dict[str, Any] = {}
         sampling = dict(rel_tol=self.trace_rel_tol, min_samples=self.trace_min_samples,
                         max_samples=max(self.trace_max_samples, self.trace_min_samples),

@@ -233,7 +233,8 @@ def _check_convertible(model: nn.Module) -> None:
     bns = [n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
     if bns:
         raise ValueError(f"BatchNorm layers {bns} are not folded: call fold_batchnorm(model, example_input) first")
-    leftovers = _float_leftovers(model, {})
+    layers, ops = _float_leftovers(model, {})
+    leftovers = {**layers, **ops}
     if leftovers:
         raise ValueError(f"layers left in float block integer-only conversion: {leftovers}; quantize them "
                          "(quantize_model with bits for every layer) or remove them")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.loss import _Loss
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -365,7 +366,8 @@ class QuantizationReport:
 
     weight_bits: dict[str, int]
     act_bits: int | str
-    float_layers: dict[str, str] = field(default_factory=dict)  # name -> why it stays float
+    float_layers: dict[str, str] = field(default_factory=dict)  # layers with weights left in float: name -> why
+    float_ops: dict[str, str] = field(default_factory=dict)  # activations, other weightless modules, functional ops
     batchnorms: list[str] = field(default_factory=list)  # fold with fold_batchnorm before deployment
     fx_error: str | None = None  # why the torch.fx scan for functional ops could not run
 
@@ -381,6 +383,8 @@ class QuantizationReport:
         acts = f"{self.act_bits} bits" if self.act_bits != FOLLOW else \
             f"as the weights ({MAX_BITS} bits at residual adds)"
         lines.append(f"activations: {acts}; BatchNorm to fold: {', '.join(self.batchnorms) or 'none'}")
+        if self.float_ops:
+            lines.append(f"ops in float: {', '.join(f'{n} ({why})' for n, why in self.float_ops.items())}")
         if self.fx_error:
             lines.append(f"functional ops not scanned (torch.fx could not trace: {self.fx_error})")
         return "\n".join(lines)
@@ -420,17 +424,24 @@ def _functional_float_ops(model: nn.Module) -> tuple[dict[str, str], str | None]
     return found, None
 
 
-def _float_leftovers(model: nn.Module, weight_bits: Mapping[str, int], ignore: tuple[type, ...] = ()) -> dict[str, str]:
-    leftovers = {}
-    skip = (*_BATCHNORMS, *QUANT_MODULES, ActivationQuantizer, *ignore)
+def _float_leftovers(
+    model: nn.Module, weight_bits: Mapping[str, int], ignore: tuple[type, ...] = ()
+) -> tuple[dict[str, str], dict[str, str]]:
+    """What stays float, as ``(layers, ops)``: modules with weights that are not quantized (a conv/linear not in
+    ``bits``, an unsupported type), and weightless leaf modules that compute something (activations other than
+    ReLU, pooling). Loss modules are neither (``forward`` never runs them); nor are ``ignore``'s types."""
+    layers, ops = {}, {}
+    skip = (*_BATCHNORMS, *QUANT_MODULES, ActivationQuantizer, _Loss, *ignore)
     for name, m in model.named_modules():
         if not name or isinstance(m, skip) or name in weight_bits:
             continue
         if type(m) in _SWAP:
-            leftovers[name] = f"{type(m).__name__} not in bits"
-        elif list(m.parameters(recurse=False)) or (not list(m.children()) and not isinstance(m, _PASS_THROUGH)):
-            leftovers[name] = f"{type(m).__name__}: unsupported layer type"
-    return leftovers
+            layers[name] = f"{type(m).__name__} not in bits"
+        elif list(m.parameters(recurse=False)):
+            layers[name] = f"{type(m).__name__}: unsupported layer type"
+        elif not list(m.children()) and not isinstance(m, _PASS_THROUGH):
+            ops[name] = f"{type(m).__name__}: unsupported op"
+    return layers, ops
 
 
 def quantize_model(
@@ -451,8 +462,10 @@ def quantize_model(
         momentum: ``None`` for running min/max activation ranges, else the EMA momentum.
         ignore: module types that compute nothing to quantize (e.g. torchmetrics ``Metric``): not reported.
 
-    Layers left in float (unsupported types, layers missing from ``bits``, functional ops found by
-    ``torch.fx``) trigger one ``UserWarning`` listing them; BatchNorm stays unfolded for training.
+    What stays in float triggers one ``UserWarning`` listing it: layers with weights (unsupported types, layers
+    missing from ``bits``: ``report.float_layers``) and ops (weightless modules other than ReLU, dropout and
+    reshapes, functional ops found by ``torch.fx``: ``report.float_ops``), which an integer-only model cannot
+    hold; loss modules are not listed. BatchNorm stays unfolded for training.
     """
     layers = quantizable_layers(model)
     if not layers:
@@ -477,14 +490,15 @@ def quantize_model(
             continue
         _set_module(qmodel, name, swapped[id(m)])
     functional, fx_error = _functional_float_ops(model)
-    report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits,
-                                float_layers={**_float_leftovers(model, weight_bits, ignore), **functional},
+    float_layers, float_ops = _float_leftovers(model, weight_bits, ignore)
+    report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits, float_layers=float_layers,
+                                float_ops={**float_ops, **functional},
                                 batchnorms=[n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)],
                                 fx_error=fx_error)
-    if report.float_layers:
-        listed = "; ".join(f"{n} ({why})" for n, why in report.float_layers.items())
-        warnings.warn(f"quantize_model: {len(report.float_layers)} layer(s)/op(s) left in float: {listed}",
-                      UserWarning, stacklevel=2)
+    left = {**report.float_layers, **report.float_ops}
+    if left:
+        listed = "; ".join(f"{n} ({why})" for n, why in left.items())
+        warnings.warn(f"quantize_model: {len(left)} layer(s)/op(s) left in float: {listed}", UserWarning, stacklevel=2)
     if fx_error:
         warnings.warn(f"quantize_model: torch.fx cannot trace the model ({fx_error}), so functional ops in its "
                       "forward() (e.g. torch.sigmoid, x * y) were not checked: any there run in float",
