@@ -194,3 +194,15 @@ def test_metric_over_batches_equals_the_function_on_their_union(mlp_data):
     assert math.isnan(metric.compute().std_error.item())
     with pytest.raises(ValueError, match="alpha < beta"):
         BoundaryThickness(1.0, alpha=0.5, beta=0.5)
+
+
+def test_metric_without_classes_measures_around_the_predictions(mlp_data):
+    _, x, y = mlp_data
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4)).double()  # untrained: often wrong
+    predicted = model(x).argmax(1).detach()
+    assert (predicted != y).any()
+    metric = BoundaryThickness(2.0, num_points=32, seed=7)
+    metric.update(model, x)
+    expected = boundary_thickness(model, x, predicted, 2.0, num_points=32, generator=torch.Generator().manual_seed(7))
+    assert metric.compute().mean.item() == pytest.approx(expected.mean.item(), rel=1e-12)

@@ -21,7 +21,9 @@ N, D, LO, HI = 96, 6, -2.0, 2.0
 def _data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, D, generator=g).clamp(LO, HI)
-    return TensorDataset(x, (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 0.5).long())
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 0.5).long()
+    y[::5] = (y[::5] + 1) % 3  # label noise: predictions and labels differ on some samples
+    return TensorDataset(x, y)
 
 
 class Data(pl.LightningDataModule):
@@ -67,9 +69,10 @@ def fit(callbacks, epochs=2, data=None, ckpt_path=None, checkpoint=False, module
     return module, trainer
 
 
-def test_logged_values_are_the_thickness_of_the_probe_set_and_leave_no_trace():
+@pytest.mark.parametrize("classes", ["predicted", "labels"])
+def test_logged_values_are_the_thickness_of_the_probe_set_and_leave_no_trace(classes):
     cb = BoundaryThicknessCallback(eps=3.0, every_n_epochs=2, probe_size=40, probe_batch_size=16, steps=5,
-                                   num_points=32, seed=3)
+                                   num_points=32, classes=classes, seed=3)
     module, trainer = fit([cb], epochs=4)
     plain, _ = fit([], epochs=4)
     for (name, a), b in zip(module.state_dict().items(), plain.state_dict().values()):
@@ -80,8 +83,11 @@ def test_logged_values_are_the_thickness_of_the_probe_set_and_leave_no_trace():
     x, y = _data().tensors
     rows = torch.tensor(draw_probe_indices(N, 40, seed=3))
     offsets = torch.randint(1, 3, (40,), generator=torch.Generator().manual_seed(3))  # the documented draw
-    direct = boundary_thickness(module.eval(), x[rows], y[rows], 3.0, steps=5, num_points=32, clamp=(LO, HI),
-                                targets=(y[rows] + offsets) % 3)
+    predicted = module.eval()(x[rows]).argmax(1).detach()
+    assert (predicted != y[rows]).any()  # the two choices differ here
+    i = predicted if classes == "predicted" else y[rows]
+    direct = boundary_thickness(module, x[rows], i, 3.0, steps=5, num_points=32, clamp=(LO, HI),
+                                targets=(i + offsets) % 3)
     record = cb.history[-1]
     assert record["thickness"] == pytest.approx(direct.mean.item(), rel=1e-6)
     assert record["std_error"] == pytest.approx(direct.std_error.item(), rel=1e-5)
@@ -144,7 +150,24 @@ def test_too_small_eps_warns_that_the_segments_stop_short():
     ({"every_n_epochs": 0}, ValueError, "every_n_epochs"), ({"probe_size": 0}, ValueError, "probe_size"),
     ({"num_points": -1}, ValueError, "num_points"), ({"input_key": 1.5}, TypeError, "input_key"),
     ({"clamp": (1, 0)}, ValueError, "clamp"), ({"seed": "0"}, TypeError, "seed"),
+    ({"classes": "y"}, ValueError, "classes"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         BoundaryThicknessCallback(**kwargs)
+
+
+def test_the_train_recipe_runs_noisy_mixup_and_logs_the_thickness(tmp_path, data_dir):
+    from lightning_hessian import recipes
+    from tests.conftest import compose_config
+
+    overrides = ["callbacks=[default,adversarial_augment,boundary_thickness]", "data.num_train=400",
+                 "data.num_test=100", "data.batch_size=50", "trainer.max_epochs=2",
+                 "callbacks.adversarial_augment.fraction=0", "callbacks.adversarial_augment.mixup_alpha=1.0",
+                 "callbacks.adversarial_augment.mixup_noise=0.5", "callbacks.boundary_thickness.every_n_epochs=1",
+                 "callbacks.boundary_thickness.probe_size=64", "callbacks.boundary_thickness.steps=5"]
+    recipes.train(compose_config("train", overrides, tmp_path, data_dir))
+    header, *rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    column = header.split(",").index("robust/boundary_thickness")
+    values = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+    assert len(values) == 2 and all(0 < v <= 4.0 for v in values)

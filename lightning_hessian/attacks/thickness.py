@@ -16,8 +16,10 @@ The choices made here, and why:
   the paper's measurements; without a random start the segment of a linear model runs along its weight
   difference, and the only randomness is the choice of ``j``. Lengths are L2, the norm of the attack.
 - ``j`` is drawn uniformly among the classes other than ``i`` (seeded), the paper's random wrong label, or given.
-- ``i`` is the label ``y``. The paper's definition uses the predicted class of ``x``; pass
-  ``y = model(x).argmax(1)`` for that (the two agree on every correctly classified sample).
+- ``i`` is the class ``y`` given: the paper's definition takes the model's prediction at ``x``
+  (``y = model(x).argmax(1)``, what ``BoundaryThickness`` and the callback do by default), which measures the
+  model's own boundaries whatever its accuracy; with the labels, a misclassified sample whose ``p_y`` and ``p_j``
+  are both small sits in the band from the start, so inaccurate models look thicker.
 - The attack and the segment stay inside the valid input range ``clamp`` (the range is convex, so the segment
   between two valid points is valid), never the batch's own min/max.
 - The integral is the midpoint rule on ``num_points`` cells: for a band crossed once (as on a linear model)
@@ -79,7 +81,7 @@ def boundary_thickness(
     Args:
         model: maps ``x`` to logits ``(N, K)``, ``K >= 2``; run in eval mode, its modes restored afterwards.
         x: inputs ``(N, ...)`` of any shape, in the units the model takes (``eps``, ``step_size``, ``clamp`` too).
-        y: int64 classes ``i`` ``(N,)``.
+        y: int64 classes ``i`` ``(N,)``: the model's predictions at ``x`` (the paper's definition) or the labels.
         eps: L2 radius of the targeted PGD that finds ``x'``; the thickness of a sample is at most ``eps``.
         alpha, beta: the band ``alpha < p_i - p_j < beta`` (the paper's 0 and 0.75).
         targets: int64 target classes ``j`` ``(N,)``, each unlike ``y``; None draws them uniformly among the

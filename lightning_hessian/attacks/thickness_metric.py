@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_hessian.attacks._common import Range, check_eps, check_range
+from lightning_hessian.attacks._common import Range, check_eps, check_range, predict
 from lightning_hessian.attacks.thickness import boundary_thickness, check_band
 from lightning_hessian.checks import check_positive_int
 
@@ -26,16 +26,18 @@ class ThicknessStats(NamedTuple):
 class BoundaryThickness(Metric):
     """Boundary thickness (:func:`~lightning_hessian.attacks.boundary_thickness`) accumulated over batches.
 
-    The states are sums (thickness, its square, attacks that reached their target, samples) reduced by
-    torchmetrics' sync, so under DDP ``compute()`` on every rank equals one process on the union of the
-    ranks' samples (every rank must call it). Targets not given to ``update`` are drawn from a generator
-    seeded with ``seed`` at construction, which ``reset()`` does not rewind.
+    ``update(model, x)`` measures around the model's predicted classes at ``x`` (the paper's definition),
+    ``update(model, x, y)`` around the classes ``y`` (e.g. the labels). The states are sums (thickness, its
+    square, attacks that reached their target, samples) reduced by torchmetrics' sync, so under DDP
+    ``compute()`` on every rank equals one process on the union of the ranks' samples (every rank must call
+    it). Targets not given to ``update`` are drawn from a generator seeded with ``seed`` at construction, which
+    ``reset()`` does not rewind.
 
     Example::
 
         metric = BoundaryThickness(eps=2.0, clamp=(0.0, 1.0))
-        for x, y in loader:
-            metric.update(model, x, y)
+        for x, _ in loader:
+            metric.update(model, x)
         mean, std_error, reached = metric.compute()
     """
 
@@ -68,8 +70,13 @@ class BoundaryThickness(Metric):
         for name in ("total", "total_sq", "reached", "count"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None) -> None:
-        """Add the thickness of ``model`` around the samples ``x`` of classes ``y`` (towards ``targets`` if given)."""
+    def update(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, targets: torch.Tensor | None = None
+    ) -> None:
+        """Add the thickness of ``model`` around the samples ``x`` of classes ``y`` (None: the model's predictions),
+        towards ``targets`` if given (else drawn among the other classes)."""
+        if y is None:
+            y = predict(model, x)
         result = boundary_thickness(
             model, x, y, self.eps, alpha=self.alpha, beta=self.beta, targets=targets, steps=self.steps,
             step_size=self.step_size, num_points=self.num_points, clamp=self.clamp, generator=self.generator,

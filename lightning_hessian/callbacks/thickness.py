@@ -18,6 +18,7 @@ from lightning_hessian.callbacks.probe import draw_probe_indices, prepare_batch,
 from lightning_hessian.checks import check_positive_int
 
 DEFAULT_PROBE_SIZE = 256
+CLASSES = ("predicted", "labels")
 
 
 class BoundaryThicknessCallback(Callback):
@@ -25,8 +26,10 @@ class BoundaryThicknessCallback(Callback):
 
     Measured with :class:`~lightning_hessian.attacks.BoundaryThickness` on a fixed probe set: ``probe_size``
     training samples (default 256, or the whole training set if smaller) drawn once with ``seed``, as the Hessian
-    probe set is, each with a target class drawn once with ``seed`` too, so that successive values differ only
-    by what training changed. For each sample of class ``i`` and its target ``j``, a targeted L2 PGD
+    probe set is, each with a target offset drawn once with ``seed`` too, so that successive values differ only
+    by what training changed. The class ``i`` of a sample is the model's prediction (``classes="predicted"``, the
+    paper's definition, which does not make inaccurate models look thick) or its label (``classes="labels"``); its
+    target is ``j = (i + offset) % K``. For each sample and its target, a targeted L2 PGD
     (``steps`` steps within radius ``eps``, input units) finds ``x'``, and the thickness is the length of the
     segment from ``x`` to ``x'`` on which ``alpha < p_i - p_j < beta`` (the paper's 0 and 0.75). ``clamp="auto"``
     keeps the attack inside ``trainer.datamodule.input_range`` when there is one.
@@ -61,6 +64,7 @@ class BoundaryThicknessCallback(Callback):
         step_size: float | None = None,
         num_points: int = 128,
         clamp: str | Range | None = "auto",
+        classes: str = "predicted",
         input_key: int | str | None = None,
         target_key: int | str | None = None,
         seed: int = 0,
@@ -76,6 +80,7 @@ class BoundaryThicknessCallback(Callback):
             num_points: midpoint-rule cells along each segment.
             clamp: valid input range ``(lo, hi)`` (numbers, or per-channel sequences), None for none, or
                 ``"auto"`` (the datamodule's ``input_range``).
+            classes: ``"predicted"`` (the class ``i`` of a sample is the model's prediction) or ``"labels"``.
             input_key, target_key: where inputs and int labels sit in a batch (index or dict key; default 0 and 1,
                 or ``"x"`` and ``"y"`` for dicts).
             seed: seeds the probe set and its target classes.
@@ -90,15 +95,19 @@ class BoundaryThicknessCallback(Callback):
                 raise TypeError(f"{name} must be an int (tuple/list position), a str (dict key) or None, got {key!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if classes not in CLASSES:
+            raise ValueError(f"classes must be one of {CLASSES}, got {classes!r}")
+        self.classes = classes
         self.clamp, self.input_key, self.target_key, self.seed = clamp, input_key, target_key, seed
         self.history: list[dict[str, Any]] = []
-        self._probe: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # this rank's (x, y, targets)
+        self._probe: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # this rank's (x, y, target offsets)
+        self._num_classes = 0
 
     @property
     def state_key(self) -> str:
         m = self._metric
         return self._generate_state_key(eps=m.eps, alpha=m.alpha, beta=m.beta, probe_size=self.probe_size,
-                                        seed=self.seed)
+                                        classes=self.classes, seed=self.seed)
 
     # ---- hooks -------------------------------------------------------------------------------------------
 
@@ -127,12 +136,11 @@ class BoundaryThicknessCallback(Callback):
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] < 2:
             raise ValueError("BoundaryThicknessCallback: pl_module(x) must return logits of shape (N, classes >= 2), "
                              f"got {type(logits).__name__} {tuple(getattr(logits, 'shape', ()))}")
-        num_classes = logits.shape[1]
-        # one target per probe sample, drawn for the whole set so that any split over ranks gives the same ones
-        offsets = torch.randint(1, num_classes, (size,), generator=torch.Generator().manual_seed(self.seed))
+        self._num_classes = logits.shape[1]
+        # one target offset per probe sample, drawn for the whole set so that any split over ranks gives the same
+        offsets = torch.randint(1, self._num_classes, (size,), generator=torch.Generator().manual_seed(self.seed))
         offsets = offsets[trainer.global_rank :: trainer.world_size].split([len(y) for _, y in batches])
-        for (x, y), offset in zip(batches, offsets):
-            self._probe.append((x, y, (y + offset.to(y.device)) % num_classes))
+        self._probe = [(x, y, offset.to(y.device)) for (x, y), offset in zip(batches, offsets)]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -153,8 +161,11 @@ class BoundaryThicknessCallback(Callback):
         failed = 0.0
         try:
             with leave_no_trace(pl_module, "eval"):
-                for x, y, targets in self._probe:
-                    self._metric.update(pl_module, x, y, targets)
+                for x, y, offset in self._probe:
+                    if self.classes == "predicted":
+                        with torch.no_grad():
+                            y = pl_module(x).argmax(1)
+                    self._metric.update(pl_module, x, y, (y + offset) % self._num_classes)
         except Exception as err:  # a diagnostic never ends a training run
             failed = 1.0
             rank_zero_warn(f"BoundaryThicknessCallback: the measurement at epoch {trainer.current_epoch} failed "
