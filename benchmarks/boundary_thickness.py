@@ -23,6 +23,7 @@ torchattacks from ``make bench-setup``)
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -103,26 +104,35 @@ class UnitInterval(nn.Module):
         return self.net((self.lo + u * (self.hi - self.lo)).flatten(1))
 
 
-def thickness_along_torchattacks_segments(model: nn.Module, dm: MNIST1DDataModule) -> float:
-    """The test thickness with torchattacks' targeted PGDL2 endpoints, integrated with the same midpoint rule."""
-    x = dm.test_set.tensors[0]
+def cross_check(model: nn.Module, dm: MNIST1DDataModule) -> dict[str, float]:
+    """The test thickness of ``model`` in float32 and float64: ours, and along the segments of torchattacks'
+    targeted PGDL2 (same targets, eps, steps and step size; cross-entropy steps; in float64 its gradient-norm guard
+    lowered from 1e-10 to 1e-300), integrated with the same midpoint rule."""
+    x32 = dm.test_set.tensors[0]
+    with torch.no_grad():
+        i = model(x32).argmax(1)
+    targets = (i + torch.randint(1, 10, i.shape, generator=torch.Generator().manual_seed(0))) % 10
     lo, hi = dm.input_range
-    with torch.no_grad():
-        i = model(x).argmax(1)
-    targets = (i + torch.randint(1, 10, i.shape, generator=torch.Generator().manual_seed(0))) % 10  # ours' draw
-    eps, steps, scale = THICKNESS["eps"], THICKNESS["steps"], hi - lo
-    attack = torchattacks.PGDL2(UnitInterval(model, lo, hi), eps=eps / scale, alpha=2.5 * eps / steps / scale,
-                                steps=steps, random_start=False)
-    attack.set_mode_targeted_by_label(quiet=True)
-    x_adv = lo + attack(((x - lo) / scale).view(-1, 1, 1, x.shape[1]), targets).flatten(1) * scale
-    n = THICKNESS["num_points"]
-    inside = torch.zeros(len(x))
-    with torch.no_grad():
-        for k in range(n):
-            p = model(x + (k + 0.5) / n * (x_adv - x)).softmax(1)
-            margin = p.gather(1, i[:, None]) - p.gather(1, targets[:, None])
-            inside += ((margin > BAND[0]) & (margin < BAND[1])).squeeze(1).float()
-    return ((x_adv - x).flatten(1).norm(dim=1) * inside / n).mean().item()
+    eps, steps, scale, n = THICKNESS["eps"], THICKNESS["steps"], hi - lo, THICKNESS["num_points"]
+    result = {}
+    for dtype, name in ((torch.float32, "float32"), (torch.float64, "float64")):
+        typed, x = copy.deepcopy(model).to(dtype), x32.to(dtype)
+        result[f"ours {name}"] = boundary_thickness(typed, x, i, **THICKNESS, clamp=dm.input_range,
+                                                    targets=targets).mean.item()
+        attack = torchattacks.PGDL2(UnitInterval(typed, lo, hi), eps=eps / scale, alpha=2.5 * eps / steps / scale,
+                                    steps=steps, random_start=False)
+        attack.set_mode_targeted_by_label(quiet=True)
+        if dtype == torch.float64:
+            attack.eps_for_division = 1e-300
+        x_adv = lo + attack(((x - lo) / scale).view(-1, 1, 1, x.shape[1]), targets).flatten(1) * scale
+        inside = torch.zeros(len(x), dtype=dtype)
+        with torch.no_grad():
+            for k in range(n):
+                p = typed(x + (k + 0.5) / n * (x_adv - x)).softmax(1)
+                margin = p.gather(1, i[:, None]) - p.gather(1, targets[:, None])
+                inside += ((margin > BAND[0]) & (margin < BAND[1])).squeeze(1).to(dtype)
+        result[f"torchattacks {name}"] = ((x_adv - x).flatten(1).norm(dim=1) * inside / n).mean().item()
+    return result
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -175,7 +185,7 @@ def main() -> None:
         small: (args.small_train, lambda s: []),
     }
     results: dict[str, list[dict]] = {name: [] for name in variants}
-    cross_check = []
+    checks: list[dict[str, float]] = []
     for seed in range(args.seeds):
         for name, (size, callbacks) in variants.items():
             every = 4000 // size
@@ -184,10 +194,11 @@ def main() -> None:
             model, seconds = train([*callbacks(seed), probe, accuracy], data[size], args.epochs * every, seed)
             record = evaluate(model, data[size], args.eval_steps)
             gap = [a - b for a, b in zip(accuracy.train, accuracy.test)][every - 1::every]  # at the probes' epochs
-            record.update(seconds=seconds, curve=[h["thickness"] for h in probe.history], gap=gap)
+            record.update(seconds=seconds, curve=[h["thickness"] for h in probe.history], gap=gap,
+                          probe_share=sum(h["seconds"] for h in probe.history) / seconds)
             results[name].append(record)
             if name == "plain":
-                cross_check.append((record["thickness"], thickness_along_torchattacks_segments(model, data[4000])))
+                checks.append(cross_check(model, data[4000]))
             print(f"seed {seed} {name}: thickness {record['thickness']:.3f} (train probe {record['curve'][-1]:.3f}), "
                   f"clean {record['clean']:.3f}, PGD L-inf {record['pgd_linf']:.3f}, L2 {record['pgd_l2']:.3f}, "
                   f"{seconds:.1f} s", flush=True)
@@ -197,7 +208,8 @@ def main() -> None:
 
     header = ["training", "test thickness", "train-probe thickness", "reached %", "test thickness, i = label",
               "clean acc %", "train acc %",
-              "PGD L-inf 0.2 acc %", "PGD L2 1.0 acc %", "thickness vs plain (per seed)", "train s (median)"]
+              "PGD L-inf 0.2 acc %", "PGD L2 1.0 acc %", "thickness vs plain (per seed)", "train s (median)",
+              "of which thickness probes %"]
     rows = []
     for name in variants:
         rs = results[name]
@@ -207,7 +219,8 @@ def main() -> None:
                      mean_std(column(name, "clean"), 100, 1),
                      mean_std(column(name, "train_acc"), 100, 1), mean_std(column(name, "pgd_linf"), 100, 1),
                      mean_std(column(name, "pgd_l2"), 100, 1), "-" if name == "plain" else mean_std(delta, digits=3),
-                     f"{statistics.median(column(name, 'seconds')):.1f}"])
+                     f"{statistics.median(column(name, 'seconds')):.1f}",
+                     mean_std(column(name, "probe_share"), 100, 0)])
 
     # claim 1: adversarial training, mixup and noisy mixup thicken the boundary (per-seed differences to plain)
     claims = []
@@ -236,18 +249,19 @@ def main() -> None:
                        f"falls by {mean_std(fall, digits=3)} ({mean_std(relative, 100, 0)} %) from the middle to the "
                        f"end, while the gap grows by {mean_std(gap_growth, 100, 1)} pts"])
     fewer = [p["thickness"] - s["thickness"] for s, p in zip(results[small], results["plain"])]
+    fewer_probe = [p["curve"][-1] - s["curve"][-1] for s, p in zip(results[small], results["plain"])]
     gap = [r["train_acc"] - r["clean"] for r in results["plain"]]
     small_gap = [r["train_acc"] - r["clean"] for r in results[small]]
-    claims.append([f"fewer samples ({args.small_train} vs 4000, as many steps): thinner boundary (test set)",
-                   verdict(fewer), f"thinner by {mean_std(fewer, digits=3)}; final train-test gap "
-                   f"{mean_std(small_gap, 100, 1)} pts vs {mean_std(gap, 100, 1)} pts"])
+    claims.append([f"fewer samples ({args.small_train} vs 4000, as many steps): thinner boundary (test set; "
+                   "training probe)", f"{verdict(fewer)}; {verdict(fewer_probe)}",
+                   f"thinner by {mean_std(fewer, digits=3)}; by {mean_std(fewer_probe, digits=3)}; final train-test "
+                   f"gap {mean_std(small_gap, 100, 1)} pts vs {mean_std(gap, 100, 1)} pts"])
 
     epochs_shown = sorted({0, *range(4, args.epochs, 5), args.epochs - 1})
     curve_rows = [[name, *(mean_std([r["curve"][e] for r in results[name]]) for e in epochs_shown)]
                   for name in variants]
     curve_rows += [[f"{name}: train - test acc (pts)", *(mean_std([r["gap"][e] for r in results[name]], 100, 1)
                                                            for e in epochs_shown)] for name in ("plain", small)]
-    ours, theirs = zip(*cross_check)
     report = "\n\n".join([
         "## Boundary thickness after plain, adversarial, mixup and noisy-mixup training (MNIST-1D CNN)",
         f"Command: `{command()}`  \n"
@@ -275,9 +289,19 @@ def main() -> None:
         "accuracy, for the plain trainings.",
         markdown_table(["training", *(f"epoch {e + 1}" for e in epochs_shown)], curve_rows),
         "### Cross-check of the attack",
-        f"Test thickness of the plain models along our PGD's segments {mean_std(list(ours), digits=4)}, along "
-        f"torchattacks PGDL2's {mean_std(list(theirs), digits=4)} (largest difference "
-        f"{max(abs(a - b) for a, b in cross_check):.2e}).",
+        "Test thickness of the plain models along our segments (targeted L2 PGD on the log-odds against j, whose "
+        "steps are the cross-entropy's in exact arithmetic) and along those of torchattacks' PGDL2 (on the "
+        "cross-entropy, like the paper's code), in float32 and in float64 (there with torchattacks' guard against a "
+        "zero gradient norm lowered from 1e-10 to 1e-300):",
+        markdown_table(["segments", "float32", "float64", "float32 - float64, largest"], [
+            [who, *(mean_std([c[f"{who} {p}"] for c in checks], digits=4) for p in ("float32", "float64")),
+             f"{max(abs(c[f'{who} float32'] - c[f'{who} float64']) for c in checks):.1e}"]
+            for who in ("ours", "torchattacks")]),
+        f"Ours in float64 against torchattacks' in float64: largest difference "
+        f"{max(abs(c['ours float64'] - c['torchattacks float64']) for c in checks):.1e}. Past the boundary the "
+        "other classes soon hold less than 1e-7, where the float32 cross-entropy gradient p - e_j loses its j entry "
+        "(p_j - 1 rounds to 0): its steps then wander and the segments end elsewhere, which moves the thickness "
+        "(it depends on where a segment ends even past the band).",
     ])
     write_result("boundary_thickness", report)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_hessian.attacks import BoundaryThickness, boundary_thickness, pgd
+from lightning_hessian.attacks import BoundaryThickness, boundary_thickness, pgd, targeted_log_odds
 from tests.conftest import fit_full_batch
 
 
@@ -113,6 +113,40 @@ def test_mlp_matches_a_fine_brute_force_integral_along_the_same_segments(mlp_dat
     assert result.per_sample.max() > 0.1 and bool(result.reached.any())
     with torch.no_grad():
         assert torch.equal(result.reached, model(x_adv).argmax(1) == targets)
+
+
+def test_log_odds_steps_are_the_cross_entropys_steps(mlp_data):
+    """The cross-entropy of j is softplus of the log-odds against j: the same normalised L2 steps."""
+    model, x, y = mlp_data
+    targets = (y + 1) % 4
+    kwargs = dict(steps=10, norm="l2", random_start=False, clamp=(-4.0, 4.0), targeted=True)
+    with_log_odds = pgd(model, x, targets, 3.0, loss_fn=targeted_log_odds, **kwargs)
+    assert torch.allclose(with_log_odds, pgd(model, x, targets, 3.0, **kwargs), atol=1e-9, rtol=0)
+
+
+def test_float32_segments_keep_their_direction_where_the_cross_entropy_saturates():
+    """A linear model with large weights: past the boundary the other classes hold < 1e-7, so the float32
+    cross-entropy gradient p - e_j loses its j entry (p_j - 1 rounds to 0) and its steps go astray; the log-odds
+    steps stay with the float64 reference, and so does the thickness."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    with torch.no_grad():
+        model.weight.mul_(8)
+    model64 = nn.Linear(6, 3).double()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    i = model(x).argmax(1).detach()
+    targets = (i + 1) % 3
+    kwargs = dict(steps=20, norm="l2", random_start=False, targeted=True)
+    reference = pgd(model64, x.double(), targets, 6.0, loss_fn=targeted_log_odds, **kwargs)
+    log_odds = pgd(model, x, targets, 6.0, loss_fn=targeted_log_odds, **kwargs)
+    cross_entropy = pgd(model, x, targets, 6.0, **kwargs)
+    assert (log_odds.double() - reference).norm(dim=1).max() < 1e-4
+    assert (cross_entropy.double() - reference).norm(dim=1).max() > 1.0  # what the float32 cross-entropy does
+    float32 = boundary_thickness(model, x, i, 6.0, targets=targets)
+    float64 = boundary_thickness(model64, x.double(), i, 6.0, targets=targets)
+    assert torch.allclose(float32.per_sample.double(), float64.per_sample, atol=1e-5, rtol=0)
+    assert float64.per_sample.min() > 0
 
 
 def test_targets_are_seeded_and_drawn_among_the_other_classes(mlp_data):

@@ -128,6 +128,20 @@ def test_dict_batches_with_keys_and_bad_keys():
         fit([BoundaryThicknessCallback(probe_size=16)], epochs=1, data=Data("dict"))
 
 
+class NoForward(Module):
+    """Calls its network in training_step; has no forward of its own."""
+
+    forward = pl.LightningModule.forward
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+
+def test_a_module_without_forward_is_told_what_is_missing():
+    with pytest.raises(ValueError, match="forward"):
+        fit([BoundaryThicknessCallback(probe_size=16)], epochs=1, module=NoForward())
+
+
 def test_a_failed_measurement_warns_and_training_goes_on(monkeypatch):
     cb = BoundaryThicknessCallback(eps=2.0, every_n_epochs=1, probe_size=16, steps=2, num_points=8)
 

@@ -41,7 +41,7 @@ from lightning_hessian.attacks.metrics import (
     robust_accuracy,
 )
 from lightning_hessian.attacks.pgd import pgd
-from lightning_hessian.attacks.thickness import Thickness, boundary_thickness
+from lightning_hessian.attacks.thickness import Thickness, boundary_thickness, targeted_log_odds
 from lightning_hessian.attacks.thickness_metric import BoundaryThickness, ThicknessStats
 from lightning_hessian.attacks.trust_region import trust_region
 
@@ -56,6 +56,7 @@ __all__ = [
     "perturbation_norm",
     "pgd",
     "robust_accuracy",
+    "targeted_log_odds",
     "trust_region",
 ]
 

@@ -14,7 +14,9 @@ The choices made here, and why:
 
 - ``x'`` is a targeted L2 PGD towards ``j`` (descending the cross-entropy of ``j``) started at ``x`` itself, as in
   the paper's measurements; without a random start the segment of a linear model runs along its weight
-  difference, and the only randomness is the choice of ``j``. Lengths are L2, the norm of the attack.
+  difference, and the only randomness is the choice of ``j``. Lengths are L2, the norm of the attack. The steps
+  follow :func:`targeted_log_odds`, whose gradient has the cross-entropy's direction (so the iterates are the
+  same in exact arithmetic) but keeps it in float32 once ``p_j`` is near 1, where the cross-entropy's does not.
 - ``j`` is drawn uniformly among the classes other than ``i`` (seeded), the paper's random wrong label, or given.
 - ``i`` is the class ``y`` given: the paper's definition takes the model's prediction at ``x``
   (``y = model(x).argmax(1)``, what ``BoundaryThickness`` and the callback do by default), which measures the
@@ -61,6 +63,18 @@ def check_band(alpha: float, beta: float) -> tuple[float, float]:
     return alpha, beta
 
 
+def targeted_log_odds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``sum_n [log sum_{k != j} exp(z_k) - z_j]`` with ``j = targets[n]``: the log-odds against the target class.
+
+    The cross-entropy of ``j`` is ``softplus`` of it, so per sample their gradients differ by a positive factor and
+    normalised (L2 PGD) steps agree. The cross-entropy's gradient ``p - e_j`` is computed with ``p_j - 1``, which
+    rounds to 0 in float32 once the other classes hold less than about 1e-7, leaving the step's direction to
+    rounding; this one's, ``softmax over k != j`` minus ``e_j``, has entries of order 1 at any confidence.
+    """
+    others = logits.scatter(1, targets[:, None], -math.inf)
+    return (others.logsumexp(1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+
+
 def boundary_thickness(
     model: nn.Module,
     x: torch.Tensor,
@@ -104,7 +118,7 @@ def boundary_thickness(
         num_classes = _num_classes(model, x[:1].clone())
     targets = _targets(y, targets, num_classes, generator)
     x_adv = pgd(model, x, targets, eps, steps=steps, step_size=step_size, norm="l2", random_start=False,
-                clamp=clamp, targeted=True)
+                clamp=clamp, loss_fn=targeted_log_odds, targeted=True)
     with training_mode(model, False), torch.inference_mode(False), torch.no_grad():
         x, x_adv = x.clone(), x_adv.clone()
         inside = _share_in_band(model, x, x_adv, y, targets, alpha, beta, num_points)

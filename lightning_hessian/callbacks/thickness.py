@@ -131,8 +131,12 @@ class BoundaryThicknessCallback(Callback):
         self._probe = []
         if not batches:  # a rank may hold no probe sample (fewer samples than ranks)
             return
-        with leave_no_trace(pl_module, "eval"), torch.no_grad():
-            logits = pl_module(batches[0][0][:1])
+        try:
+            with leave_no_trace(pl_module, "eval"), torch.no_grad():
+                logits = pl_module(batches[0][0][:1])
+        except NotImplementedError:
+            raise ValueError("BoundaryThicknessCallback measures pl_module(x): give the LightningModule a forward(x) "
+                             "that returns logits") from None
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] < 2:
             raise ValueError("BoundaryThicknessCallback: pl_module(x) must return logits of shape (N, classes >= 2), "
                              f"got {type(logits).__name__} {tuple(getattr(logits, 'shape', ()))}")
