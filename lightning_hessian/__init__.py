@@ -5,10 +5,11 @@ Callbacks for an existing Trainer (``HessianSpectrumCallback``, ``AdaptiveBatchS
 pure-torch core they stand on (``HessianOperator`` and the spectrum algorithms, the attacks).
 """
 
-from lightning_hessian.attacks import fgsm, pgd, robust_accuracy, trust_region
+from lightning_hessian.attacks import boundary_thickness, fgsm, pgd, robust_accuracy, trust_region
 from lightning_hessian.callbacks import (
     AdaptiveBatchSizeCallback,
     AdversarialAugmentCallback,
+    BoundaryThicknessCallback,
     HessianSpectrumCallback,
 )
 from lightning_hessian.data import CIFAR10DataModule, MNIST1DDataModule
@@ -41,5 +42,6 @@ __all__ = [
     "hutchinson_trace", "layer_sensitivity", "per_layer_top_eigenvalue", "per_layer_trace", "pgd",
     "power_iteration", "quantize_model", "robust_accuracy", "spectral_density", "to_integer_model",
     "top_eigenvalues", "trust_region",
+    "BoundaryThicknessCallback", "boundary_thickness",
 ]
 __version__ = "0.1.0"
