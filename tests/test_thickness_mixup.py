@@ -32,8 +32,8 @@ class Net(nn.Module):
 def _mixed_batches(cb: AdversarialAugmentCallback, batches: int, layout: str = "tuple"):
     """The callback's batches, each built from x = 3 I (row r: 3 e_r) and labels r % K, with what went in."""
     trainer = SimpleNamespace(global_rank=0, datamodule=None, current_epoch=0)
-    cb.setup(trainer, None, "fit")
     net = Net()
+    cb.setup(trainer, net, "fit")
     out = []
     for _ in range(batches):
         x, y = 3 * torch.eye(N), torch.arange(N) % K
@@ -102,7 +102,7 @@ def test_noisy_mixup_partners_are_uniform_noise_in_range_with_uniform_labels():
 def test_per_channel_ranges_bound_each_channels_noise():
     cb = AdversarialAugmentCallback(fraction=0.0, mixup_alpha=1.0, mixup_noise=1.0, clamp=((-10.0, 0.0), (0.0, 10.0)))
     trainer = SimpleNamespace(global_rank=0, datamodule=None)
-    cb.setup(trainer, None, "fit")
+    cb.setup(trainer, Net(), "fit")
     x, y = torch.zeros(200, 2, 3), torch.zeros(200, dtype=torch.long)
     cb.on_train_batch_start(trainer, nn.Sequential(nn.Flatten(), nn.Linear(6, K)), (x, y), 0)
     # every partner is noise and x = 0, so x~ = (1 - lam) u: channel 0 drawn in [-10, 0], channel 1 in [0, 10]
@@ -178,10 +178,10 @@ def test_bad_mixup_arguments(kwargs, match):
 def test_noisy_mixup_without_a_finite_range_fails_at_fit_start():
     cb = AdversarialAugmentCallback(fraction=0.0, mixup_alpha=1.0, mixup_noise=0.5, clamp=None)
     trainer = SimpleNamespace(global_rank=0, datamodule=None)
-    cb.setup(trainer, None, "fit")
+    cb.setup(trainer, Net(), "fit")
     with pytest.raises(ValueError, match="finite clamp"):
         cb.on_fit_start(trainer, None)
     cb = AdversarialAugmentCallback(fraction=0.0, mixup_alpha=1.0, mixup_noise=0.5, clamp=(0.0, float("inf")))
-    cb.setup(trainer, None, "fit")
+    cb.setup(trainer, Net(), "fit")
     with pytest.raises(ValueError, match="finite clamp"):
         cb.on_fit_start(trainer, None)
