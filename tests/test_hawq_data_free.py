@@ -158,3 +158,52 @@ def test_bit_report_plots_the_frontier_beside_the_bits(tmp_path):
     assert f"{len(points)} non-dominated allocations" in report.to_markdown()
     table, png = report.save(tmp_path)
     assert png.stat().st_size > 0 and "Pareto frontier" in table.read_text()
+
+
+def test_quantize_recipe_data_free_reads_no_data(tmp_path, data_dir):
+    """``hawq.calibration=distilled test=false``: no data config is instantiated (its folder does not exist), the
+    plan meets the budget, the report and the integer-only export are written."""
+    import json
+
+    from hydra.utils import instantiate
+
+    from lightning_hessian import recipes
+    from tests.conftest import compose_config
+
+    overrides = [f"ckpt_path={tmp_path}/fresh.ckpt", "model.net.batch_norm=true", "hawq.calibration=distilled",
+                 "hawq.input_shape=[40]", "hawq.metric=kl", "hawq.probe_size=32", "hawq.probe_batch_size=32",
+                 "hawq.distill.max_steps=30", "test=false", f"data.data_dir={tmp_path}/no_such_folder"]
+    cfg = compose_config("quantize", overrides, tmp_path / "out", data_dir)
+    torch.manual_seed(0)
+    torch.save({"state_dict": instantiate(cfg.model).state_dict()}, tmp_path / "fresh.ckpt")
+    report = recipes.quantize(cfg)
+    assert not (tmp_path / "no_such_folder").exists()
+    assert report["calibration"] == "distilled" and report["quantized"] == {} and report["integer"]["test/acc"] is None
+    assert set(report["weight_bits"].values()) == {4, 8}
+    assert json.loads((tmp_path / "out" / "quantize_report.json").read_text())["weight_bits"] == report["weight_bits"]
+    assert "Pareto frontier" in (tmp_path / "out" / "hawq" / "hawq_report.md").read_text()
+    assert (tmp_path / "out" / "model_int.onnx").stat().st_size > 0
+    plain = compose_config("quantize", [f"ckpt_path={tmp_path}/plain.ckpt", *overrides[2:]], tmp_path / "out2",
+                           data_dir)
+    torch.save({"state_dict": instantiate(plain.model).state_dict()}, tmp_path / "plain.ckpt")
+    with pytest.raises(recipes.ConfigError, match="hawq: .*has no BatchNorm layer"):
+        recipes.quantize(plain)
+
+
+@pytest.mark.slow
+def test_quantize_recipe_data_free_from_a_train_run(tmp_path, data_dir):
+    """A trained run with BatchNorm quantized data-free from its run_dir: the input shape comes from the test split,
+    the test accuracy at W8A8 stays within a point of float, the integer-only export agrees with the simulation."""
+    from lightning_hessian import recipes
+    from tests.conftest import compose_config
+
+    data = ["data.num_train=1000", "data.num_test=500", "data.batch_size=50", "model.net.batch_norm=true"]
+    train_dir = tmp_path / "train"
+    recipes.train(compose_config("train", [*data, "trainer.max_epochs=5", "test=false"], train_dir, data_dir))
+    overrides = [*data, f"ckpt_path={train_dir}/checkpoints/last.ckpt", "hawq.calibration=distilled",
+                 "hawq.budgets=null", "hawq.bits=8", "hawq.probe_size=64"]
+    report = recipes.quantize(compose_config("quantize", overrides, tmp_path / "quantize", data_dir))
+    assert set(report["weight_bits"].values()) == {8} and report["act_bits"] == 8
+    assert report["float"]["test/acc"] > 0.5
+    assert abs(report["quantized"]["test/acc"] - report["float"]["test/acc"]) <= 0.01
+    assert abs(report["integer"]["test/acc"] - report["quantized"]["test/acc"]) <= 0.01
