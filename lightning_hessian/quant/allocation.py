@@ -10,6 +10,9 @@ candidate bit width ``b``; ``sum_b x[g, b] = 1``; ``sum_{g,b} cost_r[g, b] x[g, 
 every budgeted resource ``r``; minimise ``sum_{g,b} sens[g, b] x[g, b]``. Tied layers share the
 choice variables of their group, which is the equality ``x[l, b] = x[m, b]`` substituted out;
 ``sens[g, b]`` and ``cost_r[g, b]`` are the sums over the group's layers.
+
+:func:`pareto_frontier` sweeps budgets with these solvers, or (``"all"``) enumerates the exact frontier of
+one resource against the summed sensitivity by a dynamic program over the tie groups.
 """
 
 from __future__ import annotations
