@@ -611,14 +611,14 @@ class KFACOperator:
             probe[:, j] = 1
             (h,) = torch.autograd.grad(gz, z, probe.reshape(z.shape), retain_graph=True, allow_unused=True)
             columns.append(torch.zeros_like(probe) if h is None else h.reshape(N, D))
-        H = torch.stack(columns, -1).to(self.factor_dtype)
+        H = torch.stack(columns, -1).double()
         values, vectors = torch.linalg.eigh((H + H.transpose(1, 2)) / 2)
-        scale = values.abs().amax().clamp_min(torch.finfo(values.dtype).tiny)
-        if bool((values < -1e-6 * scale).any()):
+        rounding = 100 * D * torch.finfo(z.dtype).eps * float(values.abs().amax())  # H's own rounding error
+        if bool((values < -rounding).any()):
             warnings.warn("KFACOperator: the loss is not convex in the model output here (its Hessian has negative "
                           "eigenvalues); they are set to 0, as a GGN needs", RuntimeWarning, stacklevel=4)
-        values = torch.where(values > D * torch.finfo(values.dtype).eps * scale, values, torch.zeros_like(values))
-        return vectors * values.sqrt()[:, None, :]
+        values = torch.where(values > rounding, values, torch.zeros_like(values))
+        return (vectors * values.sqrt()[:, None, :]).to(self.factor_dtype)
 
     def _check_separable(self, z: torch.Tensor, gz: torch.Tensor) -> None:
         probe = torch.zeros_like(z)
