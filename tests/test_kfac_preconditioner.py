@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lightning_hessian.hessian import KFACOperator
@@ -270,3 +271,23 @@ def test_checkpoint_loads_with_weights_only_and_resume_is_exact(tmp_path) -> Non
 def test_callback_refuses_several_optimizers() -> None:
     with pytest.raises(ValueError, match="preconditions one optimizer"):
         fit(Module(manual=True, optimizers=2))
+
+
+def test_mixed_precision_factors_match_full_precision_with_the_loss_scale_divided_out() -> None:
+    """fp16 AMP multiplies the loss by 65536 before the backward the hooks watch; the factors come out as in fp32."""
+    factors = {}
+    for precision in ("32-true", "16-mixed", "bf16-mixed"):
+        module = Module()
+        module.net = net().float()
+        kfac = KFACCallback(inv_update_steps=2)
+        plugins = [MixedPrecision("16-mixed", "cpu")] if precision == "16-mixed" else None
+        trainer = pl.Trainer(max_steps=1, accelerator="cpu", precision=None if plugins else precision, plugins=plugins,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[kfac])
+        trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X.float(), Y), batch_size=16))
+        assert (getattr(trainer.precision_plugin, "scaler", None) is not None) == (precision == "16-mixed")
+        factors[precision] = {n: (s.A, s.G) for n, s in kfac.preconditioner.layers.items()}
+    for precision, tol in (("16-mixed", 2e-3), ("bf16-mixed", 1e-2)):  # relative Frobenius errors of the rounding
+        for name, reference in factors["32-true"].items():
+            for got, ref in zip(factors[precision][name], reference):
+                assert (got - ref).norm() <= tol * ref.norm(), (precision, name)

@@ -97,7 +97,11 @@ class KFACPreconditioner:
         factor_update_steps: capture the factors and update their running averages every this many steps (the
             hooks do nothing on the other steps).
         inv_update_steps: recompute the eigendecompositions every this many steps (also when a layer has none).
-        damping: ``lambda`` in ``(G (x) A + lambda I)^{-1}``, added to the Kronecker eigenvalues.
+        damping: ``lambda`` in ``(G (x) A + lambda I)^{-1}``, added to the Kronecker eigenvalues. It is relative to
+            the per-sample Fisher (``G`` is a mean over samples, not divided by the batch size twice as
+            kfac-pytorch's is, where the same number is a far larger damping): tune it like the learning rate.
+            The defaults (damping 0.3, KL clip 0.01) are those of the MNIST-1D batch-size sweep
+            (``benchmarks/kfac_batch_size.py``).
         factor_decay: running average ``F <- decay F + (1 - decay) F_new`` (the first capture is taken as is).
         kl_clip: scale the preconditioned gradients by ``min(1, sqrt(kl_clip / sum lr^2 <p, g>))``, the
             KL-clipping of Ba et al. 2017 (``lr`` of each parameter's group), or ``None`` to not clip.
@@ -110,7 +114,7 @@ class KFACPreconditioner:
 
     Example::
 
-        precond = KFACPreconditioner(model, inv_update_steps=10, damping=1e-3)
+        precond = KFACPreconditioner(model, inv_update_steps=10, damping=0.3)
         for x, y in loader:
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -124,9 +128,9 @@ class KFACPreconditioner:
         *,
         factor_update_steps: int = 1,
         inv_update_steps: int = 10,
-        damping: float = 1e-3,
+        damping: float = 0.3,
         factor_decay: float = 0.95,
-        kl_clip: float | None = 1e-3,
+        kl_clip: float | None = 1e-2,
         kfac_approx: str = "expand",
         skip_layers: Iterable[str] = (),
         gated: bool = False,

@@ -67,9 +67,9 @@ class KFACCallback(Callback):
         self,
         factor_update_steps: int = 1,
         inv_update_steps: int = 10,
-        damping: float = 1e-3,
+        damping: float = 0.3,
         factor_decay: float = 0.95,
-        kl_clip: float | None = 1e-3,
+        kl_clip: float | None = 1e-2,
         kfac_approx: str = "expand",
         skip_layers: Iterable[str] = (),
     ) -> None:
