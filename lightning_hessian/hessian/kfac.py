@@ -79,7 +79,6 @@ class KFACLayer:
         self.conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
         self.out = module.weight.shape[0]
         self.d_in = module.weight[0].numel()
-        self.has_bias = getattr(module, "bias", None) is not None
 
     def _batched(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` with a batch dim (unbatched calls of a layer are one sample)."""

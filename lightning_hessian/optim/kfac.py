@@ -256,8 +256,7 @@ class KFACPreconditioner:
                             ) -> dict[str, tuple[torch.Tensor, float, torch.Tensor, float]]:
         """Sample-weighted mean of every layer's factors over the ranks, in one all-reduce."""
         device = next(iter(self.layers.values())).params[0].device
-        dtype = torch.promote_types(torch.float32, max((s.dtype for s in self.layers.values()),
-                                                       key=lambda t: torch.finfo(t).bits))
+        dtype = torch.float64 if any(s.dtype == torch.float64 for s in self.layers.values()) else torch.float32
         parts = []
         for name, s in self.layers.items():
             if name in new:
