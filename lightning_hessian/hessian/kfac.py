@@ -298,6 +298,14 @@ class KFACOperator:
         seed: seed of the ``"mc"`` draws (offset by the rank under a process group).
         chunk_size: most vectors per ``matmat`` call made by helpers (e.g. HAWQ's quadratic forms).
 
+    ``op.factors[layer] = (A, G)`` (float32 at least); ``op.blocks[layer]`` locates the layer's weight and bias in
+    the flat vectors; ``op.eigen(layer)`` is its ``KroneckerEigen``. Conventions against curvlinops'
+    ``KFACLinearOperator(separate_weight_and_bias=False)``: the same numbers for type-2 and for the empirical
+    Fisher of cross-entropy; for the empirical Fisher of ``MSELoss(reduction="mean")`` curvlinops treats the
+    ``C`` outputs of a sample as one likelihood and is ``C`` times ours (ours: each sample's own loss, the mean of
+    its ``C`` squared errors); Monte-Carlo draws differ (ours: Gaussian vectors with the output Hessian as
+    covariance, theirs: sampled labels), both unbiased for type-2.
+
     Example::
 
         op = KFACOperator(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(x1, y1), (x2, y2)])
