@@ -740,7 +740,8 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
         metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
             eigenvalue in place of the average trace), ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
             Hessian-vector product per layer and bit width) or, with ``act_bits="follow"``, ``"quadratic+act"``
-            (plus ``dA_i^T H_A dA_i`` of the layer's input activations rounded at the same bits), or ``"kl"``
+            (plus ``dA_i^T H_A dA_i`` of the layer's input activations rounded at the same bits), ``"kfac"``
+            (``dW_i^T (G_i (x) A_i) dW_i`` on K-FAC's Gauss-Newton block: no Hessian-vector product), or ``"kl"``
             (ZeroQ: the KL divergence of the outputs with one layer's weights quantized from the float outputs, no
             Hessian); see :mod:`~lightning_hessian.quant.sensitivity`.
         probe_data: batches for the sensitivity and calibration (a list of batches or a DataLoader); default

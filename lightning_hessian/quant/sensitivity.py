@@ -46,6 +46,13 @@ forward pass per layer, bit width and batch, on any data: ZeroQ's distilled inpu
 (:func:`~lightning_hessian.quant.distill.distill_data`) need no labels. It is not a sum over layers, but
 the allocation treats it as one, as ZeroQ does.
 
+``"kfac"`` evaluates the same quadratic form on the K-FAC approximation of the layer's Gauss-Newton block,
+``Omega_i(b) = <dW_i, G_i dW_i A_i>`` (:class:`~lightning_hessian.hessian.kfac.KFACOperator`, exact type-2): one
+forward and one backward pass per output dimension of each probe batch for all layers and bit widths together, no
+Hessian-vector product. It drops the Hessian's second-order term of the network (the GGN is the Hessian at a
+perfect fit) and the coupling between samples that K-FAC averages out, and needs a loss that is a mean of
+per-sample terms (cross-entropy is).
+
 The Hessian part is the expensive one, so it is cached on disk (a JSON file keyed by a hash of the
 model's parameters, buffers, structure and code, the loss function's code, the probe data and the estimator
 settings); the perturbations are
@@ -73,13 +80,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_hessian.hessian.blocks import block_slices, per_layer_top_eigenvalue, per_layer_trace
+from lightning_hessian.hessian.kfac import KFACOperator
 from lightning_hessian.hessian.operator import HessianOperator
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES, check_sampling
 from lightning_hessian.quant.modules import quantizable_layers
 from lightning_hessian.quant.quantizers import MAX_BITS, ActivationQuantizer, quantize_weight, validate_bit_choices
 
-METRICS = ("trace", "eigenvalue", "quadratic", "quadratic+act", "kl")
-QUADRATIC_METRICS = ("quadratic", "quadratic+act")
+METRICS = ("trace", "eigenvalue", "quadratic", "quadratic+act", "kfac", "kl")
+QUADRATIC_METRICS = ("quadratic", "quadratic+act", "kfac")
 PER_BITS_METRICS = (*QUADRATIC_METRICS, "kl")  # measured per bit width, so the bit widths are in the cache key
 _CACHE_VERSION = 3
 
@@ -92,8 +100,9 @@ class Sensitivity:
     ``trace_std_error[l]`` its standard error; ``top_eigenvalue[l]`` the largest eigenvalue of ``H_l``
     (empty unless requested); ``perturbation[l][b] = ||Q_b(W_l) - W_l||^2``; ``quadratic[l][b]`` the exact
     ``dW^T H_ll dW`` for ``dW = Q_b(W_l) - W_l`` and ``act_quadratic[l][b]`` the exact ``dA^T H_A dA`` for the
-    layer's rounded input activations; ``kl[l][b]`` ZeroQ's mean KL divergence of the outputs with layer ``l``'s
-    weights at ``b`` bits from the float outputs (each empty unless requested). A metric that was not measured
+    layer's rounded input activations; ``kfac[l][b]`` the form ``dW^T (G_l (x) A_l) dW`` of the K-FAC Gauss-Newton
+    block; ``kl[l][b]`` ZeroQ's mean KL divergence of the outputs with layer ``l``'s weights at ``b`` bits from the
+    float outputs (each empty unless requested). A metric that was not measured
     leaves its tables empty. ``num_hvps`` counts the Hessian-vector products this call made (0 when
     ``cached``).
     """
@@ -105,6 +114,7 @@ class Sensitivity:
     top_eigenvalue: dict[str, float] = field(default_factory=dict)
     quadratic: dict[str, dict[int, float]] = field(default_factory=dict)
     act_quadratic: dict[str, dict[int, float]] = field(default_factory=dict)
+    kfac: dict[str, dict[int, float]] = field(default_factory=dict)
     kl: dict[str, dict[int, float]] = field(default_factory=dict)
     num_samples: int = 0
     num_hvps: int = 0
@@ -120,23 +130,23 @@ class Sensitivity:
     def metrics(self) -> tuple[str, ...]:
         """The metrics whose tables were measured."""
         tables = {"trace": self.trace, "eigenvalue": self.top_eigenvalue, "quadratic": self.quadratic,
-                  "quadratic+act": self.act_quadratic, "kl": self.kl}
+                  "quadratic+act": self.act_quadratic, "kfac": self.kfac, "kl": self.kl}
         return tuple(m for m in METRICS if tables[m])
 
     def omega(self, metric: str = "trace") -> dict[str, dict[int, float]]:
         """``Omega[l][b]``, the ``sensitivity`` table of :func:`~lightning_hessian.quant.allocation.allocate_bits`:
         ``Tr(H_l)/n_l`` (``"trace"``) or the top eigenvalue (``"eigenvalue"``) times ``||Q_b(W_l) - W_l||^2``,
         or the exact ``dW^T H_ll dW`` (``"quadratic"``), plus ``dA^T H_A dA`` of the input activations
-        (``"quadratic+act"``), or ZeroQ's output KL divergence (``"kl"``)."""
+        (``"quadratic+act"``), the K-FAC form ``dW^T (G (x) A) dW`` (``"kfac"``), or ZeroQ's output KL divergence
+        (``"kl"``)."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if metric not in self.metrics:
             raise ValueError(f"metric={metric!r} was not measured (this Sensitivity has {list(self.metrics)}): "
                              f"call layer_sensitivity(..., metrics=[{metric!r}])")
-        if metric == "quadratic":
-            return {name: dict(table) for name, table in self.quadratic.items()}
-        if metric == "kl":
-            return {name: dict(table) for name, table in self.kl.items()}
+        if metric in ("quadratic", "kfac", "kl"):
+            forms = {"quadratic": self.quadratic, "kfac": self.kfac, "kl": self.kl}[metric]
+            return {name: dict(table) for name, table in forms.items()}
         if metric == "quadratic+act":
             return {name: {b: q + self.act_quadratic[name][b] for b, q in table.items()}
                     for name, table in self.quadratic.items()}
@@ -153,6 +163,7 @@ class Sensitivity:
             "top_eigenvalue": dict(self.top_eigenvalue),
             "quadratic": {name: dict(table) for name, table in self.quadratic.items()},
             "act_quadratic": {name: dict(table) for name, table in self.act_quadratic.items()},
+            "kfac": {name: dict(table) for name, table in self.kfac.items()},
             "kl": {name: dict(table) for name, table in self.kl.items()},
             "num_samples": self.num_samples,
             "num_hvps": self.num_hvps,
@@ -172,6 +183,7 @@ class Sensitivity:
             quadratic={k: {int(b): float(q) for b, q in t.items()} for k, t in state.get("quadratic", {}).items()},
             act_quadratic={k: {int(b): float(q) for b, q in t.items()}
                            for k, t in state.get("act_quadratic", {}).items()},
+            kfac={k: {int(b): float(q) for b, q in t.items()} for k, t in state.get("kfac", {}).items()},
             kl={k: {int(b): float(q) for b, q in t.items()} for k, t in state.get("kl", {}).items()},
             num_samples=int(state.get("num_samples", 0)),
             num_hvps=int(state.get("num_hvps", 0)),
@@ -390,7 +402,8 @@ def layer_sensitivity(
         metrics: what to measure, any of ``"trace"`` (Hutchinson, per block), ``"eigenvalue"`` (each block's
             top eigenvalue by Lanczos, ``eig_tol``: HAWQ-V1), ``"quadratic"`` (the exact quadratic forms,
             ``len(layers) * len(bit_choices)`` Hessian-vector products) and ``"quadratic+act"`` (those plus the
-            forms of each layer's rounded input activations at the same bits: for ``act_bits="follow"``) and
+            forms of each layer's rounded input activations at the same bits: for ``act_bits="follow"``),
+            ``"kfac"`` (the quadratic forms of the K-FAC Gauss-Newton blocks: no Hessian-vector product) and
             ``"kl"`` (ZeroQ: the output KL divergence with one layer's weights quantized, ``len(layers) *
             len(bit_choices)`` forward passes over ``data``; the loss function is only used to run the model).
         act_momentum: how ``QuantAct`` tracks activation ranges (``None``: running min/max, else the EMA
@@ -476,7 +489,8 @@ def _measure(
     blocks = {name: [w] for name, w in weights.items()}
     out: dict[str, Any] = {
         "params": {name: w.numel() for name, w in weights.items()},
-        "trace": {}, "trace_std_error": {}, "top_eigenvalue": {}, "quadratic": {}, "act_quadratic": {}, "kl": {},
+        "trace": {}, "trace_std_error": {}, "top_eigenvalue": {}, "quadratic": {}, "act_quadratic": {}, "kfac": {},
+        "kl": {},
         "num_samples": 0, "converged": True,
     }
     if "trace" in metrics:
@@ -486,8 +500,10 @@ def _measure(
         out["trace_std_error"] = {name: t.std_error for name, t in traces.items()}
         out["num_samples"] = next(iter(traces.values())).num_samples
         out["converged"] = all(t.converged for t in traces.values())
-    if set(QUADRATIC_METRICS) & set(metrics):
+    if {"quadratic", "quadratic+act"} & set(metrics):
         out["quadratic"] = quadratic_forms(op, weights, bits)
+    if "kfac" in metrics:
+        out["kfac"] = quadratic_forms(KFACOperator(model, loss_fn, data, params=list(weights.values())), weights, bits)
     if "quadratic+act" in metrics:
         modules = dict(model.named_modules())
         out["act_quadratic"] = activation_quadratic_forms(op, {name: modules[name] for name in weights}, bits,
