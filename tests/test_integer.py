@@ -189,6 +189,24 @@ def test_readers_at_different_bits_get_their_own_steps(tmp_path):
         assert np.array_equal(_onnx_run(integer, x[:8], x, tmp_path / "m.onnx"), integer(x).numpy())
 
 
+def test_odd_channel_counts_are_padded_to_fast_kernels_exactly(tmp_path):
+    """25 channels export as 28 (onnxruntime's symmetric int8 kernels take multiples of 4): zero filters, zero
+    weights where the next conv and the flattened classifier read them; the logits stay bit-identical."""
+    torch.manual_seed(0)
+    x = _inputs((64, 40))
+    _, integer = _pipeline(MNIST1DCNN(channels=25), 8, x)
+    path = tmp_path / "cnn.onnx"
+    out = _onnx_run(integer, x[:8], x, path)
+    graph = onnx.load(str(path)).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "QLinearConv"]
+    assert [shapes[n.input[3]][:2] for n in convs] == [[28, 1], [28, 28], [28, 28]]
+    gemm = next(n for n in graph.node if n.op_type == "QGemm")
+    assert shapes[gemm.input[3]] == [10, 28 * 5]  # 5 positions after three stride-2 convs
+    with torch.no_grad():
+        assert np.array_equal(out, integer(x).numpy())
+
+
 def test_int8_weights_without_opset_21(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(60, 40)

@@ -14,7 +14,10 @@ VNNI; see below) and runs on its fast int8 kernels:
   (com.microsoft), other adaptive pools an int32 ``ReduceSum`` and a float32 multiply-round; codes narrower
   than their uint8 container (4-bit activations) get a ``Clip``;
 - weights of 4 bits or fewer are stored packed as ``INT4`` (two per byte, opset 21) and cast to int8 once,
-  when onnxruntime folds constants at session start.
+  when onnxruntime folds constants at session start;
+- a conv with a channel count that is not a multiple of 4 gets zero filters up to one (its readers zero
+  weights for them), which lets onnxruntime use its fast symmetric-quantization kernels: exact, since
+  the extra channels hold the code of 0 and meet only zero weights (MNIST-1D CNN's 25 channels: 28).
 
 Each step type has one lowering (``_LOWERINGS``); a new step type adds its own. The graph is a fixed
 program recorded from ``example_input`` (as in any tracing export); the batch dimension stays dynamic.
@@ -29,6 +32,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_hessian.quant.integer import (
@@ -59,7 +63,9 @@ class _Graph:
         self.onnx, self.helper, self.numpy_helper = onnx, helper, numpy_helper
         self.opset = opset
         self.nodes, self.initializers, self.count = [], [], 0
-        self.weights: dict[int, str] = {}
+        self.weights: dict[tuple, str] = {}
+        self.padded: dict[int, int] = {}  # id(step) -> channels (conv) or features (flatten) it exports
+        self.widths: dict[str, int] = {}  # value name -> its padded channels or features
 
     def name(self, hint: str) -> str:
         self.count += 1
@@ -92,11 +98,13 @@ class _Graph:
             return x
         return self.node("Clip", [x, self.const(lo, "lo", torch.uint8), self.const(hi, "hi", torch.uint8)])
 
-    def weight(self, step: ConvStep | LinearStep) -> str:
-        """The layer's int8 weight codes, shared by every step of the layer; packed INT4 at 4 bits or fewer."""
-        key = step.weight.data_ptr()
+    def weight(self, step: ConvStep | LinearStep, rows: int, cols: int) -> str:
+        """The layer's int8 weight codes zero-padded to ``rows`` x ``cols``, shared by every step of the layer;
+        packed INT4 at 4 bits or fewer."""
+        key = (step.weight.data_ptr(), rows, cols)
         if key not in self.weights:
-            w = step.weight
+            w = step.weight.new_zeros(rows, cols, *step.weight.shape[2:])
+            w[:step.weight.shape[0], :step.weight.shape[1]] = step.weight
             if step.weight_bits <= 4 and self.opset >= 21:
                 packed = self.name("weight_int4")
                 self.initializers.append(self.helper.make_tensor(packed, self.onnx.TensorProto.INT4, list(w.shape),
@@ -131,22 +139,29 @@ def _conv(g: _Graph, step: ConvStep, x: str) -> str:
     d = len(step.kernel_size)
     attrs = dict(kernel_shape=list(step.kernel_size), strides=list(step.stride), dilations=list(step.dilation),
                  pads=[p[0] for p in step.pads] + [p[1] for p in step.pads])
-    x_zp, channels = g.zero_point(step.in_q), step.weight.shape[0]
+    channels, extra = step.weight.shape[0], g.padded.get(id(step), step.weight.shape[0]) - step.weight.shape[0]
+    x_zp, weight = g.zero_point(step.in_q), g.weight(step, channels + extra, g.widths.get(x, step.weight.shape[1]))
     if step.out_q is None:  # the model output: int32 accumulators, then float32
-        acc = g.node("ConvInteger", [x, g.weight(step), x_zp, g.const(0, dtype=torch.int8)], **attrs)
+        acc = g.node("ConvInteger", [x, weight, x_zp, g.const(0, dtype=torch.int8)], **attrs)
         acc = g.node("Add", [acc, g.const(step.bias.view(-1, *[1] * d), "bias")])
         return g.node("Mul", [g.cast(acc, "FLOAT"), g.const(step.acc_scale.view(-1, *[1] * d), "acc_scale")])
-    y = g.node("QLinearConv", [x, g.scale(step.in_q), x_zp, g.weight(step), g.const(step.weight_scale, "w_scale"),
-                               g.const(torch.zeros(channels, dtype=torch.int8), "w_zero_point"),
-                               g.scale(step.out_q), g.zero_point(step.out_q), g.const(step.bias, "bias")], **attrs)
-    return g.clip_codes(y, step.out_q)
+    y = g.node("QLinearConv", [x, g.scale(step.in_q), x_zp, weight,
+                               g.const(F.pad(step.weight_scale, (0, extra), value=1.0), "w_scale"),
+                               g.const(torch.zeros(channels + extra, dtype=torch.int8), "w_zero_point"),
+                               g.scale(step.out_q), g.zero_point(step.out_q),
+                               g.const(F.pad(step.bias, (0, extra)), "bias")], **attrs)
+    y = g.clip_codes(y, step.out_q)
+    if extra:
+        g.widths[y] = channels + extra
+    return y
 
 
 def _linear(g: _Graph, step: LinearStep, x: str, rank: int) -> str:
-    k, n = step.weight.shape[1], step.weight.shape[0]
+    k, n = g.widths.get(x, step.weight.shape[1]), step.weight.shape[0]
     rows = x if rank == 2 else g.node("Reshape", [x, g.const(torch.tensor([-1, k]))])
-    inputs = [rows, g.scale(step.in_q), g.zero_point(step.in_q), g.weight(step), g.const(step.weight_scale, "w_scale"),
-              g.const(torch.zeros(n, dtype=torch.int8), "w_zero_point"), g.const(step.bias, "bias")]
+    inputs = [rows, g.scale(step.in_q), g.zero_point(step.in_q), g.weight(step, n, k),
+              g.const(step.weight_scale, "w_scale"), g.const(torch.zeros(n, dtype=torch.int8), "w_zero_point"),
+              g.const(step.bias, "bias")]
     if step.out_q is not None:
         inputs += [g.scale(step.out_q), g.zero_point(step.out_q)]
     y = g.node("QGemm", inputs, domain="com.microsoft", transB=1)
@@ -183,13 +198,19 @@ def _pool(g: _Graph, step: PoolStep, x: str) -> str:
 
 
 def _relu(g: _Graph, step: ReluStep, x: str, q: QParams | None) -> str:
-    if q is None:
-        return g.node("Relu", [x])
-    return g.node("Clip", [x, g.const(q.zero_point, "lo", torch.uint8)])
+    y = g.node("Relu", [x]) if q is None else g.node("Clip", [x, g.const(q.zero_point, "lo", torch.uint8)])
+    if x in g.widths:
+        g.widths[y] = g.widths[x]
+    return y
 
 
 def _reshape(g: _Graph, step: ReshapeStep, x: str) -> str:
     shape = [0 if s is None else s for s in step.shape]  # 0 copies the (dynamic) batch dimension
+    if id(step) in g.padded:  # a flatten of padded channels: the zero channels' features come last
+        shape[-1] = g.padded[id(step)]
+        x = g.node("Reshape", [x, g.const(torch.tensor(shape))])
+        g.widths[x] = g.padded[id(step)]
+        return x
     return g.node("Reshape", [x, g.const(torch.tensor(shape))])
 
 
@@ -203,6 +224,47 @@ def _dequantize(g: _Graph, step: DequantizeStep, x: str) -> str:
 
 _LOWERINGS = {QuantizeStep: _quantize, RequantStep: _requant, ConvStep: _conv, AddStep: _add, PoolStep: _pool,
               ReshapeStep: _reshape, PermuteStep: _permute, DequantizeStep: _dequantize}
+
+
+def _channel_padding(model: IntegerModel, values: list[Tensor]) -> dict[int, int]:
+    """``id(step) -> padded size`` for the convs whose channels the export pads to a multiple of 4 (when that
+    reaches the 16 channels of onnxruntime's symmetric kernels), and for the flattens of their outputs.
+
+    A conv is padded only where every reader takes the zero channels: convs, ReLU, and a flatten of
+    ``(N, C, *spatial)`` read by linear layers only (the zero channels' features come last)."""
+    readers: dict[int, list[int]] = {}
+    for j, inputs in enumerate(model.wiring):
+        for i in inputs:
+            readers.setdefault(i, []).append(j)
+
+    def takes(value: int, channels: int, padded: int, found: dict[int, int]) -> bool:
+        if value == model.output:
+            return False
+        for j in readers.get(value, []):
+            step = model.steps[j]
+            if isinstance(step, ReluStep):
+                ok = takes(j + 1, channels, padded, found)
+            elif isinstance(step, ReshapeStep):
+                shape, out = values[value].shape, values[j + 1].shape
+                inner = shape[2:].numel()
+                ok = (out[0] == shape[0] and tuple(out[1:]) == (channels * inner,) and j + 1 != model.output
+                      and all(isinstance(model.steps[k], LinearStep) for k in readers.get(j + 1, [])))
+                found[id(step)] = padded * inner
+            else:
+                ok = isinstance(step, ConvStep)
+            if not ok:
+                return False
+        return True
+
+    plan: dict[int, int] = {}
+    for i, step in enumerate(model.steps):
+        channels = step.weight.shape[0] if isinstance(step, ConvStep) else 0
+        padded = -(-channels // 4) * 4
+        found: dict[int, int] = {}
+        if step.out_q is not None and channels % 4 and padded >= 16 and takes(i + 1, channels, padded, found):
+            plan[id(step)] = padded
+            plan.update(found)
+    return plan
 
 
 def export_onnx(model: IntegerModel, example_input: Tensor, path: str | os.PathLike, opset: int = 21) -> Path:
@@ -219,6 +281,7 @@ def export_onnx(model: IntegerModel, example_input: Tensor, path: str | os.PathL
         values = [example_input]
         for step, inputs in zip(model.steps, model.wiring):
             values.append(step(*(values[i] for i in inputs)))
+    g.padded = _channel_padding(model, values)
     names, coded = ["input"], [None]
     for step, inputs in zip(model.steps, model.wiring):
         args = [names[i] for i in inputs]
