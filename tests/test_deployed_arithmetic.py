@@ -108,14 +108,17 @@ def test_requantize_and_dequantize_are_qgemm():
 
 
 def test_requantize_sum_is_qlinearadd_on_every_pair_of_codes():
-    """All 65,536 pairs of uint8 containers, for 24 random scale triples spanning 2^-12..2^12 of each other
-    and every combination of signed (zero point 128) and unsigned codes."""
+    """All 65,536 pairs of uint8 containers, for 32 random scale triples spanning 2^-12..2^12 of each other
+    and every combination of signed (zero point 128) and unsigned codes; the last 8 put one input's scale
+    2^-30 below the other's, where float64 sums round too (the exactly rounded ``fma32`` path)."""
     rng = np.random.default_rng(2)
     a, b = (g.reshape(1, -1) for g in np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8)))
     nodes, inits, outs, expected = [], {}, [], []
-    for t in range(24):
+    for t in range(32):
         za, zb, zc = (128 * bit for bit in ((t >> 0) & 1, (t >> 1) & 1, (t >> 2) & 1))
         sa, sb, sc = _scales(rng, 3, -6, 6)
+        if t >= 24:
+            sa, sb = (sa, sb * np.float32(2.0**-30)) if t % 2 else (sa * np.float32(2.0**-30), sb)
         names = [f"{k}{t}" for k in ("sa", "za", "sb", "zb", "sc", "zc")]
         inits.update(zip(names, [np.array(sa), np.array(za, np.uint8), np.array(sb), np.array(zb, np.uint8),
                                  np.array(sc), np.array(zc, np.uint8)]))

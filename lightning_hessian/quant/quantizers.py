@@ -16,6 +16,7 @@ quantization-aware training rounds at the same places with the same rounding (``
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from numbers import Integral
@@ -263,14 +264,16 @@ def fma32(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
     The product is exact in float64; the float64 sum is rounded to odd when inexact (its error from
     TwoSum), which makes the final rounding to float32 exact (53 >= 24 + 2 bits: Boldo and Melquiond).
     """
-    p, z = x.double() * y.double(), z.double()
+    p, z = x.double().mul_(y.double()), z.double()
     s = p + z
     back = s - p
-    err = (p - (s - back)) + (z - back)
-    bits = s.view(torch.int64)
-    toward_err = torch.where((err > 0) == (s > 0), 1, -1)
-    bits = torch.where((err != 0) & (bits & 1 == 0), bits + toward_err, bits)
-    return bits.view(torch.float64).float()
+    err = (s - back).neg_().add_(p).add_(back.neg_().add_(z))  # (p - (s - back)) + (z - back), in place
+    inexact = err != 0
+    if bool(inexact.any()):  # rare: only where |z| and |x * y| lie more than 2^20 apart
+        bits = s.view(torch.int64)
+        toward_err = torch.where((err > 0) == (s > 0), 1, -1)
+        bits.copy_(torch.where(inexact & (bits & 1 == 0), bits + toward_err, bits))
+    return s.float()
 
 
 def requantize_sum(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, zp_a: int, zp_b: int, out_scale: Tensor,
@@ -285,6 +288,19 @@ def requantize_sum(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, zp_a:
     zp_out = zero_point(qmin)
     ratio_a, ratio_b = scale_a.float() / out_scale.float(), scale_b.float() / out_scale.float()
     fixed = zp_out - (ratio_a * zp_a + ratio_b * zp_b)  # products by 0 or 128 are exact: no FMA question here
-    inner = fma32((b + zp_b).float(), ratio_b, fixed)
-    out = torch.round(fma32((a + zp_a).float(), ratio_a, inner)).clamp_(0, 255) - zp_out
-    return out.clamp_(qmin, qmax).int()
+    a, b = (a + zp_a).double(), (b + zp_b).double()
+    if _sums_exact_in_float64(float(ratio_a), float(ratio_b), float(fixed)):  # one rounding, to float32
+        inner = b.mul_(ratio_b.double()).add_(fixed.double()).float()
+        total = a.mul_(ratio_a.double()).add_(inner.double()).float()
+    else:
+        total = fma32(a, ratio_a, fma32(b, ratio_b, fixed))
+    return torch.round(total).clamp_(0, 255).sub_(zp_out).clamp_(qmin, qmax).int()
+
+
+def _sums_exact_in_float64(ratio_a: float, ratio_b: float, fixed: float) -> bool:
+    """Whether ``a * r_a + (b * r_b + f)`` (containers 0..255, float32 operands) is exact in float64 at both
+    sums: every term is a multiple of the finest float32 unit ``2^k`` among them, so the sums are exact
+    while they stay below ``2^(k + 53)`` (the inner sum, rounded to float32, keeps the grid ``2^k``)."""
+    k = min(math.frexp(v)[1] - 24 for v in (ratio_a, ratio_b, fixed) if v != 0)
+    inner = 255 * abs(ratio_b) + abs(fixed)
+    return 255 * abs(ratio_a) + 2 * inner < 2.0 ** (k + 52)
