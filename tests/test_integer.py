@@ -24,6 +24,7 @@ from lightning_hessian.quant.modules import QuantAct, calibrate, fold_batchnorm,
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
+pytestmark = pytest.mark.filterwarnings("error:export_onnx")  # its own check against onnxruntime must pass
 
 
 def _train_bn(model: nn.Module, shape: tuple, steps: int = 3) -> nn.Module:
@@ -217,6 +218,21 @@ def test_int8_weights_without_opset_21(tmp_path):
     assert not any(t.data_type == onnx.TensorProto.INT4 for t in graph.initializer)
     with torch.no_grad():
         assert np.array_equal(out, integer(x).numpy())
+
+
+def test_export_warns_when_onnxruntime_computes_otherwise(tmp_path, monkeypatch):
+    """export_onnx runs the written model in onnxruntime: logits that differ from the IntegerModel's (here
+    a torch requantization made to round differently) are reported, not written silently."""
+    import lightning_hessian.quant.integer as integer_module
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 40)
+    _, integer = _pipeline(MNIST1DMLP(hidden=16), 8, x)
+    export_onnx(integer, x, tmp_path / "same.onnx")  # agrees: no warning (an error under pytestmark)
+    off_by_one = integer_module.requantize
+    monkeypatch.setattr(integer_module, "requantize", lambda *args: off_by_one(*args).add_(1).clamp_(max=args[-1]))
+    with pytest.warns(UserWarning, match=r"export_onnx: onnxruntime .* computes \d+ of 400 logits"):
+        export_onnx(integer, x, tmp_path / "other.onnx")
 
 
 def test_torch_export_program_agrees(tmp_path):

@@ -29,6 +29,7 @@ AVX-VNNI) or AMX; without VNNI its u8s8 kernels sum pairs of products in saturat
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -271,7 +272,9 @@ def export_onnx(model: IntegerModel, example_input: Tensor, path: str | os.PathL
     """Write ``model`` as an int8 ONNX graph to ``path`` (input ``"input"``, output ``"logits"``).
 
     ``opset`` 21 (the default, onnxruntime >= 1.20) stores weights of 4 bits or fewer packed as ``INT4``;
-    an older opset (>= 13) stores them as int8.
+    an older opset (>= 13) stores them as int8. Where onnxruntime is installed, the written model is run on
+    ``example_input`` and a ``UserWarning`` says so if its logits differ from ``model``'s (this machine's
+    kernels do not compute the deployed arithmetic; see the module docstring).
     """
     import onnx
 
@@ -307,7 +310,25 @@ def export_onnx(model: IntegerModel, example_input: Tensor, path: str | os.PathL
     onnx.checker.check_model(proto)
     path = Path(path)
     onnx.save(proto, path)
+    _check_onnxruntime(path, values[0], values[model.output])
     return path
+
+
+def _check_onnxruntime(path: Path, example_input: Tensor, expected: Tensor) -> None:
+    """Warn when onnxruntime (if installed) does not reproduce the torch model on ``example_input``."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": example_input.float().numpy()})[0])
+    differ = int((got != expected).sum())
+    if differ:
+        warnings.warn(f"export_onnx: onnxruntime {onnxruntime.__version__} on this machine computes {differ} of "
+                      f"{expected.numel()} logits of the example input differently from the IntegerModel: its int8 "
+                      "kernels here are not the exact ones the model reproduces (x86-64 with VNNI; see "
+                      "lightning_hessian.quant.export); check the deployment machine the same way", UserWarning,
+                      stacklevel=3)
 
 
 def export_program(model: IntegerModel, example_input: Tensor, path: str | os.PathLike) -> Path:

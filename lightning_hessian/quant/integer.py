@@ -22,8 +22,9 @@ distinct reader.
 ``to_integer_model`` runs the model once on an example input (eval mode) to record which module reads
 which tensor: it works on any model whose forward code only reshapes, permutes, drops out and applies ReLU
 between quantized modules; anything else is reported with a clear error. The torch model is the
-reference of what is deployed (tests check it against onnxruntime) and the program ``export_program``
-saves; it runs at about the speed of float torch on CPU, while the exported ONNX model is the fast path.
+reference of what is deployed (tests check it against onnxruntime), what ``export_program`` saves, and
+what the recipes evaluate; it is not the fast path (two to three times slower than float torch on CPU):
+the exported ONNX model is (``benchmarks/results/integer_latency.md``).
 """
 
 from __future__ import annotations
