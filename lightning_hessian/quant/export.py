@@ -19,7 +19,8 @@ VNNI; see below) and runs on its fast int8 kernels:
   weights for them), which lets onnxruntime use its fast symmetric-quantization kernels: exact, since
   the extra channels hold the code of 0 and meet only zero weights (MNIST-1D CNN's 25 channels: 28).
 
-Each step type has one lowering (``_LOWERINGS``); a new step type adds its own. The graph is a fixed
+Each step type has one lowering (``_LOWERINGS``: graph builder, step, input names -> output name); a new
+step type adds its own. The graph is a fixed
 program recorded from ``example_input`` (as in any tracing export); the batch dimension stays dynamic.
 Exactness holds where onnxruntime's int8 kernels accumulate exactly: x86-64 CPUs with VNNI (AVX512-VNNI or
 AVX-VNNI) or AMX; without VNNI its u8s8 kernels sum pairs of products in saturating int16, and
@@ -67,6 +68,8 @@ class _Graph:
         self.weights: dict[tuple, str] = {}
         self.padded: dict[int, int] = {}  # id(step) -> channels (conv) or features (flatten) it exports
         self.widths: dict[str, int] = {}  # value name -> its padded channels or features
+        self.ranks: dict[str, int] = {}  # value name -> its number of dimensions
+        self.coded: dict[str, QParams | None] = {}  # value name -> how it is coded (None: float)
 
     def name(self, hint: str) -> str:
         self.count += 1
@@ -157,8 +160,8 @@ def _conv(g: _Graph, step: ConvStep, x: str) -> str:
     return y
 
 
-def _linear(g: _Graph, step: LinearStep, x: str, rank: int) -> str:
-    k, n = g.widths.get(x, step.weight.shape[1]), step.weight.shape[0]
+def _linear(g: _Graph, step: LinearStep, x: str) -> str:
+    k, n, rank = g.widths.get(x, step.weight.shape[1]), step.weight.shape[0], g.ranks[x]
     rows = x if rank == 2 else g.node("Reshape", [x, g.const(torch.tensor([-1, k]))])
     inputs = [rows, g.scale(step.in_q), g.zero_point(step.in_q), g.weight(step, n, k),
               g.const(step.weight_scale, "w_scale"), g.const(torch.zeros(n, dtype=torch.int8), "w_zero_point"),
@@ -198,7 +201,8 @@ def _pool(g: _Graph, step: PoolStep, x: str) -> str:
     return g.elementwise_requantize(x, step.multiplier, 0, step.out_q)
 
 
-def _relu(g: _Graph, step: ReluStep, x: str, q: QParams | None) -> str:
+def _relu(g: _Graph, step: ReluStep, x: str) -> str:
+    q = g.coded[x]
     y = g.node("Relu", [x]) if q is None else g.node("Clip", [x, g.const(q.zero_point, "lo", torch.uint8)])
     if x in g.widths:
         g.widths[y] = g.widths[x]
@@ -223,8 +227,9 @@ def _dequantize(g: _Graph, step: DequantizeStep, x: str) -> str:
     return g.node("DequantizeLinear", [x, g.scale(step.in_q), g.zero_point(step.in_q)])
 
 
-_LOWERINGS = {QuantizeStep: _quantize, RequantStep: _requant, ConvStep: _conv, AddStep: _add, PoolStep: _pool,
-              ReshapeStep: _reshape, PermuteStep: _permute, DequantizeStep: _dequantize}
+_LOWERINGS = {QuantizeStep: _quantize, RequantStep: _requant, ConvStep: _conv, LinearStep: _linear, AddStep: _add,
+              PoolStep: _pool, ReluStep: _relu, ReshapeStep: _reshape, PermuteStep: _permute,
+              DequantizeStep: _dequantize}
 
 
 def _channel_padding(model: IntegerModel, values: list[Tensor]) -> dict[int, int]:
@@ -285,17 +290,13 @@ def export_onnx(model: IntegerModel, example_input: Tensor, path: str | os.PathL
         for step, inputs in zip(model.steps, model.wiring):
             values.append(step(*(values[i] for i in inputs)))
     g.padded = _channel_padding(model, values)
-    names, coded = ["input"], [None]
-    for step, inputs in zip(model.steps, model.wiring):
+    names = ["input"]
+    g.ranks["input"], g.coded["input"] = example_input.dim(), None
+    for step, inputs, value in zip(model.steps, model.wiring, values[1:]):
         args = [names[i] for i in inputs]
-        if isinstance(step, LinearStep):
-            out = _linear(g, step, args[0], values[inputs[0]].dim())
-        elif isinstance(step, ReluStep):
-            out = _relu(g, step, args[0], coded[inputs[0]])
-        else:
-            out = _LOWERINGS[type(step)](g, step, *args)
+        out = _LOWERINGS[type(step)](g, step, *args)
         names.append(out)
-        coded.append(coded[inputs[0]] if isinstance(step, _DATA_STEPS) else step.out_q)
+        g.ranks[out], g.coded[out] = value.dim(), g.coded[args[0]] if isinstance(step, _DATA_STEPS) else step.out_q
     g.nodes.append(g.helper.make_node("Identity", [names[model.output]], ["logits"]))
     out = values[model.output]
     graph = g.helper.make_graph(
