@@ -4,7 +4,8 @@ Two trained models: the MNIST-1D CNN (``MNIST1DCNN(channels=25)``, 4000/1000 spl
 ResNet-20 (``resnet20(width=16)``, 32x32 inputs) on the generated 32x32 task of ``hawq_table.py`` (no
 CIFAR-10 copy offline), each quantized two ways: uniform W8A8 (post-training, calibrated on training
 batches) and the HAWQ mixed 4/8-bit plan (trace sensitivity, size budget 0.5, activations following the
-weights as in ``hawq_table.py``), fine-tuned one epoch quantization-aware.
+weights as in ``hawq_table.py``), fine-tuned one epoch quantization-aware with ``hawq_table.py``'s
+fine-tune optimizer (learning rate 1/100 of the training one).
 
 Per model, configuration and batch size (1 and 32), one onnxruntime session each, one thread, sessions
 timed interleaved (round robin, median of repeats): the BatchNorm-folded float model (TorchScript
@@ -43,23 +44,30 @@ from lightning_hessian.models import MNIST1DCNN, resnet20
 from lightning_hessian.quant.allocation import allocate_bits
 from lightning_hessian.quant.costs import budget_between, layer_stats, size_costs
 from lightning_hessian.quant.export import export_onnx
-from lightning_hessian.quant.integer import to_integer_model
+from lightning_hessian.quant.integer import ConvStep, LinearStep, to_integer_model
 from lightning_hessian.quant.modules import calibrate, fold_batchnorm, quantize_model
 from lightning_hessian.quant.sensitivity import layer_sensitivity
 
 BATCHES = (1, 32)
 
 
+def integer_layers(integer) -> set[int]:
+    """The distinct conv/linear layers (weights) of an ``IntegerModel``."""
+    return {step.weight.data_ptr() for step in integer.steps if isinstance(step, (ConvStep, LinearStep))}
+
+
 def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, optimizer, batch: int = 64) -> None:
-    """Plain minibatch training with a fixed seed (cross-entropy)."""
+    """Plain minibatch training with a fixed seed (cross-entropy, cosine learning rate over the epochs)."""
     torch.manual_seed(0)
     opt = optimizer(model.parameters())
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x)).split(batch):
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+        schedule.step()
     model.eval()
 
 
@@ -99,14 +107,15 @@ def interleaved_ms(fns: dict[str, callable], repeats: int) -> dict[str, float]:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def measure(name: str, model: torch.nn.Module, data, bits, repeats: int, workdir: Path) -> list[dict]:
-    """Quantize ``model`` (8 or a plan), export ours, the float model and onnxruntime's int8; time them."""
+def measure(name: str, model: torch.nn.Module, data, bits, finetune, repeats: int, workdir: Path) -> list[dict]:
+    """Quantize ``model`` (8 or a plan, fine-tuned with ``finetune``), export ours, the float model and
+    onnxruntime's int8; time them."""
     x, y, xt, yt = data
     calib = [x[i:i + 64] for i in range(0, 512, 64)]
     qmodel, _ = quantize_model(model, bits, act_bits=8 if bits == 8 else "follow")
     calibrate(qmodel, calib)
     if bits != 8:  # W4A4 layers: one epoch of quantization-aware fine-tuning, as HAWQ does
-        train(qmodel, x, y, 1, partial(torch.optim.Adam, lr=1e-4))
+        train(qmodel, x, y, 1, finetune)
     float_model = copy.deepcopy(model).eval()
     fold_batchnorm(float_model, x[:2])
     fold_batchnorm(qmodel, x[:2])
@@ -141,7 +150,8 @@ def measure(name: str, model: torch.nn.Module, data, bits, repeats: int, workdir
         "sizes": {"float": float_path.stat().st_size, "QDQ": own["QDQ"].stat().st_size,
                   "QOperator": own["QOperator"].stat().st_size, "ours": ours.stat().st_size,
                   "packed": integer.packed_size_bytes()},
-        "bit_counts": {b: sum(1 for v in (bits.values() if isinstance(bits, dict) else []) if v == b) for b in (4, 8)},
+        "four_bit": [n for n, b in bits.items() if b == 4] if isinstance(bits, dict) else [],
+        "layers": len(integer_layers(integer)),
     }
     rows = []
     for batch in BATCHES:
@@ -168,19 +178,21 @@ def main() -> None:
     mnist = load_mnist1d(4000, 1000, data_dir=data_dir)
     torch.manual_seed(0)
     cnn = MNIST1DCNN(channels=25)
-    train(cnn, mnist[0], mnist[1], 3 if args.quick else 20, partial(torch.optim.Adam, lr=3e-3))
+    train(cnn, mnist[0], mnist[1], 3 if args.quick else 20, partial(torch.optim.Adam, lr=1e-2))
     images = (*synthetic_images(2000, seed=0), *synthetic_images(1000, seed=1))
     torch.manual_seed(0)
     resnet = resnet20(width=16)
     train(resnet, images[0], images[1], 1 if args.quick else 5,
           partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4))
+    finetunes = {"MNIST-1D CNN": partial(torch.optim.Adam, lr=1e-4),
+                 "ResNet-20": partial(torch.optim.SGD, lr=5e-4, momentum=0.9)}
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, data in (("MNIST-1D CNN", cnn, mnist), ("ResNet-20", resnet, images)):
             plan = mixed_plan(model, data[0], data[1])
             for bits in (8, plan):
-                rows += measure(name, model, data, bits, args.repeats, Path(tmp))
+                rows += measure(name, model, data, bits, finetunes[name], args.repeats, Path(tmp))
 
     table = []
     for r in rows:
@@ -201,10 +213,11 @@ def main() -> None:
             continue
         seen.add((r["model"], r["bits"]))
         s = r["sizes"]
-        size_rows.append([r["model"], r["bits"], f"{r['bit_counts'][4]} / {r['bit_counts'][8]}" if r["bit_counts"][4]
-                          else "all 8", f"{100 * r['acc_float']:.1f}%", f"{100 * r['acc_ours']:.1f}%", kib(s["float"]),
+        four = ", ".join(r["four_bit"]) if r["four_bit"] else "none"
+        size_rows.append([r["model"], r["bits"], f"{four} ({len(r['four_bit'])} of {r['layers']})",
+                          f"{100 * r['acc_float']:.1f}%", f"{100 * r['acc_ours']:.1f}%", kib(s["float"]),
                           kib(s["QDQ"]), kib(s["QOperator"]), kib(s["ours"]), kib(s["packed"])])
-    size_header = ["model", "weights/acts", "layers at 4 / 8 bits", "test acc. float", "test acc. ours",
+    size_header = ["model", "weights/acts", "layers at 4 bits", "test acc. float", "test acc. ours",
                    "float ONNX (KiB)", "own QDQ ONNX (KiB)", "own QOperator ONNX (KiB)", "ours ONNX (KiB)",
                    "ours packed (KiB)"]
     lines = [
