@@ -67,11 +67,6 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def round_ste(x: Tensor) -> Tensor:
-    """``round(x)`` in the forward pass, identity gradient in the backward pass."""
-    return x + (torch.round(x) - x).detach()
-
-
 def fake_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     """``clamp(round(x / scale), qmin, qmax) * scale`` with a straight-through gradient.
 
