@@ -1,6 +1,6 @@
 """Hessian-aware mixed-precision quantization (HAWQ): quantizers, quantized modules, sensitivity, bit
 allocation with OR-Tools (and the exact Pareto frontier), data-free calibration data (ZeroQ), the ``HAWQModule``
-LightningModule, and integer-only inference with export."""
+LightningModule, and int8 inference with its ONNX export."""
 
 from lightning_hessian.quant.allocation import (
     InfeasibleBudgetError,
@@ -36,14 +36,13 @@ from lightning_hessian.quant.modules import (
     fold_batchnorm,
     quantizable_layers,
     quantize_model,
-    set_integer_simulation,
 )
 from lightning_hessian.quant.quantizers import (
     FOLLOW,
     ActivationQuantizer,
-    dyadic,
     quantize_weight,
     requantize,
+    requantize_sum,
     validate_act_bits,
     validate_bits,
 )
@@ -64,10 +63,10 @@ __all__ = [
     "QuantConv2d", "QuantLinear", "QuantResidualAdd", "QuantizationReport", "Sensitivity", "activation_quadratic_forms",
     "activation_ranges", "allocate_bits",
     "allocation_total", "batchnorm_mismatch", "bit_report", "bops_costs", "budget_between", "calibrate",
-    "distill_data", "dyadic", "export_onnx",
+    "distill_data", "export_onnx",
     "export_program", "fold_batchnorm", "kl_divergences", "layer_costs", "layer_sensitivity", "layer_stats",
     "model_bops", "model_size",
     "pareto_frontier", "quadratic_forms", "quantizable_layers", "quantize_model", "quantize_weight", "requantize",
-    "set_integer_simulation", "size_costs", "to_integer_model", "validate_act_bits", "validate_bits",
+    "requantize_sum", "size_costs", "to_integer_model", "validate_act_bits", "validate_bits",
     "weight_perturbation",
 ]
