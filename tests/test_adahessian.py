@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_hessian.data.mnist1d import load_mnist1d
+from lightning_hessian.hessian import DenseOperator
 from lightning_hessian.hessian.diagonal import hessian_diagonal
 from lightning_hessian.models import MNIST1DCNN
 from lightning_hessian.optim import AdaHessian, AdaHessianCallback
@@ -31,16 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class Dense:
-    """Stand-in operator over an explicit matrix: the duck type ``hessian_diagonal`` needs."""
-
-    def __init__(self, a: torch.Tensor):
-        self.a_t, self.dim, self.dtype, self.device = a.T.contiguous(), a.shape[0], a.dtype, a.device
-
-    def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        return v @ self.a_t
 
 
 def spd(dim: int, seed: int = 0) -> torch.Tensor:
@@ -60,7 +51,7 @@ def test_hutchinson_error_matches_theory_and_shrinks_as_one_over_sqrt_n() -> Non
     offdiag_sq = (a**2).sum() - (truth**2).sum()
     rms = {}
     for n in (16, 64, 256):
-        errs = [((hessian_diagonal(Dense(a), num_samples=n, batch=16, seed=s).diagonal - truth) ** 2).sum()
+        errs = [((hessian_diagonal(DenseOperator(a), num_samples=n, batch=16, seed=s).diagonal - truth) ** 2).sum()
                 for s in range(40)]
         rms[n] = math.sqrt(float(torch.stack(errs).mean()))
         assert rms[n] == pytest.approx(math.sqrt(offdiag_sq / n), rel=0.2)
@@ -71,7 +62,7 @@ def test_hutchinson_error_matches_theory_and_shrinks_as_one_over_sqrt_n() -> Non
 def test_hutchinson_stderr_matches_theory() -> None:
     a = spd(20, seed=1)
     n = 2000
-    est = hessian_diagonal(Dense(a), num_samples=n, batch=250, seed=3)
+    est = hessian_diagonal(DenseOperator(a), num_samples=n, batch=250, seed=3)
     theory = ((a**2).sum(1) - a.diagonal() ** 2).div(n).sqrt()
     assert est.num_samples == n
     torch.testing.assert_close(est.stderr, theory, rtol=0.1, atol=0)
@@ -80,19 +71,19 @@ def test_hutchinson_stderr_matches_theory() -> None:
 
 def test_diagonal_matrix_is_exact_and_batching_keeps_the_probes() -> None:
     a = torch.diag(torch.tensor([3.0, -1.0, 0.5, 7.0], dtype=torch.float64))
-    est = hessian_diagonal(Dense(a), num_samples=3, seed=0)
+    est = hessian_diagonal(DenseOperator(a), num_samples=3, seed=0)
     torch.testing.assert_close(est.diagonal, a.diagonal(), rtol=0, atol=0)
     torch.testing.assert_close(est.stderr, torch.zeros(4, dtype=torch.float64), rtol=0, atol=0)
-    assert torch.isnan(hessian_diagonal(Dense(a), num_samples=1).stderr).all()
+    assert torch.isnan(hessian_diagonal(DenseOperator(a), num_samples=1).stderr).all()
     b = spd(8)
     # the batch size changes how probes are grouped, not which probes are drawn
-    torch.testing.assert_close(hessian_diagonal(Dense(b), num_samples=7, batch=7, seed=5).diagonal,
-                               hessian_diagonal(Dense(b), num_samples=7, batch=3, seed=5).diagonal)
+    torch.testing.assert_close(hessian_diagonal(DenseOperator(b), num_samples=7, batch=7, seed=5).diagonal,
+                               hessian_diagonal(DenseOperator(b), num_samples=7, batch=3, seed=5).diagonal)
 
 
 def test_rel_tol_stops_early_once_the_error_is_small() -> None:
     a = spd(30)
-    est = hessian_diagonal(Dense(a), num_samples=10_000, batch=10, seed=0, rel_tol=0.05)
+    est = hessian_diagonal(DenseOperator(a), num_samples=10_000, batch=10, seed=0, rel_tol=0.05)
     assert 10 <= est.num_samples < 10_000
     assert est.stderr.norm() <= 0.05 * est.diagonal.norm()
     assert (est.diagonal - a.diagonal()).norm() < 0.15 * a.diagonal().norm()
@@ -105,7 +96,7 @@ def test_gradient_graph_operator_matches_dense_hessian_of_quadratic() -> None:
     dense = torch.func.hessian(lambda t: 0.5 * t @ a @ t)(x.detach())
     torch.testing.assert_close(dense, a)
     ours = hessian_diagonal(_GradientGraph([x], [grad]), num_samples=9, batch=4, seed=11)
-    ref = hessian_diagonal(Dense(dense), num_samples=9, batch=4, seed=11)
+    ref = hessian_diagonal(DenseOperator(dense), num_samples=9, batch=4, seed=11)
     torch.testing.assert_close(ours.diagonal, ref.diagonal)
 
 
@@ -126,17 +117,18 @@ def test_works_on_the_hessian_operator_of_a_network() -> None:
 
     dense = torch.func.hessian(loss_of)(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     ours = hessian_diagonal(op, num_samples=6, batch=4, seed=2)
-    torch.testing.assert_close(ours.diagonal, hessian_diagonal(Dense(dense), num_samples=6, batch=4, seed=2).diagonal)
+    reference = hessian_diagonal(DenseOperator(dense), num_samples=6, batch=4, seed=2)
+    torch.testing.assert_close(ours.diagonal, reference.diagonal)
     assert ours.diagonal.dtype == torch.float64
 
 
 def test_hessian_diagonal_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="num_samples"):
-        hessian_diagonal(Dense(spd(3)), num_samples=0)
+        hessian_diagonal(DenseOperator(spd(3)), num_samples=0)
     with pytest.raises(ValueError, match="batch"):
-        hessian_diagonal(Dense(spd(3)), batch=0)
+        hessian_diagonal(DenseOperator(spd(3)), batch=0)
     with pytest.raises(ValueError, match="rel_tol"):
-        hessian_diagonal(Dense(spd(3)), rel_tol=-1.0)
+        hessian_diagonal(DenseOperator(spd(3)), rel_tol=-1.0)
     with pytest.raises(TypeError, match="matmat"):
         hessian_diagonal(object())
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 
-import numpy as np
 import pytest
 from ortools.linear_solver import pywraplp
 from ortools.sat.python import cp_model
@@ -18,6 +17,7 @@ from lightning_hessian.quant.allocation import (
     allocation_total,
     pareto_frontier,
 )
+from tests.helpers.allocation import best_allocation
 
 RESOURCES = ("size", "bops", "latency")
 
@@ -60,32 +60,6 @@ def random_instance(seed: int, num_layers: int, num_budgets: int, max_configs: i
     return sens, costs, budgets, ties, groups
 
 
-def brute_force(sens, costs, budgets, groups, slack=None):
-    """Optimal (objective, allocation) by enumerating every per-group choice (vectorised).
-
-    ``slack[r]`` is subtracted from budget ``r``.
-    """
-    slack = slack or {}
-    obj, used, choices = np.zeros(1), {r: np.zeros(1) for r in budgets}, []
-    for g in groups:
-        bits = sorted(sens[g[0]])
-        choices.append(bits)
-        s = np.array([sum(sens[layer][b] for layer in g) for b in bits])
-        obj = (obj[:, None] + s[None, :]).ravel()
-        for r in budgets:
-            c = np.array([sum(costs[r][layer][b] for layer in g) for b in bits])
-            used[r] = (used[r][:, None] + c[None, :]).ravel()
-    feasible = np.ones(obj.shape, dtype=bool)
-    for r, b in budgets.items():
-        feasible &= used[r] <= b - slack.get(r, 0.0)
-    if not feasible.any():
-        return math.inf, None
-    best = int(np.argmin(np.where(feasible, obj, np.inf)))
-    index = np.unravel_index(best, [len(c) for c in choices])
-    allocation = {layer: bits[k] for g, bits, k in zip(groups, choices, index) for layer in g}
-    return obj[best], allocation
-
-
 def assert_valid(allocation, sens, costs, budgets, ties):
     assert list(allocation) == list(sens)
     for layer, bits in allocation.items():
@@ -103,7 +77,7 @@ CASES = [(seed, 12 + seed % 9, 1 + seed % 3) for seed in range(12)]
 @pytest.mark.parametrize("seed,num_layers,num_budgets", CASES)
 def test_mip_matches_brute_force(solver, seed, num_layers, num_budgets):
     sens, costs, budgets, ties, groups = random_instance(seed, num_layers, num_budgets)
-    best, _ = brute_force(sens, costs, budgets, groups)
+    best, _ = best_allocation(sens, costs, budgets, groups)
     allocation = allocate_bits(sens, costs, budgets, ties=ties, solver=solver)
     assert_valid(allocation, sens, costs, budgets, ties)
     assert allocation_total(sens, allocation) == pytest.approx(best, rel=1e-9)
@@ -114,7 +88,7 @@ def test_mip_matches_brute_force(solver, seed, num_layers, num_budgets):
 def test_mip_exact_when_sensitivities_span_many_orders(solver, seed):
     # Small layers' differences fall far below the solvers' absolute tolerances unless the objective is scaled.
     sens, costs, budgets, ties, groups = random_instance(100 + seed, 14, 1 + seed % 3, sigma=6.0)
-    best, _ = brute_force(sens, costs, budgets, groups)
+    best, _ = best_allocation(sens, costs, budgets, groups)
     allocation = allocate_bits(sens, costs, budgets, ties=ties, solver=solver)
     assert_valid(allocation, sens, costs, budgets, ties)
     assert allocation_total(sens, allocation) == pytest.approx(best, rel=1e-9)
@@ -129,7 +103,7 @@ def test_cpsat_within_documented_resolution(seed, num_layers, num_budgets):
     G = len(groups)
     spread = sum(max(sum(sens[layer][b] for layer in g) for b in sens[g[0]]) -
                  min(sum(sens[layer][b] for layer in g) for b in sens[g[0]]) for g in groups)
-    best, _ = brute_force(sens, costs, budgets, groups)
+    best, _ = best_allocation(sens, costs, budgets, groups)
     objective = allocation_total(sens, allocation)
     assert best * (1 - 1e-9) <= objective <= best + G * spread / CPSAT_RESOLUTION
     # At this resolution the documented guarantee means the exact optimum on these instances.
@@ -158,7 +132,7 @@ def test_budgets_spent_exactly_by_resources_that_pull_apart(solver):
         budgets = {r: allocation_total(costs[r], target) for r in costs}
         # the budgets are the target's costs summed in one order: other orders may be an ulp above
         ulp = {r: -1e-12 * b for r, b in budgets.items()}
-        best, _ = brute_force(sens, costs, budgets, [[layer] for layer in layers], ulp)
+        best, _ = best_allocation(sens, costs, budgets, [[layer] for layer in layers], ulp)
         allocation = allocate_bits(sens, costs, budgets, solver=solver)
         assert_valid(allocation, sens, costs, budgets, ())
         assert allocation_total(sens, allocation) == pytest.approx(best, rel=1e-9)
@@ -174,7 +148,7 @@ def test_cpsat_exact_with_integer_costs_beyond_its_resolution(seed):
     sens = {layer: {b: rng.lognormvariate(0, 2) * 4.0**-b for b in (2, 4, 8)} for layer in layers}
     costs = {"bops": {layer: {b: float(macs[layer] * b * b) for b in (2, 4, 8)} for layer in layers}}
     budgets = {"bops": allocation_total(costs["bops"], dict.fromkeys(layers, 4))}  # HAWQ-V3's all-4-bit budget
-    best, _ = brute_force(sens, costs, budgets, [[layer] for layer in layers])
+    best, _ = best_allocation(sens, costs, budgets, [[layer] for layer in layers])
     allocation = allocate_bits(sens, costs, budgets, solver="cp-sat")
     assert allocation_total(costs["bops"], allocation) <= budgets["bops"]
     assert allocation_total(sens, allocation) == pytest.approx(best, rel=1e-9)
@@ -198,14 +172,14 @@ def test_one_dear_option_neither_loosens_a_small_budget_nor_hides_its_answer(sol
                       "l3": {2: 1.8309147, 4: 2.3230313, 5: 13081728.2, 8: 0.0067121986},
                       "l1": {2: 10893547.3, 3: 0.0015360954, 8: 2.7286276}, "l2": {3: 24253834.8, 4: 39579540.8}}}
     budgets, groups = {"size": 4.74139284780919, "bops": 80084268.99876475}, [["l0", "l3"], ["l1"], ["l2"]]
-    best, expected = brute_force(sens, costs, budgets, groups)
+    best, expected = best_allocation(sens, costs, budgets, groups)
     assert allocate_bits(sens, costs, budgets, ties=[("l3", "l0")], solver=solver) == expected
 
 
 def test_infeasible_budget_names_each_resource_and_minimum():
     sens, costs, budgets, ties, groups = random_instance(5, 15, 3)
     # Brute force with the resource itself as objective and no budget: its smallest value under the ties.
-    minimums = {r: brute_force(costs[r], costs, {}, groups)[0] for r in costs}
+    minimums = {r: best_allocation(costs[r], costs, {}, groups)[0] for r in costs}
     budgets["size"] = minimums["size"] * 0.99
     with pytest.raises(InfeasibleBudgetError) as info:
         allocate_bits(sens, costs, budgets, ties=ties)
@@ -258,7 +232,7 @@ def test_overlapping_ties_merge():
 def test_time_limit_unproven_warns_and_empty_raises(solver, monkeypatch):
     """Solver statuses at the time limit: feasible-but-unproven warns, nothing found raises."""
     sens, costs, budgets, ties, groups = random_instance(7, 16, 3)
-    best, _ = brute_force(sens, costs, budgets, groups)
+    best, _ = best_allocation(sens, costs, budgets, groups)
     if solver == "cp-sat":
         cls, method, feasible, nothing = cp_model.CpSolver, "solve", cp_model.FEASIBLE, cp_model.UNKNOWN
     else:
@@ -291,7 +265,7 @@ def test_over_budget_solver_answer_is_resolved_with_tighter_budget(monkeypatch):
     bits = allocate_bits(sens, costs, budgets, ties=ties)
     assert len(calls) == 2 and calls[0] == {"size": 0.0, "bops": 0.0} and max(calls[1].values()) > 0
     assert_valid(bits, sens, costs, budgets, ties)
-    tightened, _ = brute_force(sens, costs, budgets, groups, slack=calls[1])
+    tightened, _ = best_allocation(sens, costs, budgets, groups, slack=calls[1])
     assert allocation_total(sens, bits) == pytest.approx(tightened, rel=1e-9)
 
 
@@ -304,14 +278,14 @@ def test_pareto_frontier_matches_brute_force_sweep():
     expected = [lo + (hi - lo) * i / 5 for i in range(6)]
     objectives = []
     for budget, objective, allocation in points:
-        best, _ = brute_force(sens, costs, {"size": budget, "bops": budgets["bops"]}, groups)
+        best, _ = best_allocation(sens, costs, {"size": budget, "bops": budgets["bops"]}, groups)
         assert objective == pytest.approx(best, rel=1e-9)
         assert allocation_total(costs["size"], allocation) <= budget * (1 + 1e-9)
         objectives.append(objective)
     assert all(b in expected for b in swept) and swept == sorted(swept)
     assert all(x >= y - 1e-12 for x, y in zip(objectives, objectives[1:]))  # more budget, less loss
     # Points infeasible under the fixed bops budget are left out, not reported.
-    feasible = [b for b in expected if brute_force(sens, costs, {"size": b, "bops": budgets["bops"]}, groups)[1]]
+    feasible = [b for b in expected if best_allocation(sens, costs, {"size": b, "bops": budgets["bops"]}, groups)[1]]
     assert swept == feasible
 
 

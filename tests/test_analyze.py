@@ -19,7 +19,7 @@ from lightning_hessian.analyze import AnalysisOptions
 from lightning_hessian.callbacks.probe import draw_probe_indices
 from lightning_hessian.hessian import HessianOperator, top_eigenvalues
 from lightning_hessian.landscape import loss_along, loss_line, loss_plane
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 
 # a 490-parameter MLP, so the dense Hessian is cheap
 DATA = ["data.num_train=400", "data.num_test=100", "data.batch_size=50"]

@@ -18,7 +18,7 @@ from lightning_hessian.attacks import (
     robust_accuracy,
     trust_region,
 )
-from tests.conftest import fit_full_batch
+from tests.helpers.problems import fit_full_batch
 
 ATTACKS = {
     "fgsm": partial(fgsm, eps=0.3),

@@ -8,7 +8,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, compose_config
+from tests.helpers.config import CONF_DIR, compose_config
 
 GROUPS = ["data", "model", "callbacks", "logger", "trainer"]
 NEEDS_OTHER_HARDWARE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "multinode")}
@@ -27,8 +27,10 @@ def test_every_group_option_composes_and_instantiates(group, option, tmp_path, d
         assert issubclass(get_class(node._target_), pl.Trainer)
         return
     if group in ("callbacks", "logger"):
-        objects = [instantiate(entry) for entry in (node or {}).values()]
-        assert all(isinstance(obj, (pl.Callback, Logger)) for obj in objects)
+        objects = [instantiate(entry) for entry in (node or {}).values() if entry is not None]
+        assert (option == "none") == (objects == []), f"{group}={option} gives {objects}"  # none: nothing, else some
+        kind = pl.Callback if group == "callbacks" else Logger
+        assert all(isinstance(obj, kind) for obj in objects), objects
     else:
         expected = {"data": pl.LightningDataModule, "model": pl.LightningModule, "trainer": pl.Trainer}
         assert isinstance(instantiate(node), expected[group]), group

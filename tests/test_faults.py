@@ -26,7 +26,7 @@ from lightning_hessian.cli import resume_argv, run_recipe
 from lightning_hessian.data import MNIST1DDataModule
 from lightning_hessian.models import ClassificationModule
 from lightning_hessian.models.mnist1d import MNIST1DCNN
-from tests.conftest import CONF_DIR, compose_config
+from tests.helpers.config import CONF_DIR, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 steps an epoch, a row of metrics.csv per step

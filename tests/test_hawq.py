@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from functools import partial
 
@@ -18,7 +17,8 @@ from lightning_hessian.models import MNIST1DCNN, ClassificationModule
 from lightning_hessian.quant.allocation import InfeasibleBudgetError
 from lightning_hessian.quant.hawq import HAWQModule
 from lightning_hessian.quant.modules import QuantConv1d, QuantLinear
-from tests.conftest import fit_full_batch
+from tests.helpers.allocation import best_allocation
+from tests.helpers.problems import fit_full_batch
 
 LAYERS = ["net.features.0", "net.features.2", "net.features.4", "net.classifier"]
 TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -49,19 +49,6 @@ def loaders() -> tuple[DataLoader, DataLoader]:
     return DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True), DataLoader(TensorDataset(xt, yt), 64)
 
 
-def brute_force(sens, costs, budgets, groups):
-    """Least summed sensitivity over every assignment of bits to tie groups within all budgets."""
-    best, best_bits = math.inf, None
-    choices = sorted(next(iter(sens.values())))
-    for combo in itertools.product(choices, repeat=len(groups)):
-        bits = {layer: b for group, b in zip(groups, combo) for layer in group}
-        if all(sum(costs[r][layer][bits[layer]] for layer in bits) <= budget for r, budget in budgets.items()):
-            total = sum(sens[layer][bits[layer]] for layer in bits)
-            if total < best:
-                best, best_bits = total, bits
-    return best_bits
-
-
 @pytest.mark.parametrize("metric", ["trace", "quadratic"])
 def test_planned_bits_meet_the_budget_and_equal_brute_force(trained, metric):
     x, y = make_data()
@@ -75,7 +62,7 @@ def test_planned_bits_meet_the_budget_and_equal_brute_force(trained, metric):
     size = {name: {b: n * b for b in (2, 4, 8)} for name, n in params.items()}
     budget = sum(params.values()) * (2 + 0.5 * (8 - 2))  # halfway from all-2 to all-8 bits
     assert sum(size[name][b] for name, b in bits.items()) <= budget
-    assert bits == brute_force(sens, {"size": size}, {"size": budget}, [[name] for name in LAYERS])
+    assert bits == best_allocation(sens, {"size": size}, {"size": budget}, [[name] for name in LAYERS])[1]
     assert len(set(bits.values())) > 1  # a real mix, not a uniform answer
 
 
@@ -91,7 +78,7 @@ def test_activation_aware_plan_adds_the_input_rounding_and_equals_brute_force(tr
         assert sens.act_quadratic[name][2] > sens.act_quadratic[name][8] > 0
     size = {name: {b: s.params * b for b in (2, 4, 8)} for name, s in hawq.stats.items()}
     budget = sum(s.params for s in hawq.stats.values()) * 5
-    assert bits == brute_force(omega, {"size": size}, {"size": budget}, [[name] for name in LAYERS])
+    assert bits == best_allocation(omega, {"size": size}, {"size": budget}, [[name] for name in LAYERS])[1]
 
 
 def test_plan_with_ties_and_two_budgets_equals_brute_force(trained):
@@ -108,7 +95,7 @@ def test_plan_with_ties_and_two_budgets_equals_brute_force(trained):
         "bops": sum(bops[n][2] + 0.3 * (bops[n][8] - bops[n][2]) for n in stats),
     }
     groups = [["net.features.0"], ["net.features.2", "net.features.4"], ["net.classifier"]]
-    assert bits == brute_force(hawq.sensitivity.omega(), {"size": size, "bops": bops}, budgets, groups)
+    assert bits == best_allocation(hawq.sensitivity.omega(), {"size": size, "bops": bops}, budgets, groups)[1]
 
 
 def test_fine_tune_test_and_checkpoint_round_trip_into_a_fresh_module(trained, tmp_path):

@@ -18,7 +18,7 @@ from lightning_hessian.quant.distill import batchnorm_mismatch
 from lightning_hessian.quant.hawq import HAWQModule
 from lightning_hessian.quant.modules import QuantAct
 from lightning_hessian.quant.sensitivity import layer_sensitivity
-from tests.conftest import fit_full_batch
+from tests.helpers.problems import fit_full_batch
 
 TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                enable_checkpointing=False)
@@ -168,7 +168,7 @@ def test_quantize_recipe_data_free_reads_no_data(tmp_path, data_dir):
     from hydra.utils import instantiate
 
     from lightning_hessian import recipes
-    from tests.conftest import compose_config
+    from tests.helpers.config import compose_config
 
     overrides = [f"ckpt_path={tmp_path}/fresh.ckpt", "model.net.batch_norm=true", "hawq.calibration=distilled",
                  "hawq.input_shape=[40]", "hawq.metric=kl", "hawq.probe_size=32", "hawq.probe_batch_size=32",
@@ -195,7 +195,7 @@ def test_quantize_recipe_data_free_from_a_train_run(tmp_path, data_dir):
     """A trained run with BatchNorm quantized data-free from its run_dir: the input shape comes from the test split,
     the test accuracy at W8A8 stays within a point of float, the integer-only export agrees with the simulation."""
     from lightning_hessian import recipes
-    from tests.conftest import compose_config
+    from tests.helpers.config import compose_config
 
     data = ["data.num_train=1000", "data.num_test=500", "data.batch_size=50", "model.net.batch_norm=true"]
     train_dir = tmp_path / "train"

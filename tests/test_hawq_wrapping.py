@@ -17,7 +17,7 @@ from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule
 from lightning_hessian.quant.allocation import InfeasibleBudgetError
 from lightning_hessian.quant.hawq import HAWQModule
-from tests.conftest import fit_full_batch
+from tests.helpers.problems import fit_full_batch
 from tests.test_hawq import TRAINER, make_data
 
 

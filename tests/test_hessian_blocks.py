@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from lightning_hessian.hessian import (
+    DenseOperator,
     HessianOperator,
     hutchinson_trace,
     layer_blocks,
     per_layer_top_eigenvalue,
     per_layer_trace,
 )
-from tests.test_hessian_operator import DenseOperator, loss_fn, problem
+from tests.helpers.problems import loss_fn, problem
 
 
 def block_indices(op: HessianOperator, params: list[nn.Parameter]) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_hessian.hessian import HessianOperator, power_iteration, top_eigenvalues
-from tests.test_hessian_operator import DenseOperator, loss_fn, problem, spectrum
+from lightning_hessian.hessian import DenseOperator, HessianOperator, power_iteration, top_eigenvalues
+from tests.helpers.problems import loss_fn, problem, spectrum
 
 
 def reference(H: torch.Tensor, which: str, k: int, ev: torch.Tensor | None = None) -> torch.Tensor:

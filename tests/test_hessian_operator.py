@@ -1,94 +1,20 @@
 """HessianOperator against the dense Hessian from torch.func (small MLP and CNN, float64).
 
-The helpers at the top (``problem``, ``dense_hessian``, ``DenseOperator``) are shared by the other
-``test_hessian_*`` files.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_hessian.hessian import Batches, HessianOperator
-from lightning_hessian.models import MNIST1DCNN, MNIST1DMLP
-from tests.conftest import fit_full_batch
-
-
-def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
-def teacher_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Signals labelled by a fixed random linear teacher (learnable, so training shapes the Hessian)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 40, generator=g, dtype=torch.float64)
-    w = torch.randn(40, 10, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
-    return x, (x @ w + 0.5 * torch.randn(n, 10, generator=g, dtype=torch.float64)).argmax(1)
-
-
-def dense_hessian(model: nn.Module, loss, batch, names: list[str] | None = None) -> torch.Tensor:
-    """Dense Hessian of ``loss(model, batch)`` w.r.t. the named parameters (default all), torch.func."""
-    named = dict(model.named_parameters())
-    names = names or list(named)
-    shapes = [named[n].shape for n in names]
-    theta = torch.cat([named[n].detach().reshape(-1) for n in names])
-
-    def f(flat: torch.Tensor) -> torch.Tensor:
-        params, at = {}, 0
-        for n, s in zip(names, shapes):
-            params[n] = flat[at : at + s.numel()].reshape(s)
-            at += s.numel()
-        return loss(_Swap(model, params), batch)
-
-    return jacrev(grad(f), chunk_size=256)(theta)
-
-
-class _Swap(nn.Module):
-    """Calls ``model`` with swapped parameters (lets ``loss(model, batch)`` run under torch.func)."""
-
-    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]):
-        super().__init__()
-        self.inner, self.params = model, params
-
-    def forward(self, *args):
-        return functional_call(self.inner, self.params, args)
-
-
-@functools.cache
-def problem(kind: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A briefly trained float64 model, an evaluation batch and the dense Hessian on it (cached)."""
-    torch.manual_seed(0)
-    model = (MNIST1DMLP(hidden=32) if kind == "mlp" else MNIST1DCNN(channels=8)).double()
-    train = teacher_batch(512, seed=1)
-    fit_full_batch(model, *train, steps=60)
-    batch = teacher_batch(64 if kind == "mlp" else 32, seed=2)
-    return model, batch, dense_hessian(model, loss_fn, batch)
-
-
-@functools.cache
-def spectrum(kind: str) -> torch.Tensor:
-    """Ascending eigenvalues of ``problem(kind)``'s dense Hessian (cached: eigvalsh takes seconds)."""
-    return torch.linalg.eigvalsh(problem(kind)[2])
-
-
-class DenseOperator:
-    """A dense symmetric matrix as an operator (fast statistics tests of the estimators)."""
-
-    def __init__(self, H: torch.Tensor):
-        self.H, self.dim, self.dtype, self.device = H, H.shape[0], H.dtype, H.device
-        self.num_hvps = 0
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.num_hvps += V.shape[0]
-        return V.to(self.H) @ self.H  # as HessianOperator: products in the operator's dtype
+from lightning_hessian.hessian import Batches, HessianOperator, dense_hessian
+from lightning_hessian.models import MNIST1DCNN
+from tests.helpers.problems import loss_fn, problem, teacher_batch
 
 
 # ------------------------------------------------------------------------------------------------- tests

@@ -12,9 +12,15 @@ import math
 import pytest
 import torch
 
-from lightning_hessian.hessian import HessianOperator, hutchinson_trace, spectral_density, top_eigenvalues
+from lightning_hessian.hessian import (
+    DenseOperator,
+    HessianOperator,
+    hutchinson_trace,
+    spectral_density,
+    top_eigenvalues,
+)
 from lightning_hessian.hessian.density import gaussian_density
-from tests.test_hessian_operator import DenseOperator, loss_fn, problem, spectrum
+from tests.helpers.problems import loss_fn, problem, spectrum
 
 
 def exact_trace(H: torch.Tensor) -> float:

@@ -11,7 +11,8 @@ from lightning_hessian.hessian import KFACOperator
 from lightning_hessian.quant.hawq import HAWQModule
 from lightning_hessian.quant.quantizers import quantize_weight
 from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity
-from tests.test_hawq import LAYERS, brute_force, make_data
+from tests.helpers.allocation import best_allocation
+from tests.test_hawq import LAYERS, make_data
 
 
 def _ce(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -47,7 +48,7 @@ def test_forms_are_the_kronecker_quadratic_forms_of_the_weights() -> None:
 
 @pytest.fixture(scope="module")
 def trained():
-    from tests.conftest import fit_full_batch
+    from tests.helpers.problems import fit_full_batch
     from tests.test_hawq import float_module
 
     return fit_full_batch(float_module(), *make_data(), steps=150)
@@ -64,4 +65,4 @@ def test_hawq_plans_from_kfac_without_a_hessian_vector_product(trained) -> None:
     params = {name: s.params for name, s in hawq.stats.items()}
     size = {name: {b: n * b for b in (2, 4, 8)} for name, n in params.items()}
     budget = sum(params.values()) * (2 + 0.5 * (8 - 2))
-    assert bits == brute_force(omega, {"size": size}, {"size": budget}, [[name] for name in LAYERS])
+    assert bits == best_allocation(omega, {"size": size}, {"size": budget}, [[name] for name in LAYERS])[1]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 
-import numpy as np
 import pytest
 
 from lightning_hessian.quant.allocation import InfeasibleBudgetError, allocation_total, pareto_frontier
+from tests.helpers.allocation import pareto_points
 
 
 def instance(seed: int, num_layers: int = 8, bits: tuple[int, ...] = (2, 4, 8), ties: bool = False,
@@ -34,27 +33,6 @@ def instance(seed: int, num_layers: int = 8, bits: tuple[int, ...] = (2, 4, 8), 
     return sens, {"size": size, "bops": bops, "latency": latency}, groups
 
 
-def brute_force(sens, costs, resource, groups, budgets=None):
-    """The non-dominated (cost, sensitivity) values of every allocation (one width per group) within ``budgets``:
-    all of them enumerated, each compared with every other."""
-    budgets = budgets or {}
-    bits = sorted(next(iter(sens.values())))
-    picks = np.array(list(itertools.product(range(len(bits)), repeat=len(groups))))  # allocations x groups
-
-    def totals(table):
-        per_group = np.array([[sum(table[layer][b] for layer in group) for b in bits] for group in groups])
-        return per_group[np.arange(len(groups)), picks].sum(axis=1)
-
-    feasible = np.ones(len(picks), dtype=bool)
-    for r, b in budgets.items():
-        feasible &= totals(costs[r]) <= b
-    cost, total = totals(costs[resource])[feasible], totals(sens)[feasible]
-    no_worse = (cost[None, :] <= cost[:, None]) & (total[None, :] <= total[:, None])  # [i, j]: j is no worse than i
-    better = (cost[None, :] < cost[:, None]) | (total[None, :] < total[:, None])
-    dominated = (no_worse & better).any(axis=1)
-    return sorted(set(zip(cost[~dominated].tolist(), total[~dominated].tolist())))
-
-
 def check_frontier(points, expected, sens, costs, resource, groups, budgets=None):
     assert len(points) == len(expected)
     for point, (cost, total) in zip(points, expected):
@@ -74,7 +52,7 @@ def check_frontier(points, expected, sens, costs, resource, groups, budgets=None
 def test_exact_frontier_equals_brute_force(seed, resource):
     sens, costs, groups = instance(seed, monotone=seed % 2 == 0)
     points = pareto_frontier(sens, costs, resource, "all")
-    check_frontier(points, brute_force(sens, costs, resource, groups), sens, costs, resource, groups)
+    check_frontier(points, pareto_points(sens, costs, resource, groups), sens, costs, resource, groups)
     assert len(points) > 3
     assert [p.budget for p in points] == sorted(p.budget for p in points)
     assert all(a.objective > b.objective for a, b in zip(points, points[1:]))
@@ -85,11 +63,11 @@ def test_exact_frontier_with_ties_and_a_fixed_budget(seed):
     sens, costs, groups = instance(10 + seed, ties=True)
     ties = [g for g in groups if len(g) > 1]
     points = pareto_frontier(sens, costs, "size", "all", ties=ties)
-    check_frontier(points, brute_force(sens, costs, "size", groups), sens, costs, "size", groups)
+    check_frontier(points, pareto_points(sens, costs, "size", groups), sens, costs, "size", groups)
     lo, hi = (sum(f(t.values()) for t in costs["bops"].values()) for f in (min, max))
     for fixed in ({"bops": lo + 0.4 * (hi - lo)}, {"bops": lo + 0.6 * (hi - lo), "latency": 14.0}):
         points = pareto_frontier(sens, costs, "size", "all", budgets=fixed, ties=ties)
-        check_frontier(points, brute_force(sens, costs, "size", groups, fixed), sens, costs, "size", groups, fixed)
+        check_frontier(points, pareto_points(sens, costs, "size", groups, fixed), sens, costs, "size", groups, fixed)
 
 
 def test_exact_frontier_points_are_the_sweep_optima():

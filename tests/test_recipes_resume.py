@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from lightning_hessian import recipes
 from lightning_hessian.cli import resume_argv
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.num_train=400", "data.num_test=100", "data.batch_size=50", "trainer.check_val_every_n_epoch=1"]

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_hessian import recipes
 from lightning_hessian.cli import run_recipe
-from tests.conftest import CONF_DIR, compose_config
+from tests.helpers.config import CONF_DIR, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_train=400", "data.num_test=100", "data.batch_size=50", "trainer.max_epochs=1"]

@@ -13,7 +13,7 @@ from torch.func import functional_call, hessian
 from lightning_hessian.hessian.operator import HessianOperator
 from lightning_hessian.models import MNIST1DCNN
 from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity, weight_perturbation
-from tests.conftest import fit_full_batch
+from tests.helpers.problems import fit_full_batch
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

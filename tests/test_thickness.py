@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_hessian.attacks import BoundaryThickness, boundary_thickness, pgd, targeted_log_odds
-from tests.conftest import fit_full_batch
+from tests.helpers.problems import fit_full_batch
 
 
 def _linear_two_class(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

@@ -173,7 +173,7 @@ def test_bad_arguments(kwargs, error, match):
 
 def test_the_train_recipe_runs_noisy_mixup_and_logs_the_thickness(tmp_path, data_dir):
     from lightning_hessian import recipes
-    from tests.conftest import compose_config
+    from tests.helpers.config import compose_config
 
     overrides = ["callbacks=[default,adversarial_augment,boundary_thickness]", "data.num_train=400",
                  "data.num_test=100", "data.batch_size=50", "trainer.max_epochs=2",

@@ -25,6 +25,7 @@ arguments and each rank's shard: the results equal a single process on the union
 """
 
 from lightning_hessian.hessian.blocks import LAYER_TYPES, layer_blocks, per_layer_top_eigenvalue, per_layer_trace
+from lightning_hessian.hessian.dense import DenseOperator, dense_hessian
 from lightning_hessian.hessian.density import DensityResult, spectral_density
 from lightning_hessian.hessian.diagonal import DiagonalEstimate, hessian_diagonal
 from lightning_hessian.hessian.kfac import KFACOperator
@@ -36,6 +37,7 @@ from lightning_hessian.hessian.trace import TraceResult, hutchinson_trace
 __all__ = [
     "LAYER_TYPES",
     "Batches",
+    "DenseOperator",
     "DensityResult",
     "DiagonalEstimate",
     "EigenResult",
@@ -43,6 +45,7 @@ __all__ = [
     "KFACOperator",
     "LinearOperator",
     "TraceResult",
+    "dense_hessian",
     "hessian_diagonal",
     "hutchinson_trace",
     "layer_blocks",

@@ -47,10 +47,8 @@ def hessian_diagonal(
     Example::
 
         >>> import torch
-        >>> class Dense:  # any object with ``dim``, ``dtype``, ``device`` and ``matmat`` works
-        ...     def __init__(self, a): self.a, self.dim, self.dtype, self.device = a, a.shape[0], a.dtype, a.device
-        ...     def matmat(self, v): return v @ self.a.T
-        >>> est = hessian_diagonal(Dense(torch.diag(torch.tensor([1.0, 2.0, 3.0]))), num_samples=4)
+        >>> from lightning_hessian.hessian import DenseOperator  # or any object with dim, dtype, device, matmat
+        >>> est = hessian_diagonal(DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0]))), num_samples=4)
         >>> est.diagonal
         tensor([1., 2., 3.])
     """

@@ -1,7 +1,9 @@
-"""Reference models used by the recipes, tests and benchmarks."""
+"""Reference models used by the recipes, tests and benchmarks (the plain ``nn.Module`` ones need no Lightning)."""
 
-from lightning_hessian.models.classification import ClassificationModule
-from lightning_hessian.models.mnist1d import MNIST1DCNN, MNIST1DMLP
-from lightning_hessian.models.resnet import CifarResNet, ResidualAdd, resnet18, resnet20
+from lightning_hessian._lazy import lazy_exports
 
-__all__ = ["ClassificationModule", "MNIST1DCNN", "MNIST1DMLP", "CifarResNet", "ResidualAdd", "resnet18", "resnet20"]
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "lightning_hessian.models.classification": ["ClassificationModule"],
+    "lightning_hessian.models.mnist1d": ["MNIST1DCNN", "MNIST1DMLP"],
+    "lightning_hessian.models.resnet": ["CifarResNet", "ResidualAdd", "resnet18", "resnet20"],
+})

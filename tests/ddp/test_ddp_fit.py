@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightning_hessian import recipes
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 
 pytestmark = pytest.mark.ddp
 

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule
 from lightning_hessian.quant.hawq import HAWQModule
-from tests.conftest import fit_full_batch
 from tests.ddp.rank_results import SaveRankResults, load_ranks
+from tests.helpers.problems import fit_full_batch
 
 pytestmark = pytest.mark.ddp
 
