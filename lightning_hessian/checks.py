@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from numbers import Real
+from typing import Any
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -25,3 +27,25 @@ def check_number(value: object, name: str, low: float = -math.inf, high: float =
             where = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be a finite number{where}, got {value!r}")
     return float(value)
+
+
+def check_choice(value: object, name: str, choices: Collection[object]) -> Any:
+    """Return ``value`` unless it is not one of ``choices``; then a ``ValueError`` naming ``name`` and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """Return ``value`` unless it is not an ``int >= 0`` (a bool is not); then a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def check_batch_key(value: object, name: str) -> int | str | None:
+    """Return ``value`` unless it is not a batch position (``int``), a dict key (``str``) or None; then a
+    ``ValueError`` naming ``name``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+        raise ValueError(f"{name} must be an int (tuple/list position), a str (dict key) or None, got {value!r}")
+    return value

@@ -282,7 +282,8 @@ def test_state_survives_a_checkpoint_and_resume_is_exact(tmp_path):
      ({"attack": "cw"}, "attack"), ({"attack": "fgsm", "norm": "l2"}, "norm='linf'"), ({"steps": 0}, "steps"),
      ({"step_size": 0}, "step_size"), ({"clamp": (1, 0)}, "clamp"), ({"robust_eval_attack": "x"}, "robust_eval_attack"),
      ({"fraction_schedule": {0: 2.0}}, "fraction_schedule"), ({"eps_schedule": {-1: 0.1}}, "eps_schedule"),
-     ({"robust_eval_eps": 0}, "robust_eval_eps")],
+     ({"robust_eval_eps": 0}, "robust_eval_eps"), ({"seed": "0"}, "seed must be an integer >= 0"),
+     ({"seed": True}, "seed"), ({"input_key": 1.5}, "input_key must be an int"), ({"target_key": [0]}, "target_key")],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -6,14 +6,19 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from numbers import Real
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_hessian.checks import check_choice
 from lightning_hessian.modes import training_mode
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``criterion(logits, y) -> scalar``: the loss an attack ascends (default cross-entropy)."""
+Attack = Callable[..., Any]
+"""``attack(model, x, y, **options) -> x_adv`` (typed loosely so that LightningCLI accepts any such callable)."""
 NORMS = ("linf", "l2")
 
 
@@ -30,8 +35,7 @@ def check_eps(eps: float, name: str = "eps", allow_inf: bool = False) -> float:
 
 def check_norm(norm: str) -> str:
     """``ValueError`` unless ``norm`` is one of :data:`NORMS`."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    check_choice(norm, "norm", NORMS)
     return norm
 
 
@@ -120,7 +124,7 @@ def detached_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def input_grad(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Criterion | None
 ) -> torch.Tensor:
     """Gradient of the attack loss w.r.t. ``x`` only (parameters' ``.grad`` untouched)."""
     x = x.detach().requires_grad_(True)

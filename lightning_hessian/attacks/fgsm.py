@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_hessian.attacks._common import (
-    LossFn,
+    Criterion,
     Range,
     adversarial_result,
     attack_context,
@@ -24,7 +24,7 @@ def fgsm(
     y: torch.Tensor,
     eps: float,
     *,
-    loss_fn: LossFn | None = None,
+    loss_fn: Criterion | None = None,
     clamp: Range | None = None,
     targeted: bool = False,
 ) -> torch.Tensor:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from lightning_hessian.attacks._common import check_batch, check_norm, per_sample_norm, predict
-
-Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+from lightning_hessian.attacks._common import Attack, check_batch, check_norm, per_sample_norm, predict
 
 
 def attack_success_rate(

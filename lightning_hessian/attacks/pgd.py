@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_hessian.attacks._common import (
-    LossFn,
+    Criterion,
     Range,
     adversarial_result,
     as_column,
@@ -35,7 +35,7 @@ def pgd(
     norm: str = "linf",
     random_start: bool = True,
     clamp: Range | None = None,
-    loss_fn: LossFn | None = None,
+    loss_fn: Criterion | None = None,
     targeted: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:

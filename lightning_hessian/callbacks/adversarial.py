@@ -15,13 +15,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_hessian.attacks import attack_success_rate, fgsm, pgd, trust_region
-from lightning_hessian.attacks._common import NORMS, Range, as_column, check_clamp, check_eps, check_range
+from lightning_hessian.attacks._common import NORMS, Attack, Range, as_column, check_clamp, check_eps, check_range
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import first_line, module_loss_problem
-from lightning_hessian.checks import check_number, check_positive_int
+from lightning_hessian.checks import check_batch_key, check_choice, check_number, check_positive_int, check_seed
 
 # (model, x, y) -> x_adv and epoch -> value; typed loosely so LightningCLI takes a function by its dotted path
-Attack = Callable[..., Any]
 Schedule = Callable[..., Any] | Mapping[int, float]
 ATTACKS = ("fgsm", "pgd", "trust_region")
 MODES = ("replace", "append")
@@ -128,10 +127,8 @@ class AdversarialAugmentCallback(Callback):
         """
         _check_attack(attack, "attack")
         _check_attack(robust_eval_attack, "robust_eval_attack")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        check_choice(mode, "mode", MODES)
+        check_choice(norm, "norm", NORMS)
         if norm != "linf" and "fgsm" in (attack, robust_eval_attack):
             raise ValueError(f"FGSM is an L-inf attack: use norm='linf' or attack='pgd', got norm={norm!r}")
         check_positive_int(steps, "steps")
@@ -142,13 +139,10 @@ class AdversarialAugmentCallback(Callback):
             check_eps(robust_eval_eps, "robust_eval_eps")
         if clamp != "auto":
             check_range(clamp, "clamp (or 'auto')")
-        for name, key in (("input_key", input_key), ("target_key", target_key)):
-            if key is not None and (isinstance(key, bool) or not isinstance(key, (int, str))):
-                raise TypeError(f"{name} must be an int (tuple/list position), a str (dict key) or None, got {key!r}")
+        check_batch_key(input_key, "input_key"), check_batch_key(target_key, "target_key")
         _check_schedule(fraction_schedule, "fraction_schedule", lambda v: 0 <= v <= 1, "in [0, 1]")
         _check_schedule(eps_schedule, "eps_schedule", lambda v: 0 < v < math.inf, "positive and finite")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        check_seed(seed)
         self.mixup_alpha = check_number(mixup_alpha, "mixup_alpha", 0)
         self.mixup_noise = check_number(mixup_noise, "mixup_noise", 0, 1)
         if self.mixup_noise > 0 and self.mixup_alpha == 0:

@@ -15,7 +15,7 @@ from lightning_hessian.attacks._common import Range, check_range
 from lightning_hessian.attacks.thickness_metric import BoundaryThickness
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import draw_probe_indices, prepare_batch, probe_batches, train_dataset_of
-from lightning_hessian.checks import check_positive_int
+from lightning_hessian.checks import check_batch_key, check_choice, check_positive_int, check_seed
 
 DEFAULT_PROBE_SIZE = 256
 CLASSES = ("predicted", "labels")
@@ -90,13 +90,9 @@ class BoundaryThicknessCallback(Callback):
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
         self.probe_size = None if probe_size is None else check_positive_int(probe_size, "probe_size")
         self.probe_batch_size = check_positive_int(probe_batch_size, "probe_batch_size")
-        for name, key in (("input_key", input_key), ("target_key", target_key)):
-            if key is not None and (isinstance(key, bool) or not isinstance(key, (int, str))):
-                raise TypeError(f"{name} must be an int (tuple/list position), a str (dict key) or None, got {key!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        if classes not in CLASSES:
-            raise ValueError(f"classes must be one of {CLASSES}, got {classes!r}")
+        check_batch_key(input_key, "input_key"), check_batch_key(target_key, "target_key")
+        check_seed(seed)
+        check_choice(classes, "classes", CLASSES)
         self.classes = classes
         self.clamp, self.input_key, self.target_key, self.seed = clamp, input_key, target_key, seed
         self.history: list[dict[str, Any]] = []

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_hessian.checks import check_positive_int
+from lightning_hessian.checks import check_choice, check_positive_int
 from lightning_hessian.hessian.operator import (
     Batch,
     LossFn,
@@ -336,10 +336,8 @@ class KFACOperator:
             raise TypeError(f"model must be an nn.Module, got {type(model)}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
-        if fisher_type not in FISHER_TYPES:
-            raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
-        if kfac_approx not in KFAC_APPROX:
-            raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
+        check_choice(fisher_type, "fisher_type", FISHER_TYPES)
+        check_choice(kfac_approx, "kfac_approx", KFAC_APPROX)
         check_positive_int(mc_samples, "mc_samples")
         check_positive_int(chunk_size, "chunk_size")
         if isinstance(model, nn.parallel.DistributedDataParallel):

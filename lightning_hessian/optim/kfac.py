@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_hessian.checks import check_number, check_positive_int
+from lightning_hessian.checks import check_choice, check_number, check_positive_int
 from lightning_hessian.hessian.kfac import (
     KFAC_APPROX,
     KFACLayer,
@@ -142,8 +142,7 @@ class KFACPreconditioner:
         self.damping = check_number(damping, "damping", low=0)
         self.factor_decay = check_number(factor_decay, "factor_decay", 0, 1, high_open=True)
         self.kl_clip = None if kl_clip is None else check_number(kl_clip, "kl_clip", low=0, low_open=True)
-        if kfac_approx not in KFAC_APPROX:
-            raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
+        check_choice(kfac_approx, "kfac_approx", KFAC_APPROX)
         self.kfac_approx = kfac_approx
         if isinstance(skip_layers, str):
             raise TypeError(f"skip_layers must be a list of module names, got the string {skip_layers!r}")

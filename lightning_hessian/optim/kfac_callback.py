@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_hessian.checks import check_number, check_positive_int
+from lightning_hessian.checks import check_choice, check_number, check_positive_int
 from lightning_hessian.hessian.kfac import KFAC_APPROX
 from lightning_hessian.optim.kfac import KFACPreconditioner, warn_skipped
 
@@ -82,8 +82,7 @@ class KFACCallback(Callback):
         check_number(factor_decay, "factor_decay", 0, 1, high_open=True)
         if kl_clip is not None:
             check_number(kl_clip, "kl_clip", low=0, low_open=True)
-        if kfac_approx not in KFAC_APPROX:
-            raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
+        check_choice(kfac_approx, "kfac_approx", KFAC_APPROX)
         if isinstance(skip_layers, str):
             raise TypeError(f"skip_layers must be a list of module names, got the string {skip_layers!r}")
         self.options = {"factor_update_steps": factor_update_steps, "inv_update_steps": inv_update_steps,
