@@ -312,6 +312,7 @@ def test_a_loss_that_couples_the_samples_is_refused() -> None:
 @pytest.mark.parametrize("kwargs, match", [
     ({"fisher_type": "fisher"}, "fisher_type"), ({"kfac_approx": "mean"}, "kfac_approx"),
     ({"mc_samples": 0}, "mc_samples"), ({"output_module": nn.Linear(2, 2)}, "output_module"),
+    ({"distributed": True}, "distributed=True needs an initialised torch.distributed process group"),
 ])
 def test_bad_arguments_name_themselves(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

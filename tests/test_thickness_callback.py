@@ -163,7 +163,8 @@ def test_too_small_eps_warns_that_the_segments_stop_short():
     ({"eps": 0}, ValueError, "eps"), ({"alpha": 0.9}, ValueError, "alpha < beta"),
     ({"every_n_epochs": 0}, ValueError, "every_n_epochs"), ({"probe_size": 0}, ValueError, "probe_size"),
     ({"num_points": -1}, ValueError, "num_points"), ({"input_key": 1.5}, ValueError, "input_key"),
-    ({"clamp": (1, 0)}, ValueError, "clamp"), ({"seed": "0"}, ValueError, "seed must be an integer >= 0"), ({"seed": -1}, ValueError, "seed"),
+    ({"clamp": (1, 0)}, ValueError, "clamp"), ({"seed": "0"}, ValueError, "seed must be an integer >= 0"),
+    ({"seed": -1}, ValueError, "seed"),
     ({"classes": "y"}, ValueError, "classes"),
 ])
 def test_bad_arguments(kwargs, error, match):

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_hessian.checks import check_choice, check_positive_int
+from lightning_hessian.distributed import resolve_distributed
 from lightning_hessian.hessian.operator import (
     Batch,
     LossFn,
@@ -349,9 +350,7 @@ class KFACOperator:
         self.fisher_type, self.mc_samples, self.kfac_approx = fisher_type, mc_samples, kfac_approx
         self.eigenvalue_correction = bool(eigenvalue_correction)
         self.batch_size_fn, self.chunk_size = batch_size_fn, chunk_size
-        self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
-        if self.distributed and not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("distributed=True needs an initialised torch.distributed process group")
+        self.distributed = resolve_distributed(distributed)
         self.process_group = process_group
         rank = dist.get_rank(process_group) if self.distributed else 0
         self._generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)

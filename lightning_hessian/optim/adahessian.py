@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_hessian.checks import check_positive_int
+from lightning_hessian.distributed import is_distributed
 from lightning_hessian.hessian.diagonal import hessian_diagonal
 
 _NO_GRAPH = (
@@ -176,7 +177,7 @@ class AdaHessian(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = is_distributed() and dist.get_world_size() > 1
         # Frozen parameters are skipped whatever their .grad. The others all take part, so the probes'
         # layout (and every rank's list under DDP) does not depend on which ones this backward reached: a
         # parameter without .grad counts a zero gradient and is updated only if some rank used it.

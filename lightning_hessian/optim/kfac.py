@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_hessian.checks import check_choice, check_number, check_positive_int
+from lightning_hessian.distributed import is_distributed
 from lightning_hessian.hessian.kfac import (
     KFAC_APPROX,
     KFACLayer,
@@ -337,7 +338,7 @@ class KFACPreconditioner:
     @property
     def distributed(self) -> bool:
         if self._distributed is None:
-            return dist.is_available() and dist.is_initialized()
+            return is_distributed()
         return self._distributed
 
     def state_dict(self) -> dict[str, Any]:
