@@ -44,26 +44,26 @@ class KFACCallback(Callback):
 
     Example::
 
-        import lightning.pytorch as pl
-        import torch
-        from lightning_hessian.optim import KFACCallback
-
-        class Net(pl.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.layer = torch.nn.Linear(40, 10)
-
-            def training_step(self, batch, batch_idx):
-                x, y = batch
-                return torch.nn.functional.cross_entropy(self.layer(x), y)
-
-            def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-        data = torch.utils.data.TensorDataset(torch.randn(64, 40), torch.randint(0, 10, (64,)))
-        trainer = pl.Trainer(max_epochs=1, callbacks=[KFACCallback(inv_update_steps=5)], logger=False,
-                             enable_checkpointing=False)
-        trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=16))
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_hessian.optim import KFACCallback
+        >>> class Net(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(40, 10)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return torch.nn.functional.cross_entropy(self.layer(x), y)
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(64, 40), torch.randint(0, 10, (64,)))
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[KFACCallback(inv_update_steps=5)], logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=16))
+        >>> trainer.global_step
+        4
     """
 
     def __init__(
