@@ -10,6 +10,7 @@ from lightning_hessian.quant.allocation import (
     allocation_total,
     pareto_frontier,
 )
+from lightning_hessian.quant.attention import MultiheadAttention, TransformerEncoderLayer, unpack_attention
 from lightning_hessian.quant.costs import (
     LayerStats,
     bops_costs,
@@ -29,6 +30,7 @@ from lightning_hessian.quant.modules import (
     QuantAdaptiveAvgPool,
     QuantConv1d,
     QuantConv2d,
+    QuantEmbedding,
     QuantizationReport,
     QuantLinear,
     QuantResidualAdd,
@@ -36,10 +38,12 @@ from lightning_hessian.quant.modules import (
     fold_batchnorm,
     quantizable_layers,
     quantize_model,
+    resolve_groups,
 )
 from lightning_hessian.quant.quantizers import (
     FOLLOW,
     ActivationQuantizer,
+    WeightGroups,
     quantize_weight,
     requantize,
     requantize_sum,
@@ -54,6 +58,7 @@ from lightning_hessian.quant.sensitivity import (
     kl_divergences,
     layer_sensitivity,
     quadratic_forms,
+    subsample_top_eigenvalues,
     weight_perturbation,
 )
 
@@ -61,7 +66,8 @@ __all__ = [
     "ActivationQuantizer", "BitReport", "FOLLOW", "HAWQModule", "InfeasibleBudgetError", "IntegerModel", "LayerRow",
     "LayerStats", "NotProvenOptimalWarning", "ParetoPoint", "QuantAct", "QuantAdaptiveAvgPool", "QuantConv1d",
     "QuantConv2d", "QuantLinear", "QuantResidualAdd", "QuantizationReport", "Sensitivity", "activation_quadratic_forms",
-    "activation_ranges", "allocate_bits",
+    "activation_ranges", "allocate_bits", "MultiheadAttention", "QuantEmbedding", "TransformerEncoderLayer",
+    "WeightGroups", "resolve_groups", "unpack_attention", "subsample_top_eigenvalues",
     "allocation_total", "batchnorm_mismatch", "bit_report", "bops_costs", "budget_between", "calibrate",
     "distill_data", "export_onnx",
     "export_program", "fold_batchnorm", "kl_divergences", "layer_costs", "layer_sensitivity", "layer_stats",
