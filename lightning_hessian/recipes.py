@@ -767,7 +767,7 @@ def _export_integer(cfg: DictConfig, hawq: Any, datamodule: pl.LightningDataModu
     example = next(iter(loader))[0] if loader is not None else hawq.distilled_batches()[0][0].cpu()
     fold_batchnorm(net, example)
     try:
-        integer = to_integer_model(net, example)
+        integer = to_integer_model(net, example, float_ops=cfg.export.get("float_ops", False))
     except ValueError as err:
         raise ConfigError(f"export: {err} (or set export.format=none)") from err
     correct = total = 0
