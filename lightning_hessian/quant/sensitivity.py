@@ -588,6 +588,13 @@ def subsample_top_eigenvalues(
     """
     batches, source = _as_batches(data)
     batches = list(source) if batches is None else batches
+    if dist.is_available() and dist.is_initialized():  # every rank must join every subsample's products
+        counts = torch.tensor([len(batches), -len(batches)], device=next(iter(weights.values())).device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        if int(counts[0]) != -int(counts[1]):
+            raise ValueError(f"metric='qbert': the ranks hold {-int(counts[1])} to {int(counts[0])} probe batches, but "
+                             "subsample s is every rank's s-th batch: give each rank as many (probe_size a multiple of "
+                             "probe_batch_size x world size)")
     blocks = {name: [w] for name, w in weights.items()}
     out: dict[str, list[float]] = {name: [] for name in weights}
     converged, hvps = True, 0
