@@ -73,5 +73,5 @@ def test_transformer_hawq_trains_40_epochs_and_fine_tunes_3(tmp_path, data_dir):
     quantize = compose_config("quantize", ["experiment=transformer_hawq"], tmp_path, data_dir)
     OmegaConf.resolve(quantize)
     assert (train.trainer.max_epochs, quantize.trainer.max_epochs) == (40, 3)
-    assert quantize.hawq.metric == "qbert" and quantize.hawq.groups == {"rows": 4} and quantize.export.float_ops
+    assert quantize.hawq.metric == "qbert" and quantize.hawq.groups == {"rows": 2} and quantize.export.float_ops
     assert train.model.net._target_.endswith("MNIST1DTransformer")

@@ -123,3 +123,24 @@ def test_group_wise_linear_and_embedding_export_bit_exact(bits, tmp_path):
     torch.testing.assert_close(deployed, fake, rtol=0, atol=1e-5 * float(fake.abs().max()))
     path = export_onnx(integer, tokens, tmp_path / "tokens.onnx")
     assert torch.equal(_ort(path, tokens), deployed)
+
+
+@pytest.mark.slow
+def test_transformer_hawq_recipe_trains_quantizes_and_exports(tmp_path, data_dir):
+    import json
+
+    from lightning_hessian import recipes
+    from tests.conftest import compose_config
+
+    small = ["experiment=transformer_hawq", "data.num_train=400", "data.num_test=100", "data.batch_size=50"]
+    train_dir, out = tmp_path / "train", tmp_path / "quantize"
+    net = ["model.net.dim=8", "model.net.heads=2", "model.net.layers=1", "model.net.mlp=16"]
+    recipes.train(compose_config("train", [*small, *net, "trainer.max_epochs=2", "test=false"], train_dir, data_dir))
+    overrides = [*small, *net, f"ckpt_path={train_dir}/checkpoints/last.ckpt", "hawq.probe_size=100",
+                 "hawq.probe_batch_size=25", "trainer.max_epochs=1", f"hawq.cache_dir={tmp_path}/cache"]
+    report = recipes.quantize(compose_config("quantize", overrides, out, data_dir))
+    assert len(report["weight_bits"]) == 9 and set(report["weight_bits"].values()) <= {2, 4, 8}
+    assert "net.encoder.layers.0.self_attn.q_proj" in report["weight_bits"]
+    assert json.loads((out / "quantize_report.json").read_text())["weight_groups"]["net.head"] == "groups of 2 rows"
+    assert (out / "model_int.onnx").exists()
+    assert report["integer"]["test/acc"] == pytest.approx(report["quantized"]["test/acc"], abs=0.02)
