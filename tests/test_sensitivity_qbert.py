@@ -4,6 +4,7 @@ tiny transformer (d=8, 2 heads); group-wise perturbations."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lightning_hessian.hessian import Batches
 from lightning_hessian.models.transformer import MNIST1DTransformer
@@ -42,3 +43,11 @@ def test_qbert_sensitivity_equals_dense_per_layer_eigenvalues_of_a_tiny_transfor
     with pytest.raises(ValueError, match="pass unpack_attention"):
         layer_sensitivity(MNIST1DTransformer(length=8, patch=2, dim=8, heads=2, layers=1), _loss, batches[0])
     assert "encoder.layers.0.self_attn.out_proj" in quantizable_layers(model)
+
+
+def test_quadratic_act_prices_no_rounding_of_an_embeddings_indices():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 4), nn.Flatten(), nn.Linear(12, 3)).double()
+    tokens, y = torch.randint(6, (8, 3)), torch.randint(3, (8,))
+    s = layer_sensitivity(model, _loss, (tokens, y), None, (4, 8), metrics=["quadratic+act"])
+    assert s.act_quadratic["0"] == {4: 0.0, 8: 0.0} and s.act_quadratic["2"][4] != 0.0

@@ -114,6 +114,7 @@ def test_group_wise_linear_and_embedding_export_bit_exact(bits, tmp_path):
     qmodel, report = quantize_model(TokenNet(), bits, groups={"embedding": {"columns": 4}, "a": {"columns": 4},
                                                               "b": {"rows": 3}})
     assert set(report.groups) == {"embedding", "a", "b"} and not report.float_layers
+    assert report.embeddings == ["embedding"] and set(report.layer_act_bits) == {"a", "b"}
     calibrate(qmodel, [tokens])
     qmodel.eval()
     integer = to_integer_model(qmodel, tokens)

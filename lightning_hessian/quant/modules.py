@@ -375,7 +375,7 @@ class QuantizationReport:
     """What ``quantize_model`` did: per-layer weight bits, and everything that stays in float.
 
     ``act_bits`` is the argument (an int or ``"follow"``); ``layer_act_bits`` the input activation bits
-    each quantized layer got.
+    each quantized layer got (embeddings, which read indices, have none: ``embeddings``).
     """
 
     weight_bits: dict[str, int]
@@ -385,10 +385,12 @@ class QuantizationReport:
     float_ops: dict[str, str] = field(default_factory=dict)  # activations, other weightless modules, functional ops
     batchnorms: list[str] = field(default_factory=list)  # fold with fold_batchnorm before deployment
     fx_error: str | None = None  # why the torch.fx scan for functional ops could not run
+    embeddings: list[str] = field(default_factory=list)  # quantized embeddings: no input quantizer
 
     @property
     def layer_act_bits(self) -> dict[str, int]:
-        return {name: b if self.act_bits == FOLLOW else self.act_bits for name, b in self.weight_bits.items()}
+        return {name: b if self.act_bits == FOLLOW else self.act_bits for name, b in self.weight_bits.items()
+                if name not in self.embeddings}
 
     def __str__(self) -> str:
         lines = ["| layer | weight bits | scales | input activation bits |", "|---|---|---|---|"]
@@ -522,7 +524,8 @@ def quantize_model(
     report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits, groups=layer_groups,
                                 float_layers=float_layers, float_ops={**float_ops, **functional},
                                 batchnorms=[n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)],
-                                fx_error=fx_error)
+                                fx_error=fx_error,
+                                embeddings=[n for n in weight_bits if isinstance(modules[n], nn.Embedding)])
     left = {**report.float_layers, **report.float_ops}
     if left:
         listed = "; ".join(f"{n} ({why})" for n, why in left.items())

@@ -558,8 +558,10 @@ def _measure(
                                       groups)
     if "quadratic+act" in metrics:
         modules = dict(model.named_modules())
-        out["act_quadratic"] = activation_quadratic_forms(op, {name: modules[name] for name in weights}, bits,
-                                                          act_momentum)
+        read = {name: modules[name] for name in weights if not isinstance(modules[name], nn.Embedding)}
+        forms = activation_quadratic_forms(op, read, bits, act_momentum) if read else {}
+        # an embedding reads indices, which are not rounded: its activation part is 0
+        out["act_quadratic"] = {name: forms.get(name, dict.fromkeys(bits, 0.0)) for name in weights}
     if "kl" in metrics:
         modules = dict(model.named_modules())
         out["kl"] = kl_divergences(op, {name: modules[name] for name in weights}, bits, groups)
