@@ -704,6 +704,7 @@ def quantize(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt),
         "weight_bits": hawq.weight_bits,
         "act_bits": hawq.act_bits,
+        "weight_groups": {name: str(g) for name, g in hawq.weight_groups.items()},  # the others per channel
         "budgets": OmegaConf.to_container(cfg.hawq.budgets) if cfg.hawq.budgets is not None else None,
         "calibration": hawq.calibration,
         "float": {k: float(v) for k, v in float_metrics.items()},
@@ -767,7 +768,7 @@ def _export_integer(cfg: DictConfig, hawq: Any, datamodule: pl.LightningDataModu
     example = next(iter(loader))[0] if loader is not None else hawq.distilled_batches()[0][0].cpu()
     fold_batchnorm(net, example)
     try:
-        integer = to_integer_model(net, example)
+        integer = to_integer_model(net, example, float_ops=cfg.export.get("float_ops", False))
     except ValueError as err:
         raise ConfigError(f"export: {err} (or set export.format=none)") from err
     correct = total = 0
@@ -782,12 +783,19 @@ def _export_integer(cfg: DictConfig, hawq: Any, datamodule: pl.LightningDataModu
             "packed_size_kb": integer.packed_size_bytes() / 1024}
 
 
+def _groups_line(groups: dict[str, str]) -> str:
+    """``groups of 4 rows (12 layers), others per-channel`` or ``per-channel``."""
+    kinds = sorted(set(groups.values()))
+    listed = ", ".join(f"{k} ({sum(v == k for v in groups.values())} layers)" for k in kinds)
+    return f"{listed}, others per-channel" if kinds else "per-channel"
+
+
 def _quantize_markdown(report: dict[str, Any], bit_table: str) -> str:
     rows = [("float", report["float"]), ("quantized (simulated)", report["quantized"])]
     if "integer" in report:
         rows.append(("integer-only", report["integer"]))
     lines = ["# HAWQ quantization", "", f"Checkpoint: `{report['checkpoint']}`; budgets: {report['budgets']}; "
-             f"calibration: {report['calibration']}", "",
+             f"calibration: {report['calibration']}; weight scales: {_groups_line(report['weight_groups'])}", "",
              "| model | test acc | size KB |", "| --- | --- | --- |"]
     sizes = {"float": report["size_kb"]["float"], "quantized (simulated)": report["size_kb"]["quantized"],
              "integer-only": report.get("integer", {}).get("packed_size_kb")}

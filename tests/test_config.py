@@ -67,3 +67,13 @@ def test_absa_without_the_adaptive_callback_composes(tmp_path, data_dir):
     OmegaConf.resolve(cfg)
     assert set(cfg.callbacks) == {"model_checkpoint", "last_checkpoint", "hessian_spectrum", "adversarial_augment"}
     assert instantiate(cfg.callbacks.adversarial_augment).fraction == 0.2
+
+
+def test_transformer_hawq_trains_40_epochs_and_fine_tunes_3(tmp_path, data_dir):
+    train = compose_config("train", ["experiment=transformer_hawq"], tmp_path, data_dir)
+    OmegaConf.resolve(train)
+    quantize = compose_config("quantize", ["experiment=transformer_hawq"], tmp_path, data_dir)
+    OmegaConf.resolve(quantize)
+    assert (train.trainer.max_epochs, quantize.trainer.max_epochs) == (40, 3)
+    assert quantize.hawq.metric == "qbert" and quantize.hawq.groups == {"rows": 2} and quantize.export.float_ops
+    assert train.model.net._target_.endswith("MNIST1DTransformer")

@@ -14,7 +14,7 @@ CORE = [
     "lightning_hessian.quant.distill", "lightning_hessian.quant.report", "lightning_hessian.optim.adahessian",
     "lightning_hessian.optim.kfac", "lightning_hessian.models.mnist1d", "lightning_hessian.models.resnet",
     "lightning_hessian.landscape", "lightning_hessian.checks", "lightning_hessian.modes",
-    "lightning_hessian.distributed",
+    "lightning_hessian.distributed", "lightning_hessian.quant.attention", "lightning_hessian.models.transformer",
 ]
 LAZY_PACKAGES = ["lightning_hessian", "lightning_hessian.quant", "lightning_hessian.optim", "lightning_hessian.models"]
 

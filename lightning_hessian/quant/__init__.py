@@ -9,6 +9,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "InfeasibleBudgetError", "NotProvenOptimalWarning", "ParetoPoint", "allocate_bits", "allocation_total",
         "pareto_frontier",
     ],
+    "lightning_hessian.quant.attention": ["MultiheadAttention", "TransformerEncoderLayer", "unpack_attention"],
     "lightning_hessian.quant.costs": [
         "LayerStats", "bops_costs", "budget_between", "layer_costs", "layer_stats", "model_bops", "model_size",
         "size_costs",
@@ -18,16 +19,17 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "lightning_hessian.quant.hawq": ["HAWQModule"],
     "lightning_hessian.quant.integer": ["IntegerModel", "to_integer_model"],
     "lightning_hessian.quant.modules": [
-        "QuantAct", "QuantAdaptiveAvgPool", "QuantConv1d", "QuantConv2d", "QuantizationReport", "QuantLinear",
-        "QuantResidualAdd", "calibrate", "fold_batchnorm", "quantizable_layers", "quantize_model",
+        "QuantAct", "QuantAdaptiveAvgPool", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantizationReport",
+        "QuantLinear", "QuantResidualAdd", "calibrate", "fold_batchnorm", "quantizable_layers", "quantize_model",
+        "resolve_groups",
     ],
     "lightning_hessian.quant.quantizers": [
-        "FOLLOW", "ActivationQuantizer", "quantize_weight", "requantize", "requantize_sum", "validate_act_bits",
-        "validate_bits",
+        "FOLLOW", "ActivationQuantizer", "WeightGroups", "quantize_weight", "requantize", "requantize_sum",
+        "validate_act_bits", "validate_bits",
     ],
     "lightning_hessian.quant.report": ["BitReport", "LayerRow", "bit_report"],
     "lightning_hessian.quant.sensitivity": [
         "Sensitivity", "activation_quadratic_forms", "activation_ranges", "kl_divergences", "layer_sensitivity",
-        "quadratic_forms", "weight_perturbation",
+        "quadratic_forms", "subsample_top_eigenvalues", "weight_perturbation",
     ],
 })

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lightning_hessian.modes import training_mode
-from lightning_hessian.quant.modules import quantizable_layers
+from lightning_hessian.quant.modules import quantizable_layers, require_unpacked
 from lightning_hessian.quant.quantizers import MIN_BITS, validate_bit_choices, validate_bits
 
 FLOAT_BITS = 32
@@ -54,10 +54,11 @@ def layer_stats(
             loss) or with dict batches; ``example_input`` is then whatever it takes.
 
     MACs count the weight multiplications (``output elements x in_channels / groups x kernel size``
-    for convolutions, ``output elements x in_features`` for linear layers), summed over every call
-    of the layer and divided by the batch size. The model's train/eval modes and buffers are left as
+    for convolutions, ``output elements x in_features`` for linear layers, 0 for an embedding's gather), summed
+    over every call of the layer and divided by the batch size. The model's train/eval modes and buffers are left as
     they were (the pass runs in eval mode without gradients).
     """
+    require_unpacked(model, "layer_stats")
     modules = dict(model.named_modules())
     found = {name: modules[name] for name in quantizable_layers(model)}
     if not found:
@@ -75,10 +76,14 @@ def layer_stats(
         found = {name: found[name] for name in layers}
     batch = _batch_size(example_input)
     totals = dict.fromkeys(found, 0)
+    called: set[str] = set()
 
     def hook(name: str):
         def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if isinstance(module, nn.Linear):
+            called.add(name)
+            if isinstance(module, nn.Embedding):  # a gather: no multiplication
+                per_output = 0
+            elif isinstance(module, nn.Linear):
                 per_output = module.in_features
             else:
                 per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
@@ -100,7 +105,7 @@ def layer_stats(
     finally:
         for handle in handles:
             handle.remove()
-    unused = [name for name, total in totals.items() if total == 0]
+    unused = [name for name in totals if name not in called]
     if unused:
         warnings.warn(
             f"layers {unused} did not run in the forward pass of example_input; their MACs are 0", stacklevel=2
@@ -109,7 +114,7 @@ def layer_stats(
         name: LayerStats(
             type(module).__name__,
             module.weight.numel(),
-            module.bias.numel() if module.bias is not None else 0,
+            module.bias.numel() if getattr(module, "bias", None) is not None else 0,
             totals[name] // batch,
         )
         for name, module in found.items()

@@ -52,10 +52,11 @@ from lightning_hessian.hessian import Batches
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
 from lightning_hessian.modes import training_mode
 from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits, pareto_frontier
+from lightning_hessian.quant.attention import unpack_attention
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
 from lightning_hessian.quant.distill import batchnorm_layers, distill_data
 from lightning_hessian.quant.modules import calibrate as calibrate_ranges
-from lightning_hessian.quant.modules import quantizable_layers, quantize_model
+from lightning_hessian.quant.modules import quantizable_layers, quantize_model, resolve_groups
 from lightning_hessian.quant.quantizers import (
     FOLLOW,
     ActivationQuantizer,
@@ -120,15 +121,21 @@ class _HAWQ:
         calibration: str = "data",
         input_shape: Sequence[int] | None = None,
         distill: Mapping[str, Any] | None = None,
+        groups: Any = None,
     ):
         super().__init__()
-        module = _load_module(module, module_class)
+        module = unpack_attention(_load_module(module, module_class))  # a copy if it holds nn.MultiheadAttention
         self.layers = quantizable_layers(module)
         if not self.layers:
             raise ValueError(
-                f"module {type(module).__name__} has no quantizable layer (nn.Conv1d, nn.Conv2d or nn.Linear): "
-                "nothing to quantize"
+                f"module {type(module).__name__} has no quantizable layer (nn.Conv1d, nn.Conv2d, nn.Linear or "
+                "nn.Embedding): nothing to quantize"
             )
+        self.weight_groups, per_channel = resolve_groups(
+            groups, {name: module.get_submodule(name).weight for name in self.layers})
+        if per_channel:
+            rank_zero_warn(f"HAWQModule: groups={groups!r} does not tile {sorted(per_channel)}, which keep per-channel "
+                           "scales")
         if bits is not None and budgets is not None:
             raise ValueError("pass either bits= (a fixed configuration) or budgets= (a plan), not both")
         self.fixed_bits = None if bits is None else self._check_bits(bits)
@@ -176,6 +183,7 @@ class _HAWQ:
             "probe_batch_size": probe_batch_size, "seed": seed, "trace_rel_tol": trace_rel_tol,
             "max_samples": max_samples, "momentum": momentum, "distill_weight": self.distill_weight,
             "temperature": self.temperature, "solver": solver,
+            "groups": {name: {"rows": g.rows, "columns": g.columns} for name, g in self.weight_groups.items()},
         })
         self.module = module
         for hook in _DELEGATED_HOOKS:  # the wrapped module's own hooks, unless a subclass of this one has its own
@@ -237,8 +245,11 @@ class _HAWQ:
             self.sensitivity = layer_sensitivity(
                 model, loss, batches, self.layers, self.bit_choices, metrics=(self.metric,),
                 rel_tol=self.trace_rel_tol, max_samples=self.max_samples, act_momentum=self.momentum, seed=self.seed,
-                cache_dir=self.cache_dir,
+                cache_dir=self.cache_dir, groups=self.weight_groups,
             )
+        if self.metric == "qbert" and len(batches) < 2:
+            rank_zero_warn("HAWQModule: metric='qbert' takes the spread of each layer's top eigenvalue over the probe "
+                           f"batches, but there is {len(batches)}: its std is 0; pass probe_batch_size < probe_size")
         omega = self.sensitivity.omega(self.metric)
         if all(value == 0 for table in omega.values() for value in table.values()):
             raise ValueError(f"HAWQModule: every layer's Hessian sensitivity ({self.metric}) is 0 on the probe set: "
@@ -308,7 +319,8 @@ class _HAWQ:
         # isolate_rng: initialising the quantized layers must not shift the training RNG stream
         with warnings.catch_warnings(), isolate_rng():
             warnings.filterwarnings("ignore", message="quantize_model: ")  # reported below, once (rank 0)
-            qmodule, report = quantize_model(self.float_module, bits, self.act_bits, self.momentum, ignore=(Metric,))
+            qmodule, report = quantize_model(self.float_module, bits, self.act_bits, self.momentum, ignore=(Metric,),
+                                             groups=self._groups_of(bits))
         if report.float_layers:  # layers with weights only: activations in float are expected in fake quantization
             listed = "; ".join(f"{n} ({why})" for n, why in report.float_layers.items())
             rank_zero_warn(f"HAWQModule: {len(report.float_layers)} layer(s) with weights left in float: {listed}")
@@ -321,6 +333,11 @@ class _HAWQ:
         codes.append(_FOLLOW_CODE if self.act_bits == FOLLOW else self.act_bits)
         self.hawq_bits.copy_(torch.tensor(codes, dtype=torch.int64))
         return qmodule
+
+    def _groups_of(self, bits: int | Mapping[str, int]) -> dict[str, Any] | None:
+        """The group-wise layers among those ``bits`` quantizes."""
+        groups = {name: g for name, g in self.weight_groups.items() if not isinstance(bits, Mapping) or name in bits}
+        return groups or None
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load a HAWQModule state dict, first re-quantizing to the bits it was saved with."""
@@ -738,7 +755,8 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
         ties: groups of layer names that must share a bit width (e.g. a residual block's shortcut conv
             and the conv it is added to).
         metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
-            eigenvalue in place of the average trace), ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
+            eigenvalue in place of the average trace), ``"qbert"`` (Q-BERT: ``|mean| + std`` of the top eigenvalue
+            over the probe batches in place of the average trace), ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
             Hessian-vector product per layer and bit width) or, with ``act_bits="follow"``, ``"quadratic+act"``
             (plus ``dA_i^T H_A dA_i`` of the layer's input activations rounded at the same bits), ``"kfac"``
             (``dW_i^T (G_i (x) A_i) dW_i`` on K-FAC's Gauss-Newton block: no Hessian-vector product), or ``"kl"``
@@ -775,6 +793,16 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
             ``example_input``.
         distill: further keyword arguments of ``distill_data`` (``batch_size``, ``max_steps``, ``lr``, ``tol``,
             ``patience``, ``input_prior``, ``progress``).
+        groups: which weights share a scale (:func:`~lightning_hessian.quant.modules.resolve_groups`): ``None``
+            per output channel; ``{"columns": 32}`` (groups of input columns, int4 practice), ``{"rows": 4}``
+            (Q-BERT's groups of output rows), ``"tensor"``, or ``{layer: spec}``; one spec applies to every layer
+            it tiles (the others stay per-channel, with a warning). The sensitivities round with the same groups.
+            A checkpoint keeps the bits, not the groups: pass the same ``groups`` to the module that loads it.
+
+    A module holding ``nn.MultiheadAttention`` (or ``nn.TransformerEncoderLayer``) is wrapped as a copy in which
+    every attention's projections are ``nn.Linear`` layers (``lightning_hessian.quant.attention.unpack_attention``:
+    the same function), named ``<attention>.q_proj``, ``.k_proj``, ``.v_proj`` and ``.out_proj``: ``float_module``
+    is that copy, and the module passed in is not trained.
 
     Training, validation and test steps are the wrapped module's, and so are the hooks it overrides (its
     dataloaders, batch-transfer hooks, epoch and batch hooks: ``_DELEGATED_HOOKS``), so its metrics are logged

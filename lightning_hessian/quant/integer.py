@@ -7,11 +7,28 @@ onnxruntime computes, bit for bit:
 - ``QuantizeStep``: the float input to codes (``QuantizeLinear``);
 - ``ConvStep`` / ``LinearStep``: int8 weight codes times int8 input codes summed in int32 (``torch._int_mm``
   over an im2col view), plus an int32 bias, then the requantization of one reader ``QuantAct``
-  (``QLinearConv``, ``QGemm``) or, for the model output, the float32 dequantization;
+  (``QLinearConv``, ``QGemm``) or, for the model output, the float32 dequantization; weight scales per output
+  channel, or per group of output rows (Q-BERT's groups: each row takes its group's scale);
+- ``GroupLinearStep``: a linear layer with scales per group of input columns (int4 practice), which no int8
+  kernel takes: one int32 GEMM per column group (``QGemm`` with a float output, its bias in the group holding the
+  row's largest scale), the partial results dequantized by ``s_in * s_group`` and summed in float32 in group
+  order, then rounded onto the reader's grid (``QuantizeLinear``). Exact against onnxruntime, but not integer-only:
+  a float32 sum of as many terms as groups per output;
+- ``EmbeddingStep``: int8 codes gathered by index and multiplied by their float32 scales (``Gather``, ``Mul``): a
+  float entry into the graph, like the model input's;
 - ``AddStep``: a residual sum of two codes requantized for one reader (``QLinearAdd``);
 - ``PoolStep``: an integer window sum whose ``1/window`` rides in the reader's requantization;
 - ``RequantStep``: codes to another quantizer's codes (a ``QuantAct`` reading a ``QuantAct``);
 - ``ReluStep``, ``ReshapeStep``, ``PermuteStep``, ``DequantizeStep``: ReLU and data movement, and the exit.
+
+Float islands (``to_integer_model(..., float_ops=True)``): the transformer ops that have no integer kernel run in
+float32 between quantized layers, each one step: ``LayerNormStep`` (``F.layer_norm``: ``LayerNormalization``),
+``GeluStep`` (``F.gelu``: ``Gelu``), ``AttentionStep`` (``F.scaled_dot_product_attention``: ``MatMul``, scale,
+``Softmax``, ``MatMul``) and ``FloatAddStep`` (a float ``+``, e.g. a residual connection without quantizers: ``Add``).
+Their inputs are dequantized (``DequantizeStep``, or a layer's float output) and their outputs quantized again by
+the next ``QuantAct`` (``QuantizeLinear``). onnxruntime's float kernels for them do not round as torch's do (sums
+in another order, another ``exp``), so such a model equals its export up to float32 rounding inside the islands,
+not bit for bit; without ``float_ops`` these ops are an error naming them.
 
 The arithmetic is ``quantizers.requantize`` / ``requantize_sum``: float32 multiplies rounded half to even,
 as onnxruntime's kernels do on x86-64 (the quantization-aware training rounds at the same places). Every
@@ -21,7 +38,8 @@ distinct reader.
 
 ``to_integer_model`` runs the model once on an example input (eval mode) to record which module reads
 which tensor: it works on any model whose forward code only reshapes, permutes, drops out and applies ReLU
-between quantized modules; anything else is reported with a clear error. The torch model is the
+between quantized modules (and, with ``float_ops=True``, the float islands above); anything else is reported
+with a clear error. The torch model is the
 reference of what is deployed (tests check it against onnxruntime), what ``export_program`` saves, and
 what the recipes evaluate; it is not the fast path (two to three times slower than float torch on CPU):
 the exported ONNX model is (``benchmarks/results/integer_latency.md``).
@@ -30,6 +48,7 @@ the exported ONNX model is (``benchmarks/results/integer_latency.md``).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -42,11 +61,13 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_hessian.quant.modules import (
     _BATCHNORMS,
+    FLOAT_MODULES,
     IDENTITY_OPS,
     RELU_OPS,
     RESHAPE_OPS,
     TRANSPOSE_OPS,
     QuantAdaptiveAvgPool,
+    QuantEmbedding,
     QuantResidualAdd,
     _float_leftovers,
     _QuantConv,
@@ -198,6 +219,121 @@ class ConvStep(_GemmStep):
         return self._output(acc).contiguous()
 
 
+class GroupLinearStep(_Step):
+    """A quantized ``Linear`` with weight scales per group of input columns, over the last dimension of its input.
+
+    Per column group ``g``: the int8 GEMM of that group's input and weight codes into int32, plus the row's int32 bias
+    in the group whose scale is the row's largest (``bias`` codes are on that grid, ``s_in * max_g s_{row,g}``), then
+    ``float32(acc_g) * float32(s_in * s_{row,g})`` (``QGemm`` with a float output); the groups' results summed in
+    float32 in group order, then ``QuantizeLinear`` onto ``out_q``'s grid (``None``: the float sum is the output).
+    """
+
+    def __init__(self, name: str, layer: _QuantLayer, in_q: QParams, out_q: QParams | None):
+        super().__init__()
+        codes, bias, scales = layer.integer_params()
+        out, k = codes.shape
+        groups = scales.shape[1]
+        width = k // groups
+        self.name, self.in_q, self.out_q, self.weight_bits = name, in_q, out_q, layer.weight_bits
+        self.groups, self.width = groups, width
+        self.offset = _INT8_OFFSET if in_q.qmax > 127 else 0
+        bias = torch.zeros(out, dtype=torch.long) if bias is None else bias
+        blocks = codes.view(out, groups, width)
+        home = scales.argmax(dim=1)  # the first group holding the row's largest scale: the bias grid
+        group_bias = torch.where(home == torch.arange(groups).view(-1, 1), bias, 0)  # (groups, out)
+        bound = 255 * blocks.abs().sum(2).t() + group_bias.abs() + 128 * blocks.sum(2).t().abs()
+        if bool((bound > INT32_MAX).any()):
+            raise ValueError(f"layer {name!r}: a column group's int32 accumulator may overflow (|weight codes| x "
+                             f"largest input code + |bias code| reaches {int(bound.max())} > 2^31 - 1)")
+        self.register_buffer("weight", codes.to(torch.int8))
+        self.register_buffer("bias", group_bias.int())  # per group: the bias where the row's largest scale is
+        self.register_buffer("weight_scale", scales.float())  # (out, groups)
+        self.register_buffer("acc_scale", in_q.tensor() * scales.float().t().contiguous(), persistent=False)
+        self.register_buffer("matrix", blocks.permute(1, 2, 0).contiguous().to(torch.int8), persistent=False)
+        self.register_buffer("gemm_bias", (group_bias + self.offset * blocks.sum(2).t()).int(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = (x - self.offset).to(torch.int8).reshape(-1, self.groups, self.width)
+        total = None
+        for g in range(self.groups):
+            acc = torch._int_mm(rows[:, g].contiguous(), self.matrix[g]).add_(self.gemm_bias[g])
+            part = dequantize(acc, self.acc_scale[g])
+            total = part if total is None else total.add_(part)
+        y = total.view(*x.shape[:-1], -1)
+        return y if self.out_q is None else quantize_input(y, self.out_q.tensor(), self.out_q.qmin, self.out_q.qmax)
+
+
+class EmbeddingStep(_Step):
+    """A quantized ``Embedding``: int8 codes gathered by index times their float32 scales, a float output.
+
+    The indices are the step's input, or ``indices`` (constant: e.g. positions ``arange(L)``) with no input."""
+
+    def __init__(self, layer: QuantEmbedding, indices: Tensor | None = None):
+        super().__init__()
+        codes, scales = layer.weight_codes()
+        self.weight_bits = layer.weight_bits
+        self.register_buffer("weight", codes.to(torch.int8))
+        self.register_buffer("weight_scale", (scales if scales.dim() == 2 else scales.view(-1, 1)).contiguous())
+        self.register_buffer("indices", None if indices is None else indices.detach().clone())
+
+    def forward(self, indices: Tensor | None = None) -> Tensor:
+        indices = self.indices if indices is None else indices
+        groups = self.weight_scale.shape[1]
+        codes = self.weight[indices].float().unflatten(-1, (groups, -1))
+        return (codes * self.weight_scale[indices].unsqueeze(-1)).flatten(-2)
+
+
+class LayerNormStep(_Step):
+    """Float island: ``F.layer_norm`` in float32 (``LayerNormalization``)."""
+
+    def __init__(self, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float):
+        super().__init__()
+        self.normalized_shape, self.eps = tuple(normalized_shape), float(eps)
+        self.register_buffer("weight", None if weight is None else weight.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GeluStep(_Step):
+    """Float island: ``F.gelu`` (``Gelu``, opset 20)."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x, approximate=self.approximate)
+
+
+class AttentionStep(_Step):
+    """Float island: ``F.scaled_dot_product_attention`` of float ``q``, ``k``, ``v`` with a constant additive mask
+    (or none), causal or not (``MatMul``, scale, ``Softmax``, ``MatMul``)."""
+
+    def __init__(self, scale: float, mask: Tensor | None, is_causal: bool):
+        super().__init__()
+        self.scale, self.is_causal = float(scale), bool(is_causal)
+        self.register_buffer("mask", None if mask is None else mask.detach().clone())
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.is_causal, scale=self.scale)
+
+
+class FloatAddStep(_Step):
+    """Float island: ``a + b`` in float32, ``b`` a value or the constant ``other`` (``Add``)."""
+
+    def __init__(self, other: Tensor | None = None):
+        super().__init__()
+        self.register_buffer("other", None if other is None else other.detach().float().clone())
+
+    def forward(self, a: Tensor, b: Tensor | None = None) -> Tensor:
+        return a + (self.other if b is None else b)
+
+
+FLOAT_STEPS = (LayerNormStep, GeluStep, AttentionStep, FloatAddStep)
+
+
 class AddStep(_Step):
     """A residual sum of two codes, requantized for one reader as ``QLinearAdd`` does."""
 
@@ -291,13 +427,24 @@ class IntegerModel(nn.Module):
             values.append(step(*(values[i] for i in inputs)))
         return values[self.output]
 
+    @property
+    def float_islands(self) -> list[str]:
+        """The float island steps (``float_ops=True``), by type: empty for an integer-only model."""
+        return [type(step).__name__ for step in self.steps if isinstance(step, FLOAT_STEPS)]
+
     def packed_size_bytes(self) -> int:
-        """Deployed size: weights at their bit width, int32 biases, float32 weight and activation scales."""
+        """Deployed size: weights at their bit width, int32 biases, float32 weight scales (one per channel or
+        group), activation scales and float island parameters."""
         bits, seen = 0, set()
         for step in self.steps:
-            if isinstance(step, _GemmStep) and step.weight.data_ptr() not in seen:
-                seen.add(step.weight.data_ptr())
-                bits += step.weight.numel() * step.weight_bits + 32 * (step.bias.numel() + step.weight_scale.numel())
+            weight = getattr(step, "weight", None)
+            if isinstance(step, (_GemmStep, GroupLinearStep, EmbeddingStep)) and weight.data_ptr() not in seen:
+                seen.add(weight.data_ptr())
+                bias = getattr(step, "bias", None)
+                biases = bias.shape[1] if isinstance(step, GroupLinearStep) else 0 if bias is None else bias.numel()
+                bits += weight.numel() * step.weight_bits + 32 * (step.weight_scale.numel() + biases)
+            elif isinstance(step, FLOAT_STEPS):
+                bits += 32 * sum(b.numel() for b in step.buffers())
         scales = {q for step in self.steps for q in (getattr(step, "in_q", None), step.out_q) if q is not None}
         return (bits + 32 * len(scales) + 7) // 8
 
@@ -352,15 +499,21 @@ class _Builder:
             self.cache[key] = _Codes(len(self.steps), q)
         return self.cache[key]
 
-    def produce(self, p: _Pending, q: QParams | None) -> _Codes:
-        """The step computing ``p`` requantized for ``q`` (``None``: float output), then its forward ops."""
+    def produce(self, p: _Pending, q: QParams | None, float_ops: bool = False) -> _Codes:
+        """The step computing ``p`` requantized for ``q`` (``None``: float output), then its forward ops; a residual
+        sum read in float (``float_ops``) is its two inputs dequantized and added in float32."""
         slots, key = tuple(c.index for c in p.inputs), (p.call, q)
         if p.kind == "layer":
-            cls = ConvStep if isinstance(p.module, _QuantConv) else LinearStep
+            groups = p.module.weight_groups.columns is not None
+            cls = ConvStep if isinstance(p.module, _QuantConv) else GroupLinearStep if groups else LinearStep
             value = self.emit(key, lambda: cls(p.name, p.module, p.inputs[0].q, q), slots, q)
+        elif q is None and p.kind == "add" and float_ops:
+            a, b = (self.dequantized(c) for c in p.inputs)
+            value = self.emit(key, FloatAddStep, (a.index, b.index), None)
         elif q is None:
-            raise ValueError(f"the model output comes from {p.name!r}, whose sum has no quantizer to round it: end "
-                             "the model with a conv or linear layer")
+            reader = "a float op reads" if float_ops else "the model output comes from"
+            raise ValueError(f"{reader} {p.name!r}, whose sum has no quantizer to round it: end the model with a "
+                             "conv or linear layer")
         elif p.kind == "add":
             value = self.emit(key, lambda: AddStep(p.name, p.inputs[0].q, p.inputs[1].q, q), slots, q)
         else:
@@ -368,6 +521,12 @@ class _Builder:
         for op in p.ops:
             value = self.apply(op, value)
         return value
+
+    def dequantized(self, value: _Codes) -> _Codes:
+        """``value`` as float32 (``DequantizeStep`` of codes)."""
+        if value.q is None:
+            return value
+        return self.emit(("dequantize", value.index), partial(DequantizeStep, value.q), (value.index,), None)
 
     def apply(self, op: tuple, value: _Codes) -> _Codes:
         """ReLU or data movement on codes (or floats); ReLU is implied on unsigned codes."""
@@ -400,6 +559,9 @@ def _op_of(func, args: tuple, kwargs: dict, x: Tensor, out: Tensor) -> tuple | N
     return None
 
 
+_RECORDED = (ActivationQuantizer, _QuantLayer, QuantEmbedding, QuantResidualAdd, QuantAdaptiveAvgPool)
+
+
 class _Recorder(TorchFunctionMode):
     """Records the quantized modules' calls (hooks) and the torch functions the forward code applies
     outside them, in order; holds every traced tensor so their ids stay unique."""
@@ -411,7 +573,7 @@ class _Recorder(TorchFunctionMode):
         self.handles = []
         self.act_outputs: dict[int, Tensor] = {}
         for m in model.modules():
-            if isinstance(m, (ActivationQuantizer, _QuantLayer, QuantResidualAdd, QuantAdaptiveAvgPool)):
+            if isinstance(m, _RECORDED):
                 self.handles += [m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._leave)]
 
     def _enter(self, module, args):
@@ -424,6 +586,8 @@ class _Recorder(TorchFunctionMode):
             self.events.append(("act", module, args[0], out))
         elif isinstance(module, _QuantLayer):
             self.events.append(("layer", module, self.act_outputs[id(module.act)], out))
+        elif isinstance(module, QuantEmbedding):
+            self.events.append(("embedding", module, args[0], out))
         elif isinstance(module, QuantResidualAdd):
             ins = (self.act_outputs[id(module.act_a)], self.act_outputs[id(module.act_b)])
             self.events.append(("add", module, ins, out))
@@ -442,15 +606,51 @@ class _Recorder(TorchFunctionMode):
             h.remove()
 
 
-def _check_convertible(model: nn.Module) -> None:
+_ADD_OPS = {Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add}
+_ISLAND_HINT = "to_integer_model(..., float_ops=True) keeps it as a float island"
+
+
+def _island(func, args: tuple, kwargs: dict, traced: dict) -> tuple[Any, list[Tensor]] | str | None:
+    """A float island op: ``(step factory, its traced tensor inputs)``; a string saying why this call of it cannot be
+    one; ``None`` for any other op."""
+    if func is F.layer_norm:
+        a = inspect.signature(F.layer_norm).bind(*args, **kwargs).arguments
+        return partial(LayerNormStep, a["normalized_shape"], a.get("weight"), a.get("bias"), a.get("eps", 1e-5)), \
+            [a["input"]]
+    if func is F.gelu:
+        return partial(GeluStep, kwargs.get("approximate", args[1] if len(args) > 1 else "none")), [args[0]]
+    if func is F.scaled_dot_product_attention:
+        names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        a = {**dict(zip(names, args[3:])), **kwargs}
+        mask = a.get("attn_mask")
+        if isinstance(mask, Tensor) and id(mask) in traced:
+            return "an attention mask computed from the input"
+        if a.get("dropout_p", 0.0) or a.get("enable_gqa", False):
+            return "attention dropout or enable_gqa"
+        q = args[0]
+        scale = a.get("scale")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return partial(AttentionStep, scale, mask, a.get("is_causal", False)), list(args[:3])
+    if func in _ADD_OPS:
+        if kwargs.get("alpha", 1) != 1 or len(args) != 2 or not all(isinstance(t, Tensor) for t in args):
+            return "an addition of a number or with alpha"
+        inputs = [t for t in args if id(t) in traced]
+        other = next((t for t in args if id(t) not in traced), None)
+        return partial(FloatAddStep, other), inputs
+    return None
+
+
+def _check_convertible(model: nn.Module, float_ops: bool) -> None:
     bns = [n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
     if bns:
         raise ValueError(f"BatchNorm layers {bns} are not folded: call fold_batchnorm(model, example_input) first")
-    layers, ops = _float_leftovers(model, {})
+    layers, ops = _float_leftovers(model, {}, FLOAT_MODULES if float_ops else ())
     leftovers = {**layers, **ops}
     if leftovers:
+        hint = "" if float_ops or not any(isinstance(m, FLOAT_MODULES) for m in model.modules()) else \
+            f" (LayerNorm, GELU: {_ISLAND_HINT})"
         raise ValueError(f"layers left in float block integer conversion: {leftovers}; quantize them "
-                         "(quantize_model with bits for every layer) or remove them")
+                         f"(quantize_model with bits for every layer) or remove them{hint}")
     for name, m in model.named_modules():
         if isinstance(m, _QuantConv) and (m.groups != 1 or m.padding_mode != "zeros"):
             raise ValueError(f"{name!r}: integer conv supports groups=1 and padding_mode='zeros' only "
@@ -461,16 +661,18 @@ def _check_convertible(model: nn.Module) -> None:
                          "batches (or calibrate(model, inputs)) before integer conversion")
 
 
-def to_integer_model(model: nn.Module, example_input: Tensor) -> IntegerModel:
+def to_integer_model(model: nn.Module, example_input: Tensor, float_ops: bool = False) -> IntegerModel:
     """``IntegerModel`` of a calibrated, BN-folded quantized model (``quantize_model`` output).
 
-    ``example_input`` (a batch like the deployment inputs) is run once through ``model`` in eval mode to
-    record which module reads which tensor; its spatial size is fixed into average pools. Raises
-    ``ValueError`` naming the layers when BatchNorm is unfolded, layers or ops are left in float, ranges
-    are uncalibrated, a quantizer is unreachable from ``example_input``, a conv has ``groups > 1`` or a
-    ``padding_mode`` other than ``'zeros'``, or an int32 accumulator could overflow.
+    ``example_input`` (a batch like the deployment inputs: floats, or token indices for a model that starts with an
+    embedding) is run once through ``model`` in eval mode to record which module reads which tensor; its spatial
+    size is fixed into average pools and its sequence length into attention. ``float_ops=True`` keeps LayerNorm,
+    GELU, scaled dot-product attention and float additions as float islands (module docstring); by default they
+    are an error naming them. Raises ``ValueError`` naming the layers when BatchNorm is unfolded, layers or ops are
+    left in float, ranges are uncalibrated, a quantizer is unreachable from ``example_input``, a conv has
+    ``groups > 1`` or a ``padding_mode`` other than ``'zeros'``, or an int32 accumulator could overflow.
     """
-    _check_convertible(model)
+    _check_convertible(model, float_ops)
     model = copy.deepcopy(model).eval()
     names = {id(m): n for n, m in model.named_modules()}
     recorder = _Recorder(model)
@@ -481,13 +683,16 @@ def to_integer_model(model: nn.Module, example_input: Tensor) -> IntegerModel:
         recorder.remove()
     b = _Builder()
     values: dict[int, _Codes | _Pending | _Float] = {id(example_input): _Codes(0, None)}
-    floats: list[str] = []
+    floats: dict[str, str] = {}  # quantized module reading a float tensor -> why that tensor is float
 
     def read(t: Tensor, reader: str) -> _Codes | _Pending | _Float:
         value = values.get(id(t), _Float("a tensor not computed from the input"))
         if isinstance(value, _Float):
-            floats.append(reader)
+            floats.setdefault(reader, value.why)
         return value
+
+    def as_float(value: _Codes | _Pending) -> _Codes:
+        return b.produce(value, None, float_ops=True) if isinstance(value, _Pending) else b.dequantized(value)
 
     for kind, obj, args, result in recorder.events:
         name = names.get(id(obj), "")
@@ -502,14 +707,35 @@ def to_integer_model(model: nn.Module, example_input: Tensor) -> IntegerModel:
             else:
                 values[id(result)] = x if x.q == q else b.emit(("requant", x.index, q),
                                                                 partial(RequantStep, x.q, q), (x.index,), q)
+        elif kind == "embedding":
+            idx = values.get(id(args))
+            if idx is None:  # constant indices (positions)
+                values[id(result)] = b.emit(("embedding", id(obj)), partial(EmbeddingStep, obj, args), (), None)
+            elif isinstance(idx, _Codes) and idx.q is None:
+                values[id(result)] = b.emit(("embedding", id(obj), idx.index), partial(EmbeddingStep, obj),
+                                            (idx.index,), None)
+            else:
+                values[id(result)] = idx if isinstance(idx, _Float) else _Float(f"embedding {name!r} indexed by codes")
         elif kind == "op":
             func, (op_args, op_kwargs) = obj, args
             traced = [a for a in (*op_args, *op_kwargs.values()) if isinstance(a, Tensor) and id(a) in values]
             if not traced:
                 continue
             x = values[id(traced[0])]
-            op = _op_of(func, op_args, op_kwargs, traced[0], result) if len(traced) == 1 else None
             what = getattr(func, "__name__", str(func))
+            island = _island(func, op_args, op_kwargs, values)
+            if isinstance(island, tuple) and float_ops:
+                make, tensors = island
+                inputs = [values[id(t)] for t in tensors]
+                floated = [v for v in inputs if isinstance(v, _Float)]
+                values[id(result)] = floated[0] if floated else b.emit(
+                    ("island", id(result)), make, tuple(as_float(v).index for v in inputs), None)
+                continue
+            if island is not None:
+                why = f"{island}: not supported" if isinstance(island, str) else f"no integer kernel: {_ISLAND_HINT}"
+                values[id(result)] = _Float(f"functional {what} ({why})")
+                continue
+            op = _op_of(func, op_args, op_kwargs, traced[0], result) if len(traced) == 1 else None
             if op is None:
                 values[id(result)] = _Float(f"functional {what}")
             elif isinstance(x, _Pending):
@@ -533,14 +759,16 @@ def to_integer_model(model: nn.Module, example_input: Tensor) -> IntegerModel:
         raise ValueError(f"quantized modules {unreached} are not reached by example_input; integer conversion "
                          "needs every quantized module on the traced path")
     if floats:
-        raise ValueError(f"float tensors reach the quantized modules {sorted(set(floats))}: a functional op or "
-                         "unquantized layer sits before them (only reshapes, ReLU and dropout may run between "
-                         "quantized modules)")
+        listed = "; ".join(f"{reader} reads {why}" for reader, why in sorted(floats.items()))
+        raise ValueError(f"float tensors reach quantized modules: {listed} (only reshapes, ReLU and dropout may run "
+                         "between quantized modules)")
     final = values.get(id(out)) if isinstance(out, Tensor) else None
     if isinstance(final, _Pending):
-        final = b.produce(final, None)
+        final = b.produce(final, None, float_ops)
     elif isinstance(final, _Codes) and final.q is not None:
-        final = b.emit(("dequantize", final.index), partial(DequantizeStep, final.q), (final.index,), None)
-    else:
-        raise ValueError("the model output is not produced by a quantized module (float ops after the last layer)")
+        final = b.dequantized(final)
+    elif not (isinstance(final, _Codes) and final.index > 0):
+        why = f": {final.why}" if isinstance(final, _Float) else ""
+        raise ValueError(f"the model output is not produced by a quantized module (float ops after the last "
+                         f"layer{why})")
     return IntegerModel(b.steps, b.wiring, final.index)

@@ -1,8 +1,10 @@
 """Quantized layers, module swapping and BatchNorm folding for quantization-aware training.
 
-``quantize_model`` swaps ``Conv1d``/``Conv2d``/``Linear`` (fake-quantized weights per channel, a ``QuantAct``
-on the input), ``ResidualAdd`` (a ``QuantAct`` on each input) and adaptive average pools (a ``QuantAct`` on
-the input) on any model, by module traversal; layer names are the module paths of the float model. Layers
+``quantize_model`` swaps ``Conv1d``/``Conv2d``/``Linear`` (fake-quantized weights per channel or in groups, a
+``QuantAct`` on the input), ``Embedding`` (fake-quantized weights, no input quantizer: its input is indices),
+``ResidualAdd`` (a ``QuantAct`` on each input) and adaptive average pools (a ``QuantAct`` on the input) on any
+model, by module traversal; layer names are the module paths of the float model, with every
+``nn.MultiheadAttention`` unpacked into four linear layers (:mod:`~lightning_hessian.quant.attention`). Layers
 it cannot quantize are reported and warned about (``torch.fx`` also scans for functional ops when the
 model is traceable).
 
@@ -38,13 +40,18 @@ from torch.utils._pytree import tree_leaves
 
 from lightning_hessian.models import ResidualAdd
 from lightning_hessian.modes import training_mode
+from lightning_hessian.quant.attention import unpack_attention
 from lightning_hessian.quant.quantizers import (
     FOLLOW,
     MAX_BITS,
     ActivationQuantizer,
+    WeightGroups,
     bias_codes,
+    group_codes,
+    group_scales,
     quantize_bias,
     quantize_weight,
+    row_scale,
     validate_act_bits,
     validate_bits,
     weight_codes,
@@ -52,6 +59,9 @@ from lightning_hessian.quant.quantizers import (
 )
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)  # layers whose output channels a BatchNorm can fold into
+# Float modules of transformers: no integer kernel; integer conversion keeps them as float islands on request
+FLOAT_MODULES = (nn.LayerNorm, nn.GELU, nn.Softmax)
 _PASS_THROUGH = (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, ResidualAdd,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
@@ -74,50 +84,90 @@ class QuantAct(ActivationQuantizer):
     """
 
 
-class _QuantLayer:
-    """Shared behaviour of the quantized conv/linear layers (mixed in before the torch layer class)."""
+class _QuantWeights:
+    """Fake-quantized weights per channel or in ``weight_groups`` (mixed in before the torch layer class)."""
 
     weight: nn.Parameter
-    bias: nn.Parameter | None
     weight_bits: int
+    weight_groups: WeightGroups
+
+    def _init_weights(self, weight_bits: int, groups: WeightGroups | None) -> None:
+        self.weight_bits = validate_bits(weight_bits, "weight_bits")
+        self.weight_groups = WeightGroups() if groups is None else groups
+        self.weight_groups.blocks(self.weight.shape, type(self).__name__)
+
+    def weight_scales(self) -> Tensor:
+        """The scales of the weight: ``(out,)`` per channel, else one per block (``group_scales``)."""
+        if self.weight_groups.per_channel:
+            return weight_scale(self.weight, self.weight_bits)
+        return group_scales(self.weight, self.weight_bits, self.weight_groups)
+
+    def channel_scale(self, scales: Tensor) -> Tensor:
+        """Each output row's largest scale (the per-channel scale), the grid of its int32 bias."""
+        return scales if self.weight_groups.per_channel else row_scale(scales, self.weight_groups, self.weight.shape[0])
+
+    def weight_codes(self) -> tuple[Tensor, Tensor]:
+        """Integer weight codes (int64) and float32 scales: per output row ``(out,)`` when every block spans whole
+        rows, else ``(out, in / columns)``: one per row and column group."""
+        if self.weight_groups.per_channel:
+            codes, scale = weight_codes(self.weight, self.weight_bits)
+            return codes.long(), scale.float()
+        codes, scales = group_codes(self.weight, self.weight_bits, self.weight_groups)
+        per_row = scales.repeat_interleave(self.weight.shape[0] // scales.shape[0], dim=0)
+        return codes.long(), (per_row[:, 0] if self.weight_groups.columns is None else per_row).float()
+
+    def quantized_weight(self) -> tuple[Tensor, Tensor]:
+        """``(Q_b(W), scales)``: the fake-quantized weight and its scales (computed once, for the bias grid too)."""
+        scales = self.weight_scales()
+        return quantize_weight(self.weight, self.weight_bits, scales, self.weight_groups), scales
+
+    def extra_repr(self) -> str:
+        groups = "" if self.weight_groups.per_channel else f", weight_groups={self.weight_groups}"
+        return f"{super().extra_repr()}, weight_bits={self.weight_bits}{groups}"
+
+
+class _QuantLayer(_QuantWeights):
+    """Shared behaviour of the quantized conv/linear layers: quantized weights, an int32 bias, a quantized input."""
+
+    bias: nn.Parameter | None
     act: QuantAct
 
-    def _init_quant(self, weight_bits: int, act_bits: int, momentum: float | None) -> None:
-        self.weight_bits = validate_bits(weight_bits, "weight_bits")
+    def _init_quant(self, weight_bits: int, act_bits: int, momentum: float | None,
+                    groups: WeightGroups | None = None) -> None:
+        self._init_weights(weight_bits, groups)
         self.act = QuantAct(act_bits, signed=None, momentum=momentum)
 
     def integer_params(self) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Weight codes (int64), int32 bias codes (int64, or None) and their float32 scales per output channel
-        (``weight_scale``): the single source of the integer parameters for conversion and export.
+        """Weight codes (int64), int32 bias codes (int64, or None) and the float32 weight scales (``weight_codes``:
+        per output channel, or per row and column group); the bias is on each row's grid ``channel scale * s_in``.
+        The single source of the integer parameters for conversion and export.
         """
-        codes, scale = weight_codes(self.weight, self.weight_bits)
-        bias = None if self.bias is None else bias_codes(self.bias, scale.double() * self.act.scale().double())
-        return codes.long(), bias, scale.float()
+        codes, scale = self.weight_codes()
+        row = scale if scale.dim() == 1 else scale.amax(dim=1)
+        bias = None if self.bias is None else bias_codes(self.bias, row.double() * self.act.scale().double())
+        return codes, bias, scale
 
     def _layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(x)
-        scale = weight_scale(self.weight, self.weight_bits)  # once, for the weight and the bias grid
-        weight = quantize_weight(self.weight, self.weight_bits, scale)
+        weight, scales = self.quantized_weight()
         bias = self.bias
         if bias is not None and self.act.calibrated:
-            bias = quantize_bias(bias, scale * self.act.scale())
+            bias = quantize_bias(bias, self.channel_scale(scales) * self.act.scale())
         return self._layer_op(x, weight, bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight_bits={self.weight_bits}"
 
 
 class _QuantConv(_QuantLayer):
     @classmethod
-    def from_float(cls, conv: nn.Module, weight_bits: int, act_bits: int = 8, momentum: float | None = None):
-        """Quantized copy of ``conv`` sharing its parameters."""
+    def from_float(cls, conv: nn.Module, weight_bits: int, act_bits: int = 8, momentum: float | None = None,
+                   groups: WeightGroups | None = None):
+        """Quantized copy of ``conv`` sharing its parameters (``groups``: of output channels, in blocks of rows)."""
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                 padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
-                weight_bits=weight_bits, act_bits=act_bits, momentum=momentum)
+                weight_bits=weight_bits, act_bits=act_bits, momentum=momentum, weight_groups=groups)
         q.weight, q.bias = conv.weight, conv.bias
         return q.train(conv.training)
 
@@ -126,39 +176,71 @@ class _QuantConv(_QuantLayer):
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):
-    """``nn.Conv1d`` with per-channel fake-quantized weights, an int32 bias and a quantized input."""
+    """``nn.Conv1d`` with fake-quantized weights (per channel, or ``weight_groups`` of rows), an int32 bias and a
+    quantized input."""
 
-    def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None, **kwargs):
+    def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None,
+                 weight_groups: WeightGroups | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_quant(weight_bits, act_bits, momentum)
+        self._init_quant(weight_bits, act_bits, momentum, weight_groups)
 
 
 class QuantConv2d(_QuantConv, nn.Conv2d):
-    """``nn.Conv2d`` with per-channel fake-quantized weights, an int32 bias and a quantized input."""
+    """``nn.Conv2d`` with fake-quantized weights (per channel, or ``weight_groups`` of rows), an int32 bias and a
+    quantized input."""
 
-    def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None, **kwargs):
+    def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None,
+                 weight_groups: WeightGroups | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_quant(weight_bits, act_bits, momentum)
+        self._init_quant(weight_bits, act_bits, momentum, weight_groups)
 
 
 class QuantLinear(_QuantLayer, nn.Linear):
-    """``nn.Linear`` with per-channel fake-quantized weights, an int32 bias and a quantized input."""
+    """``nn.Linear`` with fake-quantized weights (per channel or in ``weight_groups``), an int32 bias and a quantized
+    input."""
 
-    def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None, **kwargs):
+    def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None,
+                 weight_groups: WeightGroups | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_quant(weight_bits, act_bits, momentum)
+        self._init_quant(weight_bits, act_bits, momentum, weight_groups)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int = 8, momentum: float | None = None):
+    def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int = 8, momentum: float | None = None,
+                   groups: WeightGroups | None = None):
         """Quantized copy of ``linear`` sharing its parameters."""
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype, weight_bits=weight_bits,
-                act_bits=act_bits, momentum=momentum)
+                act_bits=act_bits, momentum=momentum, weight_groups=groups)
         q.weight, q.bias = linear.weight, linear.bias
         return q.train(linear.training)
 
     def _layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
+
+
+class QuantEmbedding(_QuantWeights, nn.Embedding):
+    """``nn.Embedding`` with fake-quantized weights: per token row (per channel), or in ``weight_groups`` of rows and
+    feature columns. Its input is indices, so it has no activation quantizer; deployed, it gathers int8 codes and
+    multiplies them by their scales (a float output that the next quantizer rounds)."""
+
+    def __init__(self, *args, weight_bits: int = 8, weight_groups: WeightGroups | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_weights(weight_bits, weight_groups)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, weight_bits: int, act_bits: int = 8, momentum: float | None = None,
+                   groups: WeightGroups | None = None):
+        """Quantized copy of ``embedding`` sharing its weight (``act_bits`` and ``momentum`` are unused)."""
+        q = cls(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+                scale_grad_by_freq=embedding.scale_grad_by_freq, sparse=embedding.sparse,
+                device=embedding.weight.device, dtype=embedding.weight.dtype, weight_bits=weight_bits,
+                weight_groups=groups)
+        q.weight = embedding.weight
+        return q.train(embedding.training)
+
+    def forward(self, indices: Tensor) -> Tensor:
+        weight, _ = self.quantized_weight()
+        return F.embedding(indices, weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
 
 
 class QuantResidualAdd(nn.Module):
@@ -216,17 +298,76 @@ class QuantAdaptiveAvgPool(nn.Module):
         return f"output_size={self.output_size}"
 
 
-QUANT_MODULES = (QuantAct, QuantConv1d, QuantConv2d, QuantLinear, QuantResidualAdd, QuantAdaptiveAvgPool)
-_SWAP = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+QUANT_MODULES = (QuantAct, QuantConv1d, QuantConv2d, QuantLinear, QuantEmbedding, QuantResidualAdd,
+                 QuantAdaptiveAvgPool)
+_SWAP = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, nn.Embedding: QuantEmbedding}
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _swappable(m: nn.Module) -> bool:
+    """A plain Conv1d/Conv2d/Linear, or an Embedding without ``max_norm`` (which rescales float weights in place)."""
+    return type(m) in _SWAP and getattr(m, "max_norm", None) is None
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names (module paths) of the layers ``quantize_model`` can quantize: plain Conv1d, Conv2d, Linear.
+    """Names (module paths) of the layers ``quantize_model`` can quantize: plain Conv1d, Conv2d, Linear, Embedding.
 
     Exact types (and layers already quantized): a subclass stays float, since swapping it would drop what it
-    overrides. The cost tables and sensitivities use this same list.
+    overrides. An ``nn.MultiheadAttention`` at ``attn`` contributes ``attn.q_proj``, ``attn.k_proj``,
+    ``attn.v_proj`` and ``attn.out_proj``, its layers once unpacked (``unpack_attention``). The cost tables and
+    sensitivities use this same list (on the unpacked model).
     """
-    return [name for name, m in model.named_modules() if type(m) in _SWAP or isinstance(m, _QuantLayer)]
+    names = []
+    packed: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(f"{p}.") for p in packed):
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            packed.append(name)
+            names += [f"{name}.{p}" if name else p for p in _PROJECTIONS]
+        elif _swappable(m) or isinstance(m, _QuantWeights):
+            names.append(name)
+    return names
+
+
+def require_unpacked(model: nn.Module, who: str) -> None:
+    """Refuse a model whose attention projections are no layers (``nn.MultiheadAttention``), naming the fix."""
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        raise ValueError(f"{who}: the model's nn.MultiheadAttention applies its projections inside a functional "
+                         "call that no layer hook sees; pass unpack_attention(model) (lightning_hessian.quant), whose "
+                         "projections are layers named <attention>.q_proj/k_proj/v_proj/out_proj")
+
+
+def resolve_groups(groups: Any, weights: Mapping[str, Tensor]) -> tuple[dict[str, WeightGroups], dict[str, str]]:
+    """Per-layer ``WeightGroups`` from ``groups`` for layers ``{name: weight}``, and the layers it left per-channel.
+
+    ``groups`` is ``None`` (every layer per-channel), one spec for every layer (``WeightGroups``, ``"tensor"``, a
+    mapping with keys ``rows``/``columns``), or ``{layer name: spec}`` (other layers per-channel). One spec applies
+    to every layer whose weight it tiles; the others stay per-channel and are returned as ``{name: why}`` (a
+    per-layer spec that does not tile its layer is an error).
+    """
+    if groups is None:
+        return {}, {}
+    if isinstance(groups, Mapping) and not set(groups) <= {"rows", "columns"}:
+        unknown = sorted(set(groups) - set(weights))
+        if unknown:
+            raise ValueError(f"groups names unknown layers {unknown}; quantizable layers are {list(weights)}")
+        out = {name: WeightGroups.parse(spec) for name, spec in groups.items()}
+        for name, g in out.items():
+            g.blocks(weights[name].shape, f"groups[{name!r}]")
+        return {name: g for name, g in out.items() if not g.per_channel}, {}
+    spec = WeightGroups.parse(groups)
+    if spec.per_channel:
+        return {}, {}
+    out, left = {}, {}
+    for name, w in weights.items():
+        try:
+            spec.blocks(w.shape, name)
+        except ValueError as err:
+            left[name] = str(err).split(": ", 1)[1]
+            continue
+        out[name] = spec
+    return out, left
 
 
 @dataclass
@@ -234,25 +375,28 @@ class QuantizationReport:
     """What ``quantize_model`` did: per-layer weight bits, and everything that stays in float.
 
     ``act_bits`` is the argument (an int or ``"follow"``); ``layer_act_bits`` the input activation bits
-    each quantized layer got.
+    each quantized layer got (embeddings, which read indices, have none: ``embeddings``).
     """
 
     weight_bits: dict[str, int]
     act_bits: int | str
+    groups: dict[str, WeightGroups] = field(default_factory=dict)  # layers with group-wise scales (others per-channel)
     float_layers: dict[str, str] = field(default_factory=dict)  # layers with weights left in float: name -> why
     float_ops: dict[str, str] = field(default_factory=dict)  # activations, other weightless modules, functional ops
     batchnorms: list[str] = field(default_factory=list)  # fold with fold_batchnorm before deployment
     fx_error: str | None = None  # why the torch.fx scan for functional ops could not run
+    embeddings: list[str] = field(default_factory=list)  # quantized embeddings: no input quantizer
 
     @property
     def layer_act_bits(self) -> dict[str, int]:
-        return {name: b if self.act_bits == FOLLOW else self.act_bits for name, b in self.weight_bits.items()}
+        return {name: b if self.act_bits == FOLLOW else self.act_bits for name, b in self.weight_bits.items()
+                if name not in self.embeddings}
 
     def __str__(self) -> str:
-        lines = ["| layer | weight bits | input activation bits |", "|---|---|---|"]
-        lines += [f"| {name} | {bits} | {self.layer_act_bits.get(name, '')} |"
+        lines = ["| layer | weight bits | scales | input activation bits |", "|---|---|---|---|"]
+        lines += [f"| {name} | {bits} | {self.groups.get(name, WeightGroups())} | {self.layer_act_bits.get(name, '')} |"
                   for name, bits in self.weight_bits.items()]
-        lines += [f"| {name} | float ({why}) | |" for name, why in self.float_layers.items()]
+        lines += [f"| {name} | float ({why}) | | |" for name, why in self.float_layers.items()]
         acts = f"{self.act_bits} bits" if self.act_bits != FOLLOW else \
             f"as the weights ({MAX_BITS} bits into residual adds and pools)"
         lines.append(f"activations: {acts}; BatchNorm to fold: {', '.join(self.batchnorms) or 'none'}")
@@ -308,8 +452,12 @@ def _float_leftovers(
     for name, m in model.named_modules():
         if not name or isinstance(m, skip) or name in weight_bits:
             continue
-        if type(m) in _SWAP:
+        if _swappable(m):
             layers[name] = f"{type(m).__name__} not in bits"
+        elif type(m) in _SWAP:
+            layers[name] = f"{type(m).__name__} with max_norm (renormalises its float weights in place): unsupported"
+        elif isinstance(m, FLOAT_MODULES):  # a float op by design (Q-BERT keeps LayerNorm in float), gain included
+            ops[name] = f"{type(m).__name__}: no integer kernel"
         elif list(m.parameters(recurse=False)):
             layers[name] = f"{type(m).__name__}: unsupported layer type"
         elif not list(m.children()) and not isinstance(m, _PASS_THROUGH):
@@ -319,14 +467,16 @@ def _float_leftovers(
 
 def quantize_model(
     model: nn.Module, bits: int | Mapping[str, int], act_bits: int | str = 8, momentum: float | None = None,
-    ignore: tuple[type, ...] = (),
+    ignore: tuple[type, ...] = (), groups: Any = None,
 ) -> tuple[nn.Module, QuantizationReport]:
     """Quantized copy of ``model`` (the original is untouched) and a report of what was quantized.
 
     Args:
-        model: any ``nn.Module``; Conv1d/Conv2d/Linear become ``QuantConv1d``/``QuantConv2d``/``QuantLinear``
-            at the same module path, ``ResidualAdd`` becomes ``QuantResidualAdd`` and adaptive average
-            pools become ``QuantAdaptiveAvgPool``.
+        model: any ``nn.Module``; Conv1d/Conv2d/Linear/Embedding become ``QuantConv1d``/``QuantConv2d``/
+            ``QuantLinear``/``QuantEmbedding`` at the same module path, ``ResidualAdd`` becomes
+            ``QuantResidualAdd`` and adaptive average pools become ``QuantAdaptiveAvgPool``; every
+            ``nn.MultiheadAttention`` is first unpacked into four linear layers (``unpack_attention``: the copy's
+            attention is ``MultiheadAttention``, its layers ``<attention>.q_proj`` ... ``.out_proj``).
         bits: weight bits (2..8) for every quantizable layer, or a dict ``{layer name: bits}`` (layers
             missing from the dict stay in float and are reported).
         act_bits: bit width of every activation quantizer (2..8), or ``"follow"``: each layer's input
@@ -334,6 +484,9 @@ def quantize_model(
             of residual additions and pools, which have no weights, keep 8 bits.
         momentum: ``None`` for running min/max activation ranges, else the EMA momentum.
         ignore: module types that compute nothing to quantize (e.g. torchmetrics ``Metric``): not reported.
+        groups: which weights share a scale (:func:`resolve_groups`): ``None`` per channel, one spec for every layer
+            it tiles (``{"columns": 32}``, ``WeightGroups(rows=4)``, ``"tensor"``; the others stay per-channel,
+            with a warning), or ``{layer name: spec}``; ``report.groups`` holds the group-wise layers.
 
     What stays in float triggers one ``UserWarning`` listing it: layers with weights (unsupported types, layers
     missing from ``bits``: ``report.float_layers``) and ops (weightless modules other than ReLU, dropout and
@@ -342,9 +495,12 @@ def quantize_model(
     """
     layers = quantizable_layers(model)
     if not layers:
-        raise ValueError("model has no quantizable layer (nn.Conv1d, nn.Conv2d or nn.Linear)")
+        raise ValueError("model has no quantizable layer (nn.Conv1d, nn.Conv2d, nn.Linear or nn.Embedding)")
     validate_act_bits(act_bits, "act_bits")
     weight_bits = _resolve_bits(bits, layers)
+    model = unpack_attention(model)  # a copy if it has attention to unpack: its projections become layers
+    modules = dict(model.named_modules())
+    layer_groups, per_channel = resolve_groups(groups, {name: modules[name].weight for name in weight_bits})
     other_bits = MAX_BITS if act_bits == FOLLOW else act_bits  # inputs of additions and pools
     qmodel = copy.deepcopy(model)
     swapped: dict[int, nn.Module] = {}  # a module at several paths (shared) gets one quantized module at all
@@ -352,9 +508,10 @@ def quantize_model(
         if id(m) in swapped:
             _set_module(qmodel, name, swapped[id(m)])
             continue
-        if name in weight_bits and type(m) in _SWAP:
+        if name in weight_bits and _swappable(m):
             layer_act = weight_bits[name] if act_bits == FOLLOW else act_bits
-            swapped[id(m)] = _SWAP[type(m)].from_float(m, weight_bits[name], layer_act, momentum)
+            swapped[id(m)] = _SWAP[type(m)].from_float(m, weight_bits[name], layer_act, momentum,
+                                                       layer_groups.get(name))
         elif isinstance(m, ResidualAdd):
             swapped[id(m)] = QuantResidualAdd(other_bits, momentum).train(m.training)
         elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
@@ -364,14 +521,19 @@ def quantize_model(
         _set_module(qmodel, name, swapped[id(m)])
     functional, fx_error = _functional_float_ops(model)
     float_layers, float_ops = _float_leftovers(model, weight_bits, ignore)
-    report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits, float_layers=float_layers,
-                                float_ops={**float_ops, **functional},
+    report = QuantizationReport(weight_bits=weight_bits, act_bits=act_bits, groups=layer_groups,
+                                float_layers=float_layers, float_ops={**float_ops, **functional},
                                 batchnorms=[n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)],
-                                fx_error=fx_error)
+                                fx_error=fx_error,
+                                embeddings=[n for n in weight_bits if isinstance(modules[n], nn.Embedding)])
     left = {**report.float_layers, **report.float_ops}
     if left:
         listed = "; ".join(f"{n} ({why})" for n, why in left.items())
         warnings.warn(f"quantize_model: {len(left)} layer(s)/op(s) left in float: {listed}", UserWarning, stacklevel=2)
+    if per_channel:
+        listed = "; ".join(f"{n} ({why})" for n, why in per_channel.items())
+        warnings.warn(f"quantize_model: groups={groups!r} does not tile {len(per_channel)} layer(s), which keep "
+                      f"per-channel scales: {listed}", UserWarning, stacklevel=2)
     if fx_error:
         warnings.warn(f"quantize_model: torch.fx cannot trace the model ({fx_error}), so functional ops in its "
                       "forward() (e.g. torch.sigmoid, x * y) were not checked: any there run in float",
@@ -444,15 +606,15 @@ def _conv_bn_pairs(model: nn.Module, example_input: Tensor) -> dict[str, str]:
         def hook(module, args, out):
             counter.depth -= 1
             # the channel axis is dim 1: a batched conv output, or a Linear output of shape (N, features)
-            if isinstance(module, tuple(_SWAP)) and out.dim() == (2 if isinstance(module, nn.Linear) else
-                                                                  module.weight.dim()):
+            if isinstance(module, _FOLDABLE) and out.dim() == (2 if isinstance(module, nn.Linear) else
+                                                             module.weight.dim()):
                 counter.keep.append(out)
                 counter.producer[id(out)], counter.users[id(out)] = name, []
         return hook
 
     handles = []
     for name, m in model.named_modules():
-        if not list(m.children()) or isinstance(m, tuple(_SWAP)):
+        if not list(m.children()) or isinstance(m, _FOLDABLE):
             handles.append(m.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
             handles.append(m.register_forward_hook(post_hook(name), always_call=True))
     try:

@@ -1,6 +1,7 @@
 """Uniform symmetric quantizers with straight-through estimators, and the deployed integer arithmetic.
 
-Weights are quantized per output channel, ``scale_c = max|w_c| / (2^(b-1) - 1)``; activations per tensor,
+Weights are quantized per output channel, ``scale_c = max|w_c| / (2^(b-1) - 1)``, or group-wise
+(``WeightGroups``: one scale per block of consecutive output rows and input columns); activations per tensor,
 signed (``[-2^(b-1), 2^(b-1)-1]``) or unsigned after a ReLU (``[0, 2^b - 1]``), with ranges tracked by
 running min/max or an exponential moving average and frozen in eval mode. Biases are quantized to int32
 with scale ``s_w * s_in`` (HAWQ-V3), so they add straight into the integer accumulator.
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from numbers import Integral
 
 import torch
@@ -107,15 +109,123 @@ def weight_codes(weight: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return quantize(weight, _per_channel(scale, weight), qmin, qmax), scale
 
 
-def quantize_weight(weight: Tensor, bits: int, scale: Tensor | None = None) -> Tensor:
-    """Per-channel fake-quantized weight ``Q_b(W)`` with a straight-through (identity) gradient; ``scale`` is
-    ``weight_scale(weight, bits)`` when the caller already has it."""
+def quantize_weight(weight: Tensor, bits: int, scale: Tensor | None = None, groups: WeightGroups | None = None
+                    ) -> Tensor:
+    """Fake-quantized weight ``Q_b(W)`` with a straight-through (identity) gradient, per channel or in ``groups``;
+    ``scale`` is ``weight_scale(weight, bits)`` (per channel) or ``group_scales(weight, bits, groups)`` when the
+    caller already has it."""
     validate_bits(bits, "bits")
     qmin, qmax = qrange(bits, signed=True)
-    scale = _per_channel(weight_scale(weight, bits) if scale is None else scale, weight)
+    if groups is not None and not groups.per_channel:
+        scale = element_scale(group_scales(weight, bits, groups) if scale is None else scale, groups, weight)
+    else:
+        scale = _per_channel(weight_scale(weight, bits) if scale is None else scale, weight)
     # every weight is in range by construction: clamping the codes only (not the values) keeps the gradient
     # 1 on max|w_c|, which a value-domain clamp at qmax * scale (rounded below max|w_c|) could cut
     return weight + (quantize(weight, scale, qmin, qmax) * scale - weight).detach()
+
+
+@dataclass(frozen=True)
+class WeightGroups:
+    """Which weights share a scale: blocks of ``rows`` consecutive output rows by ``columns`` consecutive input columns.
+
+    ``rows=1, columns=None`` (the default) is per output channel; ``rows=None`` takes all rows and ``columns=None`` the
+    whole row, so ``WeightGroups(None, None)`` is one scale per tensor. Groups of input columns (``columns=32``,
+    int4 practice) are finer than per-channel scales and need a 2-D weight (``Linear``, ``Embedding``: an embedding's
+    rows are its tokens, its columns the features); groups of rows (Q-BERT's) are coarser and apply to any weight.
+    Each block's scale is ``max|w_block| / (2^(b-1) - 1)``, so one block per row is per-channel and one block is
+    per-tensor, bit for bit.
+    """
+
+    rows: int | None = 1
+    columns: int | None = None
+
+    def __post_init__(self):
+        for name in ("rows", "columns"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
+                raise ValueError(f"WeightGroups.{name} must be a positive int or None (all of them), got {value!r}")
+
+    @classmethod
+    def parse(cls, spec: WeightGroups | Mapping[str, int | None] | str | None) -> WeightGroups:
+        """A ``WeightGroups`` from itself, ``None`` or ``"channel"`` (per-channel), ``"tensor"`` (per-tensor), or a
+        mapping with keys ``rows`` and/or ``columns`` (e.g. from a config file)."""
+        if spec is None or spec == "channel":
+            return cls()
+        if spec == "tensor":
+            return cls(None, None)
+        if isinstance(spec, WeightGroups):
+            return spec
+        if isinstance(spec, Mapping) and set(spec) <= {"rows", "columns"}:
+            return cls(**spec)
+        raise ValueError(f"weight groups must be 'channel', 'tensor', a WeightGroups or a mapping with keys 'rows' and "
+                         f"'columns' (e.g. {{'columns': 32}}), got {spec!r}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.rows == 1 and self.columns is None
+
+    def blocks(self, shape: tuple[int, ...] | torch.Size, name: str = "weight") -> tuple[int, int]:
+        """``(rows, columns)`` of one block of a ``shape`` weight; an error naming ``name`` if they do not tile it."""
+        out, inner = shape[0], math.prod(shape[1:])
+        rows = out if self.rows is None else self.rows
+        if self.columns is not None and len(shape) != 2:
+            raise ValueError(f"{name}: groups of input columns need a 2-D weight (Linear, Embedding), got shape "
+                             f"{tuple(shape)}; use rows= groups or per-channel scales")
+        columns = inner if self.columns is None else self.columns
+        if out % rows or inner % columns:
+            raise ValueError(f"{name}: groups of {rows} rows x {columns} columns do not tile its {out} x {inner} "
+                             "weight; choose sizes that divide it")
+        return rows, columns
+
+    def __str__(self) -> str:
+        if self.per_channel:
+            return "per-channel"
+        if self.rows is None and self.columns is None:
+            return "per-tensor"
+        if self.rows == 1:
+            return f"groups of {self.columns} columns"
+        rows = "all rows" if self.rows is None else f"{self.rows} rows"
+        return f"groups of {rows}" + ("" if self.columns is None else f" x {self.columns} columns")
+
+
+def group_scales(weight: Tensor, bits: int, groups: WeightGroups) -> Tensor:
+    """One scale per block, ``max|w_block| / (2^(b-1)-1)``, shape ``(out_rows / rows, in / columns)``, detached.
+
+    An all-zero block codes to zeros at any scale: it takes the largest scale of its rows, else of the tensor (1 if
+    all are zero), as :func:`weight_scale` does for a channel (the int32 bias grid ``row scale * s_in`` stays fine).
+    """
+    rows, columns = groups.blocks(weight.shape)
+    _, qmax = qrange(bits, signed=True)
+    w = weight.detach().abs().reshape(weight.shape[0] // rows, rows, -1, columns)
+    scale = w.amax(dim=(1, 3)) / qmax
+    row_max = scale.amax(dim=1, keepdim=True)
+    largest = scale.max()
+    fallback = torch.where(row_max > 0, row_max, torch.where(largest > 0, largest, 1.0))
+    return torch.where(scale > 0, scale, fallback)
+
+
+def element_scale(scales: Tensor, groups: WeightGroups, weight: Tensor) -> Tensor:
+    """Block scales (:func:`group_scales`) spread to broadcast against ``weight``: ``(out, 1, ...)`` when a block
+    spans whole rows, else ``(out, in)``."""
+    rows, columns = groups.blocks(weight.shape)
+    per_row = scales.repeat_interleave(rows, dim=0)
+    if columns == math.prod(weight.shape[1:]):
+        return _per_channel(per_row[:, 0], weight)
+    return per_row.repeat_interleave(columns, dim=1)
+
+
+def row_scale(scales: Tensor, groups: WeightGroups, out_rows: int) -> Tensor:
+    """Each output row's largest block scale, shape ``(out_rows,)``: the per-channel scale ``max|w_c| / qmax``
+    (division by ``qmax`` is monotonic), the grid of the row's int32 bias."""
+    return scales.amax(dim=1).repeat_interleave(out_rows // scales.shape[0])
+
+
+def group_codes(weight: Tensor, bits: int, groups: WeightGroups) -> tuple[Tensor, Tensor]:
+    """Integer weight codes (float tensor holding integers) and their block scales (:func:`group_scales`)."""
+    scales = group_scales(weight, bits, groups)
+    qmin, qmax = qrange(bits, signed=True)
+    return quantize(weight, element_scale(scales, groups, weight), qmin, qmax), scales
 
 
 def bias_codes(bias: Tensor, scale: Tensor) -> Tensor:

@@ -58,6 +58,18 @@ model's parameters, buffers, structure and code, the loss function's code, the p
 settings); the perturbations are
 recomputed every call (no Hessian-vector product), so re-planning with other bit widths is free for the
 trace and eigenvalue metrics (the quadratic forms depend on the bit widths, which are in the key).
+
+Q-BERT (Shen et al., AAAI 2020) ranks the layers of a transformer by the top eigenvalue of each layer's Hessian
+block over several data subsamples, its mean plus its spread: ``metric="qbert"`` is
+
+    ``Omega_i(b) = (|mean_s lambda_i^s| + std_s lambda_i^s) * ||Q_b(W_i) - W_i||^2``,
+
+``lambda_i^s`` the top eigenvalue of ``H_ii`` on subsample ``s``: each batch of the probe data is one subsample
+(Lanczos per block, as ``"eigenvalue"`` on all the data; the population standard deviation over the batches, 0
+for one batch). A layer whose curvature swings between subsamples counts as more sensitive, as in Q-BERT.
+
+Weights quantized in groups (``groups={layer: WeightGroups}``) are perturbed by their own quantizer, so every
+metric prices the rounding the quantized layer will apply.
 Under ``torch.distributed`` each rank passes its share of the probe data and the products are
 all-reduced (see :class:`~lightning_hessian.hessian.operator.HessianOperator`).
 """
@@ -81,15 +93,21 @@ from torch import nn
 
 from lightning_hessian.hessian.blocks import block_slices, per_layer_top_eigenvalue, per_layer_trace
 from lightning_hessian.hessian.kfac import KFACOperator
-from lightning_hessian.hessian.operator import HessianOperator
+from lightning_hessian.hessian.operator import Batches, HessianOperator, _as_batches
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES, check_sampling
-from lightning_hessian.quant.modules import quantizable_layers
-from lightning_hessian.quant.quantizers import MAX_BITS, ActivationQuantizer, quantize_weight, validate_bit_choices
+from lightning_hessian.quant.modules import quantizable_layers, require_unpacked
+from lightning_hessian.quant.quantizers import (
+    MAX_BITS,
+    ActivationQuantizer,
+    WeightGroups,
+    quantize_weight,
+    validate_bit_choices,
+)
 
-METRICS = ("trace", "eigenvalue", "quadratic", "quadratic+act", "kfac", "kl")
+METRICS = ("trace", "eigenvalue", "qbert", "quadratic", "quadratic+act", "kfac", "kl")
 QUADRATIC_METRICS = ("quadratic", "quadratic+act", "kfac")
 PER_BITS_METRICS = (*QUADRATIC_METRICS, "kl")  # measured per bit width, so the bit widths are in the cache key
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
 
 
 @dataclass
@@ -101,7 +119,8 @@ class Sensitivity:
     (empty unless requested); ``perturbation[l][b] = ||Q_b(W_l) - W_l||^2``; ``quadratic[l][b]`` the exact
     ``dW^T H_ll dW`` for ``dW = Q_b(W_l) - W_l`` and ``act_quadratic[l][b]`` the exact ``dA^T H_A dA`` for the
     layer's rounded input activations; ``kfac[l][b]`` the form ``dW^T (G_l (x) A_l) dW`` of the K-FAC Gauss-Newton
-    block; ``kl[l][b]`` ZeroQ's mean KL divergence of the outputs with layer ``l``'s weights at ``b`` bits from the
+    block; ``subsample_eigenvalues[l]`` the top eigenvalue of ``H_l`` on each probe batch (Q-BERT); ``kl[l][b]``
+    ZeroQ's mean KL divergence of the outputs with layer ``l``'s weights at ``b`` bits from the
     float outputs (each empty unless requested). A metric that was not measured
     leaves its tables empty. ``num_hvps`` counts the Hessian-vector products this call made (0 when
     ``cached``).
@@ -116,6 +135,7 @@ class Sensitivity:
     act_quadratic: dict[str, dict[int, float]] = field(default_factory=dict)
     kfac: dict[str, dict[int, float]] = field(default_factory=dict)
     kl: dict[str, dict[int, float]] = field(default_factory=dict)
+    subsample_eigenvalues: dict[str, list[float]] = field(default_factory=dict)
     num_samples: int = 0
     num_hvps: int = 0
     converged: bool = True
@@ -127,15 +147,26 @@ class Sensitivity:
         return {name: self.trace[name] / self.params[name] for name in self.trace}
 
     @property
+    def qbert(self) -> dict[str, float]:
+        """Q-BERT's sensitivity of each layer: ``|mean| + std`` of its top eigenvalue over the subsamples."""
+        out = {}
+        for name, values in self.subsample_eigenvalues.items():
+            t = torch.tensor(values, dtype=torch.float64)
+            out[name] = float(t.mean().abs() + t.std(correction=0))
+        return out
+
+    @property
     def metrics(self) -> tuple[str, ...]:
         """The metrics whose tables were measured."""
-        tables = {"trace": self.trace, "eigenvalue": self.top_eigenvalue, "quadratic": self.quadratic,
+        tables = {"trace": self.trace, "eigenvalue": self.top_eigenvalue, "qbert": self.subsample_eigenvalues,
+                  "quadratic": self.quadratic,
                   "quadratic+act": self.act_quadratic, "kfac": self.kfac, "kl": self.kl}
         return tuple(m for m in METRICS if tables[m])
 
     def omega(self, metric: str = "trace") -> dict[str, dict[int, float]]:
         """``Omega[l][b]``, the ``sensitivity`` table of :func:`~lightning_hessian.quant.allocation.allocate_bits`:
-        ``Tr(H_l)/n_l`` (``"trace"``) or the top eigenvalue (``"eigenvalue"``) times ``||Q_b(W_l) - W_l||^2``,
+        ``Tr(H_l)/n_l`` (``"trace"``), the top eigenvalue (``"eigenvalue"``) or Q-BERT's ``|mean| + std`` of the
+        top eigenvalue over subsamples (``"qbert"``) times ``||Q_b(W_l) - W_l||^2``,
         or the exact ``dW^T H_ll dW`` (``"quadratic"``), plus ``dA^T H_A dA`` of the input activations
         (``"quadratic+act"``), the K-FAC form ``dW^T (G (x) A) dW`` (``"kfac"``), or ZeroQ's output KL divergence
         (``"kl"``)."""
@@ -150,7 +181,7 @@ class Sensitivity:
         if metric == "quadratic+act":
             return {name: {b: q + self.act_quadratic[name][b] for b, q in table.items()}
                     for name, table in self.quadratic.items()}
-        curvature = self.avg_trace if metric == "trace" else self.top_eigenvalue
+        curvature = {"trace": self.avg_trace, "eigenvalue": self.top_eigenvalue, "qbert": self.qbert}[metric]
         return {name: {b: curvature[name] * p for b, p in table.items()} for name, table in self.perturbation.items()}
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +196,7 @@ class Sensitivity:
             "act_quadratic": {name: dict(table) for name, table in self.act_quadratic.items()},
             "kfac": {name: dict(table) for name, table in self.kfac.items()},
             "kl": {name: dict(table) for name, table in self.kl.items()},
+            "subsample_eigenvalues": {name: list(values) for name, values in self.subsample_eigenvalues.items()},
             "num_samples": self.num_samples,
             "num_hvps": self.num_hvps,
             "converged": self.converged,
@@ -185,6 +217,8 @@ class Sensitivity:
                            for k, t in state.get("act_quadratic", {}).items()},
             kfac={k: {int(b): float(q) for b, q in t.items()} for k, t in state.get("kfac", {}).items()},
             kl={k: {int(b): float(q) for b, q in t.items()} for k, t in state.get("kl", {}).items()},
+            subsample_eigenvalues={k: [float(v) for v in values]
+                                   for k, values in state.get("subsample_eigenvalues", {}).items()},
             num_samples=int(state.get("num_samples", 0)),
             num_hvps=int(state.get("num_hvps", 0)),
             converged=bool(state.get("converged", True)),
@@ -192,20 +226,24 @@ class Sensitivity:
         )
 
 
-def weight_perturbation(weight: torch.Tensor, bit_choices: Iterable[int]) -> dict[int, float]:
-    """``||Q_b(W) - W||^2`` for each ``b`` (per-output-channel symmetric quantizer), in float64."""
+def weight_perturbation(weight: torch.Tensor, bit_choices: Iterable[int],
+                        groups: WeightGroups | None = None) -> dict[int, float]:
+    """``||Q_b(W) - W||^2`` for each ``b`` (symmetric quantizer per output channel, or in ``groups``), in float64."""
     w = weight.detach()
-    return {b: float((quantize_weight(w, b).double() - w.double()).square().sum()) for b in bit_choices}
+    return {b: float((quantize_weight(w, b, groups=groups).double() - w.double()).square().sum())
+            for b in bit_choices}
 
 
-def quadratic_forms(op: HessianOperator, weights: Mapping[str, torch.Tensor],
-                    bit_choices: Iterable[int]) -> dict[str, dict[int, float]]:
+def quadratic_forms(op: HessianOperator, weights: Mapping[str, torch.Tensor], bit_choices: Iterable[int],
+                    groups: Mapping[str, WeightGroups] | None = None) -> dict[str, dict[int, float]]:
     """``dW^T H_ll dW`` with ``dW = Q_b(W_l) - W_l`` for every layer ``l`` and bit width ``b``, exactly.
 
     ``op`` is a Hessian operator whose parameters include every tensor of ``weights``; each ``dW`` is
     embedded in its layer's block of a flat vector (zero elsewhere), so ``v^T H v`` only sees ``H_ll``.
-    One Hessian-vector product per (layer, bit width), sent ``op.chunk_size`` vectors per ``matmat``.
+    One Hessian-vector product per (layer, bit width), sent ``op.chunk_size`` vectors per ``matmat``. A layer in
+    ``groups`` is rounded with its group-wise scales.
     """
+    groups = groups or {}
     where = block_slices(op, {name: [w] for name, w in weights.items()})  # raises for a weight not in op.params
     pairs = [(name, b) for name in weights for b in bit_choices]
     out: dict[str, dict[int, float]] = {name: {} for name in weights}
@@ -214,7 +252,7 @@ def quadratic_forms(op: HessianOperator, weights: Mapping[str, torch.Tensor],
         V = torch.zeros(len(chunk), op.dim, dtype=op.dtype, device=op.device)
         for row, (name, b) in enumerate(chunk):
             w = weights[name].detach()
-            V[row, where[name][0]] = (quantize_weight(w, b) - w).reshape(-1).to(op.dtype)
+            V[row, where[name][0]] = (quantize_weight(w, b, groups=groups.get(name)) - w).reshape(-1).to(op.dtype)
         forms = (V.double() * op.matmat(V).double()).sum(1)
         for (name, b), q in zip(chunk, forms.tolist()):
             out[name][b] = q
@@ -270,15 +308,17 @@ def activation_quadratic_forms(op: HessianOperator, layers: Mapping[str, nn.Modu
     return out
 
 
-def kl_divergences(op: HessianOperator, layers: Mapping[str, nn.Module],
-                   bit_choices: Iterable[int]) -> dict[str, dict[int, float]]:
+def kl_divergences(op: HessianOperator, layers: Mapping[str, nn.Module], bit_choices: Iterable[int],
+                   groups: Mapping[str, WeightGroups] | None = None) -> dict[str, dict[int, float]]:
     """ZeroQ's ``mean_x KL(softmax(f(x)) || softmax(f_{l,b}(x)))`` for every layer ``l`` and bit width ``b``.
 
     ``f`` is ``op.model`` as ``op``'s loss function calls it on ``op``'s batches (its forward's output, last
     dimension the logits; every call of a batch counts), ``f_{l,b}`` the same with layer ``l``'s weight
     replaced by ``Q_b(W_l)`` and put back bit for bit afterwards. Per sample (the batch's first dimension),
-    averaged with sample-count weights and all-reduced like ``op.matmat``; no gradient is taken.
+    averaged with sample-count weights and all-reduced like ``op.matmat``; no gradient is taken. A layer in
+    ``groups`` is rounded with its group-wise scales.
     """
+    groups = groups or {}
     bits = list(bit_choices)
     pairs = [(name, b) for name in layers for b in bits]
     weights = {name: m.weight for name, m in layers.items()}
@@ -290,7 +330,7 @@ def kl_divergences(op: HessianOperator, layers: Mapping[str, nn.Module],
             w = weights[name]
             saved = w.detach().clone()
             with torch.no_grad():
-                w.copy_(quantize_weight(saved, b))
+                w.copy_(quantize_weight(saved, b, groups=groups.get(name)))
             try:
                 quantized = _outputs(op, batch)
             finally:
@@ -388,6 +428,7 @@ def layer_sensitivity(
     act_momentum: float | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    groups: Mapping[str, WeightGroups] | None = None,
 ) -> Sensitivity:
     """Measure :class:`Sensitivity` of ``model``'s quantizable layers on ``data``.
 
@@ -400,7 +441,8 @@ def layer_sensitivity(
             Only their ``weight`` is measured (biases stay in 32 bits and are not quantized by ``Q_b``).
         bit_choices: bit widths (2..8) for the perturbations.
         metrics: what to measure, any of ``"trace"`` (Hutchinson, per block), ``"eigenvalue"`` (each block's
-            top eigenvalue by Lanczos, ``eig_tol``: HAWQ-V1), ``"quadratic"`` (the exact quadratic forms,
+            top eigenvalue by Lanczos, ``eig_tol``: HAWQ-V1), ``"qbert"`` (each block's top eigenvalue on every
+            batch of ``data`` alone: Q-BERT's mean + std over subsamples), ``"quadratic"`` (the exact quadratic forms,
             ``len(layers) * len(bit_choices)`` Hessian-vector products) and ``"quadratic+act"`` (those plus the
             forms of each layer's rounded input activations at the same bits: for ``act_bits="follow"``),
             ``"kfac"`` (the quadratic forms of the K-FAC Gauss-Newton blocks: no Hessian-vector product) and
@@ -418,6 +460,8 @@ def layer_sensitivity(
             DataLoader never hits) and the settings above; what it cannot see is state a loss reads from
             elsewhere (a global, an object it closes over). Under DDP each rank keys its own shard and all
             ranks hit or all measure.
+        groups: ``{layer: WeightGroups}`` for layers quantized in groups (the others per channel): their
+            perturbations, quadratic forms and KL divergences round with the group-wise scales.
     """
     if iter(data) is data:  # a generator or iterator: read once, for the key and the measurement alike
         data = list(data)
@@ -433,13 +477,18 @@ def layer_sensitivity(
         raise ValueError(f"metrics: {unknown or 'empty'}; choose one or more of {METRICS}")
     modules = dict(model.named_modules())
     weights = {name: modules[name].weight for name in names}
-    perturbation = {name: weight_perturbation(w, bits) for name, w in weights.items()}
+    groups = {name: g for name, g in (groups or {}).items() if not g.per_channel}
+    unknown_groups = sorted(set(groups) - set(names))
+    if unknown_groups:
+        raise ValueError(f"groups names layers {unknown_groups} that are not measured; measured: {names}")
+    perturbation = {name: weight_perturbation(w, bits, groups.get(name)) for name, w in weights.items()}
     settings = {
         "version": _CACHE_VERSION, "layers": names, "rel_tol": rel_tol, "min_samples": min_samples,
         "max_samples": max_samples, "batch": batch, "metrics": wanted, "eig_tol": eig_tol, "seed": seed,
         "loss_fn": _code_of(loss_fn),
         "bits": bits if set(PER_BITS_METRICS) & set(wanted) else None,
         "act_momentum": act_momentum if "quadratic+act" in wanted else None,
+        "groups": {name: str(g) for name, g in sorted(groups.items())},
     }
     path = None
     if cache_dir is not None:
@@ -448,13 +497,14 @@ def layer_sensitivity(
         if _all_ranks(found is not None):
             return found
     hessian = _measure(model, loss_fn, data, weights, bits, wanted, rel_tol, min_samples, max_samples, batch,
-                       eig_tol, act_momentum, seed)
+                       eig_tol, act_momentum, seed, groups)
     if path is not None:
         _write_cache(path, hessian)
     return Sensitivity(perturbation=perturbation, **hessian)
 
 
 def _check_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
+    require_unpacked(model, "layer_sensitivity")
     available = quantizable_layers(model)
     if not available:
         raise ValueError(f"model {type(model).__name__} has no quantizable layer (nn.Conv1d, nn.Conv2d or nn.Linear)")
@@ -483,6 +533,7 @@ def _measure(
     eig_tol: float,
     act_momentum: float | None,
     seed: int,
+    groups: Mapping[str, WeightGroups],
 ) -> dict[str, Any]:
     """The Hessian part: block traces from one set of probes, block top eigenvalues, exact quadratic forms."""
     op = HessianOperator(model, loss_fn, data, params=list(weights.values()))
@@ -490,7 +541,7 @@ def _measure(
     out: dict[str, Any] = {
         "params": {name: w.numel() for name, w in weights.items()},
         "trace": {}, "trace_std_error": {}, "top_eigenvalue": {}, "quadratic": {}, "act_quadratic": {}, "kfac": {},
-        "kl": {},
+        "kl": {}, "subsample_eigenvalues": {},
         "num_samples": 0, "converged": True,
     }
     if "trace" in metrics:
@@ -501,22 +552,62 @@ def _measure(
         out["num_samples"] = next(iter(traces.values())).num_samples
         out["converged"] = all(t.converged for t in traces.values())
     if {"quadratic", "quadratic+act"} & set(metrics):
-        out["quadratic"] = quadratic_forms(op, weights, bits)
+        out["quadratic"] = quadratic_forms(op, weights, bits, groups)
     if "kfac" in metrics:
-        out["kfac"] = quadratic_forms(KFACOperator(model, loss_fn, data, params=list(weights.values())), weights, bits)
+        out["kfac"] = quadratic_forms(KFACOperator(model, loss_fn, data, params=list(weights.values())), weights, bits,
+                                      groups)
     if "quadratic+act" in metrics:
         modules = dict(model.named_modules())
-        out["act_quadratic"] = activation_quadratic_forms(op, {name: modules[name] for name in weights}, bits,
-                                                          act_momentum)
+        read = {name: modules[name] for name in weights if not isinstance(modules[name], nn.Embedding)}
+        forms = activation_quadratic_forms(op, read, bits, act_momentum) if read else {}
+        # an embedding reads indices, which are not rounded: its activation part is 0
+        out["act_quadratic"] = {name: forms.get(name, dict.fromkeys(bits, 0.0)) for name in weights}
     if "kl" in metrics:
         modules = dict(model.named_modules())
-        out["kl"] = kl_divergences(op, {name: modules[name] for name in weights}, bits)
+        out["kl"] = kl_divergences(op, {name: modules[name] for name in weights}, bits, groups)
     if "eigenvalue" in metrics:
         eigs = per_layer_top_eigenvalue(op, blocks, k=1, tol=eig_tol, seed=seed)
         out["top_eigenvalue"] = {name: float(e.eigenvalues[0]) for name, e in eigs.items()}
         out["converged"] = out["converged"] and all(e.converged for e in eigs.values())
-    out["num_hvps"] = op.num_hvps + len(weights) * len(bits) * ("quadratic+act" in metrics)
+    subsample_hvps = 0
+    if "qbert" in metrics:
+        out["subsample_eigenvalues"], converged, subsample_hvps = subsample_top_eigenvalues(
+            model, loss_fn, data, weights, eig_tol, seed)
+        out["converged"] = out["converged"] and converged
+    out["num_hvps"] = op.num_hvps + subsample_hvps + len(weights) * len(bits) * ("quadratic+act" in metrics)
     return out
+
+
+def subsample_top_eigenvalues(
+    model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], data: Any,
+    weights: Mapping[str, nn.Parameter], tol: float = 1e-3, seed: int = 0,
+) -> tuple[dict[str, list[float]], bool, int]:
+    """Q-BERT's measurement: each layer's top Hessian-block eigenvalue on every batch of ``data`` on its own.
+
+    Returns ``({layer: [lambda on batch 1, ...]}, all converged, Hessian-vector products)``. Under
+    ``torch.distributed`` subsample ``s`` is the union of the ranks' ``s``-th batches, so every rank must hold
+    as many batches.
+    """
+    batches, source = _as_batches(data)
+    batches = list(source) if batches is None else batches
+    if dist.is_available() and dist.is_initialized():  # every rank must join every subsample's products
+        counts = torch.tensor([len(batches), -len(batches)], device=next(iter(weights.values())).device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        if int(counts[0]) != -int(counts[1]):
+            raise ValueError(f"metric='qbert': the ranks hold {-int(counts[1])} to {int(counts[0])} probe batches, but "
+                             "subsample s is every rank's s-th batch: give each rank as many (probe_size a multiple of "
+                             "probe_batch_size x world size)")
+    blocks = {name: [w] for name, w in weights.items()}
+    out: dict[str, list[float]] = {name: [] for name in weights}
+    converged, hvps = True, 0
+    for batch in batches:
+        op = HessianOperator(model, loss_fn, Batches([batch]), params=list(weights.values()))
+        eigs = per_layer_top_eigenvalue(op, blocks, k=1, tol=tol, seed=seed)
+        for name, e in eigs.items():
+            out[name].append(float(e.eigenvalues[0]))
+        converged = converged and all(e.converged for e in eigs.values())
+        hvps += op.num_hvps
+    return out, converged, hvps
 
 
 def _tensors(obj: Any) -> Iterable[torch.Tensor]:

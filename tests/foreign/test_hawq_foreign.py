@@ -54,11 +54,15 @@ def test_language_model_without_forward_is_costed_and_calibrated_through_its_los
                       act_bits="follow", probe_size=32)
     L.Trainer(**TRAINER).fit(hawq, loader)
     inputs = hawq._probe_batches()[0][0]
-    expected = layer_stats(module.model, inputs)  # the inner model's own forward on the probe batch
+    expected = layer_stats(hawq.float_module.model, inputs)  # the inner model's own forward on the probe batch
     assert {name: s.macs for name, s in hawq.stats.items()} == {f"model.{n}": s.macs for n, s in expected.items()}
-    assert set(hawq.weight_bits) == {"model.encoder.layers.0.linear1", "model.encoder.layers.0.linear2",
-                                     "model.decoder"}
+    block = "model.encoder.layers.0"
+    assert set(hawq.weight_bits) == {"model.embedding", *(f"{block}.self_attn.{p}_proj" for p in "qkv"),
+                                     f"{block}.self_attn.out_proj", f"{block}.linear1", f"{block}.linear2",
+                                     "model.decoder"}  # every weight layer: attention unpacked, the embedding
+    assert expected["encoder.layers.0.self_attn.q_proj"].macs == 6 * 8 * 8  # per sample: 6 tokens x 8 x 8
     assert isinstance(hawq.module.model.decoder, QuantLinear) and hawq._calibrated()
+    assert isinstance(hawq.module.model.encoder.layers[0].self_attn.out_proj, QuantLinear)
     with pytest.raises(ValueError, match="distill_weight > 0 distils the logits of LightningTransformer.forward, "
                                          "which it does not define: pass distill_weight=0"):
         HAWQModule(module, bits=8, loss_fn=language_model.lm_loss, distill_weight=0.5)
@@ -98,10 +102,9 @@ def test_dict_batches_are_costed_through_forward_keywords():
         warnings.simplefilter("always")
         L.Trainer(**TRAINER).fit(hawq, datamodule=dm)
     assert hawq.stats["model.layer.intermediate"].macs == 10 * 8 * 16  # per sample: 10 tokens x 8 x 16
-    left = [str(w.message) for w in caught if "left in float" in str(w.message)]
-    # layers with weights only: not the functional softmax, gelu and tanh, nor the loss computed in forward
-    assert len(left) == 1 and all(name in left[0] for name in ("word_embeddings", "embedding_norm"))
-    assert "softmax" not in left[0] and "gelu" not in left[0] and "tanh" not in left[0]
+    # every weight layer is quantized (embeddings included); LayerNorm, softmax, gelu and tanh are float ops
+    assert not [str(w.message) for w in caught if "left in float" in str(w.message)]
+    assert set(hawq.weight_bits) == set(hawq.layers) and "model.word_embeddings" in hawq.layers
 
 
 def test_batchnorm_classifier_warns_of_no_loss_or_activation_module_and_exports_after_folding():
