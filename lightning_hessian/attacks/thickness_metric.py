@@ -35,10 +35,17 @@ class BoundaryThickness(Metric):
 
     Example::
 
-        metric = BoundaryThickness(eps=2.0, clamp=(0.0, 1.0))
-        for x, _ in loader:
-            metric.update(model, x)
-        mean, std_error, reached = metric.compute()
+        >>> import torch
+        >>> from lightning_hessian.attacks import BoundaryThickness
+        >>> w = torch.tensor([[2.0, 0.0], [-2.0, 0.0]])           # a linear two-class softmax model
+        >>> model = torch.nn.Linear(2, 2, bias=False)
+        >>> model.weight.data = w
+        >>> metric = BoundaryThickness(eps=10.0, num_points=512, seed=0)
+        >>> x = torch.tensor([[1.0, 0.0], [1.5, 1.0], [-1.0, 0.5], [-2.0, -1.0]])  # both classes, off the band
+        >>> metric.update(model, x)
+        >>> thickness, std_error, reached = metric.compute()
+        >>> round(float(thickness), 2)   # closed form: ln 7 / ||w_0 - w_1|| = 1.946 / 4
+        0.49
     """
 
     is_differentiable = False

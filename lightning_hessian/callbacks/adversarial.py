@@ -76,10 +76,19 @@ class AdversarialAugmentCallback(Callback):
 
     Example::
 
-        from lightning_hessian import AdversarialAugmentCallback
-        adv = AdversarialAugmentCallback(attack="pgd", eps=0.2, steps=5, fraction=0.5, robust_eval=True)
-        Trainer(max_epochs=20, callbacks=[adv]).fit(model, datamodule=MNIST1DDataModule())
-        noisy_mixup = AdversarialAugmentCallback(fraction=0.0, mixup_alpha=1.0, mixup_noise=0.5)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_hessian import AdversarialAugmentCallback, ClassificationModule
+        >>> _ = torch.manual_seed(0)
+        >>> data = DataLoader(TensorDataset(torch.randn(128, 40), torch.randint(0, 10, (128,))), batch_size=32)
+        >>> adv = AdversarialAugmentCallback(attack="pgd", eps=0.2, steps=3, fraction=0.5, robust_eval=True)
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[adv], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(ClassificationModule(torch.nn.Linear(40, 10)), data, data)
+        >>> sorted(name for name in trainer.callback_metrics if name.startswith("adv/"))
+        ['adv/fraction', 'adv/robust_acc', 'adv/success_rate']
+        >>> noisy_mixup = AdversarialAugmentCallback(fraction=0.0, mixup_alpha=1.0, mixup_noise=0.5)
     """
 
     def __init__(

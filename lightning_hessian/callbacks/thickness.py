@@ -48,8 +48,18 @@ class BoundaryThicknessCallback(Callback):
 
     Example::
 
-        from lightning_hessian.callbacks.thickness import BoundaryThicknessCallback
-        Trainer(max_epochs=30, callbacks=[BoundaryThicknessCallback(eps=4.0, every_n_epochs=5)]).fit(model, dm)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_hessian import BoundaryThicknessCallback, ClassificationModule
+        >>> _ = torch.manual_seed(0)
+        >>> data = DataLoader(TensorDataset(torch.randn(128, 40), torch.randint(0, 10, (128,))), batch_size=32)
+        >>> thickness = BoundaryThicknessCallback(eps=4.0, every_n_epochs=2, probe_size=32, clamp=None)
+        >>> trainer = pl.Trainer(max_epochs=2, callbacks=[thickness], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(ClassificationModule(torch.nn.Linear(40, 10)), data, data)
+        >>> [entry["epoch"] for entry in thickness.history], "robust/boundary_thickness" in trainer.callback_metrics
+        ([1], True)
     """
 
     def __init__(

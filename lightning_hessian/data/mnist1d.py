@@ -69,8 +69,14 @@ class MNIST1DDataModule(LightningDataModule):
 
     Example::
 
-        dm = MNIST1DDataModule(data_dir="data", num_train=4000, num_test=1000, batch_size=100)
-        trainer.fit(model, datamodule=dm)
+        >>> import tempfile
+        >>> from lightning_hessian.data import MNIST1DDataModule
+        >>> dm = MNIST1DDataModule(data_dir=tempfile.mkdtemp(), num_train=400, num_test=100, batch_size=100)
+        >>> dm.prepare_data()  # generates the set once (mnist1d), cached in data_dir
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> tuple(x.shape), tuple(y.shape), len(dm.train_dataloader())
+        ((100, 40), (100,), 4)
     """
 
     def __init__(

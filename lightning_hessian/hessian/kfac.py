@@ -309,10 +309,21 @@ class KFACOperator:
 
     Example::
 
-        op = KFACOperator(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(x1, y1), (x2, y2)])
-        top = top_eigenvalues(op, k=5)        # Lanczos on the block-diagonal operator
-        exact = op.eigenvalues()[:5]          # the same, from the factors
-        step = op.inverse_matmat(grad[None], damping=1e-3)
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from lightning_hessian.hessian import KFACOperator, top_eigenvalues
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+        >>> batches = [(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(2)]
+        >>> op = KFACOperator(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), batches)
+        >>> exact = op.eigenvalues()[:3]                             # from the factors
+        >>> lanczos = top_eigenvalues(op, k=3, tol=1e-10).eigenvalues  # Lanczos on the block-diagonal operator
+        >>> torch.allclose(lanczos, exact, rtol=1e-6)
+        True
+        >>> v = torch.randn(1, op.dim, dtype=torch.float64)
+        >>> w = op.inverse_matmat(v, damping=1e-3)                  # (K + 1e-3 I)^-1 v, exact from the factors
+        >>> torch.allclose(op.matmat(w) + 1e-3 * w, v)
+        True
     """
 
     def __init__(

@@ -37,8 +37,20 @@ class ClassificationModule(LightningModule):
 
     Example::
 
-        module = ClassificationModule(MNIST1DCNN(), optimizer=partial(torch.optim.Adam, lr=1e-2))
-        Trainer(max_epochs=5).fit(module, datamodule=MNIST1DDataModule())
+        >>> from functools import partial
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_hessian.models import ClassificationModule, MNIST1DMLP
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(256, 40)
+        >>> data = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=32)  # a learnable two-class task
+        >>> module = ClassificationModule(MNIST1DMLP(hidden=32), optimizer=partial(torch.optim.Adam, lr=1e-2))
+        >>> trainer = pl.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False)
+        >>> trainer.fit(module, data, data)
+        >>> float(trainer.callback_metrics["val/acc"]) > 0.9
+        True
     """
 
     def __init__(

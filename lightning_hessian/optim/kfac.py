@@ -115,12 +115,22 @@ class KFACPreconditioner:
 
     Example::
 
-        precond = KFACPreconditioner(model, inv_update_steps=10, damping=0.3)
-        for x, y in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            precond.step(optimizer)
-            optimizer.step()
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from lightning_hessian.optim import KFACPreconditioner
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        >>> x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> precond = KFACPreconditioner(model, inv_update_steps=10, damping=0.3)
+        >>> first = F.cross_entropy(model(x), y).item()
+        >>> for _ in range(20):
+        ...     optimizer.zero_grad()
+        ...     F.cross_entropy(model(x), y).backward()
+        ...     precond.step(optimizer)   # replaces each layer's gradient by its K-FAC preconditioned one
+        ...     optimizer.step()
+        >>> F.cross_entropy(model(x), y).item() < first
+        True
     """
 
     def __init__(
