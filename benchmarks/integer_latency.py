@@ -44,9 +44,11 @@ from lightning_hessian.models import MNIST1DCNN, resnet20
 from lightning_hessian.quant.allocation import allocate_bits
 from lightning_hessian.quant.costs import budget_between, layer_stats, size_costs
 from lightning_hessian.quant.export import export_onnx
+from lightning_hessian.quant.folding import fold_batchnorm
 from lightning_hessian.quant.integer import ConvStep, LinearStep, to_integer_model
-from lightning_hessian.quant.modules import calibrate, fold_batchnorm, quantize_model
+from lightning_hessian.quant.layers import calibrate
 from lightning_hessian.quant.sensitivity import layer_sensitivity
+from lightning_hessian.quant.swap import quantize_model
 
 BATCHES = (1, 32)
 

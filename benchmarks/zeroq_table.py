@@ -44,7 +44,7 @@ from lightning_hessian.data.mnist1d import load_mnist1d
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule, resnet20
 from lightning_hessian.quant.distill import batchnorm_mismatch, distill_data
 from lightning_hessian.quant.hawq import HAWQModule
-from lightning_hessian.quant.modules import quantizable_layers
+from lightning_hessian.quant.swap import quantizable_layers
 
 NUM_SAMPLES = 32
 CONFIGS = {"W8A8": {"bits": 8}, "W4/8 A8, size 0.5": {"budgets": {"size": 0.5}, "bit_choices": (4, 8)}}

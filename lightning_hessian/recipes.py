@@ -760,8 +760,8 @@ def _export_integer(cfg: DictConfig, hawq: Any, datamodule: pl.LightningDataModu
     """Fold BatchNorm, convert to the integer-only model, measure its test accuracy (without a datamodule: none,
     the example input is a distilled one) and save it."""
     from lightning_hessian.quant.export import export_onnx, export_program
+    from lightning_hessian.quant.folding import fold_batchnorm
     from lightning_hessian.quant.integer import to_integer_model
-    from lightning_hessian.quant.modules import fold_batchnorm
 
     net = _export_network(cfg, hawq.module).cpu().eval()
     loader = datamodule.test_dataloader() if datamodule is not None else None

@@ -7,7 +7,7 @@ from torch import nn
 from lightning_hessian.models.transformer import MNIST1DTransformer
 from lightning_hessian.quant import calibrate, quantizable_layers, quantize_model, to_integer_model
 from lightning_hessian.quant.attention import MultiheadAttention, unpack_attention
-from lightning_hessian.quant.modules import QuantLinear
+from lightning_hessian.quant.layers import QuantLinear
 
 
 @pytest.mark.parametrize("batch_first", [False, True])

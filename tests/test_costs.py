@@ -18,8 +18,8 @@ from lightning_hessian.quant.costs import (
     model_size,
     size_costs,
 )
-from lightning_hessian.quant.modules import quantizable_layers, quantize_model
 from lightning_hessian.quant.report import bit_report
+from lightning_hessian.quant.swap import quantizable_layers, quantize_model
 
 
 def conv_out(length: int, kernel: int, stride: int, padding: int) -> int:

@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from lightning_hessian.quant import calibrate, quantize_model, to_integer_model
-from lightning_hessian.quant.modules import QuantEmbedding, QuantLinear, resolve_groups
+from lightning_hessian.quant.layers import QuantEmbedding, QuantLinear
 from lightning_hessian.quant.quantizers import (
     WeightGroups,
     group_codes,
     quantize_weight,
     weight_codes,
 )
+from lightning_hessian.quant.swap import resolve_groups
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

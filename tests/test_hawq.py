@@ -16,7 +16,7 @@ from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule
 from lightning_hessian.quant.allocation import InfeasibleBudgetError
 from lightning_hessian.quant.hawq import HAWQModule
-from lightning_hessian.quant.modules import QuantConv1d, QuantLinear
+from lightning_hessian.quant.layers import QuantConv1d, QuantLinear
 from tests.helpers.allocation import best_allocation
 from tests.helpers.problems import fit_full_batch
 

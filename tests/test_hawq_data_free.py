@@ -16,7 +16,7 @@ from lightning_hessian.quant.allocation import allocate_bits, allocation_total
 from lightning_hessian.quant.costs import budget_between, size_costs
 from lightning_hessian.quant.distill import batchnorm_mismatch
 from lightning_hessian.quant.hawq import HAWQModule
-from lightning_hessian.quant.modules import QuantAct
+from lightning_hessian.quant.layers import QuantAct
 from lightning_hessian.quant.sensitivity import layer_sensitivity
 from tests.helpers.problems import fit_full_batch
 

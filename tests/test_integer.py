@@ -7,6 +7,7 @@ from torch import nn
 
 from lightning_hessian.models import MNIST1DCNN, MNIST1DMLP, ResidualAdd, resnet20
 from lightning_hessian.quant.export import export_onnx, export_program
+from lightning_hessian.quant.folding import fold_batchnorm
 from lightning_hessian.quant.integer import (
     AddStep,
     ConvStep,
@@ -20,7 +21,8 @@ from lightning_hessian.quant.integer import (
     RequantStep,
     to_integer_model,
 )
-from lightning_hessian.quant.modules import QuantAct, calibrate, fold_batchnorm, quantizable_layers, quantize_model
+from lightning_hessian.quant.layers import QuantAct, calibrate
+from lightning_hessian.quant.swap import quantizable_layers, quantize_model
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

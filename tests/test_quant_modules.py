@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_hessian.models import MNIST1DCNN, MNIST1DMLP, ResidualAdd, resnet20
-from lightning_hessian.quant.modules import (
+from lightning_hessian.quant.folding import fold_batchnorm
+from lightning_hessian.quant.layers import (
     QuantAct,
     QuantAdaptiveAvgPool,
     QuantConv1d,
@@ -17,10 +18,8 @@ from lightning_hessian.quant.modules import (
     QuantLinear,
     QuantResidualAdd,
     calibrate,
-    fold_batchnorm,
-    quantizable_layers,
-    quantize_model,
 )
+from lightning_hessian.quant.swap import quantizable_layers, quantize_model
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -22,7 +22,7 @@ from lightning_hessian.quant import (
     size_costs,
     to_integer_model,
 )
-from lightning_hessian.quant.modules import QuantEmbedding, QuantLinear
+from lightning_hessian.quant.layers import QuantEmbedding, QuantLinear
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -18,11 +18,12 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "lightning_hessian.quant.export": ["export_onnx", "export_program"],
     "lightning_hessian.quant.hawq": ["HAWQModule"],
     "lightning_hessian.quant.integer": ["IntegerModel", "to_integer_model"],
-    "lightning_hessian.quant.modules": [
-        "QuantAct", "QuantAdaptiveAvgPool", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantizationReport",
-        "QuantLinear", "QuantResidualAdd", "calibrate", "fold_batchnorm", "quantizable_layers", "quantize_model",
-        "resolve_groups",
+    "lightning_hessian.quant.layers": [
+        "QuantAct", "QuantAdaptiveAvgPool", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear",
+        "QuantResidualAdd", "calibrate",
     ],
+    "lightning_hessian.quant.swap": ["QuantizationReport", "quantizable_layers", "quantize_model", "resolve_groups"],
+    "lightning_hessian.quant.folding": ["fold_batchnorm"],
     "lightning_hessian.quant.quantizers": [
         "FOLLOW", "ActivationQuantizer", "WeightGroups", "quantize_weight", "requantize", "requantize_sum",
         "validate_act_bits", "validate_bits",

@@ -2,7 +2,7 @@
 
 These are the ``costs[resource][layer][bits]`` tables :func:`~lightning_hessian.quant.allocation.allocate_bits`
 takes, HAWQ-V3's budgets between two uniform precisions, and the float baselines for reports. Layers are
-the ones ``quantize_model`` swaps (:func:`~lightning_hessian.quant.modules.quantizable_layers`), named by
+the ones ``quantize_model`` swaps (:func:`~lightning_hessian.quant.swap.quantizable_layers`), named by
 their module path.
 """
 
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from lightning_hessian.modes import training_mode
-from lightning_hessian.quant.modules import quantizable_layers, require_unpacked
 from lightning_hessian.quant.quantizers import MIN_BITS, validate_bit_choices, validate_bits
+from lightning_hessian.quant.swap import quantizable_layers, require_unpacked
 
 FLOAT_BITS = 32
 _UNITS = {"bits": 1, "bytes": 8}
@@ -45,7 +45,7 @@ def layer_stats(
 
     Args:
         model: any ``nn.Module``; its layers are those of
-            :func:`~lightning_hessian.quant.modules.quantizable_layers`.
+            :func:`~lightning_hessian.quant.swap.quantizable_layers`.
         example_input: a batch the model accepts: a tensor, a tuple/list of positional arguments or a
             dict of keyword arguments; its first tensor's leading dimension is the batch size.
         layers: module paths to keep (default: every quantizable layer).

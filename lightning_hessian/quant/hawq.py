@@ -55,8 +55,7 @@ from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, a
 from lightning_hessian.quant.attention import unpack_attention
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
 from lightning_hessian.quant.distill import batchnorm_layers, distill_data
-from lightning_hessian.quant.modules import calibrate as calibrate_ranges
-from lightning_hessian.quant.modules import quantizable_layers, quantize_model, resolve_groups
+from lightning_hessian.quant.layers import calibrate as calibrate_ranges
 from lightning_hessian.quant.quantizers import (
     FOLLOW,
     ActivationQuantizer,
@@ -66,6 +65,7 @@ from lightning_hessian.quant.quantizers import (
 )
 from lightning_hessian.quant.report import BitReport, Frontier, bit_report, frontier_of
 from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
+from lightning_hessian.quant.swap import quantizable_layers, quantize_model, resolve_groups
 
 RESOURCES = ("size", "bops")
 CALIBRATIONS = ("data", "distilled")  # where the probe set comes from: real samples, or ZeroQ's distilled inputs
@@ -793,7 +793,7 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
             ``example_input``.
         distill: further keyword arguments of ``distill_data`` (``batch_size``, ``max_steps``, ``lr``, ``tol``,
             ``patience``, ``input_prior``, ``progress``).
-        groups: which weights share a scale (:func:`~lightning_hessian.quant.modules.resolve_groups`): ``None``
+        groups: which weights share a scale (:func:`~lightning_hessian.quant.swap.resolve_groups`): ``None``
             per output channel; ``{"columns": 32}`` (groups of input columns, int4 practice), ``{"rows": 4}``
             (Q-BERT's groups of output rows), ``"tensor"``, or ``{layer: spec}``; one spec applies to every layer
             it tiles (the others stay per-channel, with a warning). The sensitivities round with the same groups.

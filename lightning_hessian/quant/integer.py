@@ -59,17 +59,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_hessian.quant.modules import (
-    _BATCHNORMS,
-    FLOAT_MODULES,
-    IDENTITY_OPS,
-    RELU_OPS,
-    RESHAPE_OPS,
-    TRANSPOSE_OPS,
+from lightning_hessian.quant.layers import (
     QuantAdaptiveAvgPool,
     QuantEmbedding,
     QuantResidualAdd,
-    _float_leftovers,
     _QuantConv,
     _QuantLayer,
     window_sum,
@@ -82,6 +75,15 @@ from lightning_hessian.quant.quantizers import (
     requantize,
     requantize_sum,
     zero_point,
+)
+from lightning_hessian.quant.swap import (
+    BATCHNORMS,
+    FLOAT_MODULES,
+    IDENTITY_OPS,
+    RELU_OPS,
+    RESHAPE_OPS,
+    TRANSPOSE_OPS,
+    _float_leftovers,
 )
 
 _INT8_OFFSET = 128  # unsigned 8-bit codes (0..255) enter the int8 GEMM as code - 128
@@ -641,7 +643,7 @@ def _island(func, args: tuple, kwargs: dict, traced: dict) -> tuple[Any, list[Te
 
 
 def _check_convertible(model: nn.Module, float_ops: bool) -> None:
-    bns = [n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
+    bns = [n for n, m in model.named_modules() if isinstance(m, BATCHNORMS)]
     if bns:
         raise ValueError(f"BatchNorm layers {bns} are not folded: call fold_batchnorm(model, example_input) first")
     layers, ops = _float_leftovers(model, {}, FLOAT_MODULES if float_ops else ())

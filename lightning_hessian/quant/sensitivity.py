@@ -95,7 +95,6 @@ from lightning_hessian.hessian.blocks import block_slices, per_layer_top_eigenva
 from lightning_hessian.hessian.kfac import KFACOperator
 from lightning_hessian.hessian.operator import Batches, HessianOperator, _as_batches
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES, check_sampling
-from lightning_hessian.quant.modules import quantizable_layers, require_unpacked
 from lightning_hessian.quant.quantizers import (
     MAX_BITS,
     ActivationQuantizer,
@@ -103,6 +102,7 @@ from lightning_hessian.quant.quantizers import (
     quantize_weight,
     validate_bit_choices,
 )
+from lightning_hessian.quant.swap import quantizable_layers, require_unpacked
 
 METRICS = ("trace", "eigenvalue", "qbert", "quadratic", "quadratic+act", "kfac", "kl")
 QUADRATIC_METRICS = ("quadratic", "quadratic+act", "kfac")

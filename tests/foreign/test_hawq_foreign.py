@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 
 from lightning_hessian import HAWQModule
 from lightning_hessian.quant.costs import layer_stats
+from lightning_hessian.quant.folding import fold_batchnorm
 from lightning_hessian.quant.integer import to_integer_model
-from lightning_hessian.quant.modules import QuantLinear, fold_batchnorm
+from lightning_hessian.quant.layers import QuantLinear
 from lightning_hessian.quant.quantizers import quantize_weight
 from tests.foreign import bert_like, gan, hydra_template, language_model, pl_regression
 from tests.foreign.reference import dense_hessian
