@@ -10,7 +10,7 @@ import pytest
 CORE = [
     "lightning_hessian.hessian", "lightning_hessian.attacks", "lightning_hessian.quant.quantizers",
     "lightning_hessian.quant.allocation", "lightning_hessian.quant.costs", "lightning_hessian.quant.swap",
-    "lightning_hessian.quant.layers", "lightning_hessian.quant.folding",
+    "lightning_hessian.quant.layers", "lightning_hessian.quant.folding", "lightning_hessian.quant.measurement_cache",
     "lightning_hessian.quant.integer", "lightning_hessian.quant.export", "lightning_hessian.quant.sensitivity",
     "lightning_hessian.quant.distill", "lightning_hessian.quant.report", "lightning_hessian.optim.adahessian",
     "lightning_hessian.optim.kfac", "lightning_hessian.models.mnist1d", "lightning_hessian.models.resnet",

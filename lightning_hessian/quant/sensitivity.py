@@ -55,9 +55,9 @@ per-sample terms (cross-entropy is).
 
 The Hessian part is the expensive one, so it is cached on disk (a JSON file keyed by a hash of the
 model's parameters, buffers, structure and code, the loss function's code, the probe data and the estimator
-settings); the perturbations are
-recomputed every call (no Hessian-vector product), so re-planning with other bit widths is free for the
-trace and eigenvalue metrics (the quadratic forms depend on the bit widths, which are in the key).
+settings: :mod:`~lightning_hessian.quant.measurement_cache`); the perturbations are recomputed every call (no
+Hessian-vector product), so re-planning with other bit widths is free for the trace and eigenvalue metrics (the
+quadratic forms depend on the bit widths, which are in the key).
 
 Q-BERT (Shen et al., AAAI 2020) ranks the layers of a transformer by the top eigenvalue of each layer's Hessian
 block over several data subsamples, its mean plus its spread: ``metric="qbert"`` is
@@ -76,11 +76,8 @@ all-reduced (see :class:`~lightning_hessian.hessian.operator.HessianOperator`).
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
-import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,10 +88,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_hessian.distributed import is_distributed
 from lightning_hessian.hessian.blocks import block_slices, per_layer_top_eigenvalue, per_layer_trace
 from lightning_hessian.hessian.kfac import KFACOperator
 from lightning_hessian.hessian.operator import Batches, HessianOperator, _as_batches
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES, check_sampling
+from lightning_hessian.quant.measurement_cache import cache_key, code_of, write_json
 from lightning_hessian.quant.quantizers import (
     MAX_BITS,
     ActivationQuantizer,
@@ -485,21 +484,21 @@ def layer_sensitivity(
     settings = {
         "version": _CACHE_VERSION, "layers": names, "rel_tol": rel_tol, "min_samples": min_samples,
         "max_samples": max_samples, "batch": batch, "metrics": wanted, "eig_tol": eig_tol, "seed": seed,
-        "loss_fn": _code_of(loss_fn),
+        "loss_fn": code_of(loss_fn),
         "bits": bits if set(PER_BITS_METRICS) & set(wanted) else None,
         "act_momentum": act_momentum if "quadratic+act" in wanted else None,
         "groups": {name: str(g) for name, g in sorted(groups.items())},
     }
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"sensitivity-{_cache_key(model, data, settings)}.json"
+        path = Path(cache_dir) / f"sensitivity-{cache_key(model, data, settings)}.json"
         found = _read_cache(path, perturbation)
         if _all_ranks(found is not None):
             return found
     hessian = _measure(model, loss_fn, data, weights, bits, wanted, rel_tol, min_samples, max_samples, batch,
                        eig_tol, act_momentum, seed, groups)
     if path is not None:
-        _write_cache(path, hessian)
+        write_json(path, {k: v for k, v in hessian.items() if k != "num_hvps"})
     return Sensitivity(perturbation=perturbation, **hessian)
 
 
@@ -610,75 +609,6 @@ def subsample_top_eigenvalues(
     return out, converged, hvps
 
 
-def _tensors(obj: Any) -> Iterable[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for key in sorted(obj, key=str):
-            yield from _tensors(obj[key])
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
-        for item in obj:
-            yield from _tensors(item)
-
-
-def _cache_key(model: nn.Module, data: Any, settings: Mapping[str, Any]) -> str:
-    """SHA-256 of the settings, every parameter and buffer (name, dtype, shape, values), the model's structure
-    and code, the probe data."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for name in sorted(state):
-        _update(digest, state[name], name)
-    digest.update(json.dumps([m.training for m in model.modules()]).encode())
-    digest.update(repr(model).encode())
-    for cls in sorted({c for m in model.modules() for c in type(m).__mro__}, key=lambda c: c.__qualname__):
-        if not cls.__module__.startswith(("torch.", "lightning.", "torchmetrics.", "builtins")):
-            for name, attr in sorted(vars(cls).items()):
-                if isinstance(attr, types.FunctionType):
-                    digest.update(f"{cls.__qualname__}.{name}:{_code_of(attr)}".encode())
-    for tensor in _tensors(data):
-        _update(digest, tensor, "data")
-    return digest.hexdigest()[:32]
-
-
-def _code_of(fn: Any) -> str:
-    """What a callable computes, as far as can be read: its bytecode, names, constants, defaults and the plain
-    values it closes over (or a ``partial``'s arguments); a callable object by its class's ``__call__``."""
-    if isinstance(fn, functools.partial):
-        return f"partial({_code_of(fn.func)}, {_plain(fn.args)}, {_plain(fn.keywords)})"
-    fn = getattr(fn, "__func__", fn)  # a bound method: the function (its object is keyed elsewhere or not at all)
-    if not isinstance(fn, types.FunctionType):
-        call = type(fn).__call__  # loss functions are callable
-        inner = _code_of(call) if isinstance(call, types.FunctionType) else ""
-        return f"{type(fn).__module__}.{type(fn).__qualname__}({inner})"
-    cells = tuple(cell.cell_contents for cell in fn.__closure__ or ())
-    return f"{fn.__qualname__}:{_bytecode(fn.__code__)}:{_plain(fn.__defaults__)}:{_plain(cells)}"
-
-
-def _bytecode(code: types.CodeType) -> str:
-    consts = [_bytecode(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
-    return f"{code.co_code.hex()}|{code.co_names}|{consts}"
-
-
-def _plain(value: Any) -> str:
-    """``repr`` of plain values (numbers, strings, their containers); other objects by their type."""
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return repr(value)
-    if isinstance(value, (tuple, list)):
-        return f"[{', '.join(map(_plain, value))}]"
-    if isinstance(value, Mapping):
-        return f"{{{', '.join(f'{_plain(k)}: {_plain(v)}' for k, v in value.items())}}}"
-    return type(value).__qualname__
-
-
-def _update(digest: Any, tensor: torch.Tensor, label: str) -> None:
-    t = tensor.detach().cpu().contiguous()
-    digest.update(f"{label}:{t.dtype}:{tuple(t.shape)}".encode())
-    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def _read_cache(path: Path, perturbation: dict[str, dict[int, float]]) -> Sensitivity | None:
     """The cached measurement, or ``None`` for a missing or unreadable file (measured again, then)."""
     try:
@@ -688,17 +618,9 @@ def _read_cache(path: Path, perturbation: dict[str, dict[int, float]]) -> Sensit
         return None
 
 
-def _write_cache(path: Path, hessian: Mapping[str, Any]) -> None:
-    """Atomic write (a temporary file renamed), so concurrent ranks or runs never read half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({k: v for k, v in hessian.items() if k != "num_hvps"}, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _all_ranks(flag: bool) -> bool:
     """``flag`` on every rank (all-reduced), so all ranks take the cache or all measure (HVPs are collective)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return flag
     t = torch.tensor([int(flag)], dtype=torch.int64)
     if dist.get_backend() == "nccl":
