@@ -5,18 +5,27 @@ The solver keeps an orthonormal basis ``V`` and the projection ``T = V^T H V`` o
 (e.g. last epoch's eigenvectors) are the same operation. It is written as a "reverse communication" loop
 (``request`` vectors, ``feed`` their products) so several solvers can share one batched ``matmat`` call:
 ``blocks.per_layer_top_eigenvalue`` runs one per layer in lockstep.
+
+One start vector's Krylov space holds one copy of each eigenvalue, so a repeated eigenvalue (a linear head
+with several outputs under MSE repeats every value once per output) would be found once and the next distinct
+value taken for the following pair, with small residuals. For ``k > 1`` the solver therefore searches for
+copies once its pairs have converged: a second Lanczos run in the complement of the basis, from a random
+vector, until its extreme pair converges; a value it finds among the wanted ones joins the basis and the
+search repeats, so ``k`` pairs are the top ``k`` counted with multiplicity.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from lightning_hessian.checks import check_positive_int
-from lightning_hessian.hessian.operator import LinearOperator, working_dtype
+from lightning_hessian.hessian.operator import LinearOperator, check_finite, working_dtype
 
 WHICH = ("LA", "LM", "SA")
+SEARCH_TOL = 1e-2  # the search for repeated eigenvalues runs until its pair's residual is this small (relative)
 
 
 @dataclass
@@ -92,7 +101,10 @@ class KrylovSolver:
 
     ``request()`` returns the rows whose products are needed next (``None`` once finished);
     ``feed(HX)`` gives them back. ``ncv`` bounds the basis (memory ``ncv * dim``); ``block_size`` is how
-    many vectors go to the operator at once (default: the number of start vectors).
+    many vectors go to the operator at once (default: the number of start vectors). With
+    ``check_multiplicity`` (and ``k > 1``), converged pairs are followed by the search for repeated
+    eigenvalues (module docstring); its products count in ``num_hvps``. ``deflate`` (orthonormal rows): the
+    solver works in their orthogonal complement (the caller projects the products), as that search does.
     """
 
     def __init__(
@@ -107,17 +119,22 @@ class KrylovSolver:
         block_size: int | None,
         seed: int,
         min_iter: int = 0,
+        check_multiplicity: bool = True,
+        deflate: torch.Tensor | None = None,
     ):
         self.dim, self.k, self.which, self.tol, self.max_iter = dim, k, which, tol, max_iter
-        self.min_iter = min(min_iter, dim)
+        self.deflate = deflate
+        self.space = dim - (0 if deflate is None else deflate.shape[0])  # dimension of the space searched
+        self.min_iter = min(min_iter, self.space)
         self.block = block_size or start.shape[0]
         p = start.shape[0]
         default = max(2 * k + 2 * max(self.block, p), k + p + self.block + 20, min(100, 2**27 // dim))
-        self.cap = min(dim, ncv if ncv is not None else default)
-        if self.cap < dim and self.cap < k + p + self.block + 1:
+        self.cap = min(self.space, ncv if ncv is not None else default)
+        if self.cap < self.space and self.cap < k + p + self.block + 1:
             raise ValueError(f"ncv={self.cap} too small: need at least k + len(v0) + block_size + 1")
         self.V = torch.zeros(self.cap, dim, dtype=start.dtype, device=start.device)
         self.T = torch.zeros(self.cap, self.cap, dtype=torch.float64)
+        self.seed = seed
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.eps = torch.finfo(start.dtype).eps
         self.scale = 0.0  # running estimate of ||H|| (largest projection seen), for the breakdown threshold
@@ -134,6 +151,9 @@ class KrylovSolver:
         self.S = torch.zeros(0, 0, dtype=torch.float64)
         self.residuals = torch.zeros(0, dtype=torch.float64)
         self.converged = False
+        self.searched = not (check_multiplicity and k > 1)  # no copy of a wanted value left to look for
+        self.searches = 0
+        self.search: KrylovSolver | None = None  # the run looking for copies, while one is under way
 
     # ------------------------------------------------------------------------------------- basis work
     def _orthogonalise(self, W: torch.Tensor, upto: int) -> torch.Tensor:
@@ -182,21 +202,28 @@ class KrylovSolver:
     def _random_direction(self) -> None:
         """Add a random direction orthogonal to the basis (after an invariant subspace is found)."""
         w = torch.randn(1, self.dim, generator=self.gen, device="cpu", dtype=torch.float64).to(self.V)
+        for _ in range(2 if self.deflate is not None else 0):
+            w -= (w @ self.deflate.T) @ self.deflate
         self._orthogonalise(w, self.m)
         self.V[self.m] = w[0] / torch.linalg.vector_norm(w[0])
         self.m += 1
 
     def request(self) -> torch.Tensor | None:
         """Rows ``X`` (``(c, dim)``) whose products ``H X`` are needed next, or ``None`` when finished."""
+        if self.search is not None:
+            X = self.search.request()
+            if X is not None:  # projected, so the search sees the operator restricted to the complement
+                return X - (X @ self.search.deflate.T) @ self.search.deflate
+            self.converged, self.searched, self.search = self.search.converged, self.search.converged, None
         if self.converged or self.num_hvps >= self.max_iter:
             return None
         if self.m == self.n:  # no pending direction: the basis spans an invariant subspace
-            if self.m >= self.dim:
+            if self.m >= self.space:
                 return None
             if self.m + 1 > self.cap:
                 self._restart()
             self._random_direction()
-        elif self.m + self.block > self.cap and self.m < self.dim and self.n > self.k:
+        elif self.m + self.block > self.cap and self.m < self.space and self.n > self.k:
             self._restart()
         c = min(self.block, self.m - self.n, self.max_iter - self.num_hvps)
         return self.V[self.n : self.n + c]
@@ -204,6 +231,9 @@ class KrylovSolver:
     def feed(self, HX: torch.Tensor) -> None:
         """Take the products of the rows last returned by ``request``."""
         c = HX.shape[0]
+        if self.search is not None:
+            self._feed_search(HX.to(self.V))
+            return
         j0, j1 = self.n, self.n + c
         W = HX.to(self.V).clone()
         h = self._orthogonalise(W, self.m).double().cpu()
@@ -220,13 +250,76 @@ class KrylovSolver:
         self.iterations += 1
         self._ritz()
         self._check_closed_subspace()
+        if self.converged and not self.searched:
+            self._start_search()
+
+    # ---------------------------------------------------------------------------- repeated eigenvalues
+    def _start_search(self) -> None:
+        """Look for copies of the wanted values: Lanczos from a random vector orthogonal to the basis (a copy
+        of a found eigenvalue is orthogonal to the whole Krylov space in exact arithmetic)."""
+        basis = self.V[: self.m]
+        if self.m >= self.space:  # the basis spans the space: nothing left unseen
+            self.searched = True
+            return
+        budget = self.max_iter - self.num_hvps
+        self.converged = False  # until the search says nothing wanted is left (or the budget ends first)
+        if budget <= 0:
+            return
+        g = torch.Generator().manual_seed(self.seed + 7919 + self.searches)
+        w = torch.randn(1, self.dim, generator=g, device="cpu", dtype=torch.float64).to(self.V)
+        for _ in range(2):
+            w -= (w @ basis.T) @ basis
+        if float(torch.linalg.vector_norm(w)) <= 100 * self.eps * math.sqrt(self.dim):
+            self.converged = self.searched = True
+            return
+        self.searches += 1
+        self.search = KrylovSolver(self.dim, 1, self.which, w, max(self.tol, SEARCH_TOL), budget, None, 1,
+                                   self.seed + self.searches, check_multiplicity=False, deflate=basis)
+
+    def _feed_search(self, HX: torch.Tensor) -> None:
+        """Products for the search: restricted to the complement; a value it finds among the wanted ones joins
+        this basis as the next direction to multiply (orthogonal to the basis, with no known coupling to it)."""
+        basis = self.search.deflate
+        self.search.feed(HX - (HX @ basis.T) @ basis)
+        self.num_hvps += HX.shape[0]
+        self.iterations += 1
+        if not self.search.n or not self._wanted_over(float(self.search.theta[0])):
+            return
+        found = self.search.result().eigenvectors[:1].clone()
+        self.search = None
+        if self.m + 1 > self.cap and self.n > self.k:
+            self._restart()
+        self._orthogonalise(found, self.m)
+        norm = float(torch.linalg.vector_norm(found))
+        if self.m + 1 > self.cap or norm <= 100 * self.eps:  # no room (a tiny ncv), or nothing new after all
+            self.converged = self.searched = True
+            return
+        n, m = self.n, self.m  # the found vector goes first in the queue, before the pending directions
+        self.V[n + 1 : m + 1] = self.V[n:m].clone()
+        self.T[n + 1 : m + 1, :n] = self.T[n:m, :n].clone()
+        self.T[n, :] = 0
+        self.T[:, n] = 0
+        self.T[:n, n + 1 : m + 1] = self.T[n + 1 : m + 1, :n].T
+        self.V[n] = found[0] / norm
+        self.m += 1
+        self.converged = False
+
+    def _wanted_over(self, value: float) -> bool:
+        """Whether ``value`` belongs among the ``k`` wanted values found so far (ties within ``tol`` included)."""
+        kth = float(self.theta[self.k - 1])
+        margin = self.tol * abs(kth)
+        if self.which == "LA":
+            return value >= kth - margin
+        if self.which == "SA":
+            return value <= kth + margin
+        return abs(value) >= abs(kth) - margin
 
     def _check_closed_subspace(self) -> None:
         """Pairs of an invariant subspace have zero residuals but say nothing of the rest of the space: after the
         basis closes (``n < dim``), a fresh direction (random, or what rounding left) is explored, and the pairs
         count as converged only once such an exploration closed again without changing them, or changed them and
         then passed the residual test."""
-        if self.n < self.k or self.n >= self.dim:
+        if self.n < self.k or self.n >= self.space:
             return
         wanted = self.theta[: self.k]
         known = self.wanted_when_closed
@@ -247,7 +340,7 @@ class KrylovSolver:
         self.residuals = torch.linalg.vector_norm(self.T[n : self.m, :n] @ self.S, dim=0)
         if n >= self.k:
             wanted = self.residuals[: self.k] <= self.tol * self.theta[: self.k].abs()
-            self.converged = (bool(wanted.all()) and self.num_hvps >= self.min_iter) or n >= self.dim
+            self.converged = (bool(wanted.all()) and self.num_hvps >= self.min_iter) or n >= self.space
 
     def _restart(self) -> None:
         """Keep the most wanted Ritz vectors and the pending directions; drop the rest of the basis."""
@@ -298,6 +391,7 @@ def top_eigenvalues(
     block_size: int | None = None,
     min_iter: int = 0,
     return_basis: bool = False,
+    check_multiplicity: bool = True,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of ``op`` by thick-restart Lanczos with full reorthogonalisation.
 
@@ -315,13 +409,18 @@ def top_eigenvalues(
             the basis holds at most 2**27 numbers, and at least ``max(2k + 2b, k + 2b + 20)`` (block size
             ``b``). A larger basis means fewer HVPs, mostly for "SA" (small eigenvalues are clustered).
         block_size: run block Lanczos with this many vectors per ``matmat`` call (default 1; cheaper per
-            vector when batched HVPs are, but usually more HVPs in all). One start vector's Krylov space
-            holds a single copy of an eigenvalue repeated exactly (e.g. a zero-initialised softmax head's
-            Hessian), so ``k`` pairs may skip the copies: a block of at least the multiplicity finds them.
+            vector when batched HVPs are, but usually more HVPs in all).
         min_iter: make at least this many HVPs even when converged earlier, to grow the Krylov basis (whose
             span holds the top and bottom of the spectrum) for a deflated trace estimate.
         return_basis: keep the Krylov basis and its projected trace in the result (``basis``,
             ``basis_trace``; memory ``basis size * dim``).
+        check_multiplicity: for ``k > 1``, once the pairs converge, search the complement of the basis for
+            copies of the wanted eigenvalues (a single start vector sees one copy of a repeated eigenvalue),
+            so the result is the top ``k`` counted with multiplicity; it costs the products of one more
+            short Lanczos run (benchmarks/hessian_vs_pyhessian.py). ``k = 1`` never needs it.
+
+    Products that come back NaN or infinite stop the run with ``NonFiniteError``, whose message says
+    whether the loss itself is (``"the loss is NaN at this probe"``).
     """
     check_common(op, k, which, tol, max_iter)
     if not isinstance(min_iter, int) or not 0 <= min_iter <= max_iter:
@@ -335,7 +434,8 @@ def top_eigenvalues(
         g = torch.Generator().manual_seed(seed)  # rows after the first: the default start is that stream's first
         extra = torch.randn(block_size, op.dim, generator=g, device="cpu", dtype=torch.float64)[start.shape[0]:]
         start = torch.cat([start, extra.to(start)])
-    solver = KrylovSolver(op.dim, k, which, start, tol, max_iter, ncv, block_size, seed, min_iter)
+    solver = KrylovSolver(op.dim, k, which, start, tol, max_iter, ncv, block_size, seed, min_iter,
+                          check_multiplicity)
     while (X := solver.request()) is not None:
-        solver.feed(op.matmat(X))
+        solver.feed(check_finite(op, op.matmat(X)))
     return solver.result(return_basis)
