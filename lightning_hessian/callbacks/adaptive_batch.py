@@ -12,9 +12,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_hessian.callbacks.hessian_probe import HessianProbe
 from lightning_hessian.callbacks.probe import LossFn
-from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.checks import check_number, check_positive_int
+from lightning_hessian.hessian.summary import SpectrumOptions
 
 SCHEDULES = ("abs", "fb", "gg", "bl")
 MODES = ("dataloader", "accumulate")
@@ -73,7 +74,7 @@ class AdaptiveBatchSizeCallback(Callback):
         probe_data: Iterable[Any] | None = None,
         seed: int = 0,
         loss_fn: LossFn | None = None,
-        eig_tol: float = 1e-3,
+        eig_tol: float = 1e-2,
         plot: bool = True,
     ):
         check_positive_int(max_batch_size, "max_batch_size")
@@ -95,10 +96,10 @@ class AdaptiveBatchSizeCallback(Callback):
         self.warmup_epochs, self.fb_warmup_epochs = warmup_epochs, fb_warmup_epochs
         self.adversarial = adversarial
         self.plot = plot
-        self._probe = HessianSpectrumCallback(
-            top_k=1, trace=False, probe_size=probe_size, probe_batch_size=probe_batch_size, probe_data=probe_data,
-            seed=seed, loss_fn=loss_fn, eig_tol=eig_tol, plot=False,
-        )
+        check_number(eig_tol, "eig_tol", 0, low_open=True)
+        # the top eigenvalue through the one measurement (hessian.summary), warm-started from the last epoch's
+        self._probe = HessianProbe(SpectrumOptions(top_k=1, tol=eig_tol, trace=False, seed=seed), probe_size,
+                                   probe_batch_size, probe_data, seed, loss_fn)
         # schedule state (all of it in state_dict)
         self.base_batch_size: int | None = None
         self.batch_size: int | None = None

@@ -134,6 +134,15 @@ def _first_tensor(batch: Batch) -> torch.Tensor | None:
     return None
 
 
+def sample_count(batch: Batch) -> int:
+    """Samples in a batch: the first dimension of its first tensor (how the operator weights batches by
+    default)."""
+    first = _first_tensor(batch)
+    if first is None or first.dim() == 0:
+        raise ValueError("cannot infer the batch size (no tensor with a batch dim): pass batch_size_fn=")
+    return int(first.shape[0])
+
+
 def _signature(batch: Batch) -> tuple:
     """Shapes and dtypes of a batch's tensors (what an HVP's cost depends on)."""
     if isinstance(batch, torch.Tensor):
@@ -395,10 +404,7 @@ class HessianOperator:
     def _batch_size(self, batch: Batch) -> int:
         if self.batch_size_fn is not None:
             return int(self.batch_size_fn(batch))
-        first = _first_tensor(batch)
-        if first is None or first.dim() == 0:
-            raise ValueError("cannot infer the batch size (no tensor with a batch dim): pass batch_size_fn=")
-        return int(first.shape[0])
+        return sample_count(batch)
 
     def _add_weighted(self, total: torch.Tensor, batch: Batch, fn: Callable[[Batch], torch.Tensor]) -> int:
         """``total += n * fn(batch)`` for a batch of ``n`` samples; returns ``n``."""

@@ -1,0 +1,191 @@
+"""A fixed probe set, the loss on it and the one spectrum measurement: what the Hessian callbacks share.
+
+``HessianSpectrumCallback`` logs its measurements and ``AdaptiveBatchSizeCallback`` decides on their top
+eigenvalue; both go through ``HessianProbe.measure`` (``hessian.summary.measure_spectrum`` in the module's
+chosen mode, warm-started from the last probe's eigenvectors), so the same options on the same probe set give
+the numbers ``analyze_model`` gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_hessian.callbacks import budget
+from lightning_hessian.callbacks.no_trace import leave_no_trace
+from lightning_hessian.callbacks.probe import (
+    LossFn,
+    draw_probe_indices,
+    prepare_batch,
+    probe_batches,
+    resolve_loss_fn,
+    train_dataset_of,
+)
+from lightning_hessian.checks import check_positive_int
+from lightning_hessian.hessian import Batches, HessianOperator
+from lightning_hessian.hessian.blocks import block_slices
+from lightning_hessian.hessian.operator import sample_count
+from lightning_hessian.hessian.summary import SpectrumOptions, SpectrumRecord, measure_spectrum
+
+DEFAULT_PROBE_SIZE = 1024
+TIMING_SAMPLES = 32  # samples one product is timed on, to size a probe before the first one
+
+
+class HessianProbe:
+    """The Hessian of the loss on a fixed set of training samples, measured on demand.
+
+    The probe set is ``probe_size`` samples drawn once with ``seed`` (default: 1,024, or the whole training set
+    if smaller; ``size=`` of ``build`` may choose fewer, a prefix of the same draw), collated in batches of
+    ``probe_batch_size`` (default: the training loader's, so a product holds about one training step's graph
+    per batch), or the given ``probe_data`` batches. Under DDP each rank takes its share and the products are
+    all-reduced.
+    """
+
+    def __init__(
+        self,
+        options: SpectrumOptions,
+        probe_size: int | None = None,
+        probe_batch_size: int | None = None,
+        probe_data: list[Any] | None = None,
+        seed: int = 0,
+        loss_fn: LossFn | None = None,
+        mode: str = "eval",
+        params: list[str] | None = None,
+    ):
+        for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size)):
+            if value is not None:
+                check_positive_int(value, name)
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        if probe_data is not None:
+            probe_data = list(probe_data)
+            if not probe_data:
+                raise ValueError("probe_data holds no batches: pass batches, or None to draw probe_size samples")
+        self.options, self.probe_size, self.probe_batch_size = options, probe_size, probe_batch_size
+        self.probe_data, self.seed, self.loss_fn, self.mode, self.params = probe_data, seed, loss_fn, mode, params
+        self.batches: Batches | None = None
+        self.size: int | None = None  # samples in the probe set once built (all ranks together)
+        self.local_samples = 0  # this rank's share of them
+        self.warm_start: torch.Tensor | None = None
+        self.draws = 0  # measurements made (successive traces draw fresh probes)
+        self._loss: LossFn | None = None
+        self._source: tuple[Any, Any, int] | None = None  # (dataset, collate_fn, training batch size)
+        self._timing: Any = None  # a small prepared batch to time a product on
+
+    # ---- set-up ------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str = "fit") -> None:
+        """Resolve the loss and check the parameter selection (fails before training, naming the argument)."""
+        self._loss = resolve_loss_fn(pl_module, self.loss_fn)
+        op = HessianOperator(pl_module, self._loss, [], params=self.params)  # raises if nothing is selected
+        if self.options.top_k > op.dim:
+            raise ValueError(f"top_k={self.options.top_k} exceeds the {op.dim} selected parameters; lower top_k")
+        if self.options.per_layer:
+            try:
+                block_slices(op, None)
+            except ValueError as err:
+                raise ValueError(f"per_layer=True: {err}; select whole layers in params (e.g. 'net.0', not "
+                                 "'*.weight') or set per_layer=False") from None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, build: bool = True) -> None:
+        """Find the samples to probe and check the loss on a few of them; build the probe set now (``build``)
+        or later, at a size chosen then (``build(trainer, size)``)."""
+        if self.probe_data is not None:
+            self.batches = Batches(prepare_batch(trainer, b)
+                                   for b in self.probe_data[trainer.global_rank :: trainer.world_size])
+            self._timing = self.batches[0] if self.batches else None  # a rank may hold none (fewer than ranks)
+        else:
+            dataset, collate_fn = train_dataset_of(trainer)
+            loader = trainer.train_dataloader
+            batch_size = getattr(loader, "batch_size", None) if isinstance(loader, DataLoader) else None
+            self._source = (dataset, collate_fn, batch_size)
+            if self.probe_size is not None:
+                draw_probe_indices(len(dataset), self.probe_size, self.seed)  # fails early if too large
+            timing = self._collate(trainer, min(TIMING_SAMPLES, self.max_size()), TIMING_SAMPLES)
+            self._timing = timing[0] if timing else None
+        if self._timing is not None:
+            with leave_no_trace(pl_module, self.mode):
+                loss = self._loss(pl_module, self._timing)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    "loss_fn must return a scalar tensor (the mean loss over the batch), got "
+                    f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
+                )
+        if build:
+            self.build(trainer, self.size)
+
+    def max_size(self) -> int:
+        """The most samples the probe set may hold: ``probe_size``, else 1,024 or the whole training set (not for
+        ``probe_data``, which is probed as given)."""
+        dataset = self._source[0]
+        return self.probe_size if self.probe_size is not None else min(DEFAULT_PROBE_SIZE, len(dataset))
+
+    def build(self, trainer: pl.Trainer, size: int | None = None) -> None:
+        """Collate this rank's share of the probe set: ``size`` samples (default ``max_size()``); ``probe_data``
+        is probed as given."""
+        if self.probe_data is None:
+            self.size = size if size is not None else self.max_size()
+            batch_size = self.probe_batch_size or self._source[2] or DEFAULT_PROBE_SIZE
+            self.batches = Batches(self._collate(trainer, self.size, batch_size))
+        self.local_samples = sum(sample_count(b) for b in self.batches)
+
+    def _collate(self, trainer: pl.Trainer, size: int, batch_size: int) -> list[Any]:
+        """This rank's share of ``size`` probe samples (the first ``size`` of one seeded permutation: a smaller
+        probe set is a subset of a larger one), prepared as training batches are."""
+        dataset, collate_fn, _ = self._source
+        indices = draw_probe_indices(len(dataset), size, self.seed)
+        batches = probe_batches(dataset, indices, batch_size, collate_fn, trainer.global_rank, trainer.world_size,
+                                self.seed)
+        return [prepare_batch(trainer, b) for b in batches]
+
+    # ---- measuring ---------------------------------------------------------------------------------------
+
+    def product_seconds(self, pl_module: pl.LightningModule) -> tuple[float, float, int]:
+        """Seconds of building the first-order graph and of one product on the timing batch, and its samples:
+        what a probe's cost is predicted from before the first one."""
+        with leave_no_trace(pl_module, self.mode):
+            op = HessianOperator(pl_module, self._loss, [] if self._timing is None else [self._timing],
+                                 params=self.params)
+            v = torch.zeros(op.dim, dtype=op.dtype, device=op.device)
+            v[0] = 1
+            start = budget.now()
+            op.matvec(v)
+            built = budget.now()
+            op.matvec(v)
+            done = budget.now()
+            samples = 0 if self._timing is None else sample_count(self._timing)
+        product = done - built
+        return max(built - start - product, 0.0), product, samples
+
+    def measure(self, pl_module: pl.LightningModule, extras: bool = True) -> SpectrumRecord:
+        """Measure on the probe set (``extras=False``: the eigenvalues only), warm-started from the last
+        measurement's eigenvectors, and keep this one's for the next."""
+        if self.batches is None:
+            if self.probe_data is None:
+                raise ValueError("compute() outside a running Trainer needs probe_data= (the batches to probe)")
+            self.batches = Batches(self.probe_data)
+        if self._loss is None:
+            self._loss = resolve_loss_fn(pl_module, self.loss_fn)
+        options = self.options if extras else replace(self.options, trace=False, per_layer=False, density=False)
+        with leave_no_trace(pl_module, self.mode):
+            op = HessianOperator(pl_module, self._loss, self.batches, params=self.params)
+            record = measure_spectrum(op, options, warm_start=self.warm_start, draw=self.draws)
+        self.warm_start = record.eigen.eigenvectors.detach()
+        self.draws += 1
+        return record
+
+    def compute(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The eigenvalues of one measurement (what ``AdaptiveBatchSizeCallback`` decides on)."""
+        return {"eigenvalues": self.measure(pl_module).eigenvalues}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warm_start": self.warm_start, "draws": self.draws, "size": self.size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.warm_start = state.get("warm_start")
+        self.draws = int(state.get("draws", 0))
+        self.size = state.get("size")
