@@ -406,3 +406,18 @@ def test_a_failing_plot_warns_and_keeps_the_history(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"writing the plots failed \(OSError\('disk full'\)\)"):
         fit([cb], max_epochs=1, default_root_dir=tmp_path)
     assert len(cb.history) == 1
+
+
+def test_a_resumed_budgeted_run_keeps_its_probe_size_and_its_accounts(tmp_path, monkeypatch):
+    monkeypatch.setattr("lightning_hessian.callbacks.spectrum.MIN_AUTO_PROBE", 16)  # let the timing choose the size
+    first = HessianSpectrumCallback(plot=False, trace=False, max_overhead=1e-4)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit([first, checkpoint], max_epochs=2, enable_checkpointing=True)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    saved = next(v for k, v in state.items() if k.startswith("HessianSpectrumCallback"))
+    assert saved["probe_size"] == first._probe.size < N_TRAIN and saved["train_seconds"] > 0
+    resumed = HessianSpectrumCallback(plot=False, trace=False, max_overhead=1e-4)
+    fit([resumed, pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)], max_epochs=3,
+        ckpt_path=str(tmp_path / "last.ckpt"), enable_checkpointing=True)
+    assert resumed._probe.size == first._probe.size  # not chosen again from a new timing: the same probe set
+    assert resumed._budget.train_seconds > saved["train_seconds"] and resumed.skipped >= saved["skipped"]

@@ -102,3 +102,42 @@ def test_a_probe_failing_on_one_rank_is_skipped_on_every_rank(tmp_path):
                          strategy=strategy)
     trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=16))
     assert load_ranks(tmp_path, 2) == [[0, 2], [0, 2]]  # a collective timeout (a hang) fails instead
+
+
+def test_the_budget_and_the_probe_size_follow_rank_0(tmp_path, monkeypatch):
+    """Rank 1 times its products 10x slower than rank 0: deciding alone it would choose another probe size and
+    skip other probes (and wait forever in the all-reduced products); every rank takes rank 0's decisions."""
+    from lightning_hessian.callbacks import budget
+    from lightning_hessian.hessian import HessianOperator
+    from lightning_hessian.hessian.operator import sample_count
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(budget, "now", lambda: clock["t"])
+    matmat = HessianOperator.matmat
+
+    def timed(op, V):
+        slow = 10 if torch.distributed.get_rank() == 1 else 1
+        clock["t"] += slow * 2e-5 * V.shape[0] * sum(sample_count(b) for b in op._batches)
+        return matmat(op, V)
+
+    monkeypatch.setattr(HessianOperator, "matmat", timed)
+
+    class Clocked(TinyModule):
+        def training_step(self, batch, batch_idx):
+            clock["t"] += 0.1
+            return super().training_step(batch, batch_idx)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(640, 6, generator=g)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    cb = HessianSpectrumCallback(plot=False, trace=False)  # the default budget and an automatic probe size
+    results = SaveRankResults(tmp_path, lambda trainer, module: {
+        "steps": [h["step"] for h in cb.history], "size": cb._probe.size, "hvps": [h["hvps"] for h in cb.history]})
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=8, callbacks=[cb, results], logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", **ddp(2))
+    trainer.fit(Clocked(batch_norm=False), DataLoader(data, batch_size=32))
+    rank0, rank1 = load_ranks(tmp_path, 2)
+    assert rank0 == rank1
+    # rank 0's timing affords 512 samples (rank 1's alone: 128); budgeted, so some probes are skipped
+    assert rank0["size"] == 512 and 2 <= len(rank0["steps"]) < 8
