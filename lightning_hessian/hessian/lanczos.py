@@ -255,10 +255,12 @@ class KrylovSolver:
 
     # ---------------------------------------------------------------------------- repeated eigenvalues
     def _start_search(self) -> None:
-        """Look for copies of the wanted values: Lanczos from a random vector orthogonal to the basis (a copy
-        of a found eigenvalue is orthogonal to the whole Krylov space in exact arithmetic)."""
-        basis = self.V[: self.m]
-        if self.m >= self.space:  # the basis spans the space: nothing left unseen
+        """Look for copies of the wanted values: Lanczos from a random vector orthogonal to the multiplied basis (a
+        copy of a found eigenvalue is orthogonal to the whole Krylov space in exact arithmetic). The pending
+        directions stay in the search's space: once the Krylov space has closed, rounding leaves the next one
+        pointing at the very copy that is missing."""
+        basis = self.V[: self.n]
+        if self.n >= self.space:  # the basis spans the space: nothing left unseen
             self.searched = True
             return
         budget = self.max_iter - self.num_hvps
@@ -280,39 +282,80 @@ class KrylovSolver:
         """Products for the search: restricted to the complement; a value it finds among the wanted ones joins
         this basis as the next direction to multiply (orthogonal to the basis, with no known coupling to it)."""
         basis = self.search.deflate
-        self.search.feed(HX - (HX @ basis.T) @ basis)
+        search = self.search
+        search.feed(HX - (HX @ basis.T) @ basis)
         self.num_hvps += HX.shape[0]
         self.iterations += 1
-        if not self.search.n or not self._wanted_over(float(self.search.theta[0])):
+        if not search.n:
+            return
+        if not self._wanted_over(float(search.theta[0])):
+            # converged also means: closer to its value than to the wanted ones, so no wanted copy hides behind it
+            if search.converged and not search.closed and float(search.residuals[0]) > self._gap(search) / 2:
+                search.converged = False
+            return
+        if float(search.residuals[0]) > self.tol * abs(float(search.theta[0])) and search.n < search.space:
+            search.tol, search.converged = self.tol, False  # a wanted value: join only once as precise as the rest
             return
         found = self.search.result().eigenvectors[:1].clone()
         self.search = None
         if self.m + 1 > self.cap and self.n > self.k:
             self._restart()
-        self._orthogonalise(found, self.m)
-        norm = float(torch.linalg.vector_norm(found))
-        if self.m + 1 > self.cap or norm <= 100 * self.eps:  # no room (a tiny ncv), or nothing new after all
+        self._insert(found)
+
+    def _insert(self, u: torch.Tensor) -> None:
+        """Put ``u`` (a row orthogonal to the multiplied basis) first among the pending directions.
+
+        The pending rows ``P`` carry the basis relation ``H V_n = V_n T + P^T B``; they are re-expressed as
+        ``u`` and the orthonormalised rest of them, and ``B`` with them, so a pending direction that rounding
+        has turned towards ``u`` hands its coupling to ``u`` instead of hiding it.
+        """
+        n, m = self.n, self.m
+        self._orthogonalise(u, n)
+        norm = float(torch.linalg.vector_norm(u))
+        if m + 1 > self.cap or norm <= 100 * self.eps:  # no room (a tiny ncv), or nothing new after all
             self.converged = self.searched = True
             return
-        n, m = self.n, self.m  # the found vector goes first in the queue, before the pending directions
-        self.V[n + 1 : m + 1] = self.V[n:m].clone()
-        self.T[n + 1 : m + 1, :n] = self.T[n:m, :n].clone()
-        self.T[n, :] = 0
-        self.T[:, n] = 0
-        self.T[:n, n + 1 : m + 1] = self.T[n + 1 : m + 1, :n].T
-        self.V[n] = found[0] / norm
-        self.m += 1
+        u = u / norm
+        P, B = self.V[n:m].clone(), self.T[n:m, :n].clone()
+        along = (P @ u[0]).double().cpu()  # P = along u + rest
+        rest = P - along.to(P)[:, None] * u
+        kept = [r for r in rest]
+        for _ in range(2):  # orthonormalise the rest among themselves, dropping what lies along u
+            out = []
+            for r in kept:
+                for q in out:
+                    r = r - torch.dot(q, r) * q
+                if float(torch.linalg.vector_norm(r)) > 100 * self.eps:
+                    out.append(r / torch.linalg.vector_norm(r))
+            kept = out
+        Q = torch.stack(kept) if kept else P[:0]
+        C = (rest @ Q.T).double().cpu()  # rest = C Q
+        self.T[n:, :] = 0
+        self.T[:, n:] = 0
+        rows = torch.cat([(along @ B)[None], C.T @ B])  # the couplings of u and of Q to the multiplied basis
+        self.V[n] = u[0]
+        self.V[n + 1 : n + 1 + Q.shape[0]] = Q
+        self.T[n : n + rows.shape[0], :n] = rows
+        self.T[:n, n : n + rows.shape[0]] = rows.T
+        self.m = n + rows.shape[0]
         self.converged = False
 
     def _wanted_over(self, value: float) -> bool:
         """Whether ``value`` belongs among the ``k`` wanted values found so far (ties within ``tol`` included)."""
+        return self._distance(value) <= 0
+
+    def _distance(self, value: float) -> float:
+        """How far ``value`` lies on the unwanted side of the ``k``-th wanted value (less ``tol`` of it)."""
         kth = float(self.theta[self.k - 1])
         margin = self.tol * abs(kth)
         if self.which == "LA":
-            return value >= kth - margin
+            return kth - margin - value
         if self.which == "SA":
-            return value <= kth + margin
-        return abs(value) >= abs(kth) - margin
+            return value - kth - margin
+        return abs(kth) - margin - abs(value)
+
+    def _gap(self, search: KrylovSolver) -> float:
+        return self._distance(float(search.theta[0]))
 
     def _check_closed_subspace(self) -> None:
         """Pairs of an invariant subspace have zero residuals but say nothing of the rest of the space: after the
