@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lightning_hessian.checks import check_positive_int
@@ -54,15 +55,6 @@ class EigenResult:
     @property
     def basis_trace(self) -> float | None:
         return None if self.basis_projection is None else float(self.basis_projection.trace())
-
-
-def order_by(theta: torch.Tensor, which: str) -> torch.Tensor:
-    """Indices of ``theta`` from most to least wanted."""
-    if which == "LA":
-        return torch.argsort(theta, descending=True)
-    if which == "SA":
-        return torch.argsort(theta)
-    return torch.argsort(theta.abs(), descending=True)
 
 
 def check_common(op: LinearOperator, k: int, which: str, tol: float, max_iter: int) -> None:
@@ -168,8 +160,8 @@ class KrylovSolver:
         return h + h2
 
     def _append(self, W: torch.Tensor, scale: float) -> torch.Tensor:
-        """Orthonormalise the rows of ``W`` (already orthogonal to the basis up to rounding) against the
-        basis and each other, and append the new directions.
+        """Orthonormalise the rows of ``W`` (already orthogonal to the basis: ``_orthogonalise``) against each
+        other, and append the new directions.
 
         Returns ``B`` with ``W_j = sum_l B[l, j] q_l`` over the appended ``q_l``; a row left with a norm
         below rounding level of ``scale`` adds no new direction (an invariant subspace, or the whole
@@ -180,10 +172,7 @@ class KrylovSolver:
         coeffs = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64)
         for j in range(W.shape[0]):
             w = W[j]
-            for _ in range(2):
-                if self.m:
-                    base = self.V[: self.m]
-                    w -= (base @ w) @ base
+            for _ in range(2 if rows else 0):
                 for idx, q in enumerate(rows):
                     c = torch.dot(q, w)
                     w -= c * q
@@ -376,13 +365,15 @@ class KrylovSolver:
     # ------------------------------------------------------------------------------------ Rayleigh-Ritz
     def _ritz(self) -> None:
         n = self.n
-        Tn = self.T[:n, :n]
-        theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.T))
-        order = order_by(theta, self.which)
-        self.theta, self.S = theta[order], S[:, order]
-        self.residuals = torch.linalg.vector_norm(self.T[n : self.m, :n] @ self.S, dim=0)
+        T = self.T.numpy()  # small dense work: NumPy's per-call cost is a fraction of torch's
+        theta, S = np.linalg.eigh(0.5 * (T[:n, :n] + T[:n, :n].T))
+        key = -theta if self.which == "LA" else theta if self.which == "SA" else -np.abs(theta)
+        order = np.argsort(key, kind="stable")
+        theta, S = theta[order], S[:, order]
+        residuals = np.linalg.norm(T[n : self.m, :n] @ S, axis=0)
+        self.theta, self.S, self.residuals = torch.from_numpy(theta), torch.from_numpy(S), torch.from_numpy(residuals)
         if n >= self.k:
-            wanted = self.residuals[: self.k] <= self.tol * self.theta[: self.k].abs()
+            wanted = residuals[: self.k] <= self.tol * np.abs(theta[: self.k])
             self.converged = (bool(wanted.all()) and self.num_hvps >= self.min_iter) or n >= self.space
 
     def _restart(self) -> None:
