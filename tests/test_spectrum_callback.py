@@ -116,7 +116,7 @@ def test_max_overhead_skips_probes_beyond_the_budget():
     strict = HessianSpectrumCallback(probe_size=32, max_overhead=1e-9)
     with pytest.warns(UserWarning, match=r"0 probe\(s\) ran .* 3 scheduled probe\(s\) skipped .*max_overhead=None"):
         fit([strict], max_epochs=3)  # not even the first probe: its cost is predicted from one timed product
-    assert strict.history == [] and strict.skipped == 3
+    assert strict.history == [] and strict.skipped == 3 and strict._probe.batches is None  # nor collated
     assert strict.state_dict()["skipped"] == 3 and strict.state_dict()["probe_seconds"] > 0  # the timing counts
     generous = HessianSpectrumCallback(probe_size=32, max_overhead=1e9)
     fit([generous], max_epochs=3)

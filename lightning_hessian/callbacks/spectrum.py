@@ -166,10 +166,8 @@ class HessianSpectrumCallback(Callback):
         self._probe.setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sized_later = self._probe.size is None and self._auto_size()
-        self._probe.on_train_start(trainer, pl_module, build=False)
-        if not sized_later:
-            self._probe.build(trainer, self._probe.size)
+        # under a budget the probe set is collated when a probe first runs (none may fit a short run)
+        self._probe.on_train_start(trainer, pl_module, build=self.max_overhead is None)
         self._budget.start()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -243,15 +241,14 @@ class HessianSpectrumCallback(Callback):
         graph, product, samples = trainer.strategy.broadcast((graph, product, samples), src=0)
         per_sample = (graph / max(samples, 1), product / max(samples, 1))  # this rank's share of a probe
         world = trainer.world_size
-        if self._probe.batches is None:
+        if self._probe.batches is None and self._probe.size is None:
             size = self._probe.max_size()
             if self._auto_size():
                 warm = per_sample[0] + WARM_PRODUCTS * self._products_factor() * per_sample[1]
                 affordable = self.max_overhead * self._budget.train_seconds / max(warm, 1e-12) * world
                 size = min(size, max(MIN_AUTO_PROBE, 2 ** int(math.log2(max(affordable, 1.0)))))
-            size = trainer.strategy.broadcast(size, src=0)
-            self._probe.build(trainer, size)
-        local = self._probe.local_samples
+            self._probe.size = trainer.strategy.broadcast(size, src=0)
+        local = self._local_samples(trainer)
         cold = local * (per_sample[0] + COLD_PRODUCTS * self._products_factor() * per_sample[1])
         extra = self.krylov_steps + self.trace_min_samples if self.trace else 0
         extra += 10 * COLD_PRODUCTS if self.per_layer else 0
@@ -262,6 +259,13 @@ class HessianSpectrumCallback(Callback):
             rank_zero_info(f"HessianSpectrumCallback: probe set of {self._probe.size} samples (one Hessian-vector "
                            f"product on them ~{1e3 * local * per_sample[1]:.0f} ms), within max_overhead="
                            f"{self.max_overhead} of the training time")
+
+    def _local_samples(self, trainer: pl.Trainer) -> float:
+        """This rank's share of the probe set (known before it is collated)."""
+        if self._probe.batches is not None:
+            return self._probe.local_samples
+        size = self._probe.size or min(MIN_AUTO_PROBE, self._probe.max_size())
+        return size / trainer.world_size
 
     def _products_factor(self) -> float:
         """More products for several eigenvalues (and the search for repeated ones)."""
@@ -278,7 +282,7 @@ class HessianSpectrumCallback(Callback):
 
     def _probe_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._budget.tick()
-        if self.max_overhead is not None and (self._probe.batches is None or not self._budget.estimate):
+        if self.max_overhead is not None and not self._budget.estimate:
             try:
                 self._prepare(trainer, pl_module)
             except Exception as err:  # a diagnostic never ends a training run
@@ -289,9 +293,7 @@ class HessianSpectrumCallback(Callback):
         # rank 0 decides: every rank must take part in the all-reduced products, or none
         kind = trainer.strategy.broadcast(self._budget.decide(self.options.extras, self._progress(trainer)), src=0)
         if kind is None:
-            self._say_once("skip", f"HessianSpectrumCallback: the probe at step {trainer.global_step} is skipped, "
-                           f"which would take the callback past max_overhead={self.max_overhead} of the training "
-                           "time (later probes run when the budget allows; the count is given at the end)")
+            self._say_skip(trainer)
             return
         extras = kind == FULL and self.options.extras
         if self.options.extras and not extras:
@@ -300,6 +302,8 @@ class HessianSpectrumCallback(Callback):
                            f"max_overhead={self.max_overhead} (it runs at the probes the budget can pay for)")
         start = budget.now()
         try:
+            if self._probe.batches is None:
+                self._probe.build(trainer, self._probe.size)
             entry = self.compute(pl_module, extras=extras)
         except Exception as err:  # a diagnostic never ends a training run
             self._budget.charge(budget.now() - start, None)
@@ -324,6 +328,11 @@ class HessianSpectrumCallback(Callback):
         else:  # straight to the loggers: self.log on a step is thinned out by the Trainer's log_every_n_steps
             for logger in trainer.loggers:
                 logger.log_metrics(self._metrics(entry), step=trainer.global_step)
+
+    def _say_skip(self, trainer: pl.Trainer) -> None:
+        self._say_once("skip", f"HessianSpectrumCallback: the probe at step {trainer.global_step} is skipped, which "
+                       f"would take the callback past max_overhead={self.max_overhead} of the training time (later "
+                       "probes run when the budget allows; the count is given at the end)")
 
     def _say_once(self, key: str, message: str, warn: bool = False) -> None:
         if key not in self._said:
