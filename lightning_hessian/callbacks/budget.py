@@ -17,6 +17,7 @@ from typing import Any
 now = time.perf_counter  # the clock (a test may replace it)
 
 FULL, EIGEN = "full", "eigen"
+PRODUCT = "product"  # seconds of one Hessian-vector product on the probe set (the estimates' unit)
 
 
 class ProbeBudget:
@@ -27,7 +28,7 @@ class ProbeBudget:
         self.max_overhead = max_overhead
         self.train_seconds = 0.0
         self.probe_seconds = 0.0
-        self.estimate: dict[str, float] = {}  # predicted seconds of the next full / eigen probe
+        self.estimate: dict[str, float] = {}  # predicted seconds of the next full / eigen probe, of one product
         self.skipped = 0
         self.shrunk = 0
         self._clock: float | None = None

@@ -161,9 +161,11 @@ class HessianProbe:
         product = done - built
         return max(built - start - product, 0.0), product, samples
 
-    def measure(self, pl_module: pl.LightningModule, extras: bool = True) -> SpectrumRecord:
-        """Measure on the probe set (``extras=False``: the eigenvalues only), warm-started from the last
-        measurement's eigenvectors, and keep this one's for the next."""
+    def measure(self, pl_module: pl.LightningModule, extras: bool = True,
+                trace_max_samples: int | None = None) -> SpectrumRecord:
+        """Measure on the probe set (``extras=False``: the eigenvalues only; ``trace_max_samples`` lowers the
+        trace's sample cap for this measurement), warm-started from the last measurement's eigenvectors, and keep
+        this one's for the next."""
         if self.batches is None:
             if self.probe_data is None:
                 raise ValueError("compute() outside a running Trainer needs probe_data= (the batches to probe)")
@@ -171,6 +173,9 @@ class HessianProbe:
         if self._loss is None:
             self._loss = resolve_loss_fn(pl_module, self.loss_fn)
         options = self.options if extras else replace(self.options, trace=False, per_layer=False, density=False)
+        if trace_max_samples is not None and options.trace:
+            cap = max(min(trace_max_samples, options.trace_max_samples), options.trace_min_samples, 2)
+            options = replace(options, trace_max_samples=cap)
         with leave_no_trace(pl_module, self.mode):
             op = HessianOperator(pl_module, self._loss, self.batches, params=self.params)
             record = measure_spectrum(op, options, warm_start=self.warm_start, draw=self.draws)

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_hessian.callbacks import budget
-from lightning_hessian.callbacks.budget import EIGEN, FULL, ProbeBudget
+from lightning_hessian.callbacks.budget import EIGEN, FULL, PRODUCT, ProbeBudget
 from lightning_hessian.callbacks.hessian_probe import DEFAULT_PROBE_SIZE, HessianProbe
 from lightning_hessian.callbacks.probe import LossFn
 from lightning_hessian.checks import check_number, check_positive_int
@@ -21,7 +21,7 @@ from lightning_hessian.hessian.operator import NonFiniteError
 from lightning_hessian.hessian.summary import TRACE_METHODS, SpectrumOptions, SpectrumRecord, record_summary
 
 DEFAULT_MAX_OVERHEAD = 0.03
-MIN_AUTO_PROBE = 128  # the smallest probe set the budget may choose
+MIN_AUTO_PROBE = 32  # the smallest probe set the budget may choose
 WARM_PRODUCTS = 4  # products a warm-started top-1 probe takes (plus the graph), for sizing the probe set
 COLD_PRODUCTS = 16  # products of a first (cold) top-1 probe, for its predicted cost
 
@@ -212,13 +212,14 @@ class HessianSpectrumCallback(Callback):
 
     # ---- work --------------------------------------------------------------------------------------------
 
-    def compute(self, pl_module: pl.LightningModule, extras: bool = True) -> dict[str, Any]:
+    def compute(self, pl_module: pl.LightningModule, extras: bool = True,
+                trace_max_samples: int | None = None) -> dict[str, Any]:
         """One measurement on the probe set (the callback's hooks call this); ``extras=False`` measures the
-        eigenvalues only.
+        eigenvalues only, ``trace_max_samples`` lowers the trace's cap for this one.
 
         On its own, outside a Trainer, it needs ``probe_data``: batches already on the module's device.
         """
-        record = self._probe.measure(pl_module, extras=extras)
+        record = self._probe.measure(pl_module, extras=extras, trace_max_samples=trace_max_samples)
         if record.density is not None:
             self._last_density = {"grid": record.density.grid.tolist(), "density": record.density.density.tolist()}
         return self._entry(record)
@@ -253,7 +254,8 @@ class HessianSpectrumCallback(Callback):
         extra = self.krylov_steps + self.trace_min_samples if self.trace else 0
         extra += 10 * COLD_PRODUCTS if self.per_layer else 0
         extra += self.options.density_runs * self.options.density_steps if self.density else 0
-        self._budget.estimate = {EIGEN: cold, FULL: cold + local * extra * per_sample[1]}
+        self._budget.estimate = {EIGEN: cold, FULL: cold + local * extra * per_sample[1],
+                                 PRODUCT: local * (per_sample[1] + per_sample[0] / COLD_PRODUCTS)}
         self._budget.charge(budget.now() - start, None)
         if self._auto_size():
             rank_zero_info(f"HessianSpectrumCallback: probe set of {self._probe.size} samples (one Hessian-vector "
@@ -266,6 +268,17 @@ class HessianSpectrumCallback(Callback):
             return self._probe.local_samples
         size = self._probe.size or min(MIN_AUTO_PROBE, self._probe.max_size())
         return size / trainer.world_size
+
+    def _trace_cap(self) -> int | None:
+        """The most trace probes the budget pays for now, beyond the eigenvalue run a full probe makes (at least
+        ``krylov_steps`` products): a first trace that needs many more probes than predicted would otherwise take
+        the callback past its budget."""
+        if self.max_overhead is None or PRODUCT not in self._budget.estimate:
+            return None
+        allowed = self.max_overhead * self._budget.train_seconds - self._budget.probe_seconds
+        products = allowed / max(self._budget.estimate[PRODUCT], 1e-12)
+        eigen = max(self.krylov_steps if self.trace_method == "krylov" else 0, WARM_PRODUCTS + 2)
+        return int(max(products - eigen, 0))
 
     def _products_factor(self) -> float:
         """More products for several eigenvalues (and the search for repeated ones)."""
@@ -304,23 +317,31 @@ class HessianSpectrumCallback(Callback):
         try:
             if self._probe.batches is None:
                 self._probe.build(trainer, self._probe.size)
-            entry = self.compute(pl_module, extras=extras)
+            cap = self._trace_cap() if extras and self.trace else None
+            entry = self.compute(pl_module, extras=extras, trace_max_samples=cap)
         except Exception as err:  # a diagnostic never ends a training run
             self._budget.charge(budget.now() - start, None)
             rank_zero_warn(f"HessianSpectrumCallback: probe at step {trainer.global_step} failed ({_reason(err)}); "
                            "training continues")
             return
         self._budget.charge(budget.now() - start, kind if self.options.extras else FULL)
+        self._budget.estimate[PRODUCT] = (budget.now() - start) / max(entry["hvps"], 1)
         if not all(math.isfinite(v) for v in [*entry["eigenvalues"], entry.get("trace", 0.0)]):
             rank_zero_warn(f"HessianSpectrumCallback: non-finite Hessian values at step {trainer.global_step} "
                            f"({entry['eigenvalues']}, trace {entry.get('trace')}); not logged, training continues")
             return
-        if "trace" in entry and entry["trace_samples"] >= self.options.trace_max_samples:
+        if "trace" in entry and not entry["trace_converged"]:
             se = abs(entry["trace_std_error"] / entry["trace"]) if entry["trace"] else math.inf
-            self._say_once("trace", f"HessianSpectrumCallback: the trace stopped at trace_max_samples="
-                           f"{self.options.trace_max_samples} probes short of trace_rel_tol={self.trace_rel_tol} "
-                           f"(standard error {100 * se:.1f}% of the estimate at step {trainer.global_step}); raise "
-                           "trace_max_samples or trace_rel_tol", warn=True)
+            if entry["trace_samples"] >= self.options.trace_max_samples:
+                self._say_once("trace", f"HessianSpectrumCallback: the trace stopped at trace_max_samples="
+                               f"{self.options.trace_max_samples} probes short of trace_rel_tol={self.trace_rel_tol} "
+                               f"(standard error {100 * se:.1f}% of the estimate at step {trainer.global_step}); "
+                               "raise trace_max_samples or trace_rel_tol", warn=True)
+            else:
+                self._say_once("trace budget", f"HessianSpectrumCallback: the trace at step {trainer.global_step} "
+                               f"stopped at {entry['trace_samples']} probes, what max_overhead={self.max_overhead} "
+                               f"paid for, short of trace_rel_tol={self.trace_rel_tol} (standard error "
+                               f"{100 * se:.1f}% of the estimate, logged as hessian/trace_std_error)")
         entry.update(step=trainer.global_step, epoch=trainer.current_epoch)
         self.history.append(entry)
         if self.every_n_steps is None:

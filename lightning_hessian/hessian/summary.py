@@ -201,7 +201,8 @@ def record_summary(record: SpectrumRecord) -> dict[str, Any]:
         "probe_seconds": float(record.seconds),
     }
     if record.trace is not None:
-        out.update(trace=record.trace, trace_std_error=record.trace_std_error, trace_samples=record.trace_samples)
+        out.update(trace=record.trace, trace_std_error=record.trace_std_error, trace_samples=record.trace_samples,
+                   trace_converged=record.trace_converged)
     if record.layer_eigenvalue:
         out["layer_eigenvalue"] = dict(record.layer_eigenvalue)
     if record.layer_trace:
