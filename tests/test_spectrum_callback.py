@@ -167,8 +167,9 @@ def test_the_default_schedule_keeps_the_probes_within_their_budget(monkeypatch):
                          enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(ClockedModule(clock, 0.1), DataLoader(make_data(), batch_size=16))
     spent, trained = cb._budget.probe_seconds, cb._budget.train_seconds
-    # sized by the first epoch: a warm probe (graph + 4 products) on 64 samples fits 3% of 0.6 s, on 128 it would not
-    assert trained == pytest.approx(30 * 6 * 0.1) and cb._probe.size == 64
+    # sized for ~10 probes in 30 epochs: a warm probe (graph + 4 products) fits 3% of three 0.6-s epochs on 256
+    # samples, so the whole (96-sample) training set is probed
+    assert trained == pytest.approx(30 * 6 * 0.1) and cb._probe.size == N_TRAIN
     assert spent <= cb.max_overhead * trained  # within the budget, as accounted at every decision
     full = [h for h in cb.history if "trace" in h]
     assert len(full) >= 1 and len(cb.history) - len(full) >= 2 and cb.skipped >= 10  # the budget is used, not idle

@@ -24,6 +24,7 @@ DEFAULT_MAX_OVERHEAD = 0.03
 MIN_AUTO_PROBE = 32  # the smallest probe set the budget may choose
 WARM_PRODUCTS = 4  # products a warm-started top-1 probe takes (plus the graph), for sizing the probe set
 COLD_PRODUCTS = 16  # products of a first (cold) top-1 probe, for its predicted cost
+TARGET_PROBES = 10  # the probe set is sized for about this many probes over a run of known length
 
 
 class HessianSpectrumCallback(Callback):
@@ -244,9 +245,11 @@ class HessianSpectrumCallback(Callback):
         world = trainer.world_size
         if self._probe.batches is None and self._probe.size is None:
             size = self._probe.max_size()
-            if self._auto_size():
+            if self._auto_size():  # a warm probe within the budget of the intervals between ~TARGET_PROBES probes
                 warm = per_sample[0] + WARM_PRODUCTS * self._products_factor() * per_sample[1]
-                affordable = self.max_overhead * self._budget.train_seconds / max(warm, 1e-12) * world
+                intervals = self._intervals(trainer)
+                spacing = max(1.0, intervals / TARGET_PROBES) if intervals else 1.0
+                affordable = self.max_overhead * self._budget.train_seconds * spacing / max(warm, 1e-12) * world
                 size = min(size, max(MIN_AUTO_PROBE, 2 ** int(math.log2(max(affordable, 1.0)))))
             self._probe.size = trainer.strategy.broadcast(size, src=0)
         local = self._local_samples(trainer)
@@ -283,6 +286,11 @@ class HessianSpectrumCallback(Callback):
     def _products_factor(self) -> float:
         """More products for several eigenvalues (and the search for repeated ones)."""
         return 1.0 if self.top_k == 1 else 1.0 + 0.75 * self.top_k
+
+    def _intervals(self, trainer: pl.Trainer) -> float | None:
+        """How many scheduled probes the run has, when the Trainer knows where it ends (at the first one)."""
+        progress = self._progress(trainer)
+        return 1 / progress if progress else None
 
     def _progress(self, trainer: pl.Trainer) -> float | None:
         """The fraction of the run done, when the Trainer knows where it ends."""
