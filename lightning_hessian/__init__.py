@@ -14,8 +14,10 @@ from lightning_hessian.callbacks import (
 from lightning_hessian.data import CIFAR10DataModule, MNIST1DDataModule
 from lightning_hessian.hessian import (
     HessianOperator,
+    SpectrumOptions,
     hessian_diagonal,
     hutchinson_trace,
+    measure_spectrum,
     per_layer_top_eigenvalue,
     per_layer_trace,
     power_iteration,
@@ -37,8 +39,9 @@ from lightning_hessian.quant import (
 __all__ = [
     "AdaHessian", "AdaHessianCallback", "AdaptiveBatchSizeCallback", "AdversarialAugmentCallback",
     "CIFAR10DataModule", "ClassificationModule", "HAWQModule", "HessianOperator", "HessianSpectrumCallback",
-    "InfeasibleBudgetError", "MNIST1DDataModule", "allocate_bits", "export_onnx", "fgsm", "hessian_diagonal",
-    "hutchinson_trace", "layer_sensitivity", "per_layer_top_eigenvalue", "per_layer_trace", "pgd",
+    "InfeasibleBudgetError", "MNIST1DDataModule", "SpectrumOptions", "allocate_bits", "export_onnx", "fgsm",
+    "hessian_diagonal", "hutchinson_trace", "layer_sensitivity", "measure_spectrum", "per_layer_top_eigenvalue",
+    "per_layer_trace", "pgd",
     "power_iteration", "quantize_model", "robust_accuracy", "spectral_density", "to_integer_model",
     "top_eigenvalues", "trust_region",
 ]

@@ -31,22 +31,29 @@ class HessianSpectrumCallback(Callback):
     """Log the loss Hessian's top-k eigenvalues, trace and (optionally) density and per-layer values, within a
     budget of the training time.
 
-    **What the defaults do.** The Hessian is taken on a fixed probe set of training samples, in eval mode
-    (``mode="train"`` uses batch statistics), and the model is left exactly as found. A scheduled probe
-    (every epoch; ``every_n_epochs`` / ``every_n_steps``) runs only while the time spent probing stays within
-    ``max_overhead`` (3%) of the time spent training: the callback times one Hessian-vector product on a few
-    samples at the first scheduled probe, picks the probe set's size from it (the largest power of two from
-    128 to 1,024 samples, never more than the training set, whose warm probe fits the budget of one interval),
-    then predicts each probe's cost from the last one and skips the probes the budget cannot pay for yet.
-    Probes after the first start Lanczos from the last eigenvectors and stop on the residual (``eig_tol``),
-    so a top-1 probe takes a handful of products; the trace, which costs several times more (at least
-    ``krylov_steps`` + ``trace_min_samples`` products), is measured at the probes the budget can pay for in
-    full and left out of the others (eigenvalue-only probes then spend at most half the budget, so full ones
-    still come round). Each probe logs ``hessian/hvps`` and ``hessian/probe_seconds`` with its values; skipped
-    and shrunk probes are said once when it first happens, and counted at the end of training. The probe set's
-    size is kept for the whole run (and in the checkpoint), so the curve follows the model, not the sample.
-    ``max_overhead=None`` probes in full at every scheduled point on ``probe_size`` samples (default 1,024 or
-    the whole training set if smaller), as before the budget.
+    **What the defaults do.** The top eigenvalue (and the trace, when affordable) of the loss Hessian on a fixed
+    probe set of training samples, in eval mode (``mode="train"`` uses batch statistics), leaving the model
+    exactly as found, at no more than ``max_overhead`` (3%) of the training time:
+
+    - A scheduled probe (every epoch; ``every_n_epochs`` / ``every_n_steps``) runs only if the probing time,
+      with this probe's predicted cost, stays within 3% of the training time so far; otherwise it is skipped
+      and a later one runs when the budget allows. So a short run, or a model whose Hessian-vector products
+      are dear (a transformer, a ResNet on a CPU), may see few probes or none (said at the end of training).
+    - At the first scheduled probe one Hessian-vector product is timed on a few samples; it sizes the probe
+      set (a power of two from 32 to 1,024 samples, never more than the training set: the largest whose
+      top-1 probe fits the budget of about a tenth of the run, so ~10 probes) and predicts the first probe.
+      The set is kept for the whole run and in the checkpoint: the curve follows the model, not the sample.
+    - Probes after the first start Lanczos from the last eigenvectors and stop at a 1% residual
+      (``eig_tol``, so the eigenvalue is within 1% of the probe set's), a handful of products for top-1.
+    - The trace costs several times more (at least ``krylov_steps`` + ``trace_min_samples`` products): it is
+      measured at the probes the budget pays for in full, at most as many probes as the budget still allows,
+      and left out of the others; those eigenvalue-only probes keep to half the budget while full ones can
+      recur in the run, so the trace still comes round.
+    - Each probe logs ``hessian/hvps`` and ``hessian/probe_seconds`` with its values; the first skipped or
+      shrunk probe is said once, and the counts at the end of training.
+
+    ``max_overhead=None`` restores the unbudgeted schedule: a full probe at every scheduled point on
+    ``probe_size`` samples (default 1,024 or the whole training set if smaller).
 
     The probe set is ``probe_size`` training samples drawn once with ``seed`` (a smaller automatic size takes a
     subset of the same draw), or the given ``probe_data`` batches (raw loader batches, which get the precision
