@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader
 
 from lightning_hessian.analyze import AnalysisOptions, analyze_model
 from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
+from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
-from lightning_hessian.hessian import HessianOperator
+from lightning_hessian.hessian import HessianOperator, top_eigenvalues
 from lightning_hessian.hessian.summary import SpectrumOptions, measure_spectrum
 from tests.test_hessian_operator import dense_hessian, loss_fn, teacher_batch
 from tests.test_spectrum_callback import TinyModule, make_data
@@ -106,3 +107,81 @@ def test_a_trace_stopped_by_its_sample_cap_warns_once():
 def test_bad_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SpectrumOptions(**kwargs)
+
+
+class Regression(pl.LightningModule):
+    """A linear model with three outputs under MSE (float targets): every Hessian eigenvalue appears thrice."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(6, 3)
+
+    def training_step(self, batch, batch_idx):
+        return self.hessian_loss(batch)
+
+    def hessian_loss(self, batch):
+        return F.mse_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_callback_logs_a_repeated_top_eigenvalue_as_often_as_it_occurs(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 6, generator=g) * torch.linspace(0.5, 2.0, 6)
+    data = torch.utils.data.TensorDataset(x, torch.randn(64, 3, generator=g))
+    cb = HessianSpectrumCallback(top_k=4, trace=False, eig_tol=1e-6, max_overhead=None, seed=seed, plot=False)
+    pl.seed_everything(seed)
+    module = Regression()
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, DataLoader(data, batch_size=16))
+    H = dense_hessian(module.net, lambda m, b: F.mse_loss(m(b[0]), b[1]), data.tensors)
+    exact = torch.linalg.eigvalsh(H.double()).flip(0)[:4]
+    torch.testing.assert_close(torch.tensor(cb.history[0]["eigenvalues"], dtype=exact.dtype), exact, rtol=1e-4,
+                               atol=0)
+    assert exact[0] == pytest.approx(float(exact[2]), rel=1e-5) and exact[3] < 0.999 * exact[0]  # thrice, then less
+
+
+class TinyTextClassifier(pl.LightningModule):
+    """HuggingFace-style: dict batches, ``model(**batch).loss``, no ``forward`` on the LightningModule."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.encoder = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(8, 2)
+
+    def model(self, input_ids, attention_mask, labels):
+        hidden = self.encoder(self.embed(input_ids), src_key_padding_mask=attention_mask == 0)
+        return type("Output", (), {"loss": F.cross_entropy(self.head(hidden[:, 0]), labels)})
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def hessian_loss(self, batch):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_a_transformer_probe_is_chunked_like_training_and_measures_the_whole_probe_set():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 16, (96, 10), generator=g)
+    mask = (torch.arange(10)[None] < torch.randint(5, 11, (96, 1), generator=g)).long()
+    samples = [{"input_ids": ids[i] * mask[i], "attention_mask": mask[i], "labels": (ids[i, 1] > 8).long()}
+               for i in range(96)]
+    cb = HessianSpectrumCallback(probe_size=64, trace=False, eig_tol=1e-8, max_overhead=None, plot=False)
+    pl.seed_everything(0)
+    module = TinyTextClassifier()
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, DataLoader(samples, batch_size=8))
+    assert [len(b["labels"]) for b in cb._probe.batches] == [8] * 8  # batches of the training size, not one of 64
+    whole = {key: torch.cat([b[key] for b in cb._probe.batches]) for key in samples[0]}
+    with leave_no_trace(module):
+        op = HessianOperator(module, lambda m, b: m.hessian_loss(b), whole)
+        exact = float(top_eigenvalues(op, k=1, tol=1e-10).eigenvalues[0])
+    assert cb.history[0]["eigenvalues"][0] == pytest.approx(exact, rel=1e-6)

@@ -31,7 +31,9 @@ class AdaptiveBatchSizeCallback(Callback):
     (optionally warmed up over ``warmup_epochs``) wherever the optimizer and its schedulers keep it (group
     ``lr``/``initial_lr``/``max_lr``/``min_lr``, ``base_lrs`` and ``max_lrs``, nested schedulers too), so
     the user's own scheduler still applies on top. Growth stops at ``max_batch_size``, and probing with it.
-    The probe set is ``probe_size`` training samples (a map-style dataset), or the given ``probe_data``.
+    The probe set is ``probe_size`` training samples (a map-style dataset; collated in batches of
+    ``probe_batch_size``, by default the training loader's), or the given ``probe_data``; the eigenvalue is
+    ``hessian.summary.measure_spectrum``'s, warm-started from the last epoch's eigenvector.
     With ``adversarial=True`` (ABSA) an ``AdversarialAugmentCallback`` replaces a fraction of every batch
     (``adversarial_fraction``, halved at each growth, 0 at the cap and in the second half of training):
     the one in the Trainer's callbacks if there is one (choose attack and ``eps`` there), else FGSM at its
@@ -70,7 +72,7 @@ class AdaptiveBatchSizeCallback(Callback):
         adversarial: bool = False,
         adversarial_fraction: float = 0.2,
         probe_size: int | None = None,
-        probe_batch_size: int = 1024,
+        probe_batch_size: int | None = None,
         probe_data: Iterable[Any] | None = None,
         seed: int = 0,
         loss_fn: LossFn | None = None,
