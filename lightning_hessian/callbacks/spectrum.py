@@ -18,7 +18,7 @@ from lightning_hessian.callbacks.hessian_probe import DEFAULT_PROBE_SIZE, Hessia
 from lightning_hessian.callbacks.probe import LossFn
 from lightning_hessian.checks import check_number, check_positive_int
 from lightning_hessian.hessian.operator import NonFiniteError
-from lightning_hessian.hessian.summary import TRACE_METHODS, SpectrumOptions, SpectrumRecord, record_summary
+from lightning_hessian.hessian.summary import TRACE_METHODS, SpectrumOptions, record_summary
 
 DEFAULT_MAX_OVERHEAD = 0.03
 MIN_AUTO_PROBE = 32  # the smallest probe set the budget may choose
@@ -230,13 +230,7 @@ class HessianSpectrumCallback(Callback):
         record = self._probe.measure(pl_module, extras=extras, trace_max_samples=trace_max_samples)
         if record.density is not None:
             self._last_density = {"grid": record.density.grid.tolist(), "density": record.density.density.tolist()}
-        return self._entry(record)
-
-    @staticmethod
-    def _entry(record: SpectrumRecord) -> dict[str, Any]:
-        entry = record_summary(record)
-        entry["seconds"] = entry["probe_seconds"]
-        return entry
+        return record_summary(record)
 
     def _auto_size(self) -> bool:
         """Whether the probe set's size is chosen from a timed product (the budget is on and no size is given)."""

@@ -198,7 +198,7 @@ def record_summary(record: SpectrumRecord) -> dict[str, Any]:
         "residual_norms": [float(v) for v in record.eigen.residual_norms],
         "eigen_converged": bool(record.eigen.converged),
         "hvps": int(record.hvps),
-        "probe_seconds": float(record.seconds),
+        "seconds": float(record.seconds),
     }
     if record.trace is not None:
         out.update(trace=record.trace, trace_std_error=record.trace_std_error, trace_samples=record.trace_samples,
