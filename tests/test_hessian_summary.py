@@ -167,7 +167,12 @@ class TinyTextClassifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def test_a_transformer_probe_is_chunked_like_training_and_measures_the_whole_probe_set():
+@pytest.mark.parametrize("chunk_bytes, batches", [(1, [8] * 8), (2**26, [64])])
+def test_a_transformer_probe_is_chunked_like_training_and_measures_the_whole_probe_set(chunk_bytes, batches,
+                                                                                       monkeypatch):
+    """Probe batches are training-sized when a graph is large (here: any graph over 1 byte), else as large as
+    the graph allows (this tiny model: the whole 64-sample probe set in one)."""
+    monkeypatch.setattr("lightning_hessian.callbacks.hessian_probe.CHUNK_BYTES", chunk_bytes)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 16, (96, 10), generator=g)
     mask = (torch.arange(10)[None] < torch.randint(5, 11, (96, 1), generator=g)).long()
@@ -179,7 +184,8 @@ def test_a_transformer_probe_is_chunked_like_training_and_measures_the_whole_pro
     trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(module, DataLoader(samples, batch_size=8))
-    assert [len(b["labels"]) for b in cb._probe.batches] == [8] * 8  # batches of the training size, not one of 64
+    assert [len(b["labels"]) for b in cb._probe.batches] == batches
+    assert cb._probe.timing["bytes"] > 0
     whole = {key: torch.cat([b[key] for b in cb._probe.batches]) for key in samples[0]}
     with leave_no_trace(module):
         op = HessianOperator(module, lambda m, b: m.hessian_loss(b), whole)

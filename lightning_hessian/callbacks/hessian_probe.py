@@ -33,6 +33,7 @@ from lightning_hessian.hessian.summary import SpectrumOptions, SpectrumRecord, m
 
 DEFAULT_PROBE_SIZE = 1024
 TIMING_SAMPLES = 32  # samples one product is timed on, to size a probe before the first one
+CHUNK_BYTES = 2**26  # a probe batch's graph may hold this much (one training batch's, if that is more)
 
 
 class HessianProbe:
@@ -41,7 +42,8 @@ class HessianProbe:
     The probe set is ``probe_size`` samples drawn once with ``seed`` (default: 1,024, or the whole training set
     if smaller; ``size=`` of ``build`` may choose fewer, a prefix of the same draw), collated in batches of
     ``probe_batch_size`` (default: the training loader's, so a product holds about one training step's graph
-    per batch), or the given ``probe_data`` batches. Under DDP each rank takes its share and the products are
+    per batch, or a multiple of it while a batch's graph stays within 64 MiB), or the given ``probe_data``
+    batches. Under DDP each rank takes its share and the products are
     all-reduced.
     """
 
@@ -70,6 +72,7 @@ class HessianProbe:
         self.batches: Batches | None = None
         self.size: int | None = None  # samples in the probe set once built (all ranks together)
         self.local_samples = 0  # this rank's share of them
+        self.timing: dict[str, float] | None = None  # one timed product (``time_product``)
         self.warm_start: torch.Tensor | None = None
         self.draws = 0  # measurements made (successive traces draw fresh probes)
         self._loss: LossFn | None = None
@@ -115,6 +118,8 @@ class HessianProbe:
                     "loss_fn must return a scalar tensor (the mean loss over the batch), got "
                     f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
                 )
+        if self.probe_data is None and self.probe_batch_size is None:
+            self.time_product(pl_module)  # how large a probe batch may be (its graph's size)
         if build:
             self.build(trainer, self.size)
 
@@ -129,7 +134,7 @@ class HessianProbe:
         is probed as given."""
         if self.probe_data is None:
             self.size = size if size is not None else self.max_size()
-            batch_size = self.probe_batch_size or self._source[2] or DEFAULT_PROBE_SIZE
+            batch_size = self.probe_batch_size or self.chunk_size()
             self.batches = Batches(self._collate(trainer, self.size, batch_size))
         self.local_samples = sum(sample_count(b) for b in self.batches)
 
@@ -144,22 +149,41 @@ class HessianProbe:
 
     # ---- measuring ---------------------------------------------------------------------------------------
 
-    def product_seconds(self, pl_module: pl.LightningModule) -> tuple[float, float, int]:
-        """Seconds of building the first-order graph and of one product on the timing batch, and its samples:
-        what a probe's cost is predicted from before the first one."""
-        with leave_no_trace(pl_module, self.mode):
-            op = HessianOperator(pl_module, self._loss, [] if self._timing is None else [self._timing],
-                                 params=self.params)
-            v = torch.zeros(op.dim, dtype=op.dtype, device=op.device)
-            v[0] = 1
-            start = budget.now()
-            op.matvec(v)
-            built = budget.now()
-            op.matvec(v)
-            done = budget.now()
-            samples = 0 if self._timing is None else sample_count(self._timing)
-        product = done - built
-        return max(built - start - product, 0.0), product, samples
+    def time_product(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Time building the first-order graph and one product on a few probe samples, and size the graph: what
+        a probe's cost and its batches' size are chosen from before the first probe (measured once, kept).
+
+        Returns ``{"graph", "product", "seconds"}`` (seconds; ``seconds`` all the timing took), ``"samples"`` and
+        ``"bytes"`` (what the graph holds for backward)."""
+        if self.timing is None:
+            with leave_no_trace(pl_module, self.mode):
+                op = HessianOperator(pl_module, self._loss, [] if self._timing is None else [self._timing],
+                                     params=self.params, cache_bytes=None)
+                v = torch.zeros(op.dim, dtype=op.dtype, device=op.device)
+                v[0] = 1
+                start = budget.now()
+                op.matvec(v)
+                built = budget.now()
+                op.matvec(v)
+                done = budget.now()
+            product = done - built
+            self.timing = {"graph": max(built - start - product, 0.0), "product": product, "seconds": done - start,
+                           "samples": 0 if self._timing is None else sample_count(self._timing),
+                           "bytes": op.cached_bytes}
+        return self.timing
+
+    def chunk_size(self) -> int:
+        """Samples per probe batch when ``probe_batch_size`` is not given: the training batch size, doubled while
+        a batch's graph stays within ``CHUNK_BYTES`` (a small model's probe set goes in one batch, a large one's
+        in training-sized ones: a product never holds much more than a training step)."""
+        base = self._source[2] or TIMING_SAMPLES
+        if self.timing is None or not self.timing["samples"]:
+            return base
+        per_sample = self.timing["bytes"] / self.timing["samples"]
+        chunk = base
+        while chunk * 2 <= self.max_size() and chunk * 2 * per_sample <= CHUNK_BYTES:
+            chunk *= 2
+        return chunk
 
     def measure(self, pl_module: pl.LightningModule, extras: bool = True,
                 trace_max_samples: int | None = None) -> SpectrumRecord:

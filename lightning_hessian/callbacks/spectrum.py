@@ -58,8 +58,9 @@ class HessianSpectrumCallback(Callback):
     The probe set is ``probe_size`` training samples drawn once with ``seed`` (a smaller automatic size takes a
     subset of the same draw), or the given ``probe_data`` batches (raw loader batches, which get the precision
     conversion and batch hooks as training batches do; ``compute()`` called on its own takes them as they are),
-    collated in batches of ``probe_batch_size`` (default: the training loader's batch size, so a product holds
-    about one training step's graph per batch, and cached graphs stay within the operator's ``cache_bytes``).
+    collated in batches of ``probe_batch_size`` (default: the training loader's batch size, or a multiple while a
+    batch's graph stays within 64 MiB, so a product holds about one training step's graph per batch at most, and
+    cached graphs stay within the operator's ``cache_bytes``).
     Under DDP each rank takes its share of the probe set and the Hessian-vector products are all-reduced, so
     the values equal a single process's on the whole probe set (in eval mode; with ``mode="train"`` BatchNorm
     normalises each rank's probe batches by their own statistics, as DDP training does without
@@ -240,8 +241,10 @@ class HessianSpectrumCallback(Callback):
         """Before the first budgeted probe: time one product on a few samples, choose the probe set's size from
         it (when automatic) and predict the first probes' cost (rank 0's timing, on every rank)."""
         start = budget.now()
-        graph, product, samples = self._probe.product_seconds(pl_module)
-        graph, product, samples = trainer.strategy.broadcast((graph, product, samples), src=0)
+        timed = self._probe.timing is not None  # at train start (its seconds were not charged yet)
+        timing = self._probe.time_product(pl_module)
+        graph, product, samples = trainer.strategy.broadcast((timing["graph"], timing["product"],
+                                                              timing["samples"]), src=0)
         per_sample = (graph / max(samples, 1), product / max(samples, 1))  # this rank's share of a probe
         world = trainer.world_size
         if self._probe.batches is None and self._probe.size is None:
@@ -260,7 +263,7 @@ class HessianSpectrumCallback(Callback):
         extra += self.options.density_runs * self.options.density_steps if self.density else 0
         self._budget.estimate = {EIGEN: cold, FULL: cold + local * extra * per_sample[1],
                                  PRODUCT: local * (per_sample[1] + per_sample[0] / COLD_PRODUCTS)}
-        self._budget.charge(budget.now() - start, None)
+        self._budget.charge(budget.now() - start + (timing["seconds"] if timed else 0.0), None)
         if self._auto_size():
             rank_zero_info(f"HessianSpectrumCallback: probe set of {self._probe.size} samples (one Hessian-vector "
                            f"product on them ~{1e3 * local * per_sample[1]:.0f} ms), within max_overhead="
