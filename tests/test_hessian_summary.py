@@ -191,3 +191,37 @@ def test_a_transformer_probe_is_chunked_like_training_and_measures_the_whole_pro
         op = HessianOperator(module, lambda m, b: m.hessian_loss(b), whole)
         exact = float(top_eigenvalues(op, k=1, tol=1e-10).eigenvalues[0])
     assert cb.history[0]["eigenvalues"][0] == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("product_cost, size", [(1e-4, 256), (1e-5, 1024)])
+def test_abs_sizes_its_probe_set_from_the_first_epochs_time(product_cost, size, monkeypatch):
+    """A training step takes 0.1 s (128 steps: 12.8 s), a product ``product_cost`` s per sample: the largest
+    power of two whose warm probe (8 products) costs 3% of the epoch, from 256 to 1,024 samples."""
+    from lightning_hessian.callbacks import budget
+    from lightning_hessian.hessian.operator import sample_count
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(budget, "now", lambda: clock["t"])
+    matmat = HessianOperator.matmat
+
+    def timed(op, V):
+        clock["t"] += product_cost * V.shape[0] * sum(sample_count(b) for b in op._batches)
+        return matmat(op, V)
+
+    monkeypatch.setattr(HessianOperator, "matmat", timed)
+
+    class Clocked(TinyModule):
+        def training_step(self, batch, batch_idx):
+            clock["t"] += 0.1
+            return super().training_step(batch, batch_idx)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 6, generator=g)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    cb = AdaptiveBatchSizeCallback(max_batch_size=64, mode="accumulate", plot=False)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Clocked(batch_norm=False), DataLoader(data, batch_size=16))
+    assert cb._probe.size == size and cb.history[0]["eigenvalue"] > 0
+    assert cb.state_dict()["probe"]["size"] == size  # kept for a resumed run

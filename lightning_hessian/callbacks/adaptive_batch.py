@@ -18,6 +18,7 @@ from lightning_hessian.checks import check_number, check_positive_int
 from lightning_hessian.hessian.summary import SpectrumOptions
 
 SCHEDULES = ("abs", "fb", "gg", "bl")
+PROBE_OVERHEAD = 0.03  # an automatically sized probe costs about this share of the first epoch
 MODES = ("dataloader", "accumulate")
 
 
@@ -33,7 +34,10 @@ class AdaptiveBatchSizeCallback(Callback):
     the user's own scheduler still applies on top. Growth stops at ``max_batch_size``, and probing with it.
     The probe set is ``probe_size`` training samples (a map-style dataset; collated in batches of
     ``probe_batch_size``, by default the training loader's), or the given ``probe_data``; the eigenvalue is
-    ``hessian.summary.measure_spectrum``'s, warm-started from the last epoch's eigenvector.
+    ``hessian.summary.measure_spectrum``'s, warm-started from the last epoch's eigenvector. By default
+    (``probe_size=None``) the probe set's size is chosen at the first epoch's end: the largest power of two from
+    256 to 1,024 samples (or the training set) whose probe, predicted from one timed Hessian-vector product,
+    costs 3% of that epoch; it is kept for the run (and in the checkpoint).
     With ``adversarial=True`` (ABSA) an ``AdversarialAugmentCallback`` replaces a fraction of every batch
     (``adversarial_fraction``, halved at each growth, 0 at the cap and in the second half of training):
     the one in the Trainer's callbacks if there is one (choose attack and ``eps`` there), else FGSM at its
@@ -101,7 +105,7 @@ class AdaptiveBatchSizeCallback(Callback):
         check_number(eig_tol, "eig_tol", 0, low_open=True)
         # the top eigenvalue through the one measurement (hessian.summary), warm-started from the last epoch's
         self._probe = HessianProbe(SpectrumOptions(top_k=1, tol=eig_tol, trace=False, seed=seed), probe_size,
-                                   probe_batch_size, probe_data, seed, loss_fn)
+                                   probe_batch_size, probe_data, seed, loss_fn, max_overhead=PROBE_OVERHEAD)
         # schedule state (all of it in state_dict)
         self.base_batch_size: int | None = None
         self.batch_size: int | None = None

@@ -8,6 +8,7 @@ the numbers ``analyze_model`` gives.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +35,7 @@ from lightning_hessian.hessian.summary import SpectrumOptions, SpectrumRecord, m
 DEFAULT_PROBE_SIZE = 1024
 TIMING_SAMPLES = 32  # samples one product is timed on, to size a probe before the first one
 CHUNK_BYTES = 2**26  # a probe batch's graph may hold this much (one training batch's, if that is more)
+WARM_PRODUCTS = 8  # products of a warm-started top-1 measurement with its graph (ABS's, measured: 5-8)
 
 
 class HessianProbe:
@@ -43,8 +45,10 @@ class HessianProbe:
     if smaller; ``size=`` of ``build`` may choose fewer, a prefix of the same draw), collated in batches of
     ``probe_batch_size`` (default: the training loader's, so a product holds about one training step's graph
     per batch, or a multiple of it while a batch's graph stays within 64 MiB), or the given ``probe_data``
-    batches. Under DDP each rank takes its share and the products are
-    all-reduced.
+    batches. With ``max_overhead`` (and neither ``probe_size`` nor ``probe_data``) the size is chosen at the first
+    measurement instead: the largest power of two from ``min_size`` to 1,024 whose measurement, predicted from one
+    timed product, costs that share of the training time so far. Under DDP each rank takes its share and the
+    products are all-reduced.
     """
 
     def __init__(
@@ -57,6 +61,8 @@ class HessianProbe:
         loss_fn: LossFn | None = None,
         mode: str = "eval",
         params: list[str] | None = None,
+        max_overhead: float | None = None,
+        min_size: int = 256,
     ):
         for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size)):
             if value is not None:
@@ -69,6 +75,8 @@ class HessianProbe:
                 raise ValueError("probe_data holds no batches: pass batches, or None to draw probe_size samples")
         self.options, self.probe_size, self.probe_batch_size = options, probe_size, probe_batch_size
         self.probe_data, self.seed, self.loss_fn, self.mode, self.params = probe_data, seed, loss_fn, mode, params
+        self.max_overhead, self.min_size = max_overhead, min_size
+        self._started = 0.0  # when training started (the automatic size is a share of the time since)
         self.batches: Batches | None = None
         self.size: int | None = None  # samples in the probe set once built (all ranks together)
         self.local_samples = 0  # this rank's share of them
@@ -118,10 +126,25 @@ class HessianProbe:
                     "loss_fn must return a scalar tensor (the mean loss over the batch), got "
                     f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
                 )
+        self._started = budget.now()
+        if self._sized_at_first_measure():
+            return
         if self.probe_data is None and self.probe_batch_size is None:
             self.time_product(pl_module)  # how large a probe batch may be (its graph's size)
         if build:
             self.build(trainer, self.size)
+
+    def _sized_at_first_measure(self) -> bool:
+        return self.max_overhead is not None and self.probe_size is None and self.probe_data is None and not self.size
+
+    def _size_and_build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the probe set at the largest size (a power of two from ``min_size`` to ``max_size()``) whose probe,
+        predicted from one timed product, costs ``max_overhead`` of the training time so far (rank 0's choice)."""
+        timing = self.time_product(pl_module)
+        per_sample = (timing["graph"] + WARM_PRODUCTS * timing["product"]) / max(timing["samples"], 1)
+        affordable = self.max_overhead * (budget.now() - self._started) / max(per_sample, 1e-12) * trainer.world_size
+        size = min(self.max_size(), max(self.min_size, 2 ** int(math.log2(max(affordable, 1.0)))))
+        self.build(trainer, trainer.strategy.broadcast(size, src=0))
 
     def max_size(self) -> int:
         """The most samples the probe set may hold: ``probe_size``, else 1,024 or the whole training set (not for
@@ -190,6 +213,8 @@ class HessianProbe:
         """Measure on the probe set (``extras=False``: the eigenvalues only; ``trace_max_samples`` lowers the
         trace's sample cap for this measurement), warm-started from the last measurement's eigenvectors, and keep
         this one's for the next."""
+        if self.batches is None and self._source is not None:  # sized now, from the training time so far
+            self._size_and_build(pl_module.trainer, pl_module)
         if self.batches is None:
             if self.probe_data is None:
                 raise ValueError("compute() outside a running Trainer needs probe_data= (the batches to probe)")
