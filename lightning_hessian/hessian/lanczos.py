@@ -268,18 +268,18 @@ class KrylovSolver:
                                    self.seed + self.searches, check_multiplicity=False, deflate=basis)
 
     def _feed_search(self, HX: torch.Tensor) -> None:
-        """Products for the search: restricted to the complement; a value it finds among the wanted ones joins
-        this basis as the next direction to multiply (orthogonal to the basis, with no known coupling to it)."""
-        basis = self.search.deflate
+        """Products for the search, restricted to the complement. A value it finds among the wanted ones joins
+        this basis as the next direction to multiply, once converged to ``tol``; it ends without one once its
+        pair has converged nearer its own value than the wanted ones (no wanted copy hides behind it)."""
         search = self.search
-        search.feed(HX - (HX @ basis.T) @ basis)
+        search.feed(HX - (HX @ search.deflate.T) @ search.deflate)
         self.num_hvps += HX.shape[0]
         self.iterations += 1
         if not search.n:
             return
         if not self._wanted_over(float(search.theta[0])):
-            # converged also means: closer to its value than to the wanted ones, so no wanted copy hides behind it
-            if search.converged and not search.closed and float(search.residuals[0]) > self._gap(search) / 2:
+            gap = self._distance(float(search.theta[0]))
+            if search.converged and not search.closed and float(search.residuals[0]) > gap / 2:
                 search.converged = False
             return
         if float(search.residuals[0]) > self.tol * abs(float(search.theta[0])) and search.n < search.space:
@@ -308,7 +308,7 @@ class KrylovSolver:
         P, B = self.V[n:m].clone(), self.T[n:m, :n].clone()
         along = (P @ u[0]).double().cpu()  # P = along u + rest
         rest = P - along.to(P)[:, None] * u
-        kept = [r for r in rest]
+        kept = list(rest)
         for _ in range(2):  # orthonormalise the rest among themselves, dropping what lies along u
             out = []
             for r in kept:
@@ -342,9 +342,6 @@ class KrylovSolver:
         if self.which == "SA":
             return value - kth - margin
         return abs(kth) - margin - abs(value)
-
-    def _gap(self, search: KrylovSolver) -> float:
-        return self._distance(float(search.theta[0]))
 
     def _check_closed_subspace(self) -> None:
         """Pairs of an invariant subspace have zero residuals but say nothing of the rest of the space: after the
