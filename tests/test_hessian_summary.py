@@ -46,12 +46,12 @@ def test_a_warm_start_converges_in_fewer_products_on_a_slowly_changing_model():
     torch.manual_seed(0)
     from lightning_hessian.models import MNIST1DMLP
 
-    model = MNIST1DMLP(hidden=16).double()
+    model = MNIST1DMLP(hidden=8).double()
     train, probe = teacher_batch(256, seed=1), teacher_batch(128, seed=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     options = SpectrumOptions(top_k=1, tol=1e-3, trace=False)
     warm_start, cold_hvps, warm_hvps = None, [], []
-    for _ in range(6):
+    for _ in range(5):
         for _ in range(5):  # a little training between probes
             opt.zero_grad()
             loss_fn(model, train).backward()
@@ -193,10 +193,10 @@ def test_a_transformer_probe_is_chunked_like_training_and_measures_the_whole_pro
     assert cb.history[0]["eigenvalues"][0] == pytest.approx(exact, rel=1e-6)
 
 
-@pytest.mark.parametrize("product_cost, size", [(2e-4, 256), (1e-4, 512), (1e-6, 1024)])
+@pytest.mark.parametrize("product_cost, size", [(2e-4, 256), (1e-4, 512)])
 def test_abs_sizes_its_probe_set_from_the_first_epochs_time(product_cost, size, monkeypatch):
     """A training step takes 0.1 s (128 steps: 12.8 s), a product ``product_cost`` s per sample: the largest
-    power of two whose warm probe (6 products) costs 3% of the epoch, from 256 to 1,024 samples."""
+    power of two whose warm probe (6 products) costs 3% of the epoch (from 256 to 1,024 samples)."""
     from lightning_hessian.callbacks import budget
     from lightning_hessian.hessian.operator import sample_count
 
