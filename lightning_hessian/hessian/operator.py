@@ -354,6 +354,10 @@ class HessianOperator:
             kind = "single" if k == 1 else "multi"
             if kind not in self.hvp_choice and not self._worth_timing(kind):
                 self.hvp_choice[kind] = "reverse"
+            one = not self.distributed and self._batches is not None and len(self._batches) == 1
+            if one and kind in self.hvp_choice and self._batch_size(self._batches[0]) > 0:
+                self.num_hvps += k  # one batch: its product is the mean (no weighted sum to build)
+                return self._hvp(self.hvp_choice[kind], 0, self._batches[0], V)
             batches = iter(self._iter_batches())
             start = 0
             if kind not in self.hvp_choice:  # every rank takes part, with or without a batch of its own
