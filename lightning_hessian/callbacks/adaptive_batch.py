@@ -18,7 +18,8 @@ from lightning_hessian.checks import check_number, check_positive_int
 from lightning_hessian.hessian.summary import SpectrumOptions
 
 SCHEDULES = ("abs", "fb", "gg", "bl")
-PROBE_OVERHEAD = 0.03  # an automatically sized probe costs about this share of the first epoch
+PROBE_OVERHEAD = 0.02  # an automatically sized probe costs about this share of the first epoch (later, faster
+# epochs at larger batches make the run's share higher)
 MODES = ("dataloader", "accumulate")
 
 
@@ -36,8 +37,8 @@ class AdaptiveBatchSizeCallback(Callback):
     ``probe_batch_size``, by default the training loader's), or the given ``probe_data``; the eigenvalue is
     ``hessian.summary.measure_spectrum``'s, warm-started from the last epoch's eigenvector. By default
     (``probe_size=None``) the probe set's size is chosen at the first epoch's end: the largest power of two from
-    256 to 1,024 samples (or the training set) whose probe, predicted from one timed Hessian-vector product,
-    costs 3% of that epoch; it is kept for the run (and in the checkpoint). ``eig_tol`` (5%) bounds the relative
+    128 to 1,024 samples (or the training set) whose probe, predicted from one timed Hessian-vector product,
+    costs 2% of that epoch; it is kept for the run (and in the checkpoint). ``eig_tol`` (5%) bounds the relative
     residual of the eigenpair, so the eigenvalue is within 5% (usually far closer): ample for a rule that waits
     for the eigenvalue to halve.
     With ``adversarial=True`` (ABSA) an ``AdversarialAugmentCallback`` replaces a fraction of every batch
@@ -107,7 +108,8 @@ class AdaptiveBatchSizeCallback(Callback):
         check_number(eig_tol, "eig_tol", 0, low_open=True)
         # the top eigenvalue through the one measurement (hessian.summary), warm-started from the last epoch's
         self._probe = HessianProbe(SpectrumOptions(top_k=1, tol=eig_tol, trace=False, seed=seed), probe_size,
-                                   probe_batch_size, probe_data, seed, loss_fn, max_overhead=PROBE_OVERHEAD)
+                                   probe_batch_size, probe_data, seed, loss_fn, max_overhead=PROBE_OVERHEAD,
+                                   min_size=128)
         # schedule state (all of it in state_dict)
         self.base_batch_size: int | None = None
         self.batch_size: int | None = None
