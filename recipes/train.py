@@ -1,9 +1,11 @@
 """Train with Hydra: ``python recipes/train.py trainer.max_epochs=5 callbacks=none``.
 
-``python recipes/train.py hydra.run.dir=<dir> ckpt_path=last`` resumes <dir> with its own overrides.
+``python recipes/train.py hydra.run.dir=<dir> ckpt_path=last`` (or ``LH_RUN_ID=<id> ... ckpt_path=last``) resumes
+the run with its own overrides.
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -18,5 +20,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = resume_argv(sys.argv)
+    sys.argv = resume_argv(sys.argv, config_dir=str(Path(__file__).resolve().parents[1] / "conf"))
     main()

@@ -43,6 +43,19 @@ class DumpRankState(Callback):
             "output_dir": trainer.default_root_dir,
             "spectrum": [h["eigenvalues"] for h in spectrum[0].history] if spectrum else None,
             "batch_sizes": [h["batch_size"] for h in abs_[0].history] if abs_ else None,
+            "next_batch_size": abs_[0].batch_size if abs_ else None,
         }
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.dirpath / f"rank_{trainer.global_rank}.pt")
+
+
+class PoisonAtStep(Callback):
+    """Fill the module's first parameter with NaN after optimizer step ``step``: the next loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))

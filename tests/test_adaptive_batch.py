@@ -68,8 +68,9 @@ def fit(callback, epochs=9, batch_size=8, milestones=None, ckpt_path=None, extra
 def test_abs_schedule_matches_hand_computed_sequence(mode, scripted_eigenvalues, tmp_path):
     cb = AdaptiveBatchSizeCallback(max_batch_size=64, duration=3, mode=mode, probe_size=16, plot=True)
     module, trainer = fit(cb, root=tmp_path)
-    # ref 10 -> 4.9 halves (grow, ref 4.9) -> 2.4 halves (grow, ref 2.4) -> 3 epochs flat (grow) -> cap 64
-    assert [h["batch_size"] for h in cb.history] == [8, 8, 16, 16, 32, 32, 32, 64, 64]
+    # ref 10 -> 4.9 halves (grow, ref 4.9) -> 2.4 halves (grow, ref 2.4) -> 3 epochs flat (grow) -> cap 64; each
+    # epoch records the batch and LR it trained with (a growth decided at an epoch's end shows from the next)
+    assert [h["batch_size"] for h in cb.history] == [8, 8, 8, 16, 16, 32, 32, 32, 64]
     assert [h["lr"] for h in cb.history] == pytest.approx([0.1, 0.1, 0.1, 0.2, 0.2, 0.4, 0.4, 0.4, 0.8])
     assert [h["eigenvalue"] for h in cb.history] == EIGS[:8] + [None]  # no probing once capped
     # optimizer steps: 3 epochs x 16 + 2 x 8 + 3 x 4 + 1 x 2
@@ -78,7 +79,7 @@ def test_abs_schedule_matches_hand_computed_sequence(mode, scripted_eigenvalues,
     for epoch, n, _ in module.seen:
         rows.setdefault(epoch, set()).add(n)
     expected_rows = {8: 8, 16: 16, 32: 32, 64: 64} if mode == "dataloader" else dict.fromkeys((8, 16, 32, 64), 8)
-    assert [rows[e] for e in range(9)] == [{expected_rows[h["batch_size"]]} for h in [cb.history[0]] + cb.history[:-1]]
+    assert [rows[e] for e in range(9)] == [{expected_rows[h["batch_size"]]} for h in cb.history]
     assert (tmp_path / "hessian" / "batch_schedule.png").exists()
 
 
@@ -95,7 +96,8 @@ def test_fb_trains_large_batch_with_linear_warmup(scripted_eigenvalues):
 def test_gg_grows_the_batch_where_the_lr_would_decay():
     cb = AdaptiveBatchSizeCallback(max_batch_size=32, schedule="gg")
     module, _ = fit(cb, epochs=6, milestones=[2, 4])
-    assert [h["batch_size"] for h in cb.history] == [8, 16, 16, 32, 32, 32]
+    assert [h["batch_size"] for h in cb.history] == [8, 8, 16, 16, 32, 32]  # each epoch's own batch
+    assert [{n for e, n, _ in module.seen if e == epoch} for epoch in range(6)] == [{b} for b in (8, 8, 16, 16, 32, 32)]
     per_epoch_lr = {epoch: lr for epoch, _, lr in module.seen}
     assert [per_epoch_lr[e] for e in range(6)] == pytest.approx([0.1] * 6)
 
@@ -208,8 +210,10 @@ def test_dataloader_mode_fails_when_the_loader_does_not_read_the_batch_size(scri
                           logger=False, enable_progress_bar=False, enable_checkpointing=False)
 
     module = FixedLoaderModule(batch_size=16)  # the module's batch_size, but its loader is fixed at 8
-    with pytest.raises(ValueError, match=r"FixedLoaderModule.hparams.batch_size \(now 16\).*DataLoader has batch_s"):
-        trainer().fit(module)
+    with pytest.raises(ValueError, match=r"grows FixedLoaderModule.hparams.batch_size, but FixedLoaderModule.train_"
+                                         r"dataloader\(\) does not follow it \(with .*=32 it built a loader of "
+                                         r"batch_size=8.*mode='accumulate'"):
+        trainer().fit(module)  # at the start (a dry reload), not at the first growth
     # a DataLoader given to fit() cannot be rebuilt: refused at once, not at the first growth (it matched at 8)
     with pytest.raises(ValueError, match=r"a DataLoader passed to fit\(\) cannot do.*mode='accumulate'"):
         trainer().fit(HparamsModule(batch_size=8), DataLoader(Data(8).data, batch_size=8))
@@ -306,7 +310,8 @@ def test_gg_follows_plateau_and_closed_form_schedulers():
 def test_gg_grows_by_powers_of_factor():
     cb = AdaptiveBatchSizeCallback(max_batch_size=128, schedule="gg")
     module, _ = fit(cb, epochs=4, scheduler=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, [1], gamma=0.1))
-    assert [h["batch_size"] for h in cb.history] == [64, 64, 64, 64]  # a 10x decay: 2^3 = 8x the batch
+    assert [h["batch_size"] for h in cb.history] == [8, 64, 64, 64]  # a 10x decay: 2^3 = 8x the batch, from epoch 1
+    assert sorted({(e, n) for e, n, _ in module.seen}) == [(0, 8), (1, 64), (2, 64), (3, 64)]
     assert _epoch_lrs(module) == pytest.approx([0.1, 0.08, 0.08, 0.08])  # the LR keeps the remaining 10 / 8
 
 
@@ -318,7 +323,7 @@ def test_absa_second_half_by_steps(monkeypatch):
         cb = AdaptiveBatchSizeCallback(max_batch_size=16, duration=100, adversarial=True, probe_size=16, plot=False)
         fit(cb, **limit)
         fractions.append([h["adversarial_fraction"] for h in cb.history])
-    assert fractions == [[0.2] * 4 + [0.0] * 6] * 2
+    assert fractions == [[0.2] * 5 + [0.0] * 5] * 2  # the share each epoch trained with: half done after epoch 4
 
 
 class Stream(torch.utils.data.IterableDataset):
@@ -399,3 +404,15 @@ def test_resume_from_a_mid_epoch_checkpoint_under_a_per_step_scheduler(tmp_path)
     for schedule in ("gg", "bl"):
         full = run(schedule)
         assert run(schedule, ckpt=str(tmp_path / schedule / "step=6.ckpt")) == full
+
+
+def test_a_run_whose_batch_never_grows_trains_exactly_as_a_plain_run():
+    """The callback reloads the train loader only when the batch changes (a reload every epoch reshuffled it) and
+    gives the Trainer back its own reload setting after fit."""
+    plain, _ = fit(pl.Callback(), epochs=2)
+    cb = AdaptiveBatchSizeCallback(max_batch_size=64, decay_ratio=1e9, duration=100, probe_size=16, plot=False)
+    probed, trainer = fit(cb, epochs=2)
+    assert [h["batch_size"] for h in cb.history] == [8] * 2 and all(h["eigenvalue"] > 0 for h in cb.history)
+    for p, q in zip(plain.parameters(), probed.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    assert trainer.reload_dataloaders_every_n_epochs == 0

@@ -113,5 +113,5 @@ def test_probe_sizes_must_be_positive_integers(size):
 
 
 def test_default_loss_needs_pairs():
-    with pytest.raises(TypeError, match="hessian_loss"):
+    with pytest.raises(ValueError, match=r"needs \(x, y\) batches.*dicts with keys \['x'\].*loss_fn=.*hessian_loss"):
         cross_entropy_loss(nn.Linear(2, 2), {"x": torch.zeros(1, 2)})

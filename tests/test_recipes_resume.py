@@ -76,30 +76,20 @@ def test_resume_uses_the_runs_config_keeps_its_metrics_and_one_last_ckpt(tmp_pat
     saved = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert saved.model.net._target_.endswith("MNIST1DMLP") and saved.model.optimizer.lr == 0.003
     assert saved.trainer.max_epochs == 2
-    assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt", "last.ckpt.checksum"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 16
     with open(run / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {row["epoch"] for row in rows if row["train/loss_epoch"]} == {"0", "1"}
     assert sum(1 for row in rows if row["test/acc"]) == 2  # one test per run
+    values = [(row["step"], k) for row in rows for k, v in row.items() if v and k not in ("step", "epoch")]
+    assert len(values) == len(set(values))
 
 
 def test_a_missing_checkpoint_file_is_a_config_error(tmp_path, data_dir):
     cfg = compose_config("train", [*SMALL, f"ckpt_path={tmp_path}/none.ckpt"], tmp_path, data_dir)
     with pytest.raises(recipes.ConfigError, match="ckpt_path: no checkpoint file at"):
         recipes.train(cfg)
-
-
-def test_a_fresh_run_into_a_used_directory_sets_the_old_metrics_aside(tmp_path, data_dir):
-    def run():
-        recipes.train(compose_config("train", [*SMALL, "trainer.max_epochs=1"], tmp_path, data_dir))
-        return (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
-
-    first = run()
-    with pytest.warns(UserWarning, match="earlier run's rows"):
-        second = run()
-    kept = list((tmp_path / "csv").glob("metrics.*.csv"))
-    assert len(second) == len(first) and len(kept) == 1 and kept[0].read_text().splitlines() == first
 
 
 def test_a_requeued_slurm_job_resumes_its_metrics_and_tests_its_final_weights(tmp_path, data_dir, monkeypatch):

@@ -227,7 +227,9 @@ def test_train_recipe_on_ddp_sim_with_hessian_callbacks_agrees_across_ranks(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     states = [torch.load(out / "ranks" / f"rank_{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert [s["world_size"] for s in states] == [2, 2]
-    assert states[0]["batch_sizes"] == states[1]["batch_sizes"] == [100, 200]  # grown after epoch 2 (duration=1)
+    # the batch each epoch trained with; grown after epoch 2 (duration=1), for an epoch 3
+    assert states[0]["batch_sizes"] == states[1]["batch_sizes"] == [100, 100]
+    assert states[0]["next_batch_size"] == states[1]["next_batch_size"] == 200
     assert states[0]["spectrum"] == states[1]["spectrum"] and len(states[0]["spectrum"]) == 2
     for name, value in states[0]["params"].items():
         assert torch.equal(value, states[1]["params"][name]), name
@@ -298,6 +300,13 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path, d
     # equal up to the Lanczos tolerance: the callback warm-starts from the last eigenvector, which the
     # checkpoint does not hold, so the resumed run's first probe starts from its seed vector instead
     assert histories[1] == pytest.approx(histories[0], rel=1e-4) and len(histories[0]) == 3
+
+    def logged(run: Path) -> list[tuple[str, str]]:  # the (step, metric) of every value in metrics.csv
+        with open(run / "csv" / "metrics.csv") as f:
+            return sorted((row["step"], k) for row in csv.DictReader(f) for k, v in row.items()
+                          if v and k not in ("step", "epoch"))
+
+    assert logged(killed) == logged(full)  # the replayed steps once each, as in the uninterrupted run
 
 
 # ---- quantize: HAWQ from a checkpoint, integer-only export ----------------------------------------------

@@ -25,7 +25,8 @@ def test_last_checkpoint_is_the_final_epoch_even_when_validation_did_not_improve
     recipes.train(cfg)  # lr 0: val/acc never improves after epoch 0, so only epoch 0 is the "best" checkpoint
     folder = tmp_path / "checkpoints"
     assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 2
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_000.ckpt", "epoch_000.ckpt.checksum", "last.ckpt",
+                                                        "last.ckpt.checksum"]
 
 
 def run_recipe(args, cwd):

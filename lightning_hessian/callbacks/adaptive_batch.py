@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Iterable, Sized
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_hessian.callbacks.hessian_probe import HessianProbe
 from lightning_hessian.callbacks.probe import LossFn
@@ -55,9 +57,14 @@ class AdaptiveBatchSizeCallback(Callback):
     batch then arrives an epoch later.
 
     ``mode="dataloader"`` changes the per-device ``batch_size`` of the datamodule (or module) and reloads
-    the train dataloader; ``mode="accumulate"`` raises ``trainer.accumulate_grad_batches``. Either way the
-    global batch is per-device batch x devices x nodes x accumulation, and every rank takes rank 0's
-    decision. Batch sizes are ``base * factor**n <= max_batch_size``.
+    the train dataloader when it changes (only then: a run whose batch never grows draws the same batches as
+    one without the callback); before training, a dry reload checks that ``train_dataloader()`` follows the
+    attribute (a datamodule that turns it into a per-device size once in ``setup()`` does not).
+    ``mode="accumulate"`` raises ``trainer.accumulate_grad_batches``. Either way the global batch is per-device
+    batch x devices x nodes x accumulation, and every rank takes rank 0's decision. Batch sizes are
+    ``base * factor**n <= max_batch_size``. The history and the logged ``abs/batch_size``, ``abs/lr`` and
+    ``abs/adversarial_fraction`` of an epoch are the values that epoch trained with (a decision at its end shows
+    in the next epoch's).
 
     Example::
 
@@ -109,7 +116,7 @@ class AdaptiveBatchSizeCallback(Callback):
         # the top eigenvalue through the one measurement (hessian.summary), warm-started from the last epoch's
         self._probe = HessianProbe(SpectrumOptions(top_k=1, tol=eig_tol, trace=False, seed=seed), probe_size,
                                    probe_batch_size, probe_data, seed, loss_fn, max_overhead=PROBE_OVERHEAD,
-                                   min_size=128)
+                                   min_size=128, owner=type(self).__name__)
         # schedule state (all of it in state_dict)
         self.base_batch_size: int | None = None
         self.batch_size: int | None = None
@@ -120,13 +127,15 @@ class AdaptiveBatchSizeCallback(Callback):
         self.probe_seconds = 0.0
         self.history: list[dict[str, Any]] = []
         self._adversary: Any = None
-        self._epoch_lr: tuple[int, float] | None = None  # (epoch, the first group's LR at its start), for history
+        # (epoch, the first group's LR, the global batch, the adversarial fraction) the epoch trains with, for history
+        self._epoch_start: tuple[int, float, int, float] | None = None
         self._decision_lr: float | None = None  # that LR after the last gg decision: a drop since is a decay
         self._warm_ratio: float | None = None  # the warmup's LR multiplier for this batch's optimizer step
         self._group_lrs: list[float] = []  # the LRs the warmup scaled, put back after the step
         self._hooks: list[Any] = []
         self._reloaded = False  # a batch-size change awaits the next epoch's dataloader
         self._configured: tuple[Any, int] | None = None  # (holder, batch_size) or (trainer, accumulation) to restore
+        self._reload_every: int | None = None  # the Trainer's reload_dataloaders_every_n_epochs, restored after fit
 
     @property
     def state_key(self) -> str:
@@ -141,17 +150,23 @@ class AdaptiveBatchSizeCallback(Callback):
             self._probe.setup(trainer, pl_module, stage)
         if self.mode == "dataloader":
             if not trainer.fit_loop._data_source.is_module():
-                raise ValueError("mode='dataloader' rebuilds the train loader from train_dataloader() with a larger "
-                                 "batch_size, which a DataLoader passed to fit() cannot do: give fit() a datamodule "
-                                 "(or a module with train_dataloader()), or use mode='accumulate'")
+                raise ValueError("AdaptiveBatchSizeCallback: mode='dataloader' rebuilds the train loader from "
+                                 "train_dataloader() with a larger batch_size, which a DataLoader passed to fit() "
+                                 "cannot do: give fit() a datamodule (or a module with train_dataloader()), or use "
+                                 "mode='accumulate'")
             self._batch_holder(trainer, pl_module)  # fails early if there is none
-            trainer.reload_dataloaders_every_n_epochs = 1
+            self._reload_every = trainer.reload_dataloaders_every_n_epochs
         if self.adversarial:
             self._adversary = self._find_or_add_adversary(trainer, pl_module, stage)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode == "dataloader" and self.schedule != "bl":
+            self._check_loader_follows(trainer, pl_module)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
-            raise ValueError(f"AdaptiveBatchSizeCallback scales one optimizer's LR; found {len(trainer.optimizers)}")
+            raise ValueError(f"AdaptiveBatchSizeCallback scales one optimizer's LR; found {len(trainer.optimizers)} "
+                             "(ABS needs a single-optimizer module)")
         if self.mode == "dataloader":
             self._check_loader_reads(trainer, pl_module)
         per_device = self._per_device_batch(trainer, pl_module)
@@ -199,8 +214,11 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def _restore(self, trainer: pl.Trainer) -> None:
         """Leave no trace after fit: the LRs an interrupted warmup step scaled (a checkpoint taken on the
-        exception must not keep them), the optimizer hooks, and the configured batch size or accumulation
-        (a datamodule fitted again, or resumed, starts from its own value)."""
+        exception must not keep them), the optimizer hooks, the configured batch size or accumulation
+        (a datamodule fitted again, or resumed, starts from its own value) and the Trainer's dataloader reloads."""
+        if self._reload_every is not None:
+            trainer.reload_dataloaders_every_n_epochs = self._reload_every
+            self._reload_every = None
         if self._group_lrs and trainer.optimizers:
             self._unwarm(trainer.optimizers[0])
         for hook in self._hooks:
@@ -241,10 +259,14 @@ class AdaptiveBatchSizeCallback(Callback):
         if self._reloaded:  # the loader was just rebuilt for a new batch size: it must have taken it
             self._reloaded = False
             self._check_loader_reads(trainer, pl_module)
+        batch = self.batch_size  # what this epoch's loader was built with
         if self.schedule == "gg":  # a plateau scheduler's decay, applied after the last epoch's callbacks
             self._apply_gg(trainer, pl_module)
-        if self._epoch_lr is None or self._epoch_lr[0] != trainer.current_epoch:  # kept when resumed mid-epoch
-            self._epoch_lr = (trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"])
+        if self.mode == "accumulate":  # a growth here applies to this epoch already; a loader waits for the next
+            batch = self.batch_size
+        if self._epoch_start is None or self._epoch_start[0] != trainer.current_epoch:  # kept when resumed mid-epoch
+            self._epoch_start = (trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"], batch,
+                                 self.adversarial_fraction)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         eigenvalue, growth = None, 1
@@ -258,11 +280,11 @@ class AdaptiveBatchSizeCallback(Callback):
             growth = self._apply_gg(trainer, pl_module)
         if self.adversarial:
             self._update_adversarial_fraction(trainer, grew=growth > 1)
-        record = {"epoch": trainer.current_epoch, "batch_size": self.batch_size, "lr": self._epoch_lr[1],
-                  "eigenvalue": eigenvalue, "adversarial_fraction": self.adversarial_fraction}
+        _, lr, batch, fraction = self._epoch_start  # what this epoch trained with: the decision shows from the next
+        record = {"epoch": trainer.current_epoch, "batch_size": batch, "lr": lr, "eigenvalue": eigenvalue,
+                  "adversarial_fraction": fraction}
         self.history.append(record)
-        metrics = {"abs/batch_size": float(record["batch_size"]), "abs/lr": record["lr"],
-                   "abs/adversarial_fraction": self.adversarial_fraction}
+        metrics = {"abs/batch_size": float(batch), "abs/lr": lr, "abs/adversarial_fraction": fraction}
         if eigenvalue is not None:
             metrics["abs/eigenvalue"] = eigenvalue
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
@@ -357,7 +379,9 @@ class AdaptiveBatchSizeCallback(Callback):
         else:
             self._batch_holder(trainer, pl_module)[0].batch_size = self.batch_size // per_step
             # reload the train dataloader at the next epoch start (also when called from on_train_start,
-            # after Lightning already built this epoch's loader)
+            # after Lightning already built this epoch's loader), and never else unless the user asked for it
+            if not trainer.reload_dataloaders_every_n_epochs:
+                trainer.reload_dataloaders_every_n_epochs = sys.maxsize
             trainer.fit_loop._last_train_dl_reload_epoch = float("-inf")
             self._reloaded = True
 
@@ -402,9 +426,35 @@ class AdaptiveBatchSizeCallback(Callback):
             if holder is not None and isinstance(getattr(holder, "batch_size", None), int):
                 return holder, label
         raise ValueError(
-            f"mode='dataloader' needs an integer `batch_size` attribute (or hparams.batch_size) on the "
-            f"{name} whose train_dataloader() reads it; add one, or use mode='accumulate'"
+            f"AdaptiveBatchSizeCallback: mode='dataloader' needs an integer `batch_size` attribute (or "
+            f"hparams.batch_size) on the {name} whose train_dataloader() reads it; add one, or use mode='accumulate'"
         )
+
+    def _check_loader_follows(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A dry reload before training: build the train loader once with the holder's ``batch_size`` at what a first
+        growth sets, then put it back; fail now, not at that growth, if the loader did not take it (e.g. a
+        datamodule that turns ``batch_size`` into a per-device size once in ``setup()``)."""
+        holder, name = self._batch_holder(trainer, pl_module)
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        configured = holder.batch_size
+        holder.batch_size = trial = configured * self.factor
+        try:
+            with isolate_rng():  # building a loader may draw (a random split): not from training's stream
+                loader = source.train_dataloader()
+        finally:
+            holder.batch_size = configured
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        elif isinstance(loader, dict):
+            loader = next(iter(loader.values()), None)
+        loaded = getattr(loader, "batch_size", None)
+        if loaded != trial:
+            raise ValueError(
+                f"AdaptiveBatchSizeCallback: mode='dataloader' grows {name}.batch_size, but "
+                f"{type(source).__name__}.train_dataloader() does not follow it (with {name}.batch_size={trial} it "
+                f"built a loader of batch_size={loaded}; a per-device size set once in setup()?): build the loader "
+                f"from {name}.batch_size, or use mode='accumulate'"
+            )
 
     def _check_loader_reads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fail if the train DataLoader's batch size is not the holder's (it does not read the one we change)."""
@@ -444,7 +494,8 @@ class AdaptiveBatchSizeCallback(Callback):
             "reference": self.reference, "epochs_since_growth": self.epochs_since_growth,
             "adversarial_fraction": self.adversarial_fraction, "warmup": self.warmup,
             "probe_seconds": self.probe_seconds, "history": self.history, "probe": self._probe.state_dict(),
-            "decision_lr": self._decision_lr, "epoch_lr": None if self._epoch_lr is None else list(self._epoch_lr),
+            "decision_lr": self._decision_lr,
+            "epoch_start": None if self._epoch_start is None else list(self._epoch_start),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -452,7 +503,8 @@ class AdaptiveBatchSizeCallback(Callback):
         if "probe" in state:  # the probe's warm start: a resumed run's eigenvalues equal an uninterrupted one's
             self._probe.load_state_dict(state.pop("probe"))
         self._decision_lr = state.pop("decision_lr", None)
-        epoch_lr = state.pop("epoch_lr", None)
-        self._epoch_lr = None if epoch_lr is None else (int(epoch_lr[0]), float(epoch_lr[1]))
+        state.pop("epoch_lr", None)  # a checkpoint from before epoch_start: this epoch's values are read again
+        start = state.pop("epoch_start", None)
+        self._epoch_start = None if start is None else (int(start[0]), float(start[1]), int(start[2]), float(start[3]))
         for key, value in state.items():
             setattr(self, key, value)

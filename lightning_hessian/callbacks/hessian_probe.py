@@ -20,6 +20,8 @@ from lightning_hessian.callbacks import budget
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import (
     LossFn,
+    check_loss,
+    cross_entropy_loss,
     draw_probe_indices,
     prepare_batch,
     probe_batches,
@@ -48,7 +50,7 @@ class HessianProbe:
     batches. With ``max_overhead`` (and neither ``probe_size`` nor ``probe_data``) the size is chosen at the first
     measurement instead: the largest power of two from ``min_size`` to 1,024 whose measurement, predicted from one
     timed product, costs that share of the training time so far. Under DDP each rank takes its share and the
-    products are all-reduced.
+    products are all-reduced. The loss is checked before training (``check_loss``), and errors name ``owner``.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class HessianProbe:
         params: list[str] | None = None,
         max_overhead: float | None = None,
         min_size: int = 256,
+        owner: str = "HessianProbe",
     ):
         for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size)):
             if value is not None:
@@ -75,7 +78,7 @@ class HessianProbe:
                 raise ValueError("probe_data holds no batches: pass batches, or None to draw probe_size samples")
         self.options, self.probe_size, self.probe_batch_size = options, probe_size, probe_batch_size
         self.probe_data, self.seed, self.loss_fn, self.mode, self.params = probe_data, seed, loss_fn, mode, params
-        self.max_overhead, self.min_size = max_overhead, min_size
+        self.max_overhead, self.min_size, self.owner = max_overhead, min_size, owner
         self._started = 0.0  # when training started (the automatic size is a share of the time since)
         self.batches: Batches | None = None
         self.size: int | None = None  # samples in the probe set once built (all ranks together)
@@ -91,7 +94,7 @@ class HessianProbe:
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str = "fit") -> None:
         """Resolve the loss and check the parameter selection (fails before training, naming the argument)."""
-        self._loss = resolve_loss_fn(pl_module, self.loss_fn)
+        self._loss = resolve_loss_fn(pl_module, self.loss_fn, self.owner)
         op = HessianOperator(pl_module, self._loss, [], params=self.params)  # raises if nothing is selected
         if self.options.top_k > op.dim:
             raise ValueError(f"top_k={self.options.top_k} exceeds the {op.dim} selected parameters; lower top_k")
@@ -118,14 +121,9 @@ class HessianProbe:
                 draw_probe_indices(len(dataset), self.probe_size, self.seed)  # fails early if too large
             timing = self._collate(trainer, min(TIMING_SAMPLES, self.max_size()), TIMING_SAMPLES)
             self._timing = timing[0] if timing else None
-        if self._timing is not None:
+        if self._timing is not None:  # the given batches, or the first samples of the probe set
             with leave_no_trace(pl_module, self.mode):
-                loss = self._loss(pl_module, self._timing)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError(
-                    "loss_fn must return a scalar tensor (the mean loss over the batch), got "
-                    f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
-                )
+                check_loss(self._loss, pl_module, self.batches or [self._timing], self.owner)
         self._started = budget.now()
         if self._sized_at_first_measure():
             return
@@ -159,6 +157,9 @@ class HessianProbe:
             self.size = size if size is not None else self.max_size()
             batch_size = self.probe_batch_size or self.chunk_size()
             self.batches = Batches(self._collate(trainer, self.size, batch_size))
+            if self._loss is cross_entropy_loss and self.batches:  # every probe label in range, not just the first's
+                with leave_no_trace(trainer.lightning_module, self.mode):
+                    check_loss(self._loss, trainer.lightning_module, self.batches, self.owner, say=False)
         self.local_samples = sum(sample_count(b) for b in self.batches)
 
     def _collate(self, trainer: pl.Trainer, size: int, batch_size: int) -> list[Any]:
@@ -220,7 +221,9 @@ class HessianProbe:
                 raise ValueError("compute() outside a running Trainer needs probe_data= (the batches to probe)")
             self.batches = Batches(self.probe_data)
         if self._loss is None:
-            self._loss = resolve_loss_fn(pl_module, self.loss_fn)
+            self._loss = resolve_loss_fn(pl_module, self.loss_fn, self.owner)
+            with leave_no_trace(pl_module, self.mode):
+                check_loss(self._loss, pl_module, self.batches, self.owner)
         options = self.options if extras else replace(self.options, trace=False, per_layer=False, density=False)
         if trace_max_samples is not None and options.trace:
             cap = max(min(trace_max_samples, options.trace_max_samples), options.trace_min_samples, 2)

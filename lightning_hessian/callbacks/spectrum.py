@@ -142,7 +142,8 @@ class HessianSpectrumCallback(Callback):
             seed=seed,
         )
         self.history: list[dict[str, Any]] = []
-        self._probe = HessianProbe(self.options, probe_size, probe_batch_size, probe_data, seed, loss_fn, mode, params)
+        self._probe = HessianProbe(self.options, probe_size, probe_batch_size, probe_data, seed, loss_fn, mode, params,
+                                   owner=type(self).__name__)
         self._budget = ProbeBudget(max_overhead)
         self._last_step = 0  # the optimizer step last probed by every_n_steps (step 0 is never probed)
         self._said: set[str] = set()  # one-time messages already given

@@ -9,7 +9,17 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+
+class _MeanLoss(MeanMetric):
+    """``MeanMetric`` whose update builds new states instead of writing into them (as torchmetrics' accuracy
+    does): states that a ``trainer.validate`` made in inference mode stay usable in a later ``fit``."""
+
+    def update(self, value: torch.Tensor, weight: int) -> None:
+        self.mean_value = self.mean_value + value * weight
+        self.weight = self.weight + weight
 
 
 class ClassificationModule(LightningModule):
@@ -18,6 +28,12 @@ class ClassificationModule(LightningModule):
     ``optimizer`` and ``scheduler`` are factories (``functools.partial`` or Hydra ``_partial_: true``):
     ``optimizer(params)`` and ``scheduler(optimizer)``. The scheduler steps once per epoch.
     ``hessian_loss(batch)`` is what the Hessian callbacks differentiate.
+
+    Under DDP the epoch values (``train/loss_epoch``, ``val/loss``, ``test/loss`` and the accuracies) are over
+    every rank's samples: torchmetrics sums the per-sample losses and counts over the ranks, so they equal one
+    process on the union of the shards. ``train/loss_step`` is the rank's own batch, as Lightning logs step
+    values. Lightning's ``DistributedSampler`` pads an evaluation set that the ranks do not divide evenly
+    with up to ``world_size - 1`` repeated samples (and warns); those count twice, as in the accuracy.
 
     Example::
 
@@ -37,9 +53,9 @@ class ClassificationModule(LightningModule):
         self.net = net
         self.optimizer_factory = optimizer or (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
         self.scheduler_factory = scheduler
-        self.metrics = nn.ModuleDict(
-            {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("train_", "val_", "test_")}
-        )
+        stages = ("train_", "val_", "test_")
+        self.metrics = nn.ModuleDict({stage: MulticlassAccuracy(num_classes, average="micro") for stage in stages})
+        self.losses = nn.ModuleDict({stage: _MeanLoss() for stage in stages})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -54,9 +70,13 @@ class ClassificationModule(LightningModule):
         loss = F.cross_entropy(logits, y)
         metric = self.metrics[stage + "_"]
         metric.update(logits, y)  # logged per epoch: no per-batch value to compute
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        mean_loss = self.losses[stage + "_"]  # weighted by the batch size
+        if stage == "train":
+            mean_loss(loss.detach(), len(y))  # forward: also this batch's value, for train/loss_step
+        else:
+            mean_loss.update(loss.detach(), len(y))
+        self.log(f"{stage}/loss", mean_loss, on_step=stage == "train", on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

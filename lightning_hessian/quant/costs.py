@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
@@ -38,7 +38,8 @@ class LayerStats:
 
 
 def layer_stats(
-    model: nn.Module, example_input: Any, layers: Iterable[str] | None = None
+    model: nn.Module, example_input: Any, layers: Iterable[str] | None = None,
+    forward: Callable[[nn.Module, Any], object] | None = None,
 ) -> dict[str, LayerStats]:
     """Parameter counts and per-sample MACs of the quantizable layers, from one forward pass.
 
@@ -48,6 +49,9 @@ def layer_stats(
         example_input: a batch the model accepts: a tensor, a tuple/list of positional arguments or a
             dict of keyword arguments; its first tensor's leading dimension is the batch size.
         layers: module paths to keep (default: every quantizable layer).
+        forward: ``forward(model, example_input)`` runs the pass instead of ``model(example_input)``, e.g. a
+            ``loss_fn(model, batch)`` for a module without ``forward`` (a LightningModule whose step holds the
+            loss) or with dict batches; ``example_input`` is then whatever it takes.
 
     MACs count the weight multiplications (``output elements x in_channels / groups x kernel size``
     for convolutions, ``output elements x in_features`` for linear layers), summed over every call
@@ -85,7 +89,9 @@ def layer_stats(
     handles = [module.register_forward_hook(hook(name)) for name, module in found.items()]
     try:
         with training_mode(model, False), torch.no_grad():
-            if isinstance(example_input, Mapping):
+            if forward is not None:
+                forward(model, example_input)
+            elif isinstance(example_input, Mapping):
                 model(**example_input)
             elif isinstance(example_input, (tuple, list)):
                 model(*example_input)

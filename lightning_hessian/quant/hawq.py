@@ -11,9 +11,11 @@ model is wrapped; the bit configuration travels in the checkpoint as plain Pytho
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -24,19 +26,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.seed import isolate_rng
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import nn
 from torchmetrics import Metric
 
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import (
     LossFn,
+    check_loss,
+    defines_forward,
     draw_probe_indices,
+    first_line,
     prepare_batch,
     probe_batches,
     resolve_loss_fn,
@@ -45,8 +50,10 @@ from lightning_hessian.callbacks.probe import (
 from lightning_hessian.checks import check_number, check_positive_int
 from lightning_hessian.hessian import Batches
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
-from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits
+from lightning_hessian.modes import training_mode
+from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits, pareto_frontier
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
+from lightning_hessian.quant.distill import batchnorm_layers, distill_data
 from lightning_hessian.quant.modules import calibrate as calibrate_ranges
 from lightning_hessian.quant.modules import quantizable_layers, quantize_model
 from lightning_hessian.quant.quantizers import (
@@ -56,10 +63,11 @@ from lightning_hessian.quant.quantizers import (
     validate_bit_choices,
     validate_bits,
 )
-from lightning_hessian.quant.report import BitReport, bit_report
+from lightning_hessian.quant.report import BitReport, Frontier, bit_report, frontier_of
 from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
 
 RESOURCES = ("size", "bops")
+CALIBRATIONS = ("data", "distilled")  # where the probe set comes from: real samples, or ZeroQ's distilled inputs
 # The wrapped module's hooks that run unchanged inside a HAWQModule (logging to this run). Only those it overrides are
 # bound, so Lightning's is_overridden checks (which loops run, which data hooks apply) answer as for the module itself.
 _DELEGATED_HOOKS = (
@@ -80,63 +88,8 @@ _DELEGATED_HOOKS = (
 _FOLLOW_CODE = -1  # act_bits="follow" in the hawq_bits buffer (0 there means "not quantized")
 
 
-class HAWQModule(LightningModule):
-    """Quantize a trained LightningModule to mixed precision chosen from Hessian sensitivity, then fine-tune.
-
-    Args:
-        module: the trained float LightningModule, or a checkpoint path loaded with ``module_class``.
-        module_class: a LightningModule class (``module_class.load_from_checkpoint(module)``) or any
-            callable ``path -> LightningModule`` (e.g. a ``functools.partial`` passing ``net=``).
-        bits: a fixed configuration instead of a plan: an int for every layer (uniform 8 or 4, say) or
-            ``{layer: bits}`` (layers left out stay in float).
-        budgets: plan the bits: ``{"size": ..., "bops": ...}``. A value in ``[0, 1]`` is HAWQ-V3's
-            fraction of the way from every layer at ``min(bit_choices)`` to every layer at
-            ``max(bit_choices)``; a value above 1 is absolute (weight bits for ``"size"``, per-sample
-            bit operations ``MACs * b_w * b_a`` for ``"bops"``).
-        bit_choices: candidate weight bit widths (2..8) for the plan.
-        act_bits: activation bit width (2..8) of every layer's input, or ``"follow"``: a layer's input
-            activations take its weight bits (HAWQ-V3's W4A4/W8A8 mixed precision; residual additions keep
-            8 bits), so BOPS cost ``MACs * b * b``.
-        ties: groups of layer names that must share a bit width (e.g. a residual block's shortcut conv
-            and the conv it is added to).
-        metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
-            eigenvalue in place of the average trace), ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
-            Hessian-vector product per layer and bit width) or, with ``act_bits="follow"``, ``"quadratic+act"``
-            (plus ``dA_i^T H_A dA_i`` of the layer's input activations rounded at the same bits); see
-            :mod:`~lightning_hessian.quant.sensitivity`.
-        probe_data: batches for the sensitivity and calibration (a list of batches or a DataLoader); default
-            ``probe_size`` training samples drawn with ``seed``. Under DDP the ranks split either (rank ``r``
-            takes batches ``r, r + world_size, ...``) and all-reduce, as one process on all of them.
-        probe_size, probe_batch_size: size of the default probe set and of its batches.
-        seed: seed of the probe draw and of the Hutchinson probes.
-        trace_rel_tol, max_samples: Hutchinson stopping rule (relative standard error of every layer's
-            trace) and its cap on probes.
-        cache_dir: folder of the sensitivity cache (re-planning the same model and probe is then free).
-        loss_fn: ``loss_fn(module, batch)`` for the Hessian; default ``module.hessian_loss`` or
-            cross-entropy on ``(x, y)`` batches.
-        example_input: an input of ``module`` for the size/BOPS costs; default the first tensor of the
-            first probe batch.
-        momentum: activation range tracking: ``None`` running min/max, else the EMA momentum.
-        optimizer: factory ``optimizer(params)`` for the fine-tune; default the module's own
-            ``configure_optimizers``.
-        distill_weight: ``w`` in ``(1 - w) * task_loss + w * T^2 * KL(teacher || student)`` on the logits
-            of the float model (0 disables distillation); the wrapped ``training_step`` must call ``self(...)``.
-        temperature: distillation temperature ``T``.
-        solver: OR-Tools solver of :func:`~lightning_hessian.quant.allocation.allocate_bits`.
-        report_dir: where ``hawq_report.md``/``.png`` go; default ``<trainer.default_root_dir>/hawq``.
-
-    Training, validation and test steps are the wrapped module's, and so are the hooks it overrides (its
-    dataloaders, batch-transfer hooks, epoch and batch hooks: ``_DELEGATED_HOOKS``), so its metrics are logged
-    unchanged. The probe batches go through its batch-transfer hooks as training batches do; ``hessian_loss``
-    differentiates the quantized network, so the Hessian callbacks work on a HAWQModule.
-
-    Example::
-
-        hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(4, 8), cache_dir="cache")
-        trainer = Trainer(max_epochs=3)
-        trainer.fit(hawq, datamodule=dm)
-        trainer.test(HAWQModule(trained), datamodule=dm, ckpt_path=trainer.checkpoint_callback.best_model_path)
-    """
+class _HAWQ:
+    """What ``HAWQModule`` does, on the ``LightningModule`` of either Lightning package (see ``HAWQModule``)."""
 
     def __init__(
         self,
@@ -164,6 +117,9 @@ class HAWQModule(LightningModule):
         temperature: float = 1.0,
         solver: str = "cbc",
         report_dir: str | os.PathLike | None = None,
+        calibration: str = "data",
+        input_shape: Sequence[int] | None = None,
+        distill: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         module = _load_module(module, module_class)
@@ -192,6 +148,9 @@ class HAWQModule(LightningModule):
             raise ValueError(f"max_samples={max_samples} is below the {MIN_TRACE_SAMPLES} Hutchinson probes every "
                              f"trace takes first; pass max_samples >= {MIN_TRACE_SAMPLES}")
         check_number(distill_weight, "distill_weight (0: no distillation)", 0, 1)
+        if distill_weight > 0 and not defines_forward(module):
+            raise ValueError(f"distill_weight > 0 distils the logits of {type(module).__name__}.forward, which it does "
+                             "not define: pass distill_weight=0")
         if distill_weight > 0 and not module.automatic_optimization:
             raise ValueError("distill_weight > 0 adds the distillation term to the loss training_step returns, but "
                              f"{type(module).__name__} optimizes manually (automatic_optimization=False): pass "
@@ -220,7 +179,8 @@ class HAWQModule(LightningModule):
         })
         self.module = module
         for hook in _DELEGATED_HOOKS:  # the wrapped module's own hooks, unless a subclass of this one has its own
-            if is_overridden(hook, module, LightningModule) and not is_overridden(hook, self, HAWQModule):
+            if is_overridden(hook, module, _lightning_base(module)) and not is_overridden(hook, self,
+                                                                                          _lightning_base(self)):
                 delegate = partial(self._delegate, hook)
                 # the wrapped hook's parameters (e.g. a step without batch_idx) behind a "self", which Lightning's
                 # signature check skips as it does for a method
@@ -238,6 +198,9 @@ class HAWQModule(LightningModule):
         self._quantized_with: tuple | None = None
         self._reported: dict[str, int] | None = None  # the bits the written report shows
         self._teacher: nn.Module | None = None  # the distillation teacher (not a submodule: not trained or saved)
+        self.calibration, self.input_shape, self.distill_options = _check_data_free(
+            module, calibration, input_shape, distill, example_input)
+        self._distilled: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_bits(self, bits: int | Mapping[str, int]) -> int | dict[str, int]:
@@ -266,15 +229,22 @@ class HAWQModule(LightningModule):
     def measure_sensitivity(self, batches: Any) -> Sensitivity:
         """Hessian sensitivity of the float module's quantizable layers on ``batches`` (eval mode)."""
         model = self.float_module
-        loss = resolve_loss_fn(model, self.loss_fn)
+        loss = resolve_loss_fn(model, self.loss_fn, "HAWQModule")
+        batches = batches if isinstance(batches, Sequence) else Batches(batches)
         with leave_no_trace(model, "eval"):
+            if batches:  # under DDP a rank may hold none (it still joins the products)
+                check_loss(loss, model, batches, "HAWQModule")
             self.sensitivity = layer_sensitivity(
                 model, loss, batches, self.layers, self.bit_choices, metrics=(self.metric,),
                 rel_tol=self.trace_rel_tol, max_samples=self.max_samples, act_momentum=self.momentum, seed=self.seed,
                 cache_dir=self.cache_dir,
             )
-        negative = sorted({name for name, table in self.sensitivity.omega(self.metric).items()
-                           for value in table.values() if value < 0})
+        omega = self.sensitivity.omega(self.metric)
+        if all(value == 0 for table in omega.values() for value in table.values()):
+            raise ValueError(f"HAWQModule: every layer's Hessian sensitivity ({self.metric}) is 0 on the probe set: "
+                             "the loss does not change with the quantizable layers' weights (detached, or constant?), "
+                             "so it cannot rank them; pass a loss_fn that the layers compute")
+        negative = sorted({name for name, table in omega.items() for value in table.values() if value < 0})
         if negative:
             rank_zero_warn(f"HAWQModule: negative Hessian sensitivity ({self.metric}) for layers {negative}: the "
                            "module is not at a minimum of the loss (train it further), so it is not meaningful")
@@ -285,15 +255,30 @@ class HAWQModule(LightningModule):
 
     def measure_costs(self, example_input: Any) -> dict[str, dict[str, dict[int, float]]]:
         """``{"size": bits, "bops": per-sample bit operations}`` tables of the layers for ``bit_choices`` (and, with
-        ``distill_weight > 0``, a check that the forward returns logits)."""
-        device = next(self.float_module.parameters()).device
+        ``distill_weight > 0``, a check that the forward returns logits).
+
+        The MACs come from one pass of ``example_input`` through the module's ``forward``; a module without
+        ``forward`` runs its loss instead, on ``example_input`` taken as a batch.
+        """
+        model = self.float_module
+        device = next(model.parameters()).device
+        run = None if defines_forward(model) else resolve_loss_fn(model, self.loss_fn, "HAWQModule")
         outputs = []
-        handle = self.float_module.register_forward_hook(lambda module, args, out: outputs.append(out))
+        handle = model.register_forward_hook(lambda module, args, out: outputs.append(out))
         try:
-            self.stats = layer_stats(self.float_module, move_data_to_device(example_input, device), self.layers)
+            self.stats = layer_stats(model, move_data_to_device(example_input, device), self.layers, run)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            what = f"the loss of {type(model).__name__}" if run else f"{type(model).__name__}.forward"
+            raise ValueError(f"HAWQModule: the layer costs ran example_input through {what}, which failed "
+                             f"({type(err).__name__}: {first_line(err)}); pass example_input= (an input that "
+                             f"{type(model).__name__}.forward takes; a batch for the loss if there is no forward)"
+                             ) from err
         finally:
             handle.remove()
-        self._check_logits(outputs[-1])
+        if self.distill_weight > 0:
+            self._check_logits(outputs[-1] if outputs else None)
         return {
             "size": size_costs(self.stats, self.bit_choices),
             "bops": bops_costs(self.stats, self.bit_choices, self._bops_act_bits),
@@ -312,7 +297,7 @@ class HAWQModule(LightningModule):
         """
         if self.budgets is None:
             raise ValueError("plan() needs budgets=, e.g. HAWQModule(module, budgets={'size': 0.5})")
-        costs = self.measure_costs(example_input if example_input is not None else self._example(batches))
+        costs = self.measure_costs(example_input if example_input is not None else self._example_of(batches))
         budgets = self.resolve_budgets(costs)
         self._allocate({name: dict.fromkeys(self.bit_choices, 0.0) for name in costs["size"]}, costs, budgets)
         return self._allocate(self.measure_sensitivity(batches).omega(self.metric), costs, budgets)
@@ -324,9 +309,9 @@ class HAWQModule(LightningModule):
         with warnings.catch_warnings(), isolate_rng():
             warnings.filterwarnings("ignore", message="quantize_model: ")  # reported below, once (rank 0)
             qmodule, report = quantize_model(self.float_module, bits, self.act_bits, self.momentum, ignore=(Metric,))
-        if report.float_layers:
+        if report.float_layers:  # layers with weights only: activations in float are expected in fake quantization
             listed = "; ".join(f"{n} ({why})" for n, why in report.float_layers.items())
-            rank_zero_warn(f"HAWQModule: {len(report.float_layers)} layer(s)/op(s) left in float: {listed}")
+            rank_zero_warn(f"HAWQModule: {len(report.float_layers)} layer(s) with weights left in float: {listed}")
         if self._trainer is not None:  # the deep copy left the Trainer behind; the wrapped forward may read it
             qmodule.trainer = self._trainer
         self.module = qmodule
@@ -356,7 +341,7 @@ class HAWQModule(LightningModule):
         over ranks."""
         device = next(self.module.parameters()).device
         batches = (move_data_to_device(batch, device) for batch in batches)
-        calibrate_ranges(self.module, batches, resolve_loss_fn(self.module, self.loss_fn))
+        calibrate_ranges(self.module, batches, resolve_loss_fn(self.module, self.loss_fn, "HAWQModule"))
         if dist.is_available() and dist.is_initialized():
             for q in self.module.modules():
                 if isinstance(q, ActivationQuantizer):
@@ -366,7 +351,29 @@ class HAWQModule(LightningModule):
         """Per-layer bits, sensitivity, size and BOPS against float (needs ``measure_costs`` to have run)."""
         if self.stats is None or self.weight_bits is None:
             raise RuntimeError("bit_report() needs a quantized module and its layer costs (run configure_model)")
-        return bit_report(self.stats, self.weight_bits, self.sensitivity, self._bops_act_bits, self.metric)
+        return bit_report(self.stats, self.weight_bits, self.sensitivity, self._bops_act_bits, self.metric,
+                          self._frontier())
+
+    def _frontier(self) -> Frontier | None:
+        """The exact Pareto frontier of the first budgeted resource (the others within their budgets) with the plan
+        on it, for the report; ``None`` without a planned allocation of the measured metric's bit widths."""
+        s, bits = self.sensitivity, self.weight_bits
+        if self.budgets is None or s is None or self.metric not in s.metrics or bits is None:
+            return None
+        omega = s.omega(self.metric)
+        if set(omega) != set(bits) or any(bits[name] not in table for name, table in omega.items()):
+            return None  # a checkpoint's bits from other candidates than this run's
+        costs = {"size": size_costs(self.stats, self.bit_choices),
+                 "bops": bops_costs(self.stats, self.bit_choices, self._bops_act_bits)}
+        budgets = self.resolve_budgets(costs)
+        resource = next(iter(budgets))
+        fixed = {r: b for r, b in budgets.items() if r != resource}
+        try:
+            points = pareto_frontier(omega, costs, resource, "all", budgets=fixed, ties=self.ties)
+        except ValueError as err:  # too many partial allocations, or budgets no allocation meets
+            rank_zero_warn(f"HAWQModule: the report has no Pareto frontier ({err})")
+            return None
+        return frontier_of(points, resource, costs[resource], omega, bits, fixed)
 
     # --------------------------------------------------------------------------------- Lightning hooks
     def configure_model(self) -> None:
@@ -381,13 +388,13 @@ class HAWQModule(LightningModule):
         resumed with ``ckpt_path`` still plans here (Lightning reads the checkpoint after this hook; a
         ``cache_dir`` makes that free), then takes the checkpoint's bits and ranges and rewrites the report.
         """
-        if is_overridden("configure_model", self.float_module, LightningModule):
+        if is_overridden("configure_model", self.float_module, _lightning_base(self.float_module)):
             self._delegate("configure_model")
         if self.fixed_bits is None and self.budgets is None:
             return
         trainer = self._trainer
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        if trainer is None or not (fitting or self.probe_data is not None):
+        if trainer is None or not (fitting or self.probe_data is not None or self.calibration == "distilled"):
             if self.weight_bits is None and self.fixed_bits is not None:
                 self.quantize(self.fixed_bits)
             return
@@ -396,6 +403,9 @@ class HAWQModule(LightningModule):
         batches = self._probe_batches()
         if self.weight_bits is None and self.budgets is not None:
             self.float_module.to(trainer.strategy.root_device)
+        if batches:  # once, before any plan, cost or calibration rests on the loss
+            self._check_loss(batches)
+        if self.weight_bits is None and self.budgets is not None:
             self.quantize(trainer.strategy.broadcast(self.plan(batches, self._example_of(batches)), src=0))
         elif self.weight_bits is None:
             self.quantize(self.fixed_bits)
@@ -416,10 +426,20 @@ class HAWQModule(LightningModule):
                 table.write_text(f"{table.read_text()}\n**Sensitivity not converged**: {note}.\n")
 
     def _example_of(self, batches: list[Any]) -> Any:
-        """``example_input``, else one from the probe batches (a rank may hold none: then the first given one)."""
+        """``example_input``, else one from the probe batches (a rank may hold none: then the first given one); for a
+        module without ``forward``, the first probe batch itself (its costs run the loss)."""
         if self.example_input is not None:
             return self.example_input
-        return self._example(batches or [prepare_batch(self.trainer, next(iter(self.probe_data)))])
+        batches = batches or [prepare_batch(self.trainer, next(iter(self.probe_data)))]
+        return self._example(batches) if defines_forward(self.float_module) else batches[0]
+
+    def _check_loss(self, batches: Sequence[Any]) -> None:
+        """:func:`~lightning_hessian.callbacks.probe.check_loss` on the float module, where it is."""
+        model = self.float_module
+        device = next(model.parameters()).device
+        with leave_no_trace(model, "eval"):
+            check_loss(resolve_loss_fn(model, self.loss_fn, "HAWQModule"), model,
+                       Batches(move_data_to_device(batch, device) for batch in batches), "HAWQModule")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hawq"] = {
@@ -470,14 +490,17 @@ class HAWQModule(LightningModule):
         return self.module(*args, **kwargs)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
+        # Lightning passes batch_idx only to a step that takes it: so does this one
+        args = (batch, batch_idx) if is_param_in_hook_signature(self.module.training_step, "batch_idx", min_args=2) \
+            else (batch,)
         if self.distill_weight == 0:
-            return self._delegate("training_step", batch, batch_idx)
+            return self._delegate("training_step", *args)
         calls = []
         handle = self.module.register_forward_hook(
             lambda module, args, kwargs, out: calls.append((args, kwargs, out)), with_kwargs=True
         )
         try:
-            out = self._delegate("training_step", batch, batch_idx)
+            out = self._delegate("training_step", *args)
         finally:
             handle.remove()
         if out is None:  # the wrapped step skips this batch
@@ -500,7 +523,7 @@ class HAWQModule(LightningModule):
     def hessian_loss(self, batch: Any) -> torch.Tensor:
         """The Hessian loss of the quantized network: ``loss_fn``, else the wrapped module's ``hessian_loss``, else
         cross-entropy on ``(x, y)`` batches."""
-        return resolve_loss_fn(self.module, self.loss_fn)(self.module, batch)
+        return resolve_loss_fn(self.module, self.loss_fn, "HAWQModule")(self.module, batch)
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is not None:
@@ -515,6 +538,54 @@ class HAWQModule(LightningModule):
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self.module.automatic_optimization = value
+
+    # ------------------------------------------------------------------------------------- data-free (ZeroQ)
+    def distilled_batches(self, device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The distilled probe set of ``calibration="distilled"``: ``probe_size`` inputs whose BatchNorm statistics
+        match the float module's, as ``(x, y)`` batches of ``probe_batch_size`` with ``y`` the float module's
+        predicted class; distilled once (on ``device``, default the module's) and kept. Under DDP every rank
+        distils the whole set (the same for every rank) and takes its share of the batches."""
+        if self._distilled is None:
+            model = self.float_module
+            home = next(model.parameters()).device
+            try:
+                x = distill_data(model, self.input_shape, self.probe_size, seed=self.seed,
+                                 device=device if device is not None else home, **self.distill_options)
+                with torch.no_grad(), training_mode(model, False):
+                    logits = model(x.to(home))
+            except NotImplementedError as err:  # nn.Module's forward
+                raise ValueError(f"calibration='distilled' runs {type(model).__name__}'s forward on distilled inputs, "
+                                 "but it has none: give it a forward(x) that returns the logits") from err
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                raise ValueError(f"calibration='distilled' labels the distilled inputs with the module's predicted "
+                                 f"class, but its forward returns {type(logits).__name__} "
+                                 f"{tuple(getattr(logits, 'shape', ()))}, not (batch, classes) logits")
+            labels = logits.argmax(-1).to(x.device)
+            self._distilled = list(zip(x.split(self.probe_batch_size), labels.split(self.probe_batch_size)))
+        return self._distilled
+
+    def prepare_data_free(self, device: torch.device | str | None = None) -> dict[str, int]:
+        """Quantize with no Trainer and no data (ZeroQ, ``calibration="distilled"``): distil the probe set, plan
+        the bits within ``budgets`` (or take ``bits``), quantize, measure the costs and calibrate the activation
+        ranges on the distilled batches; ``report_dir``, if given, receives the report. Returns the weight bits;
+        ``trainer.test(self, ...)`` then evaluates the quantized module as it is."""
+        if self.calibration != "distilled":
+            raise ValueError("prepare_data_free() quantizes on distilled data: construct the HAWQModule with "
+                             "calibration='distilled'")
+        if self.fixed_bits is None and self.budgets is None:
+            raise ValueError("prepare_data_free() needs bits= (a fixed configuration) or budgets= (a plan)")
+        if device is not None:
+            self.float_module.to(device)
+        batches = self.distilled_batches(device)
+        example = self._example_of(batches)
+        self.quantize(self.plan(batches, example) if self.budgets is not None else self.fixed_bits)
+        self.module.to(batches[0][0].device)
+        if self.stats is None:
+            self.measure_costs(example)
+        self.calibrate(batches)
+        if self.report_dir is not None:
+            self.bit_report().save(self.report_dir)
+        return dict(self.weight_bits)
 
     # ------------------------------------------------------------------------------------------ internals
     @property
@@ -584,7 +655,9 @@ class HAWQModule(LightningModule):
         with torch.inference_mode(False):  # the evaluation loop's mode: the ranges must stay usable in training
             try:
                 batches = self._probe_batches(convert_input=True)
-            except (MisconfigurationException, TypeError, ValueError) as err:  # no (usable) train loader
+            except Exception as err:  # no (usable) train loader: either Lightning package's MisconfigurationException
+                if not isinstance(err, (TypeError, ValueError)) and type(err).__name__ != "MisconfigurationException":
+                    raise
                 raise RuntimeError(
                     "HAWQModule: the activation quantizers have no ranges and there is no training data to calibrate "
                     f"them on ({type(err).__name__}: {err}); pass probe_data= (a few training batches) or evaluate a "
@@ -597,6 +670,11 @@ class HAWQModule(LightningModule):
         """This rank's share of ``probe_data`` or of ``probe_size`` training samples, as the training loop would
         hand them over (batch-transfer hooks, device; the precision plugin's conversion with ``convert_input``)."""
         trainer = self.trainer
+        if self.calibration == "distilled":  # model inputs already: no batch-transfer hooks
+            batches = self.distilled_batches(trainer.strategy.root_device)[trainer.global_rank :: trainer.world_size]
+            if convert_input:
+                batches = [trainer.precision_plugin.convert_input(batch) for batch in batches]
+            return Batches(batches)
         if self.probe_data is not None:
             batches = list(self.probe_data)
             if not batches:
@@ -610,33 +688,190 @@ class HAWQModule(LightningModule):
         return Batches(prepare_batch(trainer, batch, convert_input=convert_input) for batch in batches)
 
     @staticmethod
-    def _example(batches: Sequence[Any]) -> torch.Tensor:
+    def _example(batches: Sequence[Any]) -> Any:
+        """The module's input in the first probe batch: the batch if it is a tensor (or a dict: keyword
+        arguments), else its first item."""
         first = batches[0]
-        if isinstance(first, torch.Tensor):
+        if isinstance(first, (torch.Tensor, Mapping)):
             return first
         if isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor):
             return first[0]
-        raise ValueError("cannot tell the module's input in the probe batches (not a tensor or (x, ...) tuple): "
-                         "pass example_input=")
+        raise ValueError("HAWQModule cannot tell the module's input in the probe batches (not a tensor, a dict or an "
+                         "(x, ...) tuple): pass example_input=")
+
+
+
+class _HAWQType(type):
+    """Builds a ``HAWQModule`` on the Lightning package of the module it wraps; ``isinstance(x, HAWQModule)`` holds
+    for either. (A metaclass rather than ``__new__``, whose signature LightningCLI would read instead of
+    ``__init__``'s.)"""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        module = args[0] if args else kwargs.get("module")
+        if isinstance(module, (str, os.PathLike)):  # a checkpoint: its module_class tells the package
+            module = kwargs.get("module_class", args[1] if len(args) > 1 else None)
+        if cls is HAWQModule and _lightning_base(module) is not LightningModule:  # a pytorch_lightning module
+            return _pytorch_lightning_hawq()(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def __instancecheck__(cls, instance: Any) -> bool:
+        return super().__instancecheck__(instance) or (cls is HAWQModule and isinstance(instance, _HAWQ))
+
+
+class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
+    """Quantize a trained LightningModule to mixed precision chosen from Hessian sensitivity, then fine-tune.
+
+    Args:
+        module: the trained float LightningModule, or a checkpoint path loaded with ``module_class``.
+        module_class: a LightningModule class (``module_class.load_from_checkpoint(module)``) or any
+            callable ``path -> LightningModule`` (e.g. a ``functools.partial`` passing ``net=``).
+        bits: a fixed configuration instead of a plan: an int for every layer (uniform 8 or 4, say) or
+            ``{layer: bits}`` (layers left out stay in float).
+        budgets: plan the bits: ``{"size": ..., "bops": ...}``. A value in ``[0, 1]`` is HAWQ-V3's
+            fraction of the way from every layer at ``min(bit_choices)`` to every layer at
+            ``max(bit_choices)``; a value above 1 is absolute (weight bits for ``"size"``, per-sample
+            bit operations ``MACs * b_w * b_a`` for ``"bops"``).
+        bit_choices: candidate weight bit widths (2..8) for the plan.
+        act_bits: activation bit width (2..8) of every layer's input, or ``"follow"``: a layer's input
+            activations take its weight bits (HAWQ-V3's W4A4/W8A8 mixed precision; residual additions keep
+            8 bits), so BOPS cost ``MACs * b * b``.
+        ties: groups of layer names that must share a bit width (e.g. a residual block's shortcut conv
+            and the conv it is added to).
+        metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
+            eigenvalue in place of the average trace), ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
+            Hessian-vector product per layer and bit width) or, with ``act_bits="follow"``, ``"quadratic+act"``
+            (plus ``dA_i^T H_A dA_i`` of the layer's input activations rounded at the same bits), ``"kfac"``
+            (``dW_i^T (G_i (x) A_i) dW_i`` on K-FAC's Gauss-Newton block: no Hessian-vector product), or ``"kl"``
+            (ZeroQ: the KL divergence of the outputs with one layer's weights quantized from the float outputs, no
+            Hessian); see :mod:`~lightning_hessian.quant.sensitivity`.
+        probe_data: batches for the sensitivity and calibration (a list of batches or a DataLoader); default
+            ``probe_size`` training samples drawn with ``seed``. Under DDP the ranks split either (rank ``r``
+            takes batches ``r, r + world_size, ...``) and all-reduce, as one process on all of them.
+        probe_size, probe_batch_size: size of the default probe set and of its batches.
+        seed: seed of the probe draw and of the Hutchinson probes.
+        trace_rel_tol, max_samples: Hutchinson stopping rule (relative standard error of every layer's
+            trace) and its cap on probes.
+        cache_dir: folder of the sensitivity cache (re-planning the same model and probe is then free).
+        loss_fn: ``loss_fn(module, batch)`` for the Hessian; default ``module.hessian_loss`` or
+            cross-entropy on ``(x, y)`` batches.
+        example_input: an input of ``module`` for the size/BOPS costs; default the first tensor of the
+            first probe batch.
+        momentum: activation range tracking: ``None`` running min/max, else the EMA momentum.
+        optimizer: factory ``optimizer(params)`` for the fine-tune; default the module's own
+            ``configure_optimizers``.
+        distill_weight: ``w`` in ``(1 - w) * task_loss + w * T^2 * KL(teacher || student)`` on the logits
+            of the float model (0 disables distillation); the wrapped ``training_step`` must call ``self(...)``.
+        temperature: distillation temperature ``T``.
+        solver: OR-Tools solver of :func:`~lightning_hessian.quant.allocation.allocate_bits`.
+        report_dir: where ``hawq_report.md``/``.png`` go; default ``<trainer.default_root_dir>/hawq``.
+        calibration: where the probe set (sensitivity, activation ranges) comes from: ``"data"`` (``probe_data``
+            or training samples) or ``"distilled"`` (ZeroQ, no data: ``probe_size`` inputs distilled from the
+            module's BatchNorm statistics by :func:`~lightning_hessian.quant.distill.distill_data`, seeded with
+            ``seed``, in batches ``(x, y)`` of ``probe_batch_size`` with ``y`` the float module's predicted class, so
+            the loss and the Hessian metrics apply; ``metric="kl"`` is ZeroQ's own choice). Then ``trainer.test``
+            or ``validate`` plans and calibrates with no training data, and :meth:`prepare_data_free` with no
+            Trainer at all.
+        input_shape: the shape of one input sample for ``"distilled"`` (e.g. ``(3, 32, 32)``); default that of
+            ``example_input``.
+        distill: further keyword arguments of ``distill_data`` (``batch_size``, ``max_steps``, ``lr``, ``tol``,
+            ``patience``, ``input_prior``, ``progress``).
+
+    Training, validation and test steps are the wrapped module's, and so are the hooks it overrides (its
+    dataloaders, batch-transfer hooks, epoch and batch hooks: ``_DELEGATED_HOOKS``), so its metrics are logged
+    unchanged. The probe batches go through its batch-transfer hooks as training batches do; ``hessian_loss``
+    differentiates the quantized network, so the Hessian callbacks work on a HAWQModule. A ``training_step``
+    without ``batch_idx`` and manual optimization work as in Lightning. A module without ``forward`` (the loss in
+    its steps) needs ``loss_fn``; its layer costs then run that loss on a probe batch (or on ``example_input``).
+
+    Around a ``pytorch_lightning.LightningModule`` (the package before ``lightning``), ``HAWQModule(module)`` is built
+    on that package's ``LightningModule``, so a ``pytorch_lightning.Trainer`` fits it (its class is then
+    ``PytorchLightningHAWQModule``; ``isinstance(hawq, HAWQModule)`` still holds).
+
+    An integer-only export (``to_integer_model``, ``export_onnx``) of a module with BatchNorm needs the BatchNorm
+    folded first: ``fold_batchnorm(hawq.module, example_input)`` after fine-tuning (``recipes.quantize`` does it).
+
+    Example::
+
+        hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(4, 8), cache_dir="cache")
+        trainer = Trainer(max_epochs=3)
+        trainer.fit(hawq, datamodule=dm)
+        trainer.test(HAWQModule(trained), datamodule=dm, ckpt_path=trainer.checkpoint_callback.best_model_path)
+    """
+
+
+@functools.cache
+def _pytorch_lightning_hawq() -> type:
+    import pytorch_lightning
+
+    return type("PytorchLightningHAWQModule", (_HAWQ, pytorch_lightning.LightningModule), {
+        "__module__": __name__,
+        "__doc__": "``HAWQModule`` on ``pytorch_lightning.LightningModule``, for a ``pytorch_lightning.Trainer``.",
+    })
+
+
+def __getattr__(name: str) -> Any:
+    """``PytorchLightningHAWQModule``, built (and ``pytorch_lightning`` imported) on first use; pickle finds it here."""
+    if name == "PytorchLightningHAWQModule":
+        return _pytorch_lightning_hawq()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _lightning_base(module: Any) -> type:
+    """The ``LightningModule`` class of the package ``module`` (an instance or a class) was written against:
+    ``lightning.pytorch``'s, or ``pytorch_lightning``'s when that package is loaded and the module is its."""
+    cls = module if isinstance(module, type) else type(module)
+    other = sys.modules.get("pytorch_lightning")
+    if other is not None and issubclass(cls, other.LightningModule):
+        return other.LightningModule
+    return LightningModule
 
 
 def _load_module(
     module: LightningModule | str | os.PathLike, module_class: type[LightningModule] | Callable | None
 ) -> LightningModule:
-    if isinstance(module, LightningModule):
+    if isinstance(module, _lightning_base(module)):
         return module
     if isinstance(module, (str, os.PathLike)):
         if module_class is None:
             raise ValueError("module is a checkpoint path: pass module_class= (a LightningModule class, or a "
                              "callable path -> LightningModule)")
-        if isinstance(module_class, type) and issubclass(module_class, LightningModule):
+        if isinstance(module_class, type) and issubclass(module_class, _lightning_base(module_class)):
             loaded = module_class.load_from_checkpoint(str(module), map_location="cpu")
         else:
             loaded = module_class(str(module))
-        if not isinstance(loaded, LightningModule):
+        if not isinstance(loaded, _lightning_base(loaded)):
             raise TypeError(f"module_class returned a {type(loaded).__name__}, not a LightningModule")
         return loaded
     raise TypeError(f"module must be a LightningModule or a checkpoint path, got {type(module).__name__}")
+
+
+def _check_data_free(module: nn.Module, calibration: str, input_shape: Sequence[int] | None,
+                     distill: Mapping[str, Any] | None, example_input: Any
+                     ) -> tuple[str, tuple[int, ...] | None, dict[str, Any]]:
+    """``calibration``, ``input_shape`` and the ``distill`` options, checked before any work."""
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    options = dict(distill or {})
+    reserved = sorted({"model", "input_shape", "num_samples", "seed", "device"} & set(options))
+    if reserved:
+        raise ValueError(f"distill: {reserved} are set by HAWQModule (probe_size, seed, input_shape and the run's "
+                         "device); leave them out")
+    unknown = sorted(set(options) - set(inspect.signature(distill_data).parameters))
+    if unknown:
+        raise ValueError(f"distill: unknown options {unknown}; distill_data takes batch_size, max_steps, lr, tol, "
+                         "patience, input_prior, progress")
+    if calibration != "distilled":
+        return calibration, None if input_shape is None else tuple(input_shape), options
+    if not batchnorm_layers(module):
+        raise ValueError(f"calibration='distilled' distils inputs from BatchNorm statistics, but "
+                         f"{type(module).__name__} has no BatchNorm layer with running statistics; use "
+                         "calibration='data' (probe_data= or the training data)")
+    if input_shape is None:
+        if not isinstance(example_input, torch.Tensor):
+            raise ValueError("calibration='distilled' needs the shape of one input sample: pass input_shape=, e.g. "
+                             "(3, 32, 32), or a tensor example_input=")
+        input_shape = example_input.shape[1:]
+    return calibration, tuple(int(s) for s in input_shape), options
 
 
 def _check_budgets(budgets: Mapping[str, float]) -> dict[str, float]:
