@@ -71,7 +71,7 @@ def dense_eval_hessian(module: TinyModule, indices: list[int]) -> torch.Tensor:
 
 def test_logged_values_match_dense_hessian_and_leave_no_trace(tmp_path):
     cb = HessianSpectrumCallback(max_overhead=None, top_k=3, per_layer=True, probe_size=64, probe_batch_size=24, seed=5,
-                                 eig_tol=1e-7, trace_rel_tol=0.02, trace_max_samples=2000)
+                                 eig_tol=1e-7, trace_rel_tol=0.02, trace_max_samples=2000, plot=True)
     module, trainer = fit([cb], default_root_dir=tmp_path)
     plain, _ = fit([])
     # the callback changed nothing: same final weights and BatchNorm statistics as a run without it
@@ -124,6 +124,17 @@ def test_max_overhead_skips_probes_beyond_the_budget():
     assert all("trace" in h and h["hvps"] > 0 and h["seconds"] > 0 for h in generous.history)
 
 
+def test_the_state_key_is_formatted_once_per_fit_not_at_every_hook(monkeypatch):
+    """Lightning formats a callback's state_key at every hook call: ~4,800 times (2% of the demo's fit) before."""
+    calls = []
+    key = HessianSpectrumCallback._key
+    monkeypatch.setattr(HessianSpectrumCallback, "_key", lambda self: calls.append(1) or key(self))
+    cb = HessianSpectrumCallback(probe_size=32, max_overhead=None)
+    fit([cb], max_epochs=2)
+    assert len(cb.history) == 2 and len(calls) <= 2
+    assert cb.state_key == HessianSpectrumCallback(probe_size=32, max_overhead=None).state_key
+
+
 class FakeClock:
     """Seconds that pass only where the test says: training steps and Hessian-vector products."""
 
@@ -142,6 +153,30 @@ class ClockedModule(TinyModule):
     def training_step(self, batch, batch_idx):
         self.clock.t += self.step_seconds
         return super().training_step(batch, batch_idx)
+
+
+def test_the_set_up_counts_in_the_budget(monkeypatch):
+    """Checking the loss and collating the first samples at train start is the callback's cost too: here it takes
+    1 s, more than 3% of the run's 1.8 s of training, so no probe runs (uncharged, every probe ran)."""
+    from lightning_hessian.callbacks import budget
+    from lightning_hessian.callbacks.hessian_probe import HessianProbe
+
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    start = HessianProbe.on_train_start
+
+    def slow_start(probe, *args, **kwargs):
+        clock.t += 1.0
+        return start(probe, *args, **kwargs)
+
+    monkeypatch.setattr(HessianProbe, "on_train_start", slow_start)
+    cb = HessianSpectrumCallback(probe_size=32)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=r"0 probe\(s\) ran"):
+        trainer.fit(ClockedModule(clock, 0.1), DataLoader(make_data(), batch_size=16))
+    assert cb.history == [] and cb.skipped == 3 and cb._budget.probe_seconds >= 1.0
 
 
 def test_the_default_schedule_keeps_the_probes_within_their_budget(monkeypatch):
@@ -404,7 +439,7 @@ def test_a_failing_plot_warns_and_keeps_the_history(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("lightning_hessian.plots.plot_spectrum_history", broken)
-    cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False)
+    cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False, plot=True)
     with pytest.warns(UserWarning, match=r"writing the plots failed \(OSError\('disk full'\)\)"):
         fit([cb], max_epochs=1, default_root_dir=tmp_path)
     assert len(cb.history) == 1

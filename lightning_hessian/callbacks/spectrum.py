@@ -72,8 +72,12 @@ class HessianSpectrumCallback(Callback):
     A probe on a NaN or infinite loss warns "the loss is NaN at this probe" and training goes on.
 
     The loss is ``loss_fn(module, batch)`` if given, else the module's ``hessian_loss(batch)``, else
-    cross-entropy on ``(x, y)`` batches. History is kept in the checkpoint; plots (history, density) are
-    written to ``<default_root_dir>/hessian/`` and to TensorBoard when that logger is used. The measurement is
+    ``cross_entropy(module(x), y)`` on ``(x, y)`` batches where that is the module's loss (integer labels, logits
+    for them; anything else stops the fit before its first step with one line naming ``loss_fn=``). The
+    callback's set-up (the loss check, the timed product, collating the probe set) counts in its budget.
+    History is kept in the checkpoint and each probe's values go to the Trainer's loggers; ``plot=True`` also
+    draws the history and last density at the end of training (``<default_root_dir>/hessian/``, and TensorBoard
+    when that logger is used; about 0.2 s, off by default). The measurement is
     ``hessian.summary.measure_spectrum``, the one ``analyze_model`` and ``AdaptiveBatchSizeCallback`` use.
 
     Example::
@@ -105,7 +109,7 @@ class HessianSpectrumCallback(Callback):
         trace_method: str = "krylov",
         krylov_steps: int = 20,
         max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
-        plot: bool = True,
+        plot: bool = False,
     ):
         for name, value in (("top_k", top_k), ("every_n_epochs", every_n_epochs),
                             ("trace_max_samples", trace_max_samples), ("trace_min_samples", trace_min_samples),
@@ -148,9 +152,16 @@ class HessianSpectrumCallback(Callback):
         self._last_step = 0  # the optimizer step last probed by every_n_steps (step 0 is never probed)
         self._said: set[str] = set()  # one-time messages already given
         self._last_density: dict[str, list[float]] | None = None
+        self._state_key: str | None = None
 
     @property
     def state_key(self) -> str:
+        # Lightning formats it at every hook call (800 steps: ~4,800 times); computed once per fit
+        if self._state_key is None:
+            self._state_key = self._key()
+        return self._state_key
+
+    def _key(self) -> str:
         return self._generate_state_key(
             top_k=self.top_k, every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps,
             probe_size=self.probe_size or DEFAULT_PROBE_SIZE, mode=self.mode, params=repr(self.params),
@@ -173,12 +184,15 @@ class HessianSpectrumCallback(Callback):
     # ---- hooks -------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._state_key = None  # the arguments as they are at this fit
         self._probe.setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # under a budget the probe set is collated when a probe first runs (none may fit a short run)
+        start = budget.now()
         self._probe.on_train_start(trainer, pl_module, build=self.max_overhead is None)
         self._budget.start()
+        self._budget.charge(budget.now() - start, None)  # the set-up is the callback's cost too
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step  # per optimizer step, not micro-batch (two optimizers: it moves by 2)
@@ -242,8 +256,7 @@ class HessianSpectrumCallback(Callback):
         """Before the first budgeted probe: time one product on a few samples, choose the probe set's size from
         it (when automatic) and predict the first probes' cost (rank 0's timing, on every rank)."""
         start = budget.now()
-        timed = self._probe.timing is not None  # at train start (its seconds were not charged yet)
-        timing = self._probe.time_product(pl_module)
+        timing = self._probe.time_product(pl_module)  # or the one made at train start (charged then)
         graph, product, samples = trainer.strategy.broadcast((timing["graph"], timing["product"],
                                                               timing["samples"]), src=0)
         per_sample = (graph / max(samples, 1), product / max(samples, 1))  # this rank's share of a probe
@@ -264,7 +277,7 @@ class HessianSpectrumCallback(Callback):
         extra += self.options.density_runs * self.options.density_steps if self.density else 0
         self._budget.estimate = {EIGEN: cold, FULL: cold + local * extra * per_sample[1],
                                  PRODUCT: local * (per_sample[1] + per_sample[0] / COLD_PRODUCTS)}
-        self._budget.charge(budget.now() - start + (timing["seconds"] if timed else 0.0), None)
+        self._budget.charge(budget.now() - start, None)
         if self._auto_size():
             rank_zero_info(f"HessianSpectrumCallback: probe set of {self._probe.size} samples (one Hessian-vector "
                            f"product on them ~{1e3 * local * per_sample[1]:.0f} ms), within max_overhead="
