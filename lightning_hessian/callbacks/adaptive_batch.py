@@ -198,7 +198,9 @@ class AdaptiveBatchSizeCallback(Callback):
                 "max_batch_size"
             )
         if self.schedule == "abs" and not self._capped():
+            start = time.perf_counter()
             self._probe.on_train_start(trainer, pl_module)
+            self.probe_seconds += time.perf_counter() - start  # the loss check and first samples: probing too
         if self._adversary is not None:
             self._adversary.fraction = self.adversarial_fraction
         optimizer = trainer.optimizers[0]
