@@ -124,6 +124,22 @@ def test_max_overhead_skips_probes_beyond_the_budget():
     assert all("trace" in h and h["hvps"] > 0 and h["seconds"] > 0 for h in generous.history)
 
 
+def test_a_label_out_of_range_anywhere_in_the_probe_set_stops_the_fit_before_training():
+    """The loss is checked on the first 32 probe samples at train start; the labels of the rest when the whole
+    probe set is collated (here at train start too: max_overhead=None)."""
+    from lightning_hessian.callbacks.probe import DefaultLossError
+
+    data = make_data()
+    last = draw_probe_indices(N_TRAIN, N_TRAIN, seed=0)[-1]  # far past the first 32 of the probe draw
+    data.tensors[1][last] = 3  # TinyModule has 3 outputs
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[HessianSpectrumCallback(max_overhead=None)], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(DefaultLossError, match=r"^HessianSpectrumCallback: .*labels y in \[0, 3\).*y holds 3\.\.3"):
+        trainer.fit(TinyModule(), DataLoader(data, batch_size=16))
+    assert trainer.global_step == 0
+
+
 def test_the_state_key_is_formatted_once_per_fit_not_at_every_hook(monkeypatch):
     """Lightning formats a callback's state_key at every hook call: ~4,800 times (2% of the demo's fit) before."""
     calls = []

@@ -39,9 +39,10 @@ class HessianSpectrumCallback(Callback):
       with this probe's predicted cost, stays within 3% of the training time so far; otherwise it is skipped
       and a later one runs when the budget allows. So a short run, or a model whose Hessian-vector products
       are dear (a transformer, a ResNet on a CPU), may see few probes or none (said at the end of training).
-    - At the first scheduled probe one Hessian-vector product is timed on a few samples; it sizes the probe
-      set (a power of two from 32 to 1,024 samples, never more than the training set: the largest whose
-      top-1 probe fits the budget of about a tenth of the run, so ~10 probes) and predicts the first probe.
+    - One Hessian-vector product timed on 32 samples at train start (with the loss check, the callback's only
+      work before the first scheduled probe; all of it counts in the budget) sizes the probe set at the first
+      scheduled probe (a power of two from 32 to 1,024 samples, never more than the training set: the largest
+      whose top-1 probe fits the budget of about a tenth of the run, so ~10 probes) and predicts that probe.
       The set is kept for the whole run and in the checkpoint: the curve follows the model, not the sample.
     - Probes after the first start Lanczos from the last eigenvectors and stop at a 1% residual
       (``eig_tol``, so the eigenvalue is within 1% of the probe set's), a handful of products for top-1.
