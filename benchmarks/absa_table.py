@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--num-train", type=int, default=20000)
     parser.add_argument("--num-test", type=int, default=4000)
-    parser.add_argument("--probe-size", type=int, default=1024)
+    parser.add_argument("--probe-size", type=int, default=None, help="default: the callback's (sized automatically)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict[tuple[str, int], list[dict[str, float]]] = {}

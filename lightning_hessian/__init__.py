@@ -16,8 +16,9 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ],
     "lightning_hessian.data": ["CIFAR10DataModule", "MNIST1DDataModule"],
     "lightning_hessian.hessian": [
-        "HessianOperator", "KFACOperator", "hessian_diagonal", "hutchinson_trace", "per_layer_top_eigenvalue",
-        "per_layer_trace", "power_iteration", "spectral_density", "top_eigenvalues",
+        "HessianOperator", "KFACOperator", "SpectrumOptions", "hessian_diagonal", "hutchinson_trace",
+        "measure_spectrum", "per_layer_top_eigenvalue", "per_layer_trace", "power_iteration", "spectral_density",
+        "top_eigenvalues",
     ],
     "lightning_hessian.models": ["ClassificationModule"],
     "lightning_hessian.optim": ["AdaHessian", "AdaHessianCallback", "KFACCallback", "KFACPreconditioner"],

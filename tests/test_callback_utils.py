@@ -104,6 +104,19 @@ def test_probe_of_an_augmenting_dataset_is_fixed_and_leaves_the_rng_alone():
     assert not torch.equal(other[0][0], first[0][0])
 
 
+def test_a_probe_set_saves_the_generators_once_not_per_sample(monkeypatch):
+    """Saving and restoring every generator around each sample took ~2 ms a sample (0.13 s of the demo's 4-s fit
+    for 64 samples; 2 s for 1,024)."""
+    import lightning_hessian.callbacks.probe as probe
+
+    entered = []
+    isolate = probe.isolate_rng
+    monkeypatch.setattr(probe, "isolate_rng", lambda **kw: entered.append(1) or isolate(**kw))
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: pytest.fail("torch.manual_seed seeds every device"))
+    batches = probe_batches(_Augmenting(), list(range(12)), batch_size=5, seed=5)
+    assert len(entered) == 1 and sum(len(ids) for _, ids in batches) == 12
+
+
 @pytest.mark.parametrize("size", [0, -5, True, 2.0])
 def test_probe_sizes_must_be_positive_integers(size):
     with pytest.raises(ValueError, match=f"probe_size must be a positive integer, got {size!r}"):

@@ -131,7 +131,7 @@ def test_transformer_hawq_recipe_trains_quantizes_and_exports(tmp_path, data_dir
     import json
 
     from lightning_hessian import recipes
-    from tests.conftest import compose_config
+    from tests.helpers.config import compose_config
 
     small = ["experiment=transformer_hawq", "data.num_train=400", "data.num_test=100", "data.batch_size=50"]
     train_dir, out = tmp_path / "train", tmp_path / "quantize"

@@ -79,20 +79,22 @@ def resolve_loss_fn(pl_module: nn.Module, loss_fn: LossFn | None, who: str = "th
     return cross_entropy_loss
 
 
-def check_loss(loss_fn: LossFn, module: nn.Module, batches: Sequence[Any], who: str) -> torch.Tensor:
+def check_loss(loss_fn: LossFn, module: nn.Module, batches: Sequence[Any], who: str, say: bool = True) -> torch.Tensor:
     """Evaluate ``loss_fn`` on the first of ``batches`` once, eagerly, before any Hessian is taken of it; return it.
 
     For the default loss this also checks every batch's labels against the number of classes, refuses outputs
     that are probabilities rather than logits, turns a failing ``module(x)`` (``mat1 and mat2 shapes cannot be
     multiplied``, a missing ``forward``) into one line naming ``who`` and the fix, and says which loss it takes
-    (an info line: the default is never applied silently). Any loss must return a scalar tensor.
+    (an info line unless ``say=False``: the default is never applied silently). Any loss must return a scalar
+    tensor.
     """
     name = type(module).__name__
     try:
         if loss_fn is cross_entropy_loss:
             loss, classes = _checked_default(module, batches)
-            rank_zero_info(f"{who}: the Hessian is of the default loss {DEFAULT_LOSS} with {name}'s output as "
-                           f"logits over {classes} classes ({LOSS_FIX} for another loss)")
+            if say:
+                rank_zero_info(f"{who}: the Hessian is of the default loss {DEFAULT_LOSS} with {name}'s output as "
+                               f"logits over {classes} classes ({LOSS_FIX} for another loss)")
         else:
             loss = loss_fn(module, batches[0])
     except DefaultLossError as err:
@@ -247,11 +249,13 @@ def probe_batches(
     # a private generator: iterating a DataLoader otherwise draws from the global RNG (training's stream)
     loader = DataLoader(Subset(_SeededSamples(dataset, seed), shard), batch_size=batch_size, shuffle=False,
                         collate_fn=collate_fn, generator=torch.Generator())
-    return list(loader)
+    with isolate_rng(include_cuda=False):  # once for all samples: saving NumPy's state costs ~70 us a time
+        return list(loader)
 
 
 class _SeededSamples(Dataset):
-    """``dataset[i]`` read with torch's, NumPy's and Python's generators seeded by ``(seed, i)``, then restored."""
+    """``dataset[i]`` read with torch's (CPU), NumPy's and Python's generators seeded by ``(seed, i)``; the caller
+    restores them (``probe_batches``)."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset, self.seed = dataset, seed
@@ -260,12 +264,11 @@ class _SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        with isolate_rng(include_cuda=False):
-            sample_seed = (self.seed * 1_000_003 + index) % 2**32
-            torch.manual_seed(sample_seed)
-            np.random.seed(sample_seed)
-            random.seed(sample_seed)
-            return self.dataset[index]
+        sample_seed = (self.seed * 1_000_003 + index) % 2**32
+        torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed also seeds every accelerator: 100x dearer
+        np.random.seed(sample_seed)
+        random.seed(sample_seed)
+        return self.dataset[index]
 
 
 def prepare_batch(trainer: pl.Trainer, batch: Any, convert_input: bool = True) -> Any:
