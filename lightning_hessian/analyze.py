@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from lightning_hessian.callbacks.no_trace import leave_no_trace
-from lightning_hessian.callbacks.probe import LossFn
-from lightning_hessian.checks import check_number, check_positive_int
+from lightning_hessian.checks import check_number, check_positive_int, check_seed
 from lightning_hessian.hessian import Batches, HessianOperator, layer_blocks
+from lightning_hessian.hessian.operator import LossFn
 from lightning_hessian.hessian.summary import SpectrumOptions, measure_spectrum
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
 from lightning_hessian.landscape import loss_line, loss_plane
@@ -71,8 +71,7 @@ class AnalysisOptions:
             check_number(getattr(self, name), name, 0, low_open=True)
         if self.radius is not None:
             check_number(self.radius, "radius (None: automatic)", 0, low_open=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_seed(self.seed)
         if self.mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {self.mode!r}")
 

@@ -15,8 +15,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_hessian.callbacks.hessian_probe import HessianProbe
-from lightning_hessian.callbacks.probe import LossFn
-from lightning_hessian.checks import check_number, check_positive_int
+from lightning_hessian.checks import check_choice, check_number, check_positive_int
+from lightning_hessian.hessian.operator import LossFn
 from lightning_hessian.hessian.summary import SpectrumOptions
 
 SCHEDULES = ("abs", "fb", "gg", "bl")
@@ -94,14 +94,12 @@ class AdaptiveBatchSizeCallback(Callback):
         plot: bool = True,
     ):
         check_positive_int(max_batch_size, "max_batch_size")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        check_choice(schedule, "schedule", SCHEDULES)
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
             raise ValueError(f"factor must be an integer >= 2 (batch sizes stay whole), got {factor!r}")
         decay_ratio = check_number(decay_ratio, "decay_ratio", 1, low_open=True)
         check_positive_int(duration, "duration")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_choice(mode, "mode", MODES)
         adversarial_fraction = check_number(adversarial_fraction, "adversarial_fraction", 0, 1)
         warmup_epochs = check_number(warmup_epochs, "warmup_epochs", 0)
         fb_warmup_epochs = check_number(fb_warmup_epochs, "fb_warmup_epochs", 0)

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 from lightning_hessian.callbacks import budget
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import (
-    LossFn,
     check_loss,
     cross_entropy_loss,
     draw_probe_indices,
@@ -31,7 +30,7 @@ from lightning_hessian.callbacks.probe import (
 from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian import Batches, HessianOperator
 from lightning_hessian.hessian.blocks import block_slices
-from lightning_hessian.hessian.operator import sample_count
+from lightning_hessian.hessian.operator import LossFn, sample_count
 from lightning_hessian.hessian.summary import SpectrumOptions, SpectrumRecord, measure_spectrum
 
 DEFAULT_PROBE_SIZE = 1024

@@ -23,10 +23,7 @@ from torch.nn.modules.loss import _Loss
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_hessian.checks import check_positive_int
-
-LossFn = Callable[..., Any]
-"""``loss_fn(model, batch) -> scalar tensor``, the mean loss over the batch. Typed loosely on purpose: LightningCLI
-(jsonargparse) then takes any function or ``functools.partial`` named by its dotted path."""
+from lightning_hessian.hessian.operator import LossFn
 
 DEFAULT_LOSS = "cross_entropy(module(x), y)"
 LOSS_FIX = ("pass loss_fn=<callable (module, batch) -> mean loss> or define hessian_loss(self, batch) on the "

@@ -15,9 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_hessian.callbacks import budget
 from lightning_hessian.callbacks.budget import EIGEN, FULL, PRODUCT, ProbeBudget
 from lightning_hessian.callbacks.hessian_probe import DEFAULT_PROBE_SIZE, HessianProbe
-from lightning_hessian.callbacks.probe import LossFn
-from lightning_hessian.checks import check_number, check_positive_int
-from lightning_hessian.hessian.operator import NonFiniteError
+from lightning_hessian.checks import check_choice, check_number, check_positive_int
+from lightning_hessian.hessian.operator import LossFn, NonFiniteError
 from lightning_hessian.hessian.summary import TRACE_METHODS, SpectrumOptions, record_summary
 
 DEFAULT_MAX_OVERHEAD = 0.03
@@ -122,8 +121,7 @@ class HessianSpectrumCallback(Callback):
                 check_positive_int(value, name)
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-        if trace_method not in TRACE_METHODS:
-            raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}")
+        check_choice(trace_method, "trace_method", TRACE_METHODS)
         if max_overhead is not None:  # a fraction of the training time
             check_number(max_overhead, "max_overhead", 0, low_open=True)
         check_number(trace_rel_tol, "trace_rel_tol", 0, 1, low_open=True, high_open=True)

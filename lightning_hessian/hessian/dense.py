@@ -18,13 +18,15 @@ Every algorithm of :mod:`lightning_hessian.hessian` runs on a :class:`DenseOpera
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lightning_hessian.hessian.operator import LossFn
 
 
 class DenseOperator:
@@ -43,7 +45,7 @@ class DenseOperator:
 
 
 class _LossOf(nn.Module):
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor]):
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
@@ -51,7 +53,7 @@ class _LossOf(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def dense_hessian(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,
+def dense_hessian(model: nn.Module, loss_fn: LossFn, batch: Any,
                   names: Sequence[str] | None = None) -> torch.Tensor:
     """The exact Hessian of ``loss_fn(model, batch)`` w.r.t. the named parameters (default: all that require grad,
     in ``named_parameters`` order, flattened as ``HessianOperator`` flattens them), by ``torch.func`` (reverse over

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_hessian.checks import check_positive_int
+from lightning_hessian.checks import check_choice, check_positive_int
 from lightning_hessian.hessian.lanczos import EigenResult, top_eigenvalues
 from lightning_hessian.hessian.operator import LinearOperator, check_finite, working_dtype
 
@@ -137,8 +137,7 @@ def spectral_density(
         deflate = min(10, op.dim - 1)
     if not isinstance(deflate, int) or not 0 <= deflate < op.dim:
         raise ValueError(f"deflate must be an int in [0, dim), got {deflate!r}")
-    if reorth not in REORTH:
-        raise ValueError(f"reorth must be one of {REORTH}, got {reorth!r}")
+    check_choice(reorth, "reorth", REORTH)
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     dim = op.dim

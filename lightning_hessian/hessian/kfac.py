@@ -55,9 +55,9 @@ from lightning_hessian.hessian.operator import (
     LossFn,
     ParamSpec,
     _as_batches,
-    _first_tensor,
     _prepare,
     _select_params,
+    sample_count,
     working_dtype,
 )
 
@@ -503,10 +503,7 @@ class KFACOperator:
     def _batch_size(self, batch: Batch) -> int:
         if self.batch_size_fn is not None:
             return int(self.batch_size_fn(batch))
-        first = _first_tensor(batch)
-        if first is None or first.dim() == 0:
-            raise ValueError("cannot infer the batch size (no tensor with a batch dim): pass batch_size_fn=")
-        return int(first.shape[0])
+        return sample_count(batch)
 
     def _compute_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{layer: (A, G)}``, each the sample-weighted mean over the batches (and ranks)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lightning_hessian.checks import check_positive_int
+from lightning_hessian.checks import check_choice, check_positive_int
 from lightning_hessian.hessian.operator import LinearOperator, check_finite, working_dtype
 
 WHICH = ("LA", "LM", "SA")
@@ -61,8 +61,7 @@ def check_common(op: LinearOperator, k: int, which: str, tol: float, max_iter: i
     check_positive_int(k, "k")
     if k > op.dim:
         raise ValueError(f"k={k} exceeds the operator dimension {op.dim}")
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    check_choice(which, "which", WHICH)
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
     check_positive_int(max_iter, "max_iter")

@@ -24,9 +24,12 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_hessian.checks import check_positive_int
+from lightning_hessian.distributed import resolve_distributed
 
 Batch = Any
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+LossFn = Callable[..., Any]
+"""``loss_fn(model, batch) -> scalar tensor``, the mean loss over the batch. Typed loosely on purpose: LightningCLI
+(jsonargparse) then takes any function or ``functools.partial`` named by its dotted path."""
 ParamSpec = str | nn.Module | torch.Tensor
 
 HVP_FORMS = ("reverse", "reverse-batched", "forward")
@@ -302,9 +305,7 @@ class HessianOperator:
         self.cache_bytes = cache_bytes
         self.cached_bytes = 0  # what the cached graphs hold (saved tensors other than the parameters)
         self.chunk_size = chunk_size
-        self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
-        if self.distributed and not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("distributed=True needs an initialised torch.distributed process group")
+        self.distributed = resolve_distributed(distributed)
         self.process_group = process_group
         self.hvp = hvp
         self.hvp_choice: dict[str, str] = {} if hvp == "auto" else {"single": hvp, "multi": hvp}

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lightning_hessian.checks import check_number, check_positive_int
+from lightning_hessian.checks import check_choice, check_number, check_positive_int, check_seed
 from lightning_hessian.hessian.blocks import per_layer_top_eigenvalue, per_layer_trace
 from lightning_hessian.hessian.density import DensityResult, spectral_density
 from lightning_hessian.hessian.lanczos import EigenResult, top_eigenvalues
@@ -64,15 +64,13 @@ class SpectrumOptions:
         for name in ("top_k", "max_hvps", "krylov_steps", "trace_min_samples", "trace_max_samples", "density_runs",
                      "density_steps"):
             check_positive_int(getattr(self, name), name)
-        if self.trace_method not in TRACE_METHODS:
-            raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {self.trace_method!r}")
+        check_choice(self.trace_method, "trace_method", TRACE_METHODS)
         check_number(self.tol, "tol", 0, low_open=True)
         check_number(self.trace_rel_tol, "trace_rel_tol", 0, 1, low_open=True, high_open=True)
         check_number(self.confidence, "confidence", 0, 1, low_open=True, high_open=True)
         if self.trace_max_samples < max(self.trace_min_samples, 2):
             raise ValueError(f"trace_max_samples ({self.trace_max_samples}) must be >= max(trace_min_samples, 2)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_seed(self.seed)
 
     @property
     def extras(self) -> bool:

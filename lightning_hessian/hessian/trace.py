@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_hessian.checks import check_positive_int
+from lightning_hessian.checks import check_choice, check_positive_int
 from lightning_hessian.hessian.operator import LinearOperator, check_finite
 
 METHODS = ("hutchinson", "hutch++")
@@ -138,8 +138,7 @@ def hutchinson_trace(
             return_basis=True)`` run, whose products are then reused for free (a Krylov-deflated Hutchinson
             estimate: the probes see only ``(I - Q^T Q) H (I - Q^T Q)``). Only with ``method="hutchinson"``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice(method, "method", METHODS)
     check_sampling(num_samples, rel_tol, batch, min_samples, max_samples)
     z = z_score(confidence)
     gen = torch.Generator().manual_seed(seed)

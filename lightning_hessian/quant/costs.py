@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_hessian.checks import check_choice
 from lightning_hessian.modes import training_mode
 from lightning_hessian.quant.quantizers import MIN_BITS, validate_bit_choices, validate_bits
 from lightning_hessian.quant.swap import quantizable_layers, require_unpacked
@@ -74,7 +75,7 @@ def layer_stats(
         if unknown:
             raise ValueError(f"layers: {unknown} are not quantizable layers of the model; choose from {list(found)}")
         found = {name: found[name] for name in layers}
-    batch = _batch_size(example_input)
+    batch = _example_batch_size(example_input)
     totals = dict.fromkeys(found, 0)
     called: set[str] = set()
 
@@ -210,7 +211,7 @@ def model_bops(
     return float(total)
 
 
-def _batch_size(example_input: Any) -> int:
+def _example_batch_size(example_input: Any) -> int:
     values = example_input.values() if isinstance(example_input, Mapping) else example_input
     if isinstance(values, torch.Tensor):
         values = [values]
@@ -242,6 +243,4 @@ def check_layer_bits(stats: Mapping[str, LayerStats], bits: Mapping[str, int]) -
 
 
 def _unit(unit: str) -> int:
-    if unit not in _UNITS:
-        raise ValueError(f"unit must be one of {list(_UNITS)}, got {unit!r}")
-    return _UNITS[unit]
+    return _UNITS[check_choice(unit, "unit", _UNITS)]

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
@@ -47,7 +46,8 @@ from lightning_hessian.callbacks.probe import (
     resolve_loss_fn,
     train_dataset_of,
 )
-from lightning_hessian.checks import check_number, check_positive_int
+from lightning_hessian.checks import check_choice, check_number, check_positive_int, check_seed
+from lightning_hessian.distributed import is_distributed
 from lightning_hessian.hessian import Batches
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
 from lightning_hessian.modes import training_mode
@@ -143,8 +143,7 @@ class _HAWQ:
         self.bit_choices = validate_bit_choices(bit_choices)
         self.act_bits = validate_act_bits(act_bits, "act_bits")
         self.ties = self._check_ties(ties)
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        check_choice(metric, "metric", METRICS)
         if metric == "quadratic+act" and self.act_bits != FOLLOW:
             raise ValueError(f"metric='quadratic+act' prices each layer's input activations at the layer's bits, "
                              f"so it needs act_bits={FOLLOW!r} (got act_bits={act_bits!r}); use 'quadratic' otherwise")
@@ -166,8 +165,7 @@ class _HAWQ:
         check_number(trace_rel_tol, "trace_rel_tol", 0, low_open=True)
         if momentum is not None:
             check_number(momentum, "momentum (None: running min/max)", 0, 1, low_open=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        check_seed(seed)
         if solver not in SOLVERS:
             raise ValueError(f"solver={solver!r} is not supported; use one of {SOLVERS}")
         self.metric, self.seed, self.solver, self.momentum = metric, seed, solver, momentum
@@ -359,7 +357,7 @@ class _HAWQ:
         device = next(self.module.parameters()).device
         batches = (move_data_to_device(batch, device) for batch in batches)
         calibrate_ranges(self.module, batches, resolve_loss_fn(self.module, self.loss_fn, "HAWQModule"))
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             for q in self.module.modules():
                 if isinstance(q, ActivationQuantizer):
                     q.merge_ranks()
@@ -877,8 +875,7 @@ def _check_data_free(module: nn.Module, calibration: str, input_shape: Sequence[
                      distill: Mapping[str, Any] | None, example_input: Any
                      ) -> tuple[str, tuple[int, ...] | None, dict[str, Any]]:
     """``calibration``, ``input_shape`` and the ``distill`` options, checked before any work."""
-    if calibration not in CALIBRATIONS:
-        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    check_choice(calibration, "calibration", CALIBRATIONS)
     options = dict(distill or {})
     reserved = sorted({"model", "input_shape", "num_samples", "seed", "device"} & set(options))
     if reserved:

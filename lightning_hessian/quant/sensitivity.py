@@ -88,10 +88,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_hessian.checks import check_choice
 from lightning_hessian.distributed import is_distributed
 from lightning_hessian.hessian.blocks import block_slices, per_layer_top_eigenvalue, per_layer_trace
 from lightning_hessian.hessian.kfac import KFACOperator
-from lightning_hessian.hessian.operator import Batches, HessianOperator, _as_batches
+from lightning_hessian.hessian.operator import Batches, HessianOperator, LossFn, _as_batches
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES, check_sampling
 from lightning_hessian.quant.measurement_cache import cache_key, code_of, write_json
 from lightning_hessian.quant.quantizers import (
@@ -169,8 +170,7 @@ class Sensitivity:
         or the exact ``dW^T H_ll dW`` (``"quadratic"``), plus ``dA^T H_A dA`` of the input activations
         (``"quadratic+act"``), the K-FAC form ``dW^T (G (x) A) dW`` (``"kfac"``), or ZeroQ's output KL divergence
         (``"kl"``)."""
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        check_choice(metric, "metric", METRICS)
         if metric not in self.metrics:
             raise ValueError(f"metric={metric!r} was not measured (this Sensitivity has {list(self.metrics)}): "
                              f"call layer_sensitivity(..., metrics=[{metric!r}])")
@@ -413,7 +413,7 @@ def _batch_act_forms(op: HessianOperator, layers: Mapping[str, nn.Module],
 
 def layer_sensitivity(
     model: nn.Module,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    loss_fn: LossFn,
     data: Any,
     layers: Iterable[str] | None = None,
     bit_choices: Iterable[int] = (2, 4, 8),
@@ -520,7 +520,7 @@ def _check_layers(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
 
 def _measure(
     model: nn.Module,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    loss_fn: LossFn,
     data: Any,
     weights: Mapping[str, nn.Parameter],
     bits: list[int],
@@ -578,7 +578,7 @@ def _measure(
 
 
 def subsample_top_eigenvalues(
-    model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], data: Any,
+    model: nn.Module, loss_fn: LossFn, data: Any,
     weights: Mapping[str, nn.Parameter], tol: float = 1e-3, seed: int = 0,
 ) -> tuple[dict[str, list[float]], bool, int]:
     """Q-BERT's measurement: each layer's top Hessian-block eigenvalue on every batch of ``data`` on its own.
@@ -589,7 +589,7 @@ def subsample_top_eigenvalues(
     """
     batches, source = _as_batches(data)
     batches = list(source) if batches is None else batches
-    if dist.is_available() and dist.is_initialized():  # every rank must join every subsample's products
+    if is_distributed():  # every rank must join every subsample's products
         counts = torch.tensor([len(batches), -len(batches)], device=next(iter(weights.values())).device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         if int(counts[0]) != -int(counts[1]):
