@@ -65,9 +65,9 @@ import torch.nn.functional as F
 from _common import command, machine, write_result
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
 from lightning_hessian.data.mnist1d import load_mnist1d
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule, resnet20
+from lightning_hessian.probe_set import draw_probe_indices, probe_batches
 from lightning_hessian.quant.allocation import allocate_bits, allocation_total
 from lightning_hessian.quant.costs import budget_between, layer_stats, model_bops, model_size, size_costs
 from lightning_hessian.quant.hawq import HAWQModule

@@ -37,12 +37,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_hessian.callbacks.hessian_probe import HessianProbe
-from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.data import MNIST1DDataModule
 from lightning_hessian.hessian import HessianOperator, top_eigenvalues
 from lightning_hessian.hessian.summary import SpectrumOptions
 from lightning_hessian.models import MNIST1DCNN, MNIST1DMLP, ClassificationModule, resnet20
+from lightning_hessian.no_trace import leave_no_trace
 
 OLD_DEFAULT = dict(max_overhead=None, probe_size=1024, probe_batch_size=1024, eig_tol=1e-3)
 

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.checks import check_number, check_positive_int, check_seed
 from lightning_hessian.hessian import Batches, HessianOperator, layer_blocks
 from lightning_hessian.hessian.operator import LossFn
 from lightning_hessian.hessian.summary import SpectrumOptions, measure_spectrum
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
 from lightning_hessian.landscape import loss_line, loss_plane
+from lightning_hessian.no_trace import leave_no_trace
 from lightning_hessian.plots import new_figure, plot_spectral_density, save_figure
 
 

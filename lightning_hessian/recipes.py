@@ -606,8 +606,8 @@ def _trained_model(cfg: DictConfig, stage: str | None = "fit"
 
 def _probe_set(cfg: DictConfig, datamodule: pl.LightningDataModule) -> list[Any]:
     """``probe.probe_size`` samples of ``probe.split`` drawn with ``probe.seed``, as the callbacks draw them."""
-    from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
     from lightning_hessian.checks import check_positive_int
+    from lightning_hessian.probe_set import draw_probe_indices, probe_batches
 
     probe = cfg.probe
     if probe.split not in ("train", "test"):
@@ -626,7 +626,7 @@ def _probe_set(cfg: DictConfig, datamodule: pl.LightningDataModule) -> list[Any]
 def analyze(cfg: DictConfig) -> dict[str, Any]:
     """The Hessian report of a trained checkpoint (``lightning_hessian.analyze``); return the report."""
     from lightning_hessian.analyze import AnalysisOptions, analyze_model
-    from lightning_hessian.callbacks.probe import resolve_loss_fn
+    from lightning_hessian.probe_set import resolve_loss_fn
 
     try:
         options = AnalysisOptions(**OmegaConf.to_container(cfg.analysis, resolve=True))

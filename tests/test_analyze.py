@@ -16,9 +16,9 @@ from torch.func import functional_call, hessian
 
 from lightning_hessian import recipes
 from lightning_hessian.analyze import AnalysisOptions
-from lightning_hessian.callbacks.probe import draw_probe_indices
 from lightning_hessian.hessian import HessianOperator, top_eigenvalues
 from lightning_hessian.landscape import loss_along, loss_line, loss_plane
+from lightning_hessian.probe_set import draw_probe_indices
 from tests.helpers.config import compose_config
 
 # a 490-parameter MLP, so the dense Hessian is cheap

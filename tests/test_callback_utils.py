@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_hessian.callbacks.no_trace import leave_no_trace
-from lightning_hessian.callbacks.probe import cross_entropy_loss, draw_probe_indices, probe_batches
 from lightning_hessian.modes import training_mode
+from lightning_hessian.no_trace import leave_no_trace
+from lightning_hessian.probe_set import cross_entropy_loss, draw_probe_indices, probe_batches
 
 
 def make_bn_model():
@@ -107,7 +107,7 @@ def test_probe_of_an_augmenting_dataset_is_fixed_and_leaves_the_rng_alone():
 def test_a_probe_set_saves_the_generators_once_not_per_sample(monkeypatch):
     """Saving and restoring every generator around each sample took ~2 ms a sample (0.13 s of the demo's 4-s fit
     for 64 samples; 2 s for 1,024)."""
-    import lightning_hessian.callbacks.probe as probe
+    import lightning_hessian.probe_set as probe
 
     entered = []
     isolate = probe.isolate_rng

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule
+from lightning_hessian.probe_set import draw_probe_indices, probe_batches
 from lightning_hessian.quant.allocation import InfeasibleBudgetError
 from lightning_hessian.quant.hawq import HAWQModule
 from lightning_hessian.quant.layers import QuantConv1d, QuantLinear

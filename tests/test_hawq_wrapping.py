@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian import HessianOperator, HessianSpectrumCallback, top_eigenvalues
-from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule
+from lightning_hessian.probe_set import draw_probe_indices, probe_batches
 from lightning_hessian.quant.allocation import InfeasibleBudgetError
 from lightning_hessian.quant.hawq import HAWQModule
 from tests.helpers.problems import fit_full_batch

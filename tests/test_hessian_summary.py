@@ -10,10 +10,10 @@ from torch.utils.data import DataLoader
 
 from lightning_hessian.analyze import AnalysisOptions, analyze_model
 from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
-from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.hessian import HessianOperator, dense_hessian, top_eigenvalues
 from lightning_hessian.hessian.summary import SpectrumOptions, measure_spectrum
+from lightning_hessian.no_trace import leave_no_trace
 from tests.helpers.problems import loss_fn, teacher_batch
 from tests.test_spectrum_callback import TinyModule, make_data
 

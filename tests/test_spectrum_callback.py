@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hessian.callbacks.probe import draw_probe_indices
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
+from lightning_hessian.probe_set import draw_probe_indices
 
 N_TRAIN = 96
 
@@ -127,7 +127,7 @@ def test_max_overhead_skips_probes_beyond_the_budget():
 def test_a_label_out_of_range_anywhere_in_the_probe_set_stops_the_fit_before_training():
     """The loss is checked on the first 32 probe samples at train start; the labels of the rest when the whole
     probe set is collated (here at train start too: max_overhead=None)."""
-    from lightning_hessian.callbacks.probe import DefaultLossError
+    from lightning_hessian.probe_set import DefaultLossError
 
     data = make_data()
     last = draw_probe_indices(N_TRAIN, N_TRAIN, seed=0)[-1]  # far past the first 32 of the probe draw

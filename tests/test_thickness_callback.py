@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian.attacks import boundary_thickness
-from lightning_hessian.callbacks.probe import draw_probe_indices
 from lightning_hessian.callbacks.thickness import BoundaryThicknessCallback
+from lightning_hessian.probe_set import draw_probe_indices
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

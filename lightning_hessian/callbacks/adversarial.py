@@ -16,9 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_hessian.attacks import attack_success_rate, fgsm, pgd, trust_region
 from lightning_hessian.attacks._common import NORMS, Attack, Range, as_column, check_clamp, check_eps, check_range
-from lightning_hessian.callbacks.no_trace import leave_no_trace
-from lightning_hessian.callbacks.probe import first_line, module_loss_problem
 from lightning_hessian.checks import check_batch_key, check_choice, check_number, check_positive_int, check_seed
+from lightning_hessian.no_trace import leave_no_trace
+from lightning_hessian.probe_set import first_line, module_loss_problem
 
 # (model, x, y) -> x_adv and epoch -> value; typed loosely so LightningCLI takes a function by its dotted path
 Schedule = Callable[..., Any] | Mapping[int, float]

@@ -17,8 +17,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_hessian.callbacks import budget
-from lightning_hessian.callbacks.no_trace import leave_no_trace
-from lightning_hessian.callbacks.probe import (
+from lightning_hessian.checks import check_positive_int
+from lightning_hessian.hessian import Batches, HessianOperator
+from lightning_hessian.hessian.blocks import block_slices
+from lightning_hessian.hessian.operator import LossFn, sample_count
+from lightning_hessian.hessian.summary import SpectrumOptions, SpectrumRecord, measure_spectrum
+from lightning_hessian.no_trace import leave_no_trace
+from lightning_hessian.probe_set import (
     check_loss,
     cross_entropy_loss,
     draw_probe_indices,
@@ -27,11 +32,6 @@ from lightning_hessian.callbacks.probe import (
     resolve_loss_fn,
     train_dataset_of,
 )
-from lightning_hessian.checks import check_positive_int
-from lightning_hessian.hessian import Batches, HessianOperator
-from lightning_hessian.hessian.blocks import block_slices
-from lightning_hessian.hessian.operator import LossFn, sample_count
-from lightning_hessian.hessian.summary import SpectrumOptions, SpectrumRecord, measure_spectrum
 
 DEFAULT_PROBE_SIZE = 1024
 TIMING_SAMPLES = 32  # samples one product is timed on, to size a probe before the first one

@@ -13,9 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_hessian.attacks._common import Range, check_range
 from lightning_hessian.attacks.thickness_metric import BoundaryThickness
-from lightning_hessian.callbacks.no_trace import leave_no_trace
-from lightning_hessian.callbacks.probe import draw_probe_indices, prepare_batch, probe_batches, train_dataset_of
 from lightning_hessian.checks import check_batch_key, check_choice, check_positive_int, check_seed
+from lightning_hessian.no_trace import leave_no_trace
+from lightning_hessian.probe_set import draw_probe_indices, prepare_batch, probe_batches, train_dataset_of
 
 DEFAULT_PROBE_SIZE = 256
 CLASSES = ("predicted", "labels")

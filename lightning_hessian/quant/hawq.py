@@ -34,8 +34,13 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_hessian.callbacks.no_trace import leave_no_trace
-from lightning_hessian.callbacks.probe import (
+from lightning_hessian.checks import check_choice, check_number, check_positive_int, check_seed
+from lightning_hessian.distributed import is_distributed
+from lightning_hessian.hessian import Batches
+from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
+from lightning_hessian.modes import training_mode
+from lightning_hessian.no_trace import leave_no_trace
+from lightning_hessian.probe_set import (
     LossFn,
     check_loss,
     defines_forward,
@@ -46,11 +51,6 @@ from lightning_hessian.callbacks.probe import (
     resolve_loss_fn,
     train_dataset_of,
 )
-from lightning_hessian.checks import check_choice, check_number, check_positive_int, check_seed
-from lightning_hessian.distributed import is_distributed
-from lightning_hessian.hessian import Batches
-from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
-from lightning_hessian.modes import training_mode
 from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits, pareto_frontier
 from lightning_hessian.quant.attention import unpack_attention
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
@@ -449,7 +449,7 @@ class _HAWQ:
         return self._example(batches) if defines_forward(self.float_module) else batches[0]
 
     def _check_loss(self, batches: Sequence[Any]) -> None:
-        """:func:`~lightning_hessian.callbacks.probe.check_loss` on the float module, where it is."""
+        """:func:`~lightning_hessian.probe_set.check_loss` on the float module, where it is."""
         model = self.float_module
         device = next(model.parameters()).device
         with leave_no_trace(model, "eval"):

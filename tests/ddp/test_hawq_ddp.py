@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hessian.callbacks.probe import draw_probe_indices, probe_batches
 from lightning_hessian.models import MNIST1DCNN, ClassificationModule
+from lightning_hessian.probe_set import draw_probe_indices, probe_batches
 from lightning_hessian.quant.hawq import HAWQModule
 from tests.ddp.rank_results import SaveRankResults, load_ranks
 from tests.helpers.problems import fit_full_batch

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian import AdaptiveBatchSizeCallback, AdversarialAugmentCallback, HAWQModule, HessianSpectrumCallback
-from lightning_hessian.callbacks.probe import DefaultLossError, check_loss, cross_entropy_loss, resolve_loss_fn
+from lightning_hessian.probe_set import DefaultLossError, check_loss, cross_entropy_loss, resolve_loss_fn
 from tests.foreign import bert_like, boring, cli_models, gan, language_model, pl_regression
 
 TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_hessian import AdaptiveBatchSizeCallback, AdversarialAugmentCallback, HAWQModule, HessianSpectrumCallback
-from lightning_hessian.callbacks.probe import cross_entropy_loss
+from lightning_hessian.probe_set import cross_entropy_loss
 from tests.foreign import hydra_template
 from tests.foreign.cases import CASES, Case
 from tests.foreign.reference import dense_top_eigenvalue

@@ -1,4 +1,5 @@
-"""What the Hessian callbacks differentiate: the loss (by protocol) and a fixed probe set of samples."""
+"""What the Hessian measurements differentiate, shared by the callbacks, HAWQModule, analyze and the recipes: the loss
+(by protocol, checked before it is trusted) and a fixed probe set of samples drawn from the training data."""
 
 from __future__ import annotations
 
