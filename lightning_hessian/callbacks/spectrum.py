@@ -80,11 +80,41 @@ class HessianSpectrumCallback(Callback):
     when that logger is used; about 0.2 s, off by default). The measurement is
     ``hessian.summary.measure_spectrum``, the one ``analyze_model`` and ``AdaptiveBatchSizeCallback`` use.
 
+    Args:
+        top_k: eigenvalues logged per probe (``hessian/eig_1`` .. ``eig_k``, counted with multiplicity).
+        trace: measure the trace (``hessian/trace``) when the budget pays for it.
+        density: also the spectral density (stochastic Lanczos quadrature), kept in the history and plotted.
+        per_layer: also each layer's top eigenvalue and trace (``hessian/<layer>/...``).
+        every_n_epochs, every_n_steps: the probe schedule (steps take precedence when given).
+        probe_size: samples in the probe set (None: sized automatically, see above).
+        probe_batch_size: samples per probe batch (None: see above).
+        probe_data: explicit probe batches instead of a draw from the training set.
+        seed: the probe-set draw and the random vectors of the estimators.
+        loss_fn: ``loss_fn(module, batch) -> scalar`` (None: the module's ``hessian_loss``, else cross-entropy
+            where that is the module's loss).
+        mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"`` (batch statistics).
+        params: parameter names to restrict the Hessian to (None: all that require grad).
+        eig_tol: relative residual at which Lanczos stops.
+        trace_rel_tol, trace_min_samples, trace_max_samples: the Hutchinson stopping rule for the trace.
+        trace_method: ``"krylov"`` (reuse the eigenvalue run's Krylov basis), ``"hutch++"`` or ``"hutchinson"``.
+        krylov_steps: Hessian-vector products the Krylov trace runs at least.
+        max_overhead: the budget, as a share of training time (None: no budget, a full probe at every point).
+        plot: draw the history and last density at the end of training.
+
     Example::
 
-        from lightning_hessian import HessianSpectrumCallback
-        trainer = Trainer(callbacks=[HessianSpectrumCallback(top_k=3, per_layer=True)])
-        trainer.fit(model, datamodule=dm)   # logs hessian/eig_1..3, hessian/trace, hessian/<layer>/...
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_hessian import ClassificationModule, HessianSpectrumCallback
+        >>> _ = torch.manual_seed(0)
+        >>> data = DataLoader(TensorDataset(torch.randn(256, 40), torch.randint(0, 10, (256,))), batch_size=32)
+        >>> spectrum = HessianSpectrumCallback(top_k=2, max_overhead=None, probe_size=128)  # every epoch, no budget
+        >>> trainer = pl.Trainer(max_epochs=2, callbacks=[spectrum], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(ClassificationModule(torch.nn.Linear(40, 10)), data)
+        >>> len(spectrum.history), sorted(k for k in trainer.callback_metrics if k.startswith("hessian/eig"))
+        (2, ['hessian/eig_1', 'hessian/eig_2'])
     """
 
     def __init__(
