@@ -179,8 +179,9 @@ def test_absa_table_sweeps_every_schedule_batch_and_seed():
     cfg = compose_with_hydra("train", ["experiment=absa_table"])
     params = cfg.hydra.sweeper.params
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert params.batch_schedule.split(",") == ["bl", "fb", "gg", "abs", "absa"]
-    assert len(params["callbacks.adaptive_batch_size.max_batch_size"].split(",")) == 3
+    assert params.batch_schedule.split(",") == ["bl_max", "fb", "gg", "abs", "absa"]
+    assert params["callbacks.adaptive_batch_size.max_batch_size"].split(",") == ["512", "4096", "16384"]
+    assert cfg.trainer.max_epochs == 90 and list(cfg.model.scheduler.milestones) == [30, 60, 80]
     assert cfg.callbacks.hessian_spectrum is None  # the table times the ABS probe alone
 
 
