@@ -4,26 +4,33 @@ Table 1 has the structure of the ResNet-18 / CIFAR-10 table of Yao et al. (arXiv
 base batch (BL only), then one row per maximum batch (8x to 256x the base). In each row BL trains at that row's
 batch, FB at it from the start (LR scaled linearly, warmed up), GG grows to it where the LR schedule decays, and
 ABS and ABSA grow to it as the Hessian's top eigenvalue falls. Every method starts from the same base
-hyper-parameters (the MNIST-1D CNN with BatchNorm, as the seed's networks have; SGD with momentum; the seed's
-90-epoch schedule with the LR x0.1 at epochs 30, 60 and 80, scaled with ``--epochs``) and the callback's defaults:
-no per-method tuning. Test accuracy mean ± std over seeds, optimizer steps mean over seeds. These runs are single
-processes, ``--workers`` at a time.
+hyper-parameters (the MNIST-1D CNN with BatchNorm, as the seed's networks have; SGD with momentum) and the
+callback's defaults, with no per-method tuning. The schedule keeps the seed's proportions at ``--epochs`` (default
+45, so that the whole benchmark fits in an hour on 2 CPU cores): the seed's 90 epochs with the LR x0.1 at epochs
+30, 60 and 80, and the callback's epoch counts (ABS's ``duration`` of 10 epochs at one batch, FB's 5-epoch warmup)
+scaled by ``epochs / 90``. Test accuracy mean ± std over seeds, optimizer steps mean over seeds. These runs are
+single processes, ``--workers`` at a time.
 
 Table 2 runs BL at the base batch and every method at the largest cap again, one run at a time on 2 processes
 (forked DDP, gloo) so that the gradient all-reduces are real, and breaks each run's training time down with the
 callback's own timers (``abs/*_seconds``). Speed-ups are the median over seeds of BL's time at the base batch over
 the method's, both measured in the same seed's block of runs.
+
+``--quick`` is a smoke run (9 epochs on 4,000 samples, caps 4x and 16x, one seed): it prints the tables and
+writes no result file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,7 +46,9 @@ from lightning_hessian.models import MNIST1DCNN, ClassificationModule
 
 METHODS = ("BL", "FB", "GG", "ABS", "ABSA")
 SCHEDULES = {"BL": "bl", "FB": "fb", "GG": "gg", "ABS": "abs", "ABSA": "abs"}
+SEED_EPOCHS = 90
 DECAYS = (1 / 3, 2 / 3, 8 / 9)  # the seed's LR decays at epochs 30, 60 and 80 of 90
+DURATION, FB_WARMUP = 10, 5.0  # the callback's defaults, in epochs of the seed's 90
 
 
 class Report(pl.Callback):
@@ -55,11 +64,25 @@ class Report(pl.Callback):
                 "steps": trainer.global_step, "timings": self.schedule.timings,
                 "batches": [h["batch_size"] for h in self.schedule.history],
                 "eigenvalues": [h["eigenvalue"] for h in self.schedule.history],
+                "probe_samples": self.schedule.state_dict()["probe"].get("size"),
             }))
 
 
 def milestones(epochs: int) -> list[int]:
     return sorted({max(1, round(epochs * f)) for f in DECAYS})
+
+
+def scaled_epochs(epochs: int) -> tuple[int, float]:
+    """ABS's ``duration`` and FB's warmup epochs at the same share of an ``epochs``-long run as the defaults of
+    the seed's 90."""
+    return max(1, round(DURATION * epochs / SEED_EPOCHS)), FB_WARMUP * epochs / SEED_EPOCHS
+
+
+def quiet() -> None:
+    """Keep the log to one line per run: Lightning's banners and the warnings every run repeats."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for message in (".*sync_dist=True.*", ".*LeafSpec.*", ".*litlogger.*"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def train(method: str, cap: int, seed: int, args: argparse.Namespace, devices: int = 1) -> dict[str, Any]:
@@ -74,8 +97,9 @@ def train(method: str, cap: int, seed: int, args: argparse.Namespace, devices: i
     batch = cap if method == "BL" else args.base_batch
     data = MNIST1DDataModule(data_dir=args.data_dir, num_train=args.num_train, num_test=args.num_test,
                              batch_size=batch // devices, eval_batch_size=args.num_test, seed=42)
+    duration, fb_warmup = scaled_epochs(args.epochs)
     schedule = AdaptiveBatchSizeCallback(max_batch_size=cap, schedule=SCHEDULES[method], adversarial=method == "ABSA",
-                                         seed=seed, plot=False)
+                                         duration=duration, fb_warmup_epochs=fb_warmup, seed=seed, plot=False)
     strategy = DDPStrategy(start_method="fork", process_group_backend="gloo") if devices > 1 else "auto"
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "report.json"
@@ -165,28 +189,10 @@ def goals(runs: list[dict[str, Any]], timed: dict[str, dict[str, float]], args: 
     return line, text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=90)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--timing-seeds", type=int, nargs="+", default=None,
-                        help="seeds of the 2-process table (default: the first of --seeds)")
-    parser.add_argument("--base-batch", type=int, default=64)
-    parser.add_argument("--max-batch-sizes", type=int, nargs="+", default=[512, 4096, 16384])
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--num-train", type=int, default=20000)
-    parser.add_argument("--num-test", type=int, default=4000)
-    parser.add_argument("--no-batch-norm", dest="batch_norm", action="store_false")
-    parser.add_argument("--workers", type=int, default=2, help="single-process runs at a time (table 1)")
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 9 epochs, 4k samples, one seed")
-    args = parser.parse_args()
-    if args.quick:
-        args.epochs, args.seeds, args.num_train, args.num_test = 9, [0], 4000, 1000
-        args.max_batch_sizes = [256, 1024]
-    args.timing_seeds = args.timing_seeds or args.seeds[:1]
-    args.max_batch_sizes = sorted(args.max_batch_sizes)
+def run(args: argparse.Namespace) -> str:
+    """Both tables' runs, then the result text (ending with the summary line)."""
     torch.set_num_threads(1)
+    quiet()
     MNIST1DDataModule(data_dir=args.data_dir, num_train=args.num_train, num_test=args.num_test).prepare_data()
     header_machine, start = machine(), time.perf_counter()
 
@@ -203,26 +209,37 @@ def main() -> None:
         timed_runs.append(train("BL", args.base_batch, seed, args, devices=2))
         timed_runs += [train(m, cap, seed, args, devices=2) for m in METHODS]
     total_minutes = (time.perf_counter() - start) / 60
+    if args.save_runs:
+        Path(args.save_runs).write_text(json.dumps({"table_1": runs, "table_2": timed_runs}))
+    return report(runs, timed_runs, args, header_machine, f"{total_minutes:.0f} min in all "
+                  f"({table_1_seconds / 60:.0f} for table 1)")
+
+
+def report(runs: list[dict[str, Any]], timed_runs: list[dict[str, Any]], args: argparse.Namespace,
+           header_machine: str, duration_note: str) -> str:
+    cap = args.max_batch_sizes[-1]
     table_2, timed = timing_table(timed_runs, args)
     line, checks = goals(runs, timed, args)
     by_seed = sorted(runs, key=lambda r: r["seed"])
     final = {m: [r["batches"][-1] for r in by_seed if r["method"] == m and r["cap"] == cap]
              for m in ("GG", "ABS", "ABSA")}
+    probes = sorted({r["probe_samples"] for r in runs + timed_runs if r.get("probe_samples")})
+    duration, fb_warmup = scaled_epochs(args.epochs)
     ms = milestones(args.epochs)
     text = [
         "# ABS / ABSA vs BL, FB, GG on MNIST-1D, and where the time goes",
         "",
         f"Command: `{command()}`  ",
-        f"Machine: {header_machine}; load {os.getloadavg()[0]:.2f} at the end; {total_minutes:.0f} min in all "
-        f"({table_1_seconds / 60:.0f} for table 1)  ",
+        f"Machine: {header_machine}; load {os.getloadavg()[0]:.2f} at the end; {duration_note}  ",
         f"MNIST-1D {args.num_train} train / {args.num_test} test, CNN {'with' if args.batch_norm else 'without'} "
-        f"BatchNorm, SGD momentum 0.9, lr {args.lr} at batch {args.base_batch}, weight decay 5e-4, {args.epochs} "
-        f"epochs, LR x0.1 at epochs {', '.join(map(str, ms))}; seeds {args.seeds}. Callback defaults for every "
-        "method (ABS/ABSA: top eigenvalue on 1,024 training samples after every epoch, grow x2 when it halves or "
-        "after 10 epochs at one batch, LR scaled with the batch; ABSA: FGSM eps 0.1 on 20% of each batch, halved "
-        "per growth, none in the second half or at the cap; FB: LR scaled linearly, 5-epoch warmup; GG: the batch "
-        "grows by the power of 2 nearest each LR decay, the LR keeps the rest). BL trains at the row's batch with "
-        "the base LR.",
+        f"BatchNorm, SGD momentum 0.9, lr {args.lr} at batch {args.base_batch}, weight decay 5e-4; the seed's "
+        f"schedule scaled to {args.epochs} epochs: LR x0.1 at epochs {', '.join(map(str, ms))}; seeds {args.seeds}. "
+        "Callback defaults for every method, their epoch counts scaled likewise (ABS/ABSA: the top eigenvalue after "
+        f"every epoch on a fixed probe set of {'/'.join(map(str, probes)) or 'no'} training samples, sized "
+        f"automatically; grow x2 when it halves or after {duration} epochs at one batch (10 of 90), LR scaled with "
+        "the batch; ABSA: FGSM eps 0.1 on 20% of each batch, halved per growth, none in the second half or at the "
+        f"cap; FB: LR scaled linearly, {fb_warmup:g}-epoch warmup (5 of 90); GG: the batch grows by the power of 2 "
+        "nearest each LR decay, the LR keeps the rest). BL trains at the row's batch with the base LR.",
         "",
         "## Accuracy and optimizer steps (single process)",
         "",
@@ -246,7 +263,42 @@ def main() -> None:
         "",
         line,
     ]
-    write_result("absa_table", "\n".join(text))
+    return "\n".join(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=45, help="the seed's 90-epoch schedule scaled to this")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--timing-seeds", type=int, nargs="+", default=None,
+                        help="seeds of the 2-process table (default: the first of --seeds)")
+    parser.add_argument("--base-batch", type=int, default=64)
+    parser.add_argument("--max-batch-sizes", type=int, nargs="+", default=[512, 4096, 16384])
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--num-train", type=int, default=20000)
+    parser.add_argument("--num-test", type=int, default=4000)
+    parser.add_argument("--no-batch-norm", dest="batch_norm", action="store_false")
+    parser.add_argument("--workers", type=int, default=2, help="single-process runs at a time (table 1)")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--save-runs", default=None, help="also write every run's record to this JSON file")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run (9 epochs, 4k samples, caps 4x and 16x, one seed): prints, writes no file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs, args.seeds, args.num_train, args.num_test = 9, [0], 4000, 1000
+        args.max_batch_sizes = [256, 1024]
+    args.timing_seeds = args.timing_seeds or args.seeds[:1]
+    args.max_batch_sizes = sorted(args.max_batch_sizes)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    text = run(args)
+    if args.quick:
+        print(text)
+    else:
+        write_result("absa_table", text)
 
 
 if __name__ == "__main__":
