@@ -30,9 +30,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # Peers that the benchmarks measure against (not needed by the library or its tests).
+# curvlinops asks for backpack-for-pytorch and so torchvision, which would replace the installed torch; its K-FAC
+# needs neither, so it goes in without dependencies. kfac-pytorch is not on PyPI: KFAC_PYTORCH=<checkout of github.com/gpauloski/kfac-pytorch>.
+KFAC_PYTORCH ?=
 bench-setup: setup
-	$(PY) -m pip install --quiet pyhessian scipy
-	$(PY) -m pip install --quiet --no-deps torchattacks torch_optimizer
+	$(PY) -m pip install --quiet pyhessian scipy einops opt-einsum tqdm packaging
+	$(PY) -m pip install --quiet --no-deps torchattacks torch_optimizer curvlinops-for-pytorch einconv linear_operator
+	if [ -n "$(KFAC_PYTORCH)" ]; then $(PY) -m pip install --quiet --no-deps "$(KFAC_PYTORCH)"; \
+	else echo "kfac-pytorch skipped: set KFAC_PYTORCH=<checkout of github.com/gpauloski/kfac-pytorch>"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info logs outputs multirun

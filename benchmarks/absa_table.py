@@ -236,7 +236,7 @@ def report(runs: list[dict[str, Any]], timed_runs: list[dict[str, Any]], args: a
         f"schedule scaled to {args.epochs} epochs: LR x0.1 at epochs {', '.join(map(str, ms))}; seeds {args.seeds}. "
         "Callback defaults for every method, their epoch counts scaled likewise (ABS/ABSA: the top eigenvalue after "
         f"every epoch on a fixed probe set of {'/'.join(map(str, probes)) or 'no'} training samples, sized "
-        f"automatically; grow x2 when it halves or after {duration} epochs at one batch (10 of 90), LR scaled with "
+        f"automatically; grow x2 when it halves or after {duration} epoch(s) at one batch (10 of 90), LR scaled with "
         "the batch; ABSA: FGSM eps 0.1 on 20% of each batch, halved per growth, none in the second half or at the "
         f"cap; FB: LR scaled linearly, {fb_warmup:g}-epoch warmup (5 of 90); GG: the batch grows by the power of 2 "
         "nearest each LR decay, the LR keeps the rest). BL trains at the row's batch with the base LR.",

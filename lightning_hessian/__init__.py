@@ -1,21 +1,26 @@
 """lightning_hessian: second-order (Hessian) methods for PyTorch Lightning.
 
 Callbacks for an existing Trainer (``HessianSpectrumCallback``, ``AdaptiveBatchSizeCallback``,
-``AdversarialAugmentCallback``), Hessian-aware quantization (``HAWQModule``), AdaHessian, and the
-pure-torch core they stand on (``HessianOperator`` and the spectrum algorithms, the attacks).
+``AdversarialAugmentCallback``), Hessian-aware quantization (``HAWQModule``), AdaHessian, K-FAC
+(``KFACCallback``), and the pure-torch core they stand on (``HessianOperator``, ``KFACOperator`` and the spectrum
+algorithms, the attacks).
 """
 
-from lightning_hessian.attacks import fgsm, pgd, robust_accuracy, trust_region
+from lightning_hessian.attacks import boundary_thickness, fgsm, pgd, robust_accuracy, trust_region
 from lightning_hessian.callbacks import (
     AdaptiveBatchSizeCallback,
     AdversarialAugmentCallback,
+    BoundaryThicknessCallback,
     HessianSpectrumCallback,
 )
 from lightning_hessian.data import CIFAR10DataModule, MNIST1DDataModule
 from lightning_hessian.hessian import (
     HessianOperator,
+    KFACOperator,
+    SpectrumOptions,
     hessian_diagonal,
     hutchinson_trace,
+    measure_spectrum,
     per_layer_top_eigenvalue,
     per_layer_trace,
     power_iteration,
@@ -23,7 +28,7 @@ from lightning_hessian.hessian import (
     top_eigenvalues,
 )
 from lightning_hessian.models import ClassificationModule
-from lightning_hessian.optim import AdaHessian, AdaHessianCallback
+from lightning_hessian.optim import AdaHessian, AdaHessianCallback, KFACCallback, KFACPreconditioner
 from lightning_hessian.quant import (
     HAWQModule,
     InfeasibleBudgetError,
@@ -37,9 +42,11 @@ from lightning_hessian.quant import (
 __all__ = [
     "AdaHessian", "AdaHessianCallback", "AdaptiveBatchSizeCallback", "AdversarialAugmentCallback",
     "CIFAR10DataModule", "ClassificationModule", "HAWQModule", "HessianOperator", "HessianSpectrumCallback",
-    "InfeasibleBudgetError", "MNIST1DDataModule", "allocate_bits", "export_onnx", "fgsm", "hessian_diagonal",
-    "hutchinson_trace", "layer_sensitivity", "per_layer_top_eigenvalue", "per_layer_trace", "pgd",
+    "InfeasibleBudgetError", "KFACCallback", "KFACOperator", "KFACPreconditioner", "MNIST1DDataModule",
+    "SpectrumOptions", "allocate_bits", "export_onnx", "fgsm", "hessian_diagonal", "hutchinson_trace",
+    "layer_sensitivity", "measure_spectrum", "per_layer_top_eigenvalue", "per_layer_trace", "pgd",
     "power_iteration", "quantize_model", "robust_accuracy", "spectral_density", "to_integer_model",
     "top_eigenvalues", "trust_region",
+    "BoundaryThicknessCallback", "boundary_thickness",
 ]
 __version__ = "0.1.0"

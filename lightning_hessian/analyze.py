@@ -1,8 +1,9 @@
 """The analyze recipe's work: a full Hessian report of a trained model on a fixed probe set.
 
-``analyze_model`` measures the top-k eigenpairs, the trace, the spectral density and per-layer values,
-walks the loss along the top eigenvector(s) (1-D and 2-D), and writes ``report.json``, ``report.md`` and
-the figures into one folder. The recipe (``lightning_hessian.recipes.analyze``) loads the checkpoint and
+``analyze_model`` measures the top-k eigenpairs, the trace, the spectral density and per-layer values (the
+one measurement of ``hessian.summary``, as ``HessianSpectrumCallback`` makes at each probe), walks the loss
+along the top eigenvector(s) (1-D and 2-D), and writes ``report.json``, ``report.md`` and the figures into
+one folder. The recipe (``lightning_hessian.recipes.analyze``) loads the checkpoint and
 the probe set and calls it; a notebook can call it on any model, loss and batches.
 """
 
@@ -22,16 +23,8 @@ from torch import nn
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import LossFn
 from lightning_hessian.checks import check_number, check_positive_int
-from lightning_hessian.hessian import (
-    Batches,
-    HessianOperator,
-    hutchinson_trace,
-    layer_blocks,
-    per_layer_top_eigenvalue,
-    per_layer_trace,
-    spectral_density,
-    top_eigenvalues,
-)
+from lightning_hessian.hessian import Batches, HessianOperator, layer_blocks
+from lightning_hessian.hessian.summary import SpectrumOptions, measure_spectrum
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
 from lightning_hessian.landscape import loss_line, loss_plane
 from lightning_hessian.plots import new_figure, plot_spectral_density, save_figure
@@ -106,35 +99,28 @@ def analyze_model(
         op = HessianOperator(model, loss_fn, Batches(batches))
         report["num_params"] = op.dim
         report["loss"] = op.loss()
-        k = min(max(opts.top_k, 2), op.dim)  # the 2-D landscape needs two eigenvectors
-
-        start = time.perf_counter()
-        eig = top_eigenvalues(op, k=k, tol=opts.tol, max_iter=opts.max_hvps, seed=opts.seed, return_basis=opts.trace)
-        seconds["eigenvalues"] = time.perf_counter() - start
+        record = measure_spectrum(op, spectrum_options(opts, op.dim))
+        eig = record.eigen
+        seconds.update(record.part_seconds)
         report["eigenvalues"] = [float(v) for v in eig.eigenvalues[: opts.top_k]]
         report["residual_norms"] = [float(v) for v in eig.residual_norms[: opts.top_k]]
         report["eigen_converged"] = bool(eig.converged)
-
-        if opts.trace:
-            start = time.perf_counter()
-            tr = hutchinson_trace(op, rel_tol=opts.trace_rel_tol, max_samples=opts.trace_max_samples, seed=opts.seed,
-                                  basis=eig.basis, basis_trace=eig.basis_trace)  # probes see only the rest
-            seconds["trace"] = time.perf_counter() - start
-            report["trace"] = {"estimate": tr.estimate, "std_error": tr.std_error, "num_samples": tr.num_samples}
-
-        density = None
-        if opts.density:
-            start = time.perf_counter()
-            density = spectral_density(op, num_runs=opts.density_runs, lanczos_steps=min(opts.density_steps, op.dim),
-                                       seed=opts.seed, eigenpairs=eig)  # the eigenvalue run's pairs: exact spikes
-            seconds["density"] = time.perf_counter() - start
+        report["hvps"] = record.hvps
+        if record.trace is not None:
+            report["trace"] = {"estimate": record.trace, "std_error": record.trace_std_error,
+                               "num_samples": record.trace_samples}
+        density = record.density
+        if density is not None:
             report["density"] = {"trace": density.trace, "trace_std_error": density.trace_std_error,
                                  "sigma": density.sigma}
-
         if opts.per_layer:
-            start = time.perf_counter()
-            report["per_layer"] = _per_layer(op, opts)
-            seconds["per_layer"] = time.perf_counter() - start
+            sizes = {name: sum(p.numel() for p in params) for name, params in layer_blocks(op.model).items()}
+            report["per_layer"] = {}
+            for name, value in record.layer_eigenvalue.items():
+                layer = report["per_layer"][name] = {"eigenvalue": value, "num_params": sizes[name]}
+                if name in record.layer_trace:
+                    layer["trace"] = record.layer_trace[name]
+                    layer["trace_per_param"] = record.layer_trace[name] / sizes[name]
 
         start = time.perf_counter()
         report["landscape"] = _landscape(op, eig.eigenvalues, eig.eigenvectors, opts)
@@ -146,19 +132,16 @@ def analyze_model(
     return report
 
 
-def _per_layer(op: HessianOperator, opts: AnalysisOptions) -> dict[str, dict[str, float]]:
-    """Top eigenvalue (and trace) of each layer's diagonal Hessian block."""
-    sizes = {name: sum(p.numel() for p in params) for name, params in layer_blocks(op.model).items()}
-    eigs = per_layer_top_eigenvalue(op, tol=opts.tol, max_iter=opts.max_hvps, seed=opts.seed)
-    traces = (per_layer_trace(op, rel_tol=opts.trace_rel_tol, max_samples=opts.trace_max_samples, seed=opts.seed)
-              if opts.trace else {})
-    layers: dict[str, dict[str, float]] = {}
-    for name, eig in eigs.items():
-        layers[name] = {"eigenvalue": float(eig.eigenvalues[0]), "num_params": sizes[name]}
-        if name in traces:
-            layers[name]["trace"] = traces[name].estimate
-            layers[name]["trace_per_param"] = traces[name].estimate / sizes[name]
-    return layers
+def spectrum_options(opts: AnalysisOptions, dim: int) -> SpectrumOptions:
+    """The measurement ``analyze_model`` makes (``hessian.summary``, as the spectrum callback's probes): the top
+    ``max(top_k, 2)`` pairs (the 2-D landscape needs two), the Krylov-deflated trace, density and per-layer
+    values as ``opts`` say."""
+    return SpectrumOptions(
+        top_k=min(max(opts.top_k, 2), dim), tol=opts.tol, max_hvps=opts.max_hvps, trace=opts.trace,
+        trace_rel_tol=opts.trace_rel_tol, trace_min_samples=MIN_TRACE_SAMPLES, trace_max_samples=opts.trace_max_samples,
+        per_layer=opts.per_layer, density=opts.density, density_runs=opts.density_runs,
+        density_steps=opts.density_steps, seed=opts.seed,
+    )
 
 
 def _landscape(

@@ -1,4 +1,5 @@
-"""Matplotlib figures: eigenvalue/trace history, spectral density. Each returns the saved path."""
+"""Matplotlib figures: eigenvalue/trace history, spectral density, batch schedules, the Pareto frontier of bit
+allocations. Each ``plot_*`` returns the saved path."""
 
 from __future__ import annotations
 
@@ -76,4 +77,29 @@ def plot_batch_schedule(history: Sequence[dict], path: str | Path) -> Path:
             axes[0, 2].plot(*zip(*eigs), marker="o", ms=3)
             scale = "log" if all(e > 0 for _, e in eigs) else "symlog"  # a Hessian can curve down
             axes[0, 2].set(xlabel="epoch", ylabel="top eigenvalue", yscale=scale, title="Hessian top eigenvalue")
+        return save_figure(fig, path)
+
+
+def draw_pareto_frontier(ax: Any, costs: Sequence[float], objectives: Sequence[float],
+                         chosen: tuple[float, float] | None = None, resource: str = "size",
+                         metric: str = "sensitivity") -> None:
+    """The exact frontier as the staircase it is (the least summed sensitivity within each budget), its points,
+    and the ``chosen`` ``(cost, summed sensitivity)`` marked, onto ``ax``."""
+    ax.plot(costs, objectives, drawstyle="steps-post", color="tab:blue", lw=1, label="least sensitivity within budget")
+    ax.plot(costs, objectives, "o", ms=3, color="tab:blue", label=f"Pareto frontier ({len(costs)} allocations)")
+    if chosen is not None:
+        ax.plot(*chosen, "*", ms=14, color="tab:red", label="chosen plan")
+    if all(v > 0 for v in objectives) and (chosen is None or chosen[1] > 0):
+        ax.set_yscale("log")
+    label = {"size": "size (weight bits)", "bops": "BOPS per sample"}.get(resource, resource)
+    ax.set(xlabel=label, ylabel=f"summed Omega ({metric})", title=f"Bit allocations: {resource} vs sensitivity")
+    ax.legend(fontsize=8)
+
+
+def plot_pareto_frontier(costs: Sequence[float], objectives: Sequence[float], path: str | Path,
+                         chosen: tuple[float, float] | None = None, resource: str = "size",
+                         metric: str = "sensitivity") -> Path:
+    """:func:`draw_pareto_frontier` alone, saved as ``path`` (e.g. from ``pareto_frontier(..., "all")``)."""
+    with new_figure(figsize=(5.5, 4)) as (fig, ax):
+        draw_pareto_frontier(ax, costs, objectives, chosen, resource, metric)
         return save_figure(fig, path)

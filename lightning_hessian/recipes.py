@@ -567,8 +567,10 @@ def _use_run_config(cfg: DictConfig) -> None:
         cfg.model, cfg.data = run.model, run.data
 
 
-def _trained_model(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, Path]:
-    """The configured module with the checkpoint's weights, and the datamodule (set up for fitting).
+def _trained_model(cfg: DictConfig, stage: str | None = "fit"
+                   ) -> tuple[pl.LightningModule, pl.LightningDataModule | None, Path]:
+    """The configured module with the checkpoint's weights, and the datamodule set up for ``stage`` (``None``: no
+    datamodule at all, for data-free quantization).
 
     With ``run_dir`` (a train run's output directory) the model and data configs are the run's own
     (``_use_run_config``) and ``ckpt_path`` defaults to its ``checkpoints/last.ckpt``.
@@ -585,16 +587,18 @@ def _trained_model(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDat
             rank_zero_warn(f"ckpt_path=last: {problems[0]}; using {ckpt}, the newest intact checkpoint of the run")
     else:
         ckpt = _check_ckpt(cfg.ckpt_path)
-    datamodule = _instantiate(cfg, "data")
+    datamodule = _instantiate(cfg, "data") if stage is not None else None
     module = _instantiate(cfg, "model")
     state = read_checkpoint(ckpt)
     try:
         module.load_state_dict(state["state_dict"])
     except (KeyError, RuntimeError) as err:
         raise ConfigError(f"ckpt_path: {ckpt} does not hold weights for the configured model ({err})") from err
+    if datamodule is None:
+        return module, None, ckpt
     try:
         datamodule.prepare_data()
-        datamodule.setup("fit")
+        datamodule.setup(stage)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data: {err}") from err
     return module, datamodule, ckpt
@@ -671,17 +675,27 @@ def quantize(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
         raise ConfigError("trainer.strategy: quantize cannot fine-tune in spawned or forked ranks (the bit plan would "
                           "stay in them); use one process (trainer=cpu or gpu) or trainer=ddp")
-    module, datamodule, ckpt = _trained_model(cfg)
-    if cfg.export.format != "none":
-        _export_network(cfg, module)  # before the fine-tune, which may take hours
-    hawq = _instantiate(cfg, "hawq", module=module)
-    save_run_config(cfg.paths.output_dir, config_yaml)
+    data_free = cfg.hawq.get("calibration", "data") == "distilled"
     evaluator = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_checkpointing=False,
                            enable_progress_bar=False, enable_model_summary=False)
-    float_metrics = evaluator.test(module, datamodule=datamodule, verbose=False)[0]
-    objects = {"data": datamodule, "hawq": hawq, **callbacks}
-    _fit_or_test(lambda: trainer.fit(hawq, datamodule=datamodule), objects, "hawq")
-    quant_metrics = _fit_or_test(lambda: trainer.test(hawq, datamodule=datamodule, verbose=False), objects, "hawq")[0]
+    if data_free:
+        module, datamodule, ckpt, hawq = _quantize_data_free(cfg, trainer)
+        if cfg.export.format != "none":
+            _export_network(cfg, module)
+        save_run_config(cfg.paths.output_dir, config_yaml)
+        float_metrics = evaluator.test(module, datamodule=datamodule, verbose=False)[0] if datamodule else {}
+        quant_metrics = trainer.test(hawq, datamodule=datamodule, verbose=False)[0] if datamodule else {}
+    else:
+        module, datamodule, ckpt = _trained_model(cfg)
+        if cfg.export.format != "none":
+            _export_network(cfg, module)  # before the fine-tune, which may take hours
+        hawq = _instantiate(cfg, "hawq", module=module)
+        save_run_config(cfg.paths.output_dir, config_yaml)
+        float_metrics = evaluator.test(module, datamodule=datamodule, verbose=False)[0]
+        objects = {"data": datamodule, "hawq": hawq, **callbacks}
+        _fit_or_test(lambda: trainer.fit(hawq, datamodule=datamodule), objects, "hawq")
+        quant_metrics = _fit_or_test(lambda: trainer.test(hawq, datamodule=datamodule, verbose=False), objects,
+                                     "hawq")[0]
     if not trainer.is_global_zero:
         return {}
     out = Path(cfg.paths.output_dir)
@@ -691,6 +705,7 @@ def quantize(cfg: DictConfig) -> dict[str, Any]:
         "weight_bits": hawq.weight_bits,
         "act_bits": hawq.act_bits,
         "budgets": OmegaConf.to_container(cfg.hawq.budgets) if cfg.hawq.budgets is not None else None,
+        "calibration": hawq.calibration,
         "float": {k: float(v) for k, v in float_metrics.items()},
         "quantized": {k: float(v) for k, v in quant_metrics.items()},
         "size_kb": {"float": bit_report.float_size_bits / 8192, "quantized": bit_report.size_bits / 8192},
@@ -705,7 +720,8 @@ def quantize(cfg: DictConfig) -> dict[str, Any]:
     for name in ("float", "quantized"):
         print(f"  {name}: test/acc {report[name].get('test/acc', float('nan')):.4f}")
     if "integer" in report:
-        print(f"  integer-only: test/acc {report['integer']['test/acc']:.4f}, {report['integer']['path']}")
+        print(f"  integer-only: test/acc {report['integer']['test/acc'] or float('nan'):.4f}, "
+              f"{report['integer']['path']}")
     print(f"  size: {report['size_kb']['float']:.1f} KB -> {report['size_kb']['quantized']:.1f} KB")
     print(f"  bits: {hawq.weight_bits}")
     return report
@@ -719,15 +735,36 @@ def _export_network(cfg: DictConfig, module: torch.nn.Module) -> torch.nn.Module
         raise ConfigError(f"export.module: {err}; name the network inside the LightningModule ('' for itself)") from err
 
 
-def _export_integer(cfg: DictConfig, hawq: Any, datamodule: pl.LightningDataModule, out: Path) -> dict[str, Any]:
-    """Fold BatchNorm, convert to the integer-only model, measure its test accuracy and save it."""
+def _quantize_data_free(cfg: DictConfig, trainer: pl.Trainer
+                        ) -> tuple[pl.LightningModule, pl.LightningDataModule | None, Path, Any]:
+    """``hawq.calibration=distilled`` (ZeroQ): plan and calibrate on inputs distilled from the model's BatchNorm
+    statistics, with no training data and no fine-tune (which would need it). The test split is read only with
+    ``test=true`` (to report accuracy; it also gives ``hawq.input_shape`` when that is null); with ``test=false``
+    no data config is instantiated at all."""
+    test = cfg.get("test", True)
+    module, datamodule, ckpt = _trained_model(cfg, "test" if test else None)
+    shape = {}
+    if cfg.hawq.get("input_shape") is None and datamodule is not None:
+        shape["input_shape"] = tuple(next(iter(datamodule.test_dataloader()))[0].shape[1:])
+    hawq = _instantiate(cfg, "hawq", module=module, **shape)
+    try:
+        hawq.prepare_data_free(trainer.strategy.root_device)
+    except (ValueError, FloatingPointError) as err:
+        raise ConfigError(f"hawq: {err}") from err
+    return module, datamodule, ckpt, hawq
+
+
+def _export_integer(cfg: DictConfig, hawq: Any, datamodule: pl.LightningDataModule | None, out: Path
+                    ) -> dict[str, Any]:
+    """Fold BatchNorm, convert to the integer-only model, measure its test accuracy (without a datamodule: none,
+    the example input is a distilled one) and save it."""
     from lightning_hessian.quant.export import export_onnx, export_program
     from lightning_hessian.quant.integer import to_integer_model
     from lightning_hessian.quant.modules import fold_batchnorm
 
     net = _export_network(cfg, hawq.module).cpu().eval()
-    loader = datamodule.test_dataloader()
-    example = next(iter(loader))[0]
+    loader = datamodule.test_dataloader() if datamodule is not None else None
+    example = next(iter(loader))[0] if loader is not None else hawq.distilled_batches()[0][0].cpu()
     fold_batchnorm(net, example)
     try:
         integer = to_integer_model(net, example)
@@ -735,26 +772,29 @@ def _export_integer(cfg: DictConfig, hawq: Any, datamodule: pl.LightningDataModu
         raise ConfigError(f"export: {err} (or set export.format=none)") from err
     correct = total = 0
     with torch.no_grad():
-        for x, y in loader:
+        for x, y in loader or ():
             correct += int((integer(x).argmax(-1) == y).sum())
             total += len(y)
     suffix = "onnx" if cfg.export.format == "onnx" else "pt2"
     exporter = export_onnx if cfg.export.format == "onnx" else export_program
     path = exporter(integer, example, out / f"model_int.{suffix}")
-    return {"test/acc": correct / total, "path": str(path), "packed_size_kb": integer.packed_size_bytes() / 1024}
+    return {"test/acc": correct / total if total else None, "path": str(path),
+            "packed_size_kb": integer.packed_size_bytes() / 1024}
 
 
 def _quantize_markdown(report: dict[str, Any], bit_table: str) -> str:
     rows = [("float", report["float"]), ("quantized (simulated)", report["quantized"])]
     if "integer" in report:
         rows.append(("integer-only", report["integer"]))
-    lines = ["# HAWQ quantization", "", f"Checkpoint: `{report['checkpoint']}`; budgets: {report['budgets']}", "",
+    lines = ["# HAWQ quantization", "", f"Checkpoint: `{report['checkpoint']}`; budgets: {report['budgets']}; "
+             f"calibration: {report['calibration']}", "",
              "| model | test acc | size KB |", "| --- | --- | --- |"]
     sizes = {"float": report["size_kb"]["float"], "quantized (simulated)": report["size_kb"]["quantized"],
              "integer-only": report.get("integer", {}).get("packed_size_kb")}
     for name, metrics in rows:
         size = "-" if sizes[name] is None else f"{sizes[name]:.2f}"
-        lines.append(f"| {name} | {metrics.get('test/acc', float('nan')):.4f} | {size} |")
+        acc = metrics.get("test/acc")
+        lines.append(f"| {name} | {'-' if acc is None else f'{acc:.4f}'} | {size} |")
     lines += ["", bit_table, ""]
     if "integer" in report:
         lines.append(f"Integer-only export: `{report['integer']['path']}`")

@@ -43,6 +43,7 @@ class DumpRankState(Callback):
             "output_dir": trainer.default_root_dir,
             "spectrum": [h["eigenvalues"] for h in spectrum[0].history] if spectrum else None,
             "batch_sizes": [h["batch_size"] for h in abs_[0].history] if abs_ else None,
+            "next_batch_size": abs_[0].batch_size if abs_ else None,
         }
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.dirpath / f"rank_{trainer.global_rank}.pt")

@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import absa_table  # noqa: E402
 
+from tests.conftest import compose_config  # noqa: E402
+
 CAPS = [512, 4096]
 
 
@@ -123,3 +125,13 @@ def test_a_tiny_table_runs_end_to_end(data_dir, capsys):
     assert communication > 0 and hessian > 0
     assert re.fullmatch(r"ABSA: [\d.]+x fewer steps than BL at batch 64, accuracy [+-][\d.]+ points, "
                         r"wall-clock [\d.]+x faster, Hessian [\d.]+% of time", text.splitlines()[-1])
+
+
+def test_the_sweep_config_has_the_benchmarks_schedule(tmp_path, data_dir):
+    cfg = compose_config("train", ["experiment=absa_table"], tmp_path, data_dir)
+    bench = absa_table.parse_args([])
+    assert cfg.trainer.max_epochs == bench.epochs
+    assert list(cfg.model.scheduler.milestones) == absa_table.milestones(bench.epochs)
+    schedule = cfg.callbacks.adaptive_batch_size
+    assert (schedule.duration, schedule.fb_warmup_epochs) == absa_table.scaled_epochs(bench.epochs)
+    assert (cfg.data.batch_size, cfg.model.optimizer.lr) == (bench.base_batch, bench.lr)

@@ -140,7 +140,7 @@ def test_the_wrapped_modules_hooks_and_dataloaders_run_as_without_the_wrapper(tr
 def test_hessian_callbacks_differentiate_the_wrapped_modules_hessian_loss(trained, tmp_path):
     x, y = make_data(64)
     hawq = HAWQModule(like(Recorder, trained), bits=8, probe_size=128)
-    spectrum = HessianSpectrumCallback(trace=False, probe_data=[(x, y)], plot=False)
+    spectrum = HessianSpectrumCallback(trace=False, probe_data=[(x, y)], plot=False, max_overhead=None)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, default_root_dir=tmp_path,
                          callbacks=[spectrum], **TRAINER)
     trainer.fit(hawq)
@@ -376,4 +376,4 @@ def test_random_batch_hooks_in_the_probe_leave_the_training_random_stream_alone(
         trainer.fit(module, DataLoader(TensorDataset(x, y), 64))
         return draws[0]
 
-    assert first_draw([HessianSpectrumCallback(probe_size=64, trace=False)]) == first_draw([])
+    assert first_draw([HessianSpectrumCallback(probe_size=64, trace=False, max_overhead=None)]) == first_draw([])

@@ -13,7 +13,7 @@ from lightning_hessian.hessian import (
     per_layer_top_eigenvalue,
     per_layer_trace,
 )
-from tests.test_hessian_operator import DenseOperator, loss_fn, problem
+from tests.test_hessian_operator import DenseOperator, dense_hessian, loss_fn, problem
 
 
 def block_indices(op: HessianOperator, params: list[nn.Parameter]) -> torch.Tensor:
@@ -93,3 +93,24 @@ def test_blocks_outside_the_operator_are_rejected() -> None:
     with pytest.raises(ValueError, match="exceeds the size"):
         per_layer_top_eigenvalue(op, {"bias": [model.net[4].bias]}, k=11)
     assert list(per_layer_top_eigenvalue(op, k=1)) == ["net.4"]  # default blocks: those inside op.params
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_layer_eigenvalues_repeated_in_a_regression_head_are_all_found(seed: int) -> None:
+    """Under MSE a linear head's block is ``I_outputs (x) A^T A / n``: each eigenvalue once per output."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    x, y = torch.randn(48, 6, generator=g, dtype=torch.float64), torch.randn(48, 3, generator=g, dtype=torch.float64)
+
+    def mse(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.mse_loss(m(b[0]), b[1])
+
+    op = HessianOperator(model, mse, (x, y))
+    H = dense_hessian(model, mse, (x, y))
+    results = per_layer_top_eigenvalue(op, k=4, seed=seed)
+    for name, params in layer_blocks(model).items():
+        idx = block_indices(op, params)
+        exact = torch.linalg.eigvalsh(H[idx][:, idx]).flip(0)[:4]
+        torch.testing.assert_close(results[name].eigenvalues, exact, rtol=1e-4, atol=1e-10)
+    head = torch.linalg.eigvalsh(H[-33:, -33:]).flip(0)
+    assert torch.allclose(head[:3], head[0].expand(3), rtol=1e-9)  # the head's top value is there thrice

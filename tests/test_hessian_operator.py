@@ -102,13 +102,39 @@ def test_products_equal_dense_hessian(kind: str, form: str) -> None:
     torch.testing.assert_close(op.matvec(V[0]), H @ V[0], rtol=1e-9, atol=1e-11)
     assert op.num_hvps == 4
     assert set(op.hvp_choice) == {"single", "multi"}
-    again = HessianOperator(model, loss_fn, batch, hvp=form)  # "auto" measures once per model and shapes
+    # nothing is timed on the CPU: "auto" takes the reverse loop there, a fixed form is used as given
+    assert op.hvp_timings == {} and op.hvp_choice["multi"] == ("reverse" if form == "auto" else form)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_auto_times_the_forms_where_batching_can_pay_once_per_model(kind: str, monkeypatch) -> None:
+    from lightning_hessian.hessian import operator
+
+    monkeypatch.setattr(HessianOperator, "_worth_timing", lambda self, which: which == "multi")  # as on a GPU
+    monkeypatch.setattr(operator, "_CHOICES", {})
+    model, batch, H = problem(kind)
+    op = HessianOperator(model, loss_fn, batch)
+    V = torch.randn(3, op.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(V), V @ H, rtol=1e-9, atol=1e-11)  # the timed products are the real ones
+    assert set(op.hvp_timings["multi"]) == {"reverse", "reverse-batched", "forward"} and op.num_hvps == 3
+    again = HessianOperator(model, loss_fn, batch)  # the second operator reuses the first one's measurement
     torch.testing.assert_close(again.matmat(V), V @ H, rtol=1e-9, atol=1e-11)
-    if form == "auto":  # the second operator reuses the first one's measurement (a fixed form measures none)
-        assert set(op.hvp_timings["multi"]) == {"reverse", "reverse-batched", "forward"}
-        assert again.hvp_timings["multi"] == op.hvp_timings["multi"]
-    else:
-        assert op.hvp_timings == again.hvp_timings == {} and op.hvp_choice["multi"] == form
+    assert again.hvp_timings["multi"] == op.hvp_timings["multi"] and again.hvp_choice == op.hvp_choice
+    torch.testing.assert_close(op.matvec(V[0]), H @ V[0], rtol=1e-9, atol=1e-11)
+    assert op.hvp_choice["single"] == "reverse" and "single" not in op.hvp_timings
+
+
+def test_the_first_auto_product_on_the_cpu_costs_no_more_than_a_fixed_form() -> None:
+    """The first call used to time every form (forward-mode's first call alone cost several products)."""
+    model, batch, _ = problem("cnn")
+    V = torch.randn(3, sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    calls = []
+    op = HessianOperator(model, loss_fn, batch)
+    op._hvp = lambda form, *args, **kw: calls.append(form) or HessianOperator._hvp(op, form, *args, **kw)
+    op.matvec(V[0])
+    op.matmat(V)
+    assert calls == ["reverse", "reverse"]  # one call per matmat on the one batch: no timing products
 
 
 def test_matmat_equals_stacked_matvecs_and_chunks() -> None:
@@ -228,7 +254,7 @@ def test_bad_input_is_named() -> None:
         HessianOperator(model, loss_fn, batch).unflatten(torch.zeros(3))
 
 
-def test_auto_skips_a_form_the_model_cannot_run() -> None:
+def test_auto_skips_a_form_the_model_cannot_run(monkeypatch) -> None:
     # BatchNorm in train mode updates its running statistics in place, which torch.func's forward-mode
     # transform refuses; "auto" must fall back to double backward and still be exact.
     torch.manual_seed(0)
@@ -242,6 +268,7 @@ def test_auto_skips_a_form_the_model_cannot_run() -> None:
         parts = [t.view_as(p) for t, p in zip(e.split([p.numel() for p in params]), params)]
         rows.append(torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, parts, retain_graph=True)]))
     H = torch.stack(rows)
+    monkeypatch.setattr(HessianOperator, "_worth_timing", lambda self, which: which == "multi")  # as on a GPU
     op = HessianOperator(model, loss_fn, (x, y))
     V = torch.randn(3, op.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     torch.testing.assert_close(op.matmat(V), V @ H, rtol=1e-9, atol=1e-11)
@@ -318,6 +345,7 @@ def test_auto_choices_are_remembered_per_mode_and_not_from_empty_input(monkeypat
     from lightning_hessian.hessian import operator
 
     monkeypatch.setattr(operator, "_CHOICES", {})
+    monkeypatch.setattr(HessianOperator, "_worth_timing", lambda self, which: which == "multi")  # as on a GPU
     torch.manual_seed(0)
     model = MNIST1DCNN(channels=4, batch_norm=True).double().eval()
     batch = teacher_batch(16, seed=3)
@@ -331,3 +359,21 @@ def test_auto_choices_are_remembered_per_mode_and_not_from_empty_input(monkeypat
     V = torch.randn(3, op.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     HV = HessianOperator(model, loss_fn, batch).matmat(V)  # measured anew: forward cannot run in train mode
     torch.testing.assert_close(HV, HessianOperator(model, loss_fn, batch, hvp="reverse").matmat(V))
+
+
+def test_cached_graphs_stay_within_their_memory_budget_and_products_stay_exact() -> None:
+    model, (x, y), H = problem("cnn")
+    shards = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    V = torch.randn(2, H.shape[0], generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    unlimited = HessianOperator(model, loss_fn, shards, cache_bytes=None)
+    torch.testing.assert_close(unlimited.matmat(V), V @ H, rtol=1e-9, atol=1e-11)
+    per_batch = unlimited.cached_bytes / 4
+    assert len(unlimited._graphs) == 4 and per_batch > 8 * 8 * 32  # at least the first layer's activations
+    budget = int(2.5 * per_batch)
+    op = HessianOperator(model, loss_fn, shards, cache_bytes=budget)
+    for _ in range(2):  # the uncached batches are rebuilt at every call
+        torch.testing.assert_close(op.matmat(V), V @ H, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(op.matvec(V[0]), H @ V[0], rtol=1e-9, atol=1e-11)
+    assert sorted(op._graphs) == [0, 1]
+    op.clear_cache()
+    assert op.cached_bytes == 0 and not op._graphs

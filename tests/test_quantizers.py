@@ -1,4 +1,6 @@
-"""Quantizer math: round-trip bounds, per-channel scales, STE gradients, ranges, bias, dyadic requantization."""
+"""Quantizer math: round-trip bounds, per-channel scales, STE gradients, ranges, bias, the float32 arithmetic."""
+
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -6,16 +8,13 @@ import torch
 
 from lightning_hessian.quant.quantizers import (
     INT32_MAX,
-    MAX_SHIFT,
     ActivationQuantizer,
     bias_codes,
-    dyadic,
     fake_quantize,
+    fma32,
     qrange,
     quantize_bias,
     quantize_weight,
-    requantize,
-    round_ste,
     validate_bit_choices,
     validate_bits,
     weight_codes,
@@ -59,10 +58,6 @@ def test_ste_gradients():
     fake_quantize(x, scale, -7, 7).backward(upstream)
     inside = torch.tensor([0, 1, 1, 1, 1, 1, 0], dtype=torch.float32)
     assert torch.equal(x.grad, upstream * inside)  # identity inside [-1.75, 1.75], zero outside
-
-    r = torch.randn(5, requires_grad=True)
-    round_ste(r * 3).sum().backward()
-    assert torch.equal(r.grad, torch.full((5,), 3.0))
 
     w = torch.randn(4, 3, requires_grad=True)
     quantize_weight(w, 3).sum().backward()
@@ -114,6 +109,7 @@ def test_running_minmax_and_freeze():
         q(row)
     assert q.running_min == x.min() and q.running_max == x.max()
     torch.testing.assert_close(q.scale(), x.abs().max() / 127, rtol=0, atol=0)
+    assert q.qrange() == (-128, 127)  # the whole int8 container: the bound maps to 127, -128 is beyond it
     q.eval()
     q(10 * torch.randn(100))
     assert q.running_min == x.min() and q.running_max == x.max()  # frozen in eval
@@ -177,32 +173,27 @@ def test_weight_ste_passes_the_channel_maximum():
         assert torch.equal(w.grad, torch.ones_like(w))
 
 
-def test_dyadic_precision():
-    torch.manual_seed(0)
-    mult = torch.exp2(torch.empty(2000, dtype=torch.float64).uniform_(-40, 20))
-    m, c = dyadic(mult)
-    approx = m.double() / torch.exp2(c.double())
-    assert bool((c >= 1).all()) and bool((c <= MAX_SHIFT).all()) and bool((m < 2**30).all())
-    normal = mult >= 2.0**-24
-    assert bool((m[normal] >= 2**29).all())
-    assert float(((approx - mult).abs() / mult)[normal].max()) <= 2.0**-29
-    # below 2^-24 the mantissa shortens, but any int32 input moves by less than 2^-24 codes
-    assert float(((approx - mult).abs() * 2**31)[~normal].max()) <= 2.0**-24
-    with pytest.raises(ValueError, match="too large"):
-        dyadic(torch.tensor([2.0**30]))
-    with pytest.raises(ValueError, match="positive"):
-        dyadic(torch.tensor([0.0]))
+def test_fma32_rounds_once():
+    """``fma32`` equals the exactly rounded ``x * y + z`` (exact rationals), also where the float64 sum is
+    inexact (``z`` far from ``x * y``) and where rounding ``x * y`` first would differ."""
+    rng = np.random.default_rng(0)
+    x, y = (torch.from_numpy(rng.standard_normal(4000).astype(np.float32)) for _ in range(2))
+    z = torch.from_numpy((rng.standard_normal(4000) * np.exp2(rng.uniform(-80, 80, 4000))).astype(np.float32))
+    # near-cancellations: z = -round32(x * y) leaves only the rounding error of the product
+    z[:1000] = -(x[:1000] * y[:1000])
+    exact = [Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)) for a, b, c in
+             zip(x.tolist(), y.tolist(), z.tolist())]
+    expected = torch.tensor([float(np.float32(_round_to_float32(e))) for e in exact])
+    out = fma32(x, y, z)
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, x * y + z)  # two roundings differ somewhere
 
 
-def test_requantize_matches_python_integers():
-    torch.manual_seed(1)
-    n = torch.cat([torch.randint(-(2**31), 2**31, (3000,)), torch.tensor([-(2**31), 2**31 - 1, 0, 1, -1])])
-    mult = torch.exp2(torch.empty(n.numel(), dtype=torch.float64).uniform_(-30, 2))
-    m, c = dyadic(mult)
-    out = requantize(n, m, c)
-    expected = [(ni * mi + (1 << (ci - 1))) >> ci for ni, mi, ci in zip(n.tolist(), m.tolist(), c.tolist())]
-    assert out.tolist() == expected
-    assert requantize(n, m, c, -127, 127).tolist() == [min(max(e, -127), 127) for e in expected]
-    # round half up on exact ties
-    half_m, half_c = dyadic(torch.tensor(0.5))
-    assert requantize(torch.tensor([-5, -3, 3, 5]), half_m, half_c).tolist() == [-2, -1, 2, 3]
+def _round_to_float32(v: Fraction) -> float:
+    """``v`` rounded half to even to float32, exactly (no intermediate float64 rounding)."""
+    if v == 0:
+        return 0.0
+    lo = np.float32(float(v))  # within an ulp; step to the float32 neighbours and pick the nearest
+    candidates = [np.nextafter(lo, np.float32(-np.inf)), lo, np.nextafter(lo, np.float32(np.inf))]
+    best = min(candidates, key=lambda c: (abs(Fraction(float(c)) - v), int(np.float32(c).view(np.int32)) & 1))
+    return float(best)

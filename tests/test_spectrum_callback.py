@@ -70,7 +70,7 @@ def dense_eval_hessian(module: TinyModule, indices: list[int]) -> torch.Tensor:
 
 
 def test_logged_values_match_dense_hessian_and_leave_no_trace(tmp_path):
-    cb = HessianSpectrumCallback(top_k=3, per_layer=True, probe_size=64, probe_batch_size=24, seed=5,
+    cb = HessianSpectrumCallback(max_overhead=None, top_k=3, per_layer=True, probe_size=64, probe_batch_size=24, seed=5,
                                  eig_tol=1e-7, trace_rel_tol=0.02, trace_max_samples=2000)
     module, trainer = fit([cb], default_root_dir=tmp_path)
     plain, _ = fit([])
@@ -96,7 +96,7 @@ def test_logged_values_match_dense_hessian_and_leave_no_trace(tmp_path):
 
 def test_history_survives_checkpoint_and_resume(tmp_path):
     def callbacks():
-        return [HessianSpectrumCallback(top_k=1, probe_size=48, eig_tol=1e-6),
+        return [HessianSpectrumCallback(max_overhead=None, top_k=1, probe_size=48, eig_tol=1e-6),
                 pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)]
 
     full = callbacks()
@@ -114,12 +114,68 @@ def test_history_survives_checkpoint_and_resume(tmp_path):
 
 def test_max_overhead_skips_probes_beyond_the_budget():
     strict = HessianSpectrumCallback(probe_size=32, max_overhead=1e-9)
-    fit([strict], max_epochs=3)
-    assert [h["epoch"] for h in strict.history] == [0] and strict.skipped == 2  # the first probe always runs
-    assert strict.state_dict()["skipped"] == 2 and strict.state_dict()["probe_seconds"] > 0
+    with pytest.warns(UserWarning, match=r"0 probe\(s\) ran .* 3 scheduled probe\(s\) skipped .*max_overhead=None"):
+        fit([strict], max_epochs=3)  # not even the first probe: its cost is predicted from one timed product
+    assert strict.history == [] and strict.skipped == 3 and strict._probe.batches is None  # nor collated
+    assert strict.state_dict()["skipped"] == 3 and strict.state_dict()["probe_seconds"] > 0  # the timing counts
     generous = HessianSpectrumCallback(probe_size=32, max_overhead=1e9)
     fit([generous], max_epochs=3)
-    assert len(generous.history) == 3 and generous.skipped == 0
+    assert len(generous.history) == 3 and generous.skipped == generous.shrunk == 0
+    assert all("trace" in h and h["hvps"] > 0 and h["seconds"] > 0 for h in generous.history)
+
+
+class FakeClock:
+    """Seconds that pass only where the test says: training steps and Hessian-vector products."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class ClockedModule(TinyModule):
+    def __init__(self, clock, step_seconds):
+        super().__init__(batch_norm=False)
+        self.clock, self.step_seconds = clock, step_seconds
+
+    def training_step(self, batch, batch_idx):
+        self.clock.t += self.step_seconds
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_default_schedule_keeps_the_probes_within_their_budget(monkeypatch):
+    """A product costs 50 us per sample (4.8 ms on the 96-sample probe set), a training step 0.1 s: 30 epochs
+    train 18 s, so the default budget (3%) pays for 0.54 s of probing: full probes (trace: 30+ products),
+    eigenvalue-only probes in between, the rest skipped."""
+    from lightning_hessian.callbacks import budget
+    from lightning_hessian.hessian import HessianOperator
+    from lightning_hessian.hessian.operator import sample_count
+
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    matmat = HessianOperator.matmat
+
+    def timed(op, V):
+        clock.t += 5e-5 * V.shape[0] * sum(sample_count(b) for b in op._batches)
+        return matmat(op, V)
+
+    monkeypatch.setattr(HessianOperator, "matmat", timed)
+    cb = HessianSpectrumCallback(plot=False)  # the defaults
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=30, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(ClockedModule(clock, 0.1), DataLoader(make_data(), batch_size=16))
+    spent, trained = cb._budget.probe_seconds, cb._budget.train_seconds
+    # sized for ~10 probes in 30 epochs: a warm probe (graph + 4 products) fits 3% of three 0.6-s epochs on 256
+    # samples, so the whole (96-sample) training set is probed
+    assert trained == pytest.approx(30 * 6 * 0.1) and cb._probe.size == N_TRAIN
+    assert spent <= cb.max_overhead * trained  # within the budget, as accounted at every decision
+    full = [h for h in cb.history if "trace" in h]
+    assert len(full) >= 1 and len(cb.history) - len(full) >= 2 and cb.skipped >= 10  # the budget is used, not idle
+    assert spent >= 0.6 * cb.max_overhead * trained
+    warm = [h["hvps"] for h in cb.history if "trace" not in h][1:]
+    assert max(warm) <= 8  # warm-started top-1 probes take a handful of products
 
 
 def test_failed_probe_warns_and_training_goes_on():
@@ -131,7 +187,7 @@ def test_failed_probe_warns_and_training_goes_on():
         loss = F.cross_entropy(model(x), y)
         return loss * float("nan") if calls["n"] > 1 else loss
 
-    cb = HessianSpectrumCallback(probe_size=32, loss_fn=flaky_loss, trace=False)
+    cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, loss_fn=flaky_loss, trace=False)
     with pytest.warns(UserWarning, match="training continues"):
         _, trainer = fit([cb], max_epochs=2)
     assert trainer.current_epoch == 2 and cb.history == []
@@ -163,7 +219,7 @@ def test_misconfiguration_fails_before_training(kwargs, match):
 
 
 def test_a_warm_start_of_another_size_is_ignored():
-    cb = HessianSpectrumCallback(probe_size=32, trace=False)
+    cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False)
     cb.load_state_dict({"history": [], "warm_start": torch.ones(1, 3)})  # e.g. from another model's checkpoint
     module, _ = fit([cb], max_epochs=1)
     dim = sum(p.numel() for p in module.parameters())
@@ -171,7 +227,7 @@ def test_a_warm_start_of_another_size_is_ignored():
 
 
 def test_every_n_steps_probes_once_per_optimizer_step_under_accumulation():
-    cb = HessianSpectrumCallback(probe_size=32, trace=False, every_n_steps=2)
+    cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False, every_n_steps=2)
     trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, accumulate_grad_batches=2)
     trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=8))  # 12 micro-batches: 6 optimizer steps
@@ -196,7 +252,7 @@ class TwoOptimizerModule(TinyModule):
 
 
 def test_every_n_steps_probes_when_the_step_jumps_past_a_multiple():
-    cb = HessianSpectrumCallback(probe_size=32, trace=False, every_n_steps=3, plot=False)
+    cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False, every_n_steps=3, plot=False)
     trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(TwoOptimizerModule(), DataLoader(make_data(), batch_size=8))  # 12 batches: steps 2, 4, ..., 24
@@ -214,7 +270,7 @@ class ScaledInputModule(TinyModule):
 def test_probe_batches_get_the_precision_conversion_and_batch_hooks():
     pl.seed_everything(0)
     module = ScaledInputModule(batch_norm=False)
-    cb = HessianSpectrumCallback(top_k=1, trace=False, probe_size=N_TRAIN, eig_tol=1e-8)
+    cb = HessianSpectrumCallback(max_overhead=None, top_k=1, trace=False, probe_size=N_TRAIN, eig_tol=1e-8)
     trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, precision="64-true")
     trainer.fit(module, DataLoader(make_data(), batch_size=16))  # float32 data into a float64 model
@@ -234,7 +290,7 @@ def test_probe_batches_get_the_precision_conversion_and_batch_hooks():
 
 
 def test_default_probe_is_the_whole_training_set_when_smaller():
-    cb = HessianSpectrumCallback(top_k=1, trace=False, eig_tol=1e-8)  # default probe_size: 1024 > 96 samples
+    cb = HessianSpectrumCallback(max_overhead=None, top_k=1, trace=False, eig_tol=1e-8)  # probe_size: 1024 > 96
     module, _ = fit([cb], max_epochs=1)
     exact = torch.linalg.eigvalsh(dense_eval_hessian(module, list(range(N_TRAIN))))[-1].item()
     assert cb.history[0]["eigenvalues"][0] == pytest.approx(exact, rel=1e-5)
@@ -254,7 +310,7 @@ def test_compute_on_its_own_with_probe_data():
 
 def test_every_n_steps_resume_does_not_probe_the_restored_step_again(tmp_path):
     def run(epochs, ckpt_path=None):
-        cb = HessianSpectrumCallback(probe_size=32, trace=False, every_n_steps=2)
+        cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False, every_n_steps=2)
         pl.seed_everything(0)
         trainer = pl.Trainer(max_epochs=epochs, callbacks=[cb, pl.callbacks.ModelCheckpoint(dirpath=tmp_path,
                              save_last=True)], logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -278,14 +334,14 @@ class InputOnlyModule(TinyModule):
 
 def test_bare_tensor_batches_are_probed_and_match_the_dense_hessian():
     x = make_data().tensors[0]
-    cb = HessianSpectrumCallback(probe_size=40, probe_batch_size=16, trace=False, plot=False)
+    cb = HessianSpectrumCallback(max_overhead=None, probe_size=40, probe_batch_size=16, trace=False, plot=False)
     pl.seed_everything(0)
     module = InputOnlyModule(batch_norm=False)
     trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(module, DataLoader(x, batch_size=16))
-    assert len(cb.history) == 1 and len(cb._batches) == 3  # 16 + 16 + 8 samples
-    probe = torch.cat(list(cb._batches))
+    assert len(cb.history) == 1 and len(cb._probe.batches) == 3  # 16 + 16 + 8 samples
+    probe = torch.cat(list(cb._probe.batches))
     params = dict(module.named_parameters())
     names = list(params)
 
@@ -306,7 +362,7 @@ def test_bare_tensor_batches_are_probed_and_match_the_dense_hessian():
 def test_every_n_steps_writes_each_probe_to_the_logger_at_its_step(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    cb = HessianSpectrumCallback(probe_size=32, trace=False, every_n_steps=3, plot=False)
+    cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False, every_n_steps=3, plot=False)
     pl.seed_everything(0)
     trainer = pl.Trainer(max_epochs=3, callbacks=[cb], logger=CSVLogger(tmp_path), log_every_n_steps=50,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
@@ -319,8 +375,8 @@ def test_every_n_steps_writes_each_probe_to_the_logger_at_its_step(tmp_path):
 
 
 def test_two_callbacks_on_different_parameters_keep_their_own_state(tmp_path):
-    whole = HessianSpectrumCallback(probe_size=32, trace=False, plot=False)
-    head = HessianSpectrumCallback(probe_size=32, trace=False, plot=False, params=["net.4"])
+    whole = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False, plot=False)
+    head = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False, plot=False, params=["net.4"])
     assert whole.state_key != head.state_key
     fit([whole, head], max_epochs=1)
     assert whole.history[0]["eigenvalues"] != head.history[0]["eigenvalues"]
@@ -348,7 +404,22 @@ def test_a_failing_plot_warns_and_keeps_the_history(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("lightning_hessian.plots.plot_spectrum_history", broken)
-    cb = HessianSpectrumCallback(probe_size=32, trace=False)
+    cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False)
     with pytest.warns(UserWarning, match=r"writing the plots failed \(OSError\('disk full'\)\)"):
         fit([cb], max_epochs=1, default_root_dir=tmp_path)
     assert len(cb.history) == 1
+
+
+def test_a_resumed_budgeted_run_keeps_its_probe_size_and_its_accounts(tmp_path, monkeypatch):
+    monkeypatch.setattr("lightning_hessian.callbacks.spectrum.MIN_AUTO_PROBE", 16)  # let the timing choose the size
+    first = HessianSpectrumCallback(plot=False, trace=False, max_overhead=1e-4)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit([first, checkpoint], max_epochs=2, enable_checkpointing=True)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    saved = next(v for k, v in state.items() if k.startswith("HessianSpectrumCallback"))
+    assert saved["probe_size"] == first._probe.size < N_TRAIN and saved["train_seconds"] > 0
+    resumed = HessianSpectrumCallback(plot=False, trace=False, max_overhead=1e-4)
+    fit([resumed, pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)], max_epochs=3,
+        ckpt_path=str(tmp_path / "last.ckpt"), enable_checkpointing=True)
+    assert resumed._probe.size == first._probe.size  # not chosen again from a new timing: the same probe set
+    assert resumed._budget.train_seconds > saved["train_seconds"] and resumed.skipped >= saved["skipped"]

@@ -1,4 +1,5 @@
-"""Adversarial attacks in pure torch: FGSM, PGD (L-inf, L2) and the trust-region attack, plus metrics.
+"""Adversarial attacks in pure torch: FGSM, PGD (L-inf, L2) and the trust-region attack, plus metrics (robust
+accuracy, perturbation size, boundary thickness).
 
 Every attack is a function ``attack(model, x, y, eps, **options) -> x_adv`` that:
 
@@ -23,12 +24,13 @@ run no parameter backward, which a DDP reducer would wait for.
 Example::
 
     from functools import partial
-    from lightning_hessian.attacks import pgd, trust_region, robust_accuracy, perturbation_norm
+    from lightning_hessian.attacks import boundary_thickness, pgd, trust_region, robust_accuracy, perturbation_norm
 
     x_adv = pgd(model, x, y, eps=0.1, steps=10, norm="linf", clamp=(0.0, 1.0))
     acc = robust_accuracy(model, partial(pgd, eps=0.1, clamp=(0.0, 1.0)), loader)
     x_tr = trust_region(model, x, y, norm="l2", clamp=(0.0, 1.0))       # unbounded minimal perturbation
     absolute, relative = perturbation_norm(x, x_tr, "l2")
+    thick = boundary_thickness(model, x, y, eps=2.0, clamp=(0.0, 1.0))  # thick.mean, thick.std_error
 """
 
 from lightning_hessian.attacks.fgsm import fgsm
@@ -39,14 +41,22 @@ from lightning_hessian.attacks.metrics import (
     robust_accuracy,
 )
 from lightning_hessian.attacks.pgd import pgd
+from lightning_hessian.attacks.thickness import Thickness, boundary_thickness, targeted_log_odds
+from lightning_hessian.attacks.thickness_metric import BoundaryThickness, ThicknessStats
 from lightning_hessian.attacks.trust_region import trust_region
 
 __all__ = [
+    "BoundaryThickness",
     "PerturbationNorm",
+    "Thickness",
+    "ThicknessStats",
     "attack_success_rate",
+    "boundary_thickness",
     "fgsm",
     "perturbation_norm",
     "pgd",
     "robust_accuracy",
+    "targeted_log_odds",
     "trust_region",
 ]
+

@@ -3,5 +3,7 @@
 from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
 from lightning_hessian.callbacks.adversarial import AdversarialAugmentCallback
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
+from lightning_hessian.callbacks.thickness import BoundaryThicknessCallback
 
-__all__ = ["AdaptiveBatchSizeCallback", "AdversarialAugmentCallback", "HessianSpectrumCallback"]
+__all__ = ["AdaptiveBatchSizeCallback", "AdversarialAugmentCallback", "BoundaryThicknessCallback",
+           "HessianSpectrumCallback"]

@@ -17,11 +17,14 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_hessian.callbacks.allreduce_clock import AllReduceClock
+from lightning_hessian.callbacks.hessian_probe import HessianProbe
 from lightning_hessian.callbacks.probe import LossFn
-from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.checks import check_number, check_positive_int
+from lightning_hessian.hessian.summary import SpectrumOptions
 
 SCHEDULES = ("abs", "fb", "gg", "bl")
+PROBE_OVERHEAD = 0.02  # an automatically sized probe costs about this share of the first epoch (later, faster
+# epochs at larger batches make the run's share higher)
 MODES = ("dataloader", "accumulate")
 TIMINGS = ("hessian_seconds", "resize_seconds", "communication_seconds", "train_seconds", "compute_seconds")
 
@@ -37,7 +40,14 @@ class AdaptiveBatchSizeCallback(Callback):
     (optionally warmed up over ``warmup_epochs``) wherever the optimizer and its schedulers keep it (group
     ``lr``/``initial_lr``/``max_lr``/``min_lr``, ``base_lrs`` and ``max_lrs``, nested schedulers too), so
     the user's own scheduler still applies on top. Growth stops at ``max_batch_size``, and probing with it.
-    The probe set is ``probe_size`` training samples (a map-style dataset), or the given ``probe_data``.
+    The probe set is ``probe_size`` training samples (a map-style dataset; collated in batches of
+    ``probe_batch_size``, by default the training loader's), or the given ``probe_data``; the eigenvalue is
+    ``hessian.summary.measure_spectrum``'s, warm-started from the last epoch's eigenvector. By default
+    (``probe_size=None``) the probe set's size is chosen at the first epoch's end: the largest power of two from
+    128 to 1,024 samples (or the training set) whose probe, predicted from one timed Hessian-vector product,
+    costs 2% of that epoch; it is kept for the run (and in the checkpoint). ``eig_tol`` (5%) bounds the relative
+    residual of the eigenpair, so the eigenvalue is within 5% (usually far closer): ample for a rule that waits
+    for the eigenvalue to halve.
     With ``adversarial=True`` (ABSA) an ``AdversarialAugmentCallback`` replaces a fraction of every batch
     (``adversarial_fraction``, halved at each growth, 0 at the cap and in the second half of training):
     the one in the Trainer's callbacks if there is one (choose attack and ``eps`` there), else FGSM at its
@@ -62,7 +72,8 @@ class AdaptiveBatchSizeCallback(Callback):
     in the next epoch's).
 
     The callback also times the run (cumulative seconds, logged at every epoch's end and kept in ``timings``):
-    ``abs/hessian_seconds`` the probes (their Hessian-vector products and all-reduces); ``abs/resize_seconds``
+    ``abs/hessian_seconds`` the probes (setting up the probe set, the timed product that sizes it, the
+    Hessian-vector products and their all-reduces); ``abs/resize_seconds``
     the batch-size changes (rebuilding the train loader, setting the accumulation, scaling the LR);
     ``abs/communication_seconds`` the gradient all-reduces under DDP (timed by a communication hook from the
     moment a bucket's gradients are ready to the moment its reduced values are, so it includes waiting for the
@@ -90,11 +101,11 @@ class AdaptiveBatchSizeCallback(Callback):
         adversarial: bool = False,
         adversarial_fraction: float = 0.2,
         probe_size: int | None = None,
-        probe_batch_size: int = 1024,
+        probe_batch_size: int | None = None,
         probe_data: Iterable[Any] | None = None,
         seed: int = 0,
         loss_fn: LossFn | None = None,
-        eig_tol: float = 1e-3,
+        eig_tol: float = 5e-2,
         plot: bool = True,
     ):
         check_positive_int(max_batch_size, "max_batch_size")
@@ -116,11 +127,11 @@ class AdaptiveBatchSizeCallback(Callback):
         self.warmup_epochs, self.fb_warmup_epochs = warmup_epochs, fb_warmup_epochs
         self.adversarial = adversarial
         self.plot = plot
-        self._probe = HessianSpectrumCallback(
-            top_k=1, trace=False, probe_size=probe_size, probe_batch_size=probe_batch_size, probe_data=probe_data,
-            seed=seed, loss_fn=loss_fn, eig_tol=eig_tol, plot=False,
-        )
-        self._probe._owner = type(self).__name__
+        check_number(eig_tol, "eig_tol", 0, low_open=True)
+        # the top eigenvalue through the one measurement (hessian.summary), warm-started from the last epoch's
+        self._probe = HessianProbe(SpectrumOptions(top_k=1, tol=eig_tol, trace=False, seed=seed), probe_size,
+                                   probe_batch_size, probe_data, seed, loss_fn, max_overhead=PROBE_OVERHEAD,
+                                   min_size=128, owner=type(self).__name__)
         # schedule state (all of it in state_dict)
         self.base_batch_size: int | None = None
         self.batch_size: int | None = None
@@ -215,7 +226,9 @@ class AdaptiveBatchSizeCallback(Callback):
                 "max_batch_size"
             )
         if self.schedule == "abs" and not self._capped():
-            self._probe.on_train_start(trainer, pl_module)
+            start = time.perf_counter()
+            self._probe.on_train_start(trainer, pl_module)  # finds the probe samples, checks the loss on them
+            self.timings["hessian_seconds"] += time.perf_counter() - start
         if self._adversary is not None:
             self._adversary.fraction = self.adversarial_fraction
         optimizer = trainer.optimizers[0]

@@ -9,12 +9,13 @@ from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_hessian.attacks import attack_success_rate, fgsm, pgd, trust_region
-from lightning_hessian.attacks._common import NORMS, Range, check_eps, check_range
+from lightning_hessian.attacks._common import NORMS, Range, as_column, check_clamp, check_eps, check_range
 from lightning_hessian.callbacks.no_trace import leave_no_trace
 from lightning_hessian.callbacks.probe import first_line, module_loss_problem
 from lightning_hessian.checks import check_number, check_positive_int
@@ -24,6 +25,7 @@ Attack = Callable[..., Any]
 Schedule = Callable[..., Any] | Mapping[int, float]
 ATTACKS = ("fgsm", "pgd", "trust_region")
 MODES = ("replace", "append")
+_MIXUP_STREAM = 1  # separates the mixup draws of a batch from its attack draws
 
 
 class AdversarialAugmentCallback(Callback):
@@ -61,11 +63,24 @@ class AdversarialAugmentCallback(Callback):
     ``adv/success_rate`` (share of the attacked samples the model misclassifies after the attack) and
     ``adv/robust_acc``.
 
+    With ``mixup_alpha > 0`` every training batch is first mixed up (Zhang et al., ICLR 2018): one
+    ``lam ~ Beta(mixup_alpha, mixup_alpha)`` per batch, and each sample ``x_r`` becomes
+    ``lam * x_r + (1 - lam) * x_p(r)`` for a random permutation ``p`` of the batch. Labels stay integer classes,
+    so any ``training_step`` works unchanged: a sample keeps its label with probability ``lam`` and takes its
+    partner's otherwise; the expected cross-entropy is then exactly mixup's ``lam CE(y_r) + (1 - lam) CE(y_p(r))``
+    (the loss is linear in the target distribution), at the price of some label noise in the gradient. Noisy
+    mixup (Yang et al., NeurIPS 2020): with probability ``mixup_noise`` a sample's partner is a noise image,
+    uniform in the valid input range (``clamp``, which must then be finite), labelled uniformly over the classes
+    (the paper gives noise images a class of their own, which needs an extra output; a uniform label keeps the
+    model as it is). The attack, if ``fraction > 0``, then runs on the mixed batch; ``fraction=0`` trains with
+    mixup alone.
+
     Example::
 
         from lightning_hessian import AdversarialAugmentCallback
         adv = AdversarialAugmentCallback(attack="pgd", eps=0.2, steps=5, fraction=0.5, robust_eval=True)
         Trainer(max_epochs=20, callbacks=[adv]).fit(model, datamodule=MNIST1DDataModule())
+        noisy_mixup = AdversarialAugmentCallback(fraction=0.0, mixup_alpha=1.0, mixup_noise=0.5)
     """
 
     def __init__(
@@ -87,6 +102,8 @@ class AdversarialAugmentCallback(Callback):
         robust_eval_steps: int = 10,
         robust_eval_eps: float | None = None,
         seed: int = 0,
+        mixup_alpha: float = 0.0,
+        mixup_noise: float = 0.0,
     ):
         """
         Args:
@@ -105,7 +122,9 @@ class AdversarialAugmentCallback(Callback):
             robust_eval_attack: ``"pgd"``, ``"fgsm"``, ``"trust_region"`` or a callable ``(model, x, y)``.
             robust_eval_steps: PGD steps of the robust evaluation.
             robust_eval_eps: radius of the robust evaluation; None uses ``eps`` (as constructed).
-            seed: seeds the choice of attacked rows, PGD's random starts and the robust evaluation.
+            seed: seeds the choice of attacked rows, PGD's random starts, the robust evaluation and mixup.
+            mixup_alpha: mixup's Beta(alpha, alpha) parameter, >= 0; 0 turns mixup off.
+            mixup_noise: share of mixup partners that are noise images (noisy mixup), in [0, 1].
         """
         _check_attack(attack, "attack")
         _check_attack(robust_eval_attack, "robust_eval_attack")
@@ -130,6 +149,12 @@ class AdversarialAugmentCallback(Callback):
         _check_schedule(eps_schedule, "eps_schedule", lambda v: 0 < v < math.inf, "positive and finite")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        self.mixup_alpha = check_number(mixup_alpha, "mixup_alpha", 0)
+        self.mixup_noise = check_number(mixup_noise, "mixup_noise", 0, 1)
+        if self.mixup_noise > 0 and self.mixup_alpha == 0:
+            raise ValueError(f"mixup_noise={mixup_noise} mixes noise images into mixup: set mixup_alpha > 0 "
+                             "(e.g. 1.0) too")
+        self._num_classes: int | None = None  # read from the logits at the first noisy-mixup batch
         self.attack, self.mode, self.norm, self.steps, self.step_size = attack, mode, norm, steps, step_size
         self.clamp, self.input_key, self.target_key = clamp, input_key, target_key
         self.fraction_schedule, self.eps_schedule = fraction_schedule, eps_schedule
@@ -176,7 +201,8 @@ class AdversarialAugmentCallback(Callback):
     @property
     def state_key(self) -> str:
         name = self.attack if isinstance(self.attack, str) else getattr(self.attack, "__name__", "callable")
-        return self._generate_state_key(attack=name, eps=self._initial_eps, mode=self.mode, norm=self.norm)
+        mixup = {"mixup_alpha": self.mixup_alpha, "mixup_noise": self.mixup_noise} if self.mixup_alpha else {}
+        return self._generate_state_key(attack=name, eps=self._initial_eps, mode=self.mode, norm=self.norm, **mixup)
 
     # ---- hooks -------------------------------------------------------------------------------------------
 
@@ -199,6 +225,14 @@ class AdversarialAugmentCallback(Callback):
         else:
             self._range = check_range(found, "datamodule.input_range (read for clamp='auto'; else pass clamp=)")
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mixup_noise == 0:
+            return
+        bounds = [] if self._range is None else [v for b in self._range for v in (b if isinstance(b, tuple) else (b,))]
+        if not bounds or not all(math.isfinite(v) for v in bounds):
+            raise ValueError(f"mixup_noise={self.mixup_noise} draws noise images uniformly in the valid input range, "
+                             f"but clamp={self.clamp!r} gives {self._range}: pass a finite clamp=(lo, hi)")
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if self.fraction_schedule is not None:
@@ -212,6 +246,8 @@ class AdversarialAugmentCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.mixup_alpha > 0:
+            self._mixup(trainer, pl_module, batch)
         x, y = self._inputs_and_targets(batch)
         n = x.shape[0]
         self.batches_seen += 1
@@ -307,6 +343,28 @@ class AdversarialAugmentCallback(Callback):
             setattr(self, key, value)
 
     # ---- helpers -----------------------------------------------------------------------------------------
+
+    def _mixup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Mix the whole batch up in place (noisy mixup with ``mixup_noise > 0``), labels drawn as documented."""
+        x, y = self._inputs_and_targets(batch)
+        n = x.shape[0]
+        rng = np.random.default_rng(_mix(self.seed, self.batches_seen + 1, trainer.global_rank, _MIXUP_STREAM))
+        lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
+        partner = torch.from_numpy(rng.permutation(n)).to(x.device)
+        x_partner, y_partner = x[partner], y[partner]
+        if self.mixup_noise > 0:
+            if self._num_classes is None:
+                with leave_no_trace(pl_module, "eval"), torch.no_grad():
+                    self._num_classes = pl_module(x[:1]).shape[1]
+            lo, hi = check_clamp(self._range, x)
+            noisy = torch.from_numpy(rng.random(n) < self.mixup_noise).to(x.device)
+            noise = lo + (hi - lo) * torch.from_numpy(rng.random(tuple(x.shape))).to(x.device, x.dtype)
+            x_partner = torch.where(as_column(noisy, x), noise, x_partner)
+            noise_labels = torch.from_numpy(rng.integers(0, self._num_classes, n)).to(y)
+            y_partner = torch.where(noisy, noise_labels, y_partner)
+        keep = torch.from_numpy(rng.random(n) < lam).to(x.device)
+        _put(batch, self._key(batch, "input"), x, lam * x + (1 - lam) * x_partner)
+        _put(batch, self._key(batch, "target"), y, torch.where(keep, y, y_partner))
 
     def _attack(
         self, attack: str | Attack, eps: float, steps: int, step_size: float | None, generator: torch.Generator | None

@@ -79,20 +79,22 @@ def resolve_loss_fn(pl_module: nn.Module, loss_fn: LossFn | None, who: str = "th
     return cross_entropy_loss
 
 
-def check_loss(loss_fn: LossFn, module: nn.Module, batches: Sequence[Any], who: str) -> torch.Tensor:
+def check_loss(loss_fn: LossFn, module: nn.Module, batches: Sequence[Any], who: str, say: bool = True) -> torch.Tensor:
     """Evaluate ``loss_fn`` on the first of ``batches`` once, eagerly, before any Hessian is taken of it; return it.
 
     For the default loss this also checks every batch's labels against the number of classes, refuses outputs
     that are probabilities rather than logits, turns a failing ``module(x)`` (``mat1 and mat2 shapes cannot be
     multiplied``, a missing ``forward``) into one line naming ``who`` and the fix, and says which loss it takes
-    (an info line: the default is never applied silently). Any loss must return a scalar tensor.
+    (an info line unless ``say=False``: the default is never applied silently). Any loss must return a scalar
+    tensor.
     """
     name = type(module).__name__
     try:
         if loss_fn is cross_entropy_loss:
             loss, classes = _checked_default(module, batches)
-            rank_zero_info(f"{who}: the Hessian is of the default loss {DEFAULT_LOSS} with {name}'s output as "
-                           f"logits over {classes} classes ({LOSS_FIX} for another loss)")
+            if say:
+                rank_zero_info(f"{who}: the Hessian is of the default loss {DEFAULT_LOSS} with {name}'s output as "
+                               f"logits over {classes} classes ({LOSS_FIX} for another loss)")
         else:
             loss = loss_fn(module, batches[0])
     except DefaultLossError as err:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,60 +12,69 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_hessian.callbacks.no_trace import leave_no_trace
-from lightning_hessian.callbacks.probe import (
-    LossFn,
-    check_loss,
-    draw_probe_indices,
-    prepare_batch,
-    probe_batches,
-    resolve_loss_fn,
-    train_dataset_of,
-)
+from lightning_hessian.callbacks import budget
+from lightning_hessian.callbacks.budget import EIGEN, FULL, PRODUCT, ProbeBudget
+from lightning_hessian.callbacks.hessian_probe import DEFAULT_PROBE_SIZE, HessianProbe
+from lightning_hessian.callbacks.probe import LossFn
 from lightning_hessian.checks import check_number, check_positive_int
-from lightning_hessian.hessian import (
-    Batches,
-    HessianOperator,
-    hutchinson_trace,
-    per_layer_top_eigenvalue,
-    per_layer_trace,
-    spectral_density,
-    top_eigenvalues,
-)
-from lightning_hessian.hessian.blocks import block_slices
+from lightning_hessian.hessian.operator import NonFiniteError
+from lightning_hessian.hessian.summary import TRACE_METHODS, SpectrumOptions, record_summary
 
-TRACE_METHODS = ("krylov", "hutch++", "hutchinson")
-DEFAULT_PROBE_SIZE = 1024
+DEFAULT_MAX_OVERHEAD = 0.03
+MIN_AUTO_PROBE = 32  # the smallest probe set the budget may choose
+WARM_PRODUCTS = 4  # products a warm-started top-1 probe takes (plus the graph), for sizing the probe set
+COLD_PRODUCTS = 16  # products of a first (cold) top-1 probe, for its predicted cost
+TARGET_PROBES = 10  # the probe set is sized for about this many probes over a run of known length
 
 
 class HessianSpectrumCallback(Callback):
-    """Log the loss Hessian's top-k eigenvalues, trace and (optionally) density and per-layer values.
+    """Log the loss Hessian's top-k eigenvalues, trace and (optionally) density and per-layer values, within a
+    budget of the training time.
 
-    The Hessian is taken on a fixed probe set (``probe_size`` training samples drawn once with ``seed``, by
-    default 1,024 or the whole training set if smaller, or the given ``probe_data`` batches: raw loader batches,
-    which get the precision conversion and batch hooks as training batches do; ``compute()`` called on its own
-    takes them as they are), so the curve over training follows the model, not sampling noise. It runs every
-    ``every_n_epochs`` epochs (or every ``every_n_steps`` optimizer steps), in eval mode by default
-    (``mode="train"`` uses batch statistics), and leaves the model exactly as it found it. Under
-    DDP each rank takes its share of the probe set and the Hessian-vector products are all-reduced, so the
-    values equal a single process's on the whole probe set (in eval mode; with ``mode="train"`` BatchNorm
-    normalises each rank's probe batches by their own statistics, as DDP training does without SyncBatchNorm).
+    **What the defaults do.** The top eigenvalue (and the trace, when affordable) of the loss Hessian on a fixed
+    probe set of training samples, in eval mode (``mode="train"`` uses batch statistics), leaving the model
+    exactly as found, at no more than ``max_overhead`` (3%) of the training time:
+
+    - A scheduled probe (every epoch; ``every_n_epochs`` / ``every_n_steps``) runs only if the probing time,
+      with this probe's predicted cost, stays within 3% of the training time so far; otherwise it is skipped
+      and a later one runs when the budget allows. So a short run, or a model whose Hessian-vector products
+      are dear (a transformer, a ResNet on a CPU), may see few probes or none (said at the end of training).
+    - At the first scheduled probe one Hessian-vector product is timed on a few samples; it sizes the probe
+      set (a power of two from 32 to 1,024 samples, never more than the training set: the largest whose
+      top-1 probe fits the budget of about a tenth of the run, so ~10 probes) and predicts the first probe.
+      The set is kept for the whole run and in the checkpoint: the curve follows the model, not the sample.
+    - Probes after the first start Lanczos from the last eigenvectors and stop at a 1% residual
+      (``eig_tol``, so the eigenvalue is within 1% of the probe set's), a handful of products for top-1.
+    - The trace costs several times more (at least ``krylov_steps`` + ``trace_min_samples`` products): it is
+      measured at the probes the budget pays for in full, at most as many probes as the budget still allows,
+      and left out of the others; those eigenvalue-only probes keep to half the budget while full ones can
+      recur in the run, so the trace still comes round.
+    - Each probe logs ``hessian/hvps`` and ``hessian/probe_seconds`` with its values; the first skipped or
+      shrunk probe is said once, and the counts at the end of training.
+
+    ``max_overhead=None`` restores the unbudgeted schedule: a full probe at every scheduled point on
+    ``probe_size`` samples (default 1,024 or the whole training set if smaller).
+
+    The probe set is ``probe_size`` training samples drawn once with ``seed`` (a smaller automatic size takes a
+    subset of the same draw), or the given ``probe_data`` batches (raw loader batches, which get the precision
+    conversion and batch hooks as training batches do; ``compute()`` called on its own takes them as they are),
+    collated in batches of ``probe_batch_size`` (default: the training loader's batch size, or a multiple while a
+    batch's graph stays within 64 MiB, so a product holds about one training step's graph per batch at most, and
+    cached graphs stay within the operator's ``cache_bytes``).
+    Under DDP each rank takes its share of the probe set and the Hessian-vector products are all-reduced, so
+    the values equal a single process's on the whole probe set (in eval mode; with ``mode="train"`` BatchNorm
+    normalises each rank's probe batches by their own statistics, as DDP training does without
+    SyncBatchNorm); rank 0's timing and budget decisions are broadcast.
 
     The trace reuses the eigenvalue run by default (``trace_method="krylov"``): Lanczos goes on to at least
     ``krylov_steps`` Hessian-vector products, the trace on that Krylov basis is known exactly, and Hutchinson
-    probes estimate only the rest, which holds little of the variance; a probe costs about half of
-    top-1 + Hutch++ at the same target (``benchmarks/spectrum_overhead.py``). ``"hutch++"`` and
-    ``"hutchinson"`` estimate the trace on its own.
-
-    ``max_overhead`` caps the callback's cost: a scheduled probe runs only if the time spent probing, plus
-    the last probe's time again, stays within that fraction of the time spent training (the first probe
-    always runs: its cost is not known before), so a run's overhead stays near the cap. A probe
-    on a 1,024-sample set costs some tens of Hessian-vector products, so on a small data set probing every
-    epoch can cost more than the epoch itself.
+    probes estimate only the rest. A trace that stops at ``trace_max_samples`` short of ``trace_rel_tol`` warns.
+    A probe on a NaN or infinite loss warns "the loss is NaN at this probe" and training goes on.
 
     The loss is ``loss_fn(module, batch)`` if given, else the module's ``hessian_loss(batch)``, else
     cross-entropy on ``(x, y)`` batches. History is kept in the checkpoint; plots (history, density) are
-    written to ``<default_root_dir>/hessian/`` and to TensorBoard when that logger is used.
+    written to ``<default_root_dir>/hessian/`` and to TensorBoard when that logger is used. The measurement is
+    ``hessian.summary.measure_spectrum``, the one ``analyze_model`` and ``AdaptiveBatchSizeCallback`` use.
 
     Example::
 
@@ -84,29 +92,29 @@ class HessianSpectrumCallback(Callback):
         every_n_epochs: int = 1,
         every_n_steps: int | None = None,
         probe_size: int | None = None,
-        probe_batch_size: int = 1024,
+        probe_batch_size: int | None = None,
         probe_data: list[Any] | None = None,
         seed: int = 0,
         loss_fn: LossFn | None = None,
         mode: str = "eval",
         params: list[str] | None = None,
-        eig_tol: float = 1e-3,
+        eig_tol: float = 1e-2,
         trace_rel_tol: float = 0.05,
         trace_max_samples: int = 200,
         trace_min_samples: int = 10,
         trace_method: str = "krylov",
         krylov_steps: int = 20,
-        max_overhead: float | None = None,
+        max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
         plot: bool = True,
     ):
         for name, value in (("top_k", top_k), ("every_n_epochs", every_n_epochs),
-                            ("probe_batch_size", probe_batch_size), ("trace_max_samples", trace_max_samples),
-                            ("trace_min_samples", trace_min_samples), ("krylov_steps", krylov_steps)):
+                            ("trace_max_samples", trace_max_samples), ("trace_min_samples", trace_min_samples),
+                            ("krylov_steps", krylov_steps)):
             check_positive_int(value, name)
-        if probe_size is not None:
-            check_positive_int(probe_size, "probe_size")
-        if every_n_steps is not None:
-            check_positive_int(every_n_steps, "every_n_steps")
+        for name, value in (("probe_size", probe_size), ("every_n_steps", every_n_steps),
+                            ("probe_batch_size", probe_batch_size)):
+            if value is not None:
+                check_positive_int(value, name)
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         if trace_method not in TRACE_METHODS:
@@ -127,16 +135,18 @@ class HessianSpectrumCallback(Callback):
         self.trace_min_samples, self.trace_method, self.krylov_steps = trace_min_samples, trace_method, krylov_steps
         self.max_overhead = max_overhead
         self.plot = plot
+        self.options = SpectrumOptions(
+            top_k=top_k, tol=eig_tol, trace=trace, trace_method=trace_method, krylov_steps=krylov_steps,
+            trace_rel_tol=trace_rel_tol, trace_min_samples=trace_min_samples,
+            trace_max_samples=max(trace_max_samples, trace_min_samples), per_layer=per_layer, density=density,
+            seed=seed,
+        )
         self.history: list[dict[str, Any]] = []
-        self.skipped = 0  # scheduled probes skipped to stay within max_overhead
-        self._probe_seconds = 0.0  # time spent probing / training (minus probes) so far, for max_overhead
-        self._train_seconds = 0.0
-        self._clock: float | None = None
+        self._probe = HessianProbe(self.options, probe_size, probe_batch_size, probe_data, seed, loss_fn, mode, params,
+                                   owner=type(self).__name__)
+        self._budget = ProbeBudget(max_overhead)
         self._last_step = 0  # the optimizer step last probed by every_n_steps (step 0 is never probed)
-        self._batches: list[Any] | None = None
-        self._loss: LossFn | None = None
-        self._owner = type(self).__name__  # named in loss errors (AdaptiveBatchSizeCallback's probe names its own)
-        self._warm_start: torch.Tensor | None = None
+        self._said: set[str] = set()  # one-time messages already given
         self._last_density: dict[str, list[float]] | None = None
 
     @property
@@ -147,37 +157,28 @@ class HessianSpectrumCallback(Callback):
             seed=self.seed, per_layer=self.per_layer, probe_data=self.probe_data is not None,
             loss_fn=_callable_name(self.loss_fn), trace=self.trace, density=self.density,
             trace_method=self.trace_method, eig_tol=self.eig_tol, krylov_steps=self.krylov_steps,
-            probe_batch_size=self.probe_batch_size,
+            probe_batch_size=self.probe_batch_size or DEFAULT_PROBE_SIZE,
         )
+
+    @property
+    def skipped(self) -> int:
+        """Scheduled probes skipped to stay within ``max_overhead``."""
+        return self._budget.skipped
+
+    @property
+    def shrunk(self) -> int:
+        """Scheduled probes that measured the eigenvalues only, to stay within ``max_overhead``."""
+        return self._budget.shrunk
 
     # ---- hooks -------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._loss = resolve_loss_fn(pl_module, self.loss_fn, self._owner)
-        op = HessianOperator(pl_module, self._loss, [], params=self.params)  # raises if nothing is selected
-        if self.top_k > op.dim:
-            raise ValueError(f"top_k={self.top_k} exceeds the {op.dim} selected parameters; lower top_k")
-        if self.per_layer:
-            try:
-                block_slices(op, None)
-            except ValueError as err:
-                raise ValueError(f"per_layer=True: {err}; select whole layers in params (e.g. 'net.0', not "
-                                 "'*.weight') or set per_layer=False") from None
+        self._probe.setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe_data is not None:
-            batches = list(self.probe_data)[trainer.global_rank :: trainer.world_size]
-        else:
-            dataset, collate_fn = train_dataset_of(trainer)
-            size = self.probe_size if self.probe_size is not None else min(DEFAULT_PROBE_SIZE, len(dataset))
-            indices = draw_probe_indices(len(dataset), size, self.seed)
-            batches = probe_batches(dataset, indices, self.probe_batch_size, collate_fn,
-                                    trainer.global_rank, trainer.world_size, self.seed)
-        self._batches = Batches(prepare_batch(trainer, b) for b in batches)
-        if self._batches:  # a rank may hold no probe batch (fewer given batches than ranks)
-            with leave_no_trace(pl_module, self.mode):
-                check_loss(self._loss, pl_module, self._batches, self._owner)
-        self._clock = time.perf_counter()
+        # under a budget the probe set is collated when a probe first runs (none may fit a short run)
+        self._probe.on_train_start(trainer, pl_module, build=self.max_overhead is None)
+        self._budget.start()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step  # per optimizer step, not micro-batch (two optimizers: it moves by 2)
@@ -190,10 +191,17 @@ class HessianSpectrumCallback(Callback):
             self._probe_and_log(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.skipped:
-            rank_zero_info(f"HessianSpectrumCallback: {self.skipped} scheduled probe(s) skipped to keep within "
-                           f"max_overhead={self.max_overhead} ({self._probe_seconds:.1f} s probing, "
-                           f"{self._train_seconds:.1f} s training)")
+        spent, trained = self._budget.probe_seconds, self._budget.train_seconds
+        if self.max_overhead is not None and (self.skipped or self.shrunk):
+            share = f"{100 * spent / trained:.1f}%" if trained > 0 else "n/a"
+            message = (f"HessianSpectrumCallback: {len(self.history)} probe(s) ran ({self.shrunk} without the "
+                       f"trace/per-layer/density), {self.skipped} scheduled probe(s) skipped to stay within "
+                       f"max_overhead={self.max_overhead} ({spent:.1f} s probing, {trained:.1f} s training: {share})")
+            if self.history:
+                rank_zero_info(message)
+            else:
+                rank_zero_warn(message + "; probe less often or fewer samples (probe_size=), raise max_overhead, "
+                               "or max_overhead=None to probe at every scheduled point")
         if self.plot and self.history and trainer.is_global_zero:
             try:
                 self.write_plots(trainer)
@@ -201,108 +209,169 @@ class HessianSpectrumCallback(Callback):
                 rank_zero_warn(f"HessianSpectrumCallback: writing the plots failed ({err!r})")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "skipped": self.skipped, "probe_seconds": self._probe_seconds,
-                "train_seconds": self._train_seconds, "warm_start": self._warm_start, "last_step": self._last_step}
+        probe = self._probe.state_dict()
+        return {"history": self.history, "last_step": self._last_step, "warm_start": probe["warm_start"],
+                "draws": probe["draws"], "probe_size": probe["size"], **self._budget.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
-        self.skipped = state_dict.get("skipped", 0)
-        self._probe_seconds = state_dict.get("probe_seconds", 0.0)
-        self._train_seconds = state_dict.get("train_seconds", 0.0)
-        self._warm_start = state_dict.get("warm_start")
         self._last_step = state_dict.get("last_step", 0)
+        self._probe.load_state_dict({"warm_start": state_dict.get("warm_start"), "draws": state_dict.get("draws", 0),
+                                     "size": state_dict.get("probe_size")})
+        self._budget.load_state_dict(state_dict)
 
     # ---- work --------------------------------------------------------------------------------------------
 
-    def compute(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """One measurement on the probe set (the callback's hooks call this).
+    def compute(self, pl_module: pl.LightningModule, extras: bool = True,
+                trace_max_samples: int | None = None) -> dict[str, Any]:
+        """One measurement on the probe set (the callback's hooks call this); ``extras=False`` measures the
+        eigenvalues only, ``trace_max_samples`` lowers the trace's cap for this one.
 
         On its own, outside a Trainer, it needs ``probe_data``: batches already on the module's device.
         """
-        if self._batches is None:
-            if self.probe_data is None:
-                raise ValueError("compute() outside a running Trainer needs probe_data= (the batches to probe)")
-            self._batches = Batches(self.probe_data)
-        if self._loss is None:
-            self._loss = resolve_loss_fn(pl_module, self.loss_fn, self._owner)
-            with leave_no_trace(pl_module, self.mode):
-                check_loss(self._loss, pl_module, self._batches, self._owner)
-        record: dict[str, Any] = {}
-        sampling = dict(rel_tol=self.trace_rel_tol, min_samples=self.trace_min_samples,
-                        max_samples=max(self.trace_max_samples, self.trace_min_samples),
-                        batch=min(16, self.trace_min_samples))  # the whole model's trace and the per-layer ones
-        with leave_no_trace(pl_module, self.mode):
-            op = HessianOperator(pl_module, self._loss, self._batches, params=self.params)
-            krylov = self.trace and self.trace_method == "krylov"
-            warm = self._warm_start
-            if warm is not None and warm.shape[-1] != op.dim:  # e.g. a checkpoint of another parameter set
-                warm = None
-            eig = top_eigenvalues(op, k=self.top_k, tol=self.eig_tol, v0=warm, seed=self.seed,
-                                  min_iter=min(self.krylov_steps, op.dim) if krylov else 0, return_basis=krylov)
-            self._warm_start = eig.eigenvectors.detach()
-            record["eigenvalues"] = [float(v) for v in eig.eigenvalues]
-            record["hvps"] = eig.num_hvps
-            if self.trace:
-                basis, basis_trace = None, None
-                if krylov:  # the first krylov_steps vectors: the same subspace however long the run went
-                    steps = min(self.krylov_steps, eig.basis.shape[0])
-                    basis, basis_trace = eig.basis[:steps], float(eig.basis_projection[:steps, :steps].trace())
-                tr = hutchinson_trace(
-                    op, **sampling, seed=self.seed + len(self.history),
-                    method="hutchinson" if krylov else self.trace_method, basis=basis, basis_trace=basis_trace,
-                )
-                record["trace"], record["trace_std_error"] = float(tr.estimate), float(tr.std_error)
-                record["hvps"] += tr.num_hvps
-            if self.per_layer:
-                eigs = per_layer_top_eigenvalue(op, tol=self.eig_tol, seed=self.seed)
-                record["layer_eigenvalue"] = {name: float(r.eigenvalues[0]) for name, r in eigs.items()}
-                if self.trace:
-                    traces = per_layer_trace(op, **sampling, seed=self.seed)
-                    record["layer_trace"] = {name: float(t.estimate) for name, t in traces.items()}
-            if self.density:
-                dens = spectral_density(op, seed=self.seed)
-                self._last_density = {"grid": dens.grid.tolist(), "density": dens.density.tolist()}
-        return record
+        record = self._probe.measure(pl_module, extras=extras, trace_max_samples=trace_max_samples)
+        if record.density is not None:
+            self._last_density = {"grid": record.density.grid.tolist(), "density": record.density.density.tolist()}
+        return record_summary(record)
 
-    def _within_budget(self, trainer: pl.Trainer) -> bool:
-        """Account the training time since the last probe; say whether ``max_overhead`` allows a probe now
-        (rank 0 decides: every rank must take part in the all-reduced products, or none)."""
-        now = time.perf_counter()
-        self._train_seconds += now - (self._clock if self._clock is not None else now)
-        self._clock = now
-        if self.max_overhead is None:
-            return True
-        last = self.history[-1]["seconds"] if self.history else 0.0  # the next probe should cost about as much
-        budget = self.max_overhead * self._train_seconds
-        within = trainer.strategy.broadcast(self._probe_seconds + last <= budget, src=0)
-        self.skipped += not within
-        return within
+    def _auto_size(self) -> bool:
+        """Whether the probe set's size is chosen from a timed product (the budget is on and no size is given)."""
+        return self.max_overhead is not None and self.probe_size is None and self.probe_data is None
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the first budgeted probe: time one product on a few samples, choose the probe set's size from
+        it (when automatic) and predict the first probes' cost (rank 0's timing, on every rank)."""
+        start = budget.now()
+        timed = self._probe.timing is not None  # at train start (its seconds were not charged yet)
+        timing = self._probe.time_product(pl_module)
+        graph, product, samples = trainer.strategy.broadcast((timing["graph"], timing["product"],
+                                                              timing["samples"]), src=0)
+        per_sample = (graph / max(samples, 1), product / max(samples, 1))  # this rank's share of a probe
+        world = trainer.world_size
+        if self._probe.batches is None and self._probe.size is None:
+            size = self._probe.max_size()
+            if self._auto_size():  # a warm probe within the budget of the intervals between ~TARGET_PROBES probes
+                warm = per_sample[0] + WARM_PRODUCTS * self._products_factor() * per_sample[1]
+                intervals = self._intervals(trainer)
+                spacing = max(1.0, intervals / TARGET_PROBES) if intervals else 1.0
+                affordable = self.max_overhead * self._budget.train_seconds * spacing / max(warm, 1e-12) * world
+                size = min(size, max(MIN_AUTO_PROBE, 2 ** int(math.log2(max(affordable, 1.0)))))
+            self._probe.size = trainer.strategy.broadcast(size, src=0)
+        local = self._local_samples(trainer)
+        cold = local * (per_sample[0] + COLD_PRODUCTS * self._products_factor() * per_sample[1])
+        extra = self.krylov_steps + self.trace_min_samples if self.trace else 0
+        extra += 10 * COLD_PRODUCTS if self.per_layer else 0
+        extra += self.options.density_runs * self.options.density_steps if self.density else 0
+        self._budget.estimate = {EIGEN: cold, FULL: cold + local * extra * per_sample[1],
+                                 PRODUCT: local * (per_sample[1] + per_sample[0] / COLD_PRODUCTS)}
+        self._budget.charge(budget.now() - start + (timing["seconds"] if timed else 0.0), None)
+        if self._auto_size():
+            rank_zero_info(f"HessianSpectrumCallback: probe set of {self._probe.size} samples (one Hessian-vector "
+                           f"product on them ~{1e3 * local * per_sample[1]:.0f} ms), within max_overhead="
+                           f"{self.max_overhead} of the training time")
+
+    def _local_samples(self, trainer: pl.Trainer) -> float:
+        """This rank's share of the probe set (known before it is collated)."""
+        if self._probe.batches is not None:
+            return self._probe.local_samples
+        size = self._probe.size or min(MIN_AUTO_PROBE, self._probe.max_size())
+        return size / trainer.world_size
+
+    def _trace_cap(self) -> int | None:
+        """The most trace probes the budget pays for now, beyond the eigenvalue run a full probe makes (at least
+        ``krylov_steps`` products): a first trace that needs many more probes than predicted would otherwise take
+        the callback past its budget."""
+        if self.max_overhead is None or PRODUCT not in self._budget.estimate:
+            return None
+        allowed = self.max_overhead * self._budget.train_seconds - self._budget.probe_seconds
+        products = allowed / max(self._budget.estimate[PRODUCT], 1e-12)
+        eigen = max(self.krylov_steps if self.trace_method == "krylov" else 0, WARM_PRODUCTS + 2)
+        return int(max(products - eigen, 0))
+
+    def _products_factor(self) -> float:
+        """More products for several eigenvalues (and the search for repeated ones)."""
+        return 1.0 if self.top_k == 1 else 1.0 + 0.75 * self.top_k
+
+    def _intervals(self, trainer: pl.Trainer) -> float | None:
+        """How many scheduled probes the run has, when the Trainer knows where it ends (at the first one)."""
+        progress = self._progress(trainer)
+        return 1 / progress if progress else None
+
+    def _progress(self, trainer: pl.Trainer) -> float | None:
+        """The fraction of the run done, when the Trainer knows where it ends."""
+        done = []
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            done.append((trainer.current_epoch + 1) / trainer.max_epochs)
+        if trainer.max_steps > 0:
+            done.append(trainer.global_step / trainer.max_steps)
+        return max(done) if done else None
 
     def _probe_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._batches is None or not self._within_budget(trainer):
+        self._budget.tick()
+        if self.max_overhead is not None and not self._budget.estimate:
+            try:
+                self._prepare(trainer, pl_module)
+            except Exception as err:  # a diagnostic never ends a training run
+                self._budget.start()
+                rank_zero_warn(f"HessianSpectrumCallback: timing a product failed ({_reason(err)}); no probe now, "
+                               "training continues")
+                return
+        # rank 0 decides: every rank must take part in the all-reduced products, or none
+        kind = trainer.strategy.broadcast(self._budget.decide(self.options.extras, self._progress(trainer)), src=0)
+        if kind is None:
+            self._say_skip(trainer)
             return
-        start = time.perf_counter()
+        extras = kind == FULL and self.options.extras
+        if self.options.extras and not extras:
+            self._say_once("shrink", f"HessianSpectrumCallback: the probe at step {trainer.global_step} measures the "
+                           f"eigenvalues only: the trace/per-layer/density part would take the callback past "
+                           f"max_overhead={self.max_overhead} (it runs at the probes the budget can pay for)")
+        start = budget.now()
         try:
-            record = self.compute(pl_module)
+            if self._probe.batches is None:
+                self._probe.build(trainer, self._probe.size)
+            cap = self._trace_cap() if extras and self.trace else None
+            entry = self.compute(pl_module, extras=extras, trace_max_samples=cap)
         except Exception as err:  # a diagnostic never ends a training run
-            rank_zero_warn(f"HessianSpectrumCallback: probe at step {trainer.global_step} failed ({err!r}); "
+            self._budget.charge(budget.now() - start, None)
+            rank_zero_warn(f"HessianSpectrumCallback: probe at step {trainer.global_step} failed ({_reason(err)}); "
                            "training continues")
             return
-        finally:
-            self._probe_seconds += time.perf_counter() - start
-            self._clock = time.perf_counter()
-        values = [*record["eigenvalues"], record.get("trace", 0.0)]
-        if not all(math.isfinite(v) for v in values):
+        self._budget.charge(budget.now() - start, kind if self.options.extras else FULL)
+        self._budget.estimate[PRODUCT] = (budget.now() - start) / max(entry["hvps"], 1)
+        if not all(math.isfinite(v) for v in [*entry["eigenvalues"], entry.get("trace", 0.0)]):
             rank_zero_warn(f"HessianSpectrumCallback: non-finite Hessian values at step {trainer.global_step} "
-                           f"({values}); not logged, training continues")
+                           f"({entry['eigenvalues']}, trace {entry.get('trace')}); not logged, training continues")
             return
-        record.update(step=trainer.global_step, epoch=trainer.current_epoch, seconds=time.perf_counter() - start)
-        self.history.append(record)
+        if "trace" in entry and not entry["trace_converged"]:
+            se = abs(entry["trace_std_error"] / entry["trace"]) if entry["trace"] else math.inf
+            if entry["trace_samples"] >= self.options.trace_max_samples:
+                self._say_once("trace", f"HessianSpectrumCallback: the trace stopped at trace_max_samples="
+                               f"{self.options.trace_max_samples} probes short of trace_rel_tol={self.trace_rel_tol} "
+                               f"(standard error {100 * se:.1f}% of the estimate at step {trainer.global_step}); "
+                               "raise trace_max_samples or trace_rel_tol", warn=True)
+            else:
+                self._say_once("trace budget", f"HessianSpectrumCallback: the trace at step {trainer.global_step} "
+                               f"stopped at {entry['trace_samples']} probes, what max_overhead={self.max_overhead} "
+                               f"paid for, short of trace_rel_tol={self.trace_rel_tol} (standard error "
+                               f"{100 * se:.1f}% of the estimate, logged as hessian/trace_std_error)")
+        entry.update(step=trainer.global_step, epoch=trainer.current_epoch)
+        self.history.append(entry)
         if self.every_n_steps is None:
-            pl_module.log_dict(self._metrics(record), on_step=False, on_epoch=True, sync_dist=False)
+            pl_module.log_dict(self._metrics(entry), on_step=False, on_epoch=True, sync_dist=False)
         else:  # straight to the loggers: self.log on a step is thinned out by the Trainer's log_every_n_steps
             for logger in trainer.loggers:
-                logger.log_metrics(self._metrics(record), step=trainer.global_step)
+                logger.log_metrics(self._metrics(entry), step=trainer.global_step)
+
+    def _say_skip(self, trainer: pl.Trainer) -> None:
+        self._say_once("skip", f"HessianSpectrumCallback: the probe at step {trainer.global_step} is skipped, which "
+                       f"would take the callback past max_overhead={self.max_overhead} of the training time (later "
+                       "probes run when the budget allows; the count is given at the end)")
+
+    def _say_once(self, key: str, message: str, warn: bool = False) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            (rank_zero_warn if warn else rank_zero_info)(message)
 
     @staticmethod
     def _metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -310,6 +379,8 @@ class HessianSpectrumCallback(Callback):
         if "trace" in record:
             metrics["hessian/trace"] = record["trace"]
             metrics["hessian/trace_std_error"] = record["trace_std_error"]
+        metrics["hessian/hvps"] = float(record["hvps"])
+        metrics["hessian/probe_seconds"] = record["seconds"]
         for name, v in record.get("layer_eigenvalue", {}).items():
             metrics[f"hessian/{name}/eig_1"] = v
         for name, v in record.get("layer_trace", {}).items():
@@ -340,3 +411,8 @@ def _callable_name(fn: Any) -> str:
     a partial's function's, else the type's."""
     fn = getattr(fn, "func", fn)  # functools.partial
     return getattr(fn, "__qualname__", type(fn).__qualname__)
+
+
+def _reason(err: Exception) -> str:
+    """A failure in one line: the message alone for a non-finite loss, else the exception's repr."""
+    return str(err) if isinstance(err, NonFiniteError) else repr(err)

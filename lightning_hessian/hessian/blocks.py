@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_hessian.hessian.lanczos import EigenResult, KrylovSolver, check_common
-from lightning_hessian.hessian.operator import LinearOperator, working_dtype
+from lightning_hessian.hessian.operator import LinearOperator, check_finite, working_dtype
 from lightning_hessian.hessian.trace import (
     MIN_TRACE_SAMPLES,
     TraceResult,
@@ -144,7 +144,7 @@ def per_layer_top_eigenvalue(
                 big[at : at + X.shape[0], s] = X[:, col : col + width]
                 col += width
             at += X.shape[0]
-        HX = op.matmat(big)
+        HX = check_finite(op, op.matmat(big))
         at = 0
         for name, X in requests.items():
             solvers[name].feed(_gather(HX[at : at + X.shape[0]], segs[name]))
@@ -180,7 +180,7 @@ def per_layer_trace(
 
     def draw(n: int) -> torch.Tensor:
         Z = rademacher(n, op.dim, gen, op.dtype, op.device) * mask
-        return segment_products(Z, op.matmat(Z), list(segs.values()))
+        return segment_products(Z, check_finite(op, op.matmat(Z)), list(segs.values()))
 
     offset = torch.zeros(len(segs), dtype=torch.float64)
     samples, _ = sample_until(draw, offset, num_samples, rel_tol, z, batch, min_samples, max_samples)

@@ -21,7 +21,7 @@ import torch
 
 from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian.lanczos import EigenResult, top_eigenvalues
-from lightning_hessian.hessian.operator import LinearOperator, working_dtype
+from lightning_hessian.hessian.operator import LinearOperator, check_finite, working_dtype
 
 REORTH = ("full", "none")
 
@@ -67,7 +67,7 @@ def _lanczos_runs(
     for j in range(steps):
         every = len(active) == R
         v = basis[j % keep] if every else basis[j % keep, active]
-        w = op.matmat(v).to(v)
+        w = check_finite(op, op.matmat(v)).to(v)
         hvps += len(active)
         if Q.shape[0]:
             w -= (w @ Q.T) @ Q

@@ -5,18 +5,28 @@ The solver keeps an orthonormal basis ``V`` and the projection ``T = V^T H V`` o
 (e.g. last epoch's eigenvectors) are the same operation. It is written as a "reverse communication" loop
 (``request`` vectors, ``feed`` their products) so several solvers can share one batched ``matmat`` call:
 ``blocks.per_layer_top_eigenvalue`` runs one per layer in lockstep.
+
+One start vector's Krylov space holds one copy of each eigenvalue, so a repeated eigenvalue (a linear head
+with several outputs under MSE repeats every value once per output) would be found once and the next distinct
+value taken for the following pair, with small residuals. For ``k > 1`` the solver therefore searches for
+copies once its pairs have converged: a second Lanczos run in the complement of the basis, from a random
+vector, until its extreme pair converges; a value it finds among the wanted ones joins the basis and the
+search repeats, so ``k`` pairs are the top ``k`` counted with multiplicity.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lightning_hessian.checks import check_positive_int
-from lightning_hessian.hessian.operator import LinearOperator, working_dtype
+from lightning_hessian.hessian.operator import LinearOperator, check_finite, working_dtype
 
 WHICH = ("LA", "LM", "SA")
+SEARCH_TOL = 1e-2  # the search for repeated eigenvalues runs until its pair's residual is this small (relative)
 
 
 @dataclass
@@ -45,15 +55,6 @@ class EigenResult:
     @property
     def basis_trace(self) -> float | None:
         return None if self.basis_projection is None else float(self.basis_projection.trace())
-
-
-def order_by(theta: torch.Tensor, which: str) -> torch.Tensor:
-    """Indices of ``theta`` from most to least wanted."""
-    if which == "LA":
-        return torch.argsort(theta, descending=True)
-    if which == "SA":
-        return torch.argsort(theta)
-    return torch.argsort(theta.abs(), descending=True)
 
 
 def check_common(op: LinearOperator, k: int, which: str, tol: float, max_iter: int) -> None:
@@ -92,7 +93,10 @@ class KrylovSolver:
 
     ``request()`` returns the rows whose products are needed next (``None`` once finished);
     ``feed(HX)`` gives them back. ``ncv`` bounds the basis (memory ``ncv * dim``); ``block_size`` is how
-    many vectors go to the operator at once (default: the number of start vectors).
+    many vectors go to the operator at once (default: the number of start vectors). With
+    ``check_multiplicity`` (and ``k > 1``), converged pairs are followed by the search for repeated
+    eigenvalues (module docstring); its products count in ``num_hvps``. ``deflate`` (orthonormal rows): the
+    solver works in their orthogonal complement (the caller projects the products), as that search does.
     """
 
     def __init__(
@@ -107,17 +111,22 @@ class KrylovSolver:
         block_size: int | None,
         seed: int,
         min_iter: int = 0,
+        check_multiplicity: bool = True,
+        deflate: torch.Tensor | None = None,
     ):
         self.dim, self.k, self.which, self.tol, self.max_iter = dim, k, which, tol, max_iter
-        self.min_iter = min(min_iter, dim)
+        self.deflate = deflate
+        self.space = dim - (0 if deflate is None else deflate.shape[0])  # dimension of the space searched
+        self.min_iter = min(min_iter, self.space)
         self.block = block_size or start.shape[0]
         p = start.shape[0]
         default = max(2 * k + 2 * max(self.block, p), k + p + self.block + 20, min(100, 2**27 // dim))
-        self.cap = min(dim, ncv if ncv is not None else default)
-        if self.cap < dim and self.cap < k + p + self.block + 1:
+        self.cap = min(self.space, ncv if ncv is not None else default)
+        if self.cap < self.space and self.cap < k + p + self.block + 1:
             raise ValueError(f"ncv={self.cap} too small: need at least k + len(v0) + block_size + 1")
         self.V = torch.zeros(self.cap, dim, dtype=start.dtype, device=start.device)
         self.T = torch.zeros(self.cap, self.cap, dtype=torch.float64)
+        self.seed = seed
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.eps = torch.finfo(start.dtype).eps
         self.scale = 0.0  # running estimate of ||H|| (largest projection seen), for the breakdown threshold
@@ -134,6 +143,9 @@ class KrylovSolver:
         self.S = torch.zeros(0, 0, dtype=torch.float64)
         self.residuals = torch.zeros(0, dtype=torch.float64)
         self.converged = False
+        self.searched = not (check_multiplicity and k > 1)  # no copy of a wanted value left to look for
+        self.searches = 0
+        self.search: KrylovSolver | None = None  # the run looking for copies, while one is under way
 
     # ------------------------------------------------------------------------------------- basis work
     def _orthogonalise(self, W: torch.Tensor, upto: int) -> torch.Tensor:
@@ -148,8 +160,8 @@ class KrylovSolver:
         return h + h2
 
     def _append(self, W: torch.Tensor, scale: float) -> torch.Tensor:
-        """Orthonormalise the rows of ``W`` (already orthogonal to the basis up to rounding) against the
-        basis and each other, and append the new directions.
+        """Orthonormalise the rows of ``W`` (already orthogonal to the basis: ``_orthogonalise``) against each
+        other, and append the new directions.
 
         Returns ``B`` with ``W_j = sum_l B[l, j] q_l`` over the appended ``q_l``; a row left with a norm
         below rounding level of ``scale`` adds no new direction (an invariant subspace, or the whole
@@ -160,10 +172,7 @@ class KrylovSolver:
         coeffs = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64)
         for j in range(W.shape[0]):
             w = W[j]
-            for _ in range(2):
-                if self.m:
-                    base = self.V[: self.m]
-                    w -= (base @ w) @ base
+            for _ in range(2 if rows else 0):
                 for idx, q in enumerate(rows):
                     c = torch.dot(q, w)
                     w -= c * q
@@ -182,21 +191,28 @@ class KrylovSolver:
     def _random_direction(self) -> None:
         """Add a random direction orthogonal to the basis (after an invariant subspace is found)."""
         w = torch.randn(1, self.dim, generator=self.gen, device="cpu", dtype=torch.float64).to(self.V)
+        for _ in range(2 if self.deflate is not None else 0):
+            w -= (w @ self.deflate.T) @ self.deflate
         self._orthogonalise(w, self.m)
         self.V[self.m] = w[0] / torch.linalg.vector_norm(w[0])
         self.m += 1
 
     def request(self) -> torch.Tensor | None:
         """Rows ``X`` (``(c, dim)``) whose products ``H X`` are needed next, or ``None`` when finished."""
+        if self.search is not None:
+            X = self.search.request()
+            if X is not None:  # projected, so the search sees the operator restricted to the complement
+                return X - (X @ self.search.deflate.T) @ self.search.deflate
+            self.converged, self.searched, self.search = self.search.converged, self.search.converged, None
         if self.converged or self.num_hvps >= self.max_iter:
             return None
         if self.m == self.n:  # no pending direction: the basis spans an invariant subspace
-            if self.m >= self.dim:
+            if self.m >= self.space:
                 return None
             if self.m + 1 > self.cap:
                 self._restart()
             self._random_direction()
-        elif self.m + self.block > self.cap and self.m < self.dim and self.n > self.k:
+        elif self.m + self.block > self.cap and self.m < self.space and self.n > self.k:
             self._restart()
         c = min(self.block, self.m - self.n, self.max_iter - self.num_hvps)
         return self.V[self.n : self.n + c]
@@ -204,6 +220,9 @@ class KrylovSolver:
     def feed(self, HX: torch.Tensor) -> None:
         """Take the products of the rows last returned by ``request``."""
         c = HX.shape[0]
+        if self.search is not None:
+            self._feed_search(HX.to(self.V))
+            return
         j0, j1 = self.n, self.n + c
         W = HX.to(self.V).clone()
         h = self._orthogonalise(W, self.m).double().cpu()
@@ -220,13 +239,116 @@ class KrylovSolver:
         self.iterations += 1
         self._ritz()
         self._check_closed_subspace()
+        if self.converged and not self.searched:
+            self._start_search()
+
+    # ---------------------------------------------------------------------------- repeated eigenvalues
+    def _start_search(self) -> None:
+        """Look for copies of the wanted values: Lanczos from a random vector orthogonal to the multiplied basis (a
+        copy of a found eigenvalue is orthogonal to the whole Krylov space in exact arithmetic). The pending
+        directions stay in the search's space: once the Krylov space has closed, rounding leaves the next one
+        pointing at the very copy that is missing."""
+        basis = self.V[: self.n]
+        if self.n >= self.space:  # the basis spans the space: nothing left unseen
+            self.searched = True
+            return
+        budget = self.max_iter - self.num_hvps
+        self.converged = False  # until the search says nothing wanted is left (or the budget ends first)
+        if budget <= 0:
+            return
+        g = torch.Generator().manual_seed(self.seed + 7919 + self.searches)
+        w = torch.randn(1, self.dim, generator=g, device="cpu", dtype=torch.float64).to(self.V)
+        for _ in range(2):
+            w -= (w @ basis.T) @ basis
+        if float(torch.linalg.vector_norm(w)) <= 100 * self.eps * math.sqrt(self.dim):
+            self.converged = self.searched = True
+            return
+        self.searches += 1
+        self.search = KrylovSolver(self.dim, 1, self.which, w, max(self.tol, SEARCH_TOL), budget, None, 1,
+                                   self.seed + self.searches, check_multiplicity=False, deflate=basis)
+
+    def _feed_search(self, HX: torch.Tensor) -> None:
+        """Products for the search, restricted to the complement. A value it finds among the wanted ones joins
+        this basis as the next direction to multiply, once converged to ``tol``; it ends without one once its
+        pair has converged nearer its own value than the wanted ones (no wanted copy hides behind it)."""
+        search = self.search
+        search.feed(HX - (HX @ search.deflate.T) @ search.deflate)
+        self.num_hvps += HX.shape[0]
+        self.iterations += 1
+        if not search.n:
+            return
+        if not self._wanted_over(float(search.theta[0])):
+            gap = self._distance(float(search.theta[0]))
+            if search.converged and not search.closed and float(search.residuals[0]) > gap / 2:
+                search.converged = False
+            return
+        if float(search.residuals[0]) > self.tol * abs(float(search.theta[0])) and search.n < search.space:
+            search.tol, search.converged = self.tol, False  # a wanted value: join only once as precise as the rest
+            return
+        found = self.search.result().eigenvectors[:1].clone()
+        self.search = None
+        if self.m + 1 > self.cap and self.n > self.k:
+            self._restart()
+        self._insert(found)
+
+    def _insert(self, u: torch.Tensor) -> None:
+        """Put ``u`` (a row orthogonal to the multiplied basis) first among the pending directions.
+
+        The pending rows ``P`` carry the basis relation ``H V_n = V_n T + P^T B``; they are re-expressed as
+        ``u`` and the orthonormalised rest of them, and ``B`` with them, so a pending direction that rounding
+        has turned towards ``u`` hands its coupling to ``u`` instead of hiding it.
+        """
+        n, m = self.n, self.m
+        self._orthogonalise(u, n)
+        norm = float(torch.linalg.vector_norm(u))
+        if m + 1 > self.cap or norm <= 100 * self.eps:  # no room (a tiny ncv), or nothing new after all
+            self.converged = self.searched = True
+            return
+        u = u / norm
+        P, B = self.V[n:m].clone(), self.T[n:m, :n].clone()
+        along = (P @ u[0]).double().cpu()  # P = along u + rest
+        rest = P - along.to(P)[:, None] * u
+        kept = list(rest)
+        for _ in range(2):  # orthonormalise the rest among themselves, dropping what lies along u
+            out = []
+            for r in kept:
+                for q in out:
+                    r = r - torch.dot(q, r) * q
+                if float(torch.linalg.vector_norm(r)) > 100 * self.eps:
+                    out.append(r / torch.linalg.vector_norm(r))
+            kept = out
+        Q = torch.stack(kept) if kept else P[:0]
+        C = (rest @ Q.T).double().cpu()  # rest = C Q
+        self.T[n:, :] = 0
+        self.T[:, n:] = 0
+        rows = torch.cat([(along @ B)[None], C.T @ B])  # the couplings of u and of Q to the multiplied basis
+        self.V[n] = u[0]
+        self.V[n + 1 : n + 1 + Q.shape[0]] = Q
+        self.T[n : n + rows.shape[0], :n] = rows
+        self.T[:n, n : n + rows.shape[0]] = rows.T
+        self.m = n + rows.shape[0]
+        self.converged = False
+
+    def _wanted_over(self, value: float) -> bool:
+        """Whether ``value`` belongs among the ``k`` wanted values found so far (ties within ``tol`` included)."""
+        return self._distance(value) <= 0
+
+    def _distance(self, value: float) -> float:
+        """How far ``value`` lies on the unwanted side of the ``k``-th wanted value (less ``tol`` of it)."""
+        kth = float(self.theta[self.k - 1])
+        margin = self.tol * abs(kth)
+        if self.which == "LA":
+            return kth - margin - value
+        if self.which == "SA":
+            return value - kth - margin
+        return abs(kth) - margin - abs(value)
 
     def _check_closed_subspace(self) -> None:
         """Pairs of an invariant subspace have zero residuals but say nothing of the rest of the space: after the
         basis closes (``n < dim``), a fresh direction (random, or what rounding left) is explored, and the pairs
         count as converged only once such an exploration closed again without changing them, or changed them and
         then passed the residual test."""
-        if self.n < self.k or self.n >= self.dim:
+        if self.n < self.k or self.n >= self.space:
             return
         wanted = self.theta[: self.k]
         known = self.wanted_when_closed
@@ -240,14 +362,16 @@ class KrylovSolver:
     # ------------------------------------------------------------------------------------ Rayleigh-Ritz
     def _ritz(self) -> None:
         n = self.n
-        Tn = self.T[:n, :n]
-        theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.T))
-        order = order_by(theta, self.which)
-        self.theta, self.S = theta[order], S[:, order]
-        self.residuals = torch.linalg.vector_norm(self.T[n : self.m, :n] @ self.S, dim=0)
+        T = self.T.numpy()  # small dense work: NumPy's per-call cost is a fraction of torch's
+        theta, S = np.linalg.eigh(0.5 * (T[:n, :n] + T[:n, :n].T))
+        key = -theta if self.which == "LA" else theta if self.which == "SA" else -np.abs(theta)
+        order = np.argsort(key, kind="stable")
+        theta, S = theta[order], S[:, order]
+        residuals = np.linalg.norm(T[n : self.m, :n] @ S, axis=0)
+        self.theta, self.S, self.residuals = torch.from_numpy(theta), torch.from_numpy(S), torch.from_numpy(residuals)
         if n >= self.k:
-            wanted = self.residuals[: self.k] <= self.tol * self.theta[: self.k].abs()
-            self.converged = (bool(wanted.all()) and self.num_hvps >= self.min_iter) or n >= self.dim
+            wanted = residuals[: self.k] <= self.tol * np.abs(theta[: self.k])
+            self.converged = (bool(wanted.all()) and self.num_hvps >= self.min_iter) or n >= self.space
 
     def _restart(self) -> None:
         """Keep the most wanted Ritz vectors and the pending directions; drop the rest of the basis."""
@@ -298,6 +422,7 @@ def top_eigenvalues(
     block_size: int | None = None,
     min_iter: int = 0,
     return_basis: bool = False,
+    check_multiplicity: bool = True,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of ``op`` by thick-restart Lanczos with full reorthogonalisation.
 
@@ -315,13 +440,18 @@ def top_eigenvalues(
             the basis holds at most 2**27 numbers, and at least ``max(2k + 2b, k + 2b + 20)`` (block size
             ``b``). A larger basis means fewer HVPs, mostly for "SA" (small eigenvalues are clustered).
         block_size: run block Lanczos with this many vectors per ``matmat`` call (default 1; cheaper per
-            vector when batched HVPs are, but usually more HVPs in all). One start vector's Krylov space
-            holds a single copy of an eigenvalue repeated exactly (e.g. a zero-initialised softmax head's
-            Hessian), so ``k`` pairs may skip the copies: a block of at least the multiplicity finds them.
+            vector when batched HVPs are, but usually more HVPs in all).
         min_iter: make at least this many HVPs even when converged earlier, to grow the Krylov basis (whose
             span holds the top and bottom of the spectrum) for a deflated trace estimate.
         return_basis: keep the Krylov basis and its projected trace in the result (``basis``,
             ``basis_trace``; memory ``basis size * dim``).
+        check_multiplicity: for ``k > 1``, once the pairs converge, search the complement of the basis for
+            copies of the wanted eigenvalues (a single start vector sees one copy of a repeated eigenvalue),
+            so the result is the top ``k`` counted with multiplicity; it costs the products of one more
+            short Lanczos run (benchmarks/hessian_vs_pyhessian.py). ``k = 1`` never needs it.
+
+    Products that come back NaN or infinite stop the run with ``NonFiniteError``, whose message says
+    whether the loss itself is (``"the loss is NaN at this probe"``).
     """
     check_common(op, k, which, tol, max_iter)
     if not isinstance(min_iter, int) or not 0 <= min_iter <= max_iter:
@@ -335,7 +465,8 @@ def top_eigenvalues(
         g = torch.Generator().manual_seed(seed)  # rows after the first: the default start is that stream's first
         extra = torch.randn(block_size, op.dim, generator=g, device="cpu", dtype=torch.float64)[start.shape[0]:]
         start = torch.cat([start, extra.to(start)])
-    solver = KrylovSolver(op.dim, k, which, start, tol, max_iter, ncv, block_size, seed, min_iter)
+    solver = KrylovSolver(op.dim, k, which, start, tol, max_iter, ncv, block_size, seed, min_iter,
+                          check_multiplicity)
     while (X := solver.request()) is not None:
-        solver.feed(op.matmat(X))
+        solver.feed(check_finite(op, op.matmat(X)))
     return solver.result(return_basis)

@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
@@ -31,6 +32,37 @@ ParamSpec = str | nn.Module | torch.Tensor
 HVP_FORMS = ("reverse", "reverse-batched", "forward")
 _CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}  # measured HVP forms, reused by later operators
 _MAX_CHOICES = 256
+DEFAULT_CACHE_BYTES = 2**30  # cached first-order graphs beyond this are rebuilt at every product instead
+
+
+class NonFiniteError(FloatingPointError):
+    """Hessian-vector products came back NaN or infinite; the message says whether the loss itself is."""
+
+
+def nonfinite_message(op: Any) -> str:
+    """One line on why products are not finite: the loss at this point, when ``op`` can evaluate it."""
+    loss = getattr(op, "loss", None)
+    if not callable(loss):
+        return "the Hessian-vector products are NaN/Inf"
+    try:
+        value = loss()
+    except Exception as err:  # the loss itself fails: say so rather than hide it behind the products
+        return f"the Hessian-vector products are NaN/Inf and the loss raises {err!r}"
+    if math.isnan(value):
+        return "the loss is NaN at this probe"
+    if math.isinf(value):
+        return "the loss is Inf at this probe"
+    return f"the Hessian-vector products are NaN/Inf although the loss ({value:.6g}) is finite at this probe"
+
+
+def check_finite(op: Any, products: torch.Tensor) -> torch.Tensor:
+    """``products`` if every entry is finite, else raise ``NonFiniteError`` saying whether the loss is: the
+    algorithms call this on each ``matmat`` result, so a NaN loss stops a probe at its first product instead of
+    surfacing later as an ill-conditioned ``eigh`` or a NaN estimate. Under a process group every rank holds the
+    same all-reduced products, so all ranks raise together."""
+    if not math.isfinite(float(products.sum())):  # NaN and Inf reach the sum (one reduction, one sync)
+        raise NonFiniteError(nonfinite_message(op))
+    return products
 
 
 @runtime_checkable
@@ -100,6 +132,15 @@ def _first_tensor(batch: Batch) -> torch.Tensor | None:
         if found is not None:
             return found
     return None
+
+
+def sample_count(batch: Batch) -> int:
+    """Samples in a batch: the first dimension of its first tensor (how the operator weights batches by
+    default)."""
+    first = _first_tensor(batch)
+    if first is None or first.dim() == 0:
+        raise ValueError("cannot infer the batch size (no tensor with a batch dim): pass batch_size_fn=")
+    return int(first.shape[0])
 
 
 def _signature(batch: Batch) -> tuple:
@@ -179,15 +220,22 @@ class HessianOperator:
         hvp: ``"reverse"`` (double backward; several vectors share one first-order graph and loop over
             the second backward), ``"reverse-batched"`` (double backward with ``is_grads_batched``),
             ``"forward"`` (forward-over-reverse, ``jvp`` of ``grad``; several vectors through ``vmap``),
-            or ``"auto"``: on the first call with one vector and the first with several, time each form
-            on the first batch and keep the fastest (the timed products are the real ones, reused). The
-            choice is remembered for later operators on the same model, parameters and batch shapes, so
-            an operator rebuilt at every probe of a training run measures only once.
+            or ``"auto"``: ``"reverse"`` for one vector (on a cached graph a product is one backward pass,
+            less than the forward and backward that forward-over-reverse repeats) and for several on the
+            CPU (the loop matched or beat the batched forms on every model of ``benchmarks/hvp_cost.py``);
+            on an accelerator, where batching can pay, the first call with several vectors times each
+            form on the first batch and keeps the fastest (the timed products are the real ones, reused),
+            remembered for later operators on the same model, parameters and batch shapes.
         batch_size_fn: ``batch -> int`` sample count; default: size of the first tensor's first dim.
-        cache_graph: keep the first-order gradient graph of every batch between calls, so one reverse HVP
-            costs one backward pass (memory: the activations of all batches). Default: on for
-            materialised data (one batch or a list), off for DataLoaders and other re-iterable sources.
-            Build a new operator (or call ``clear_cache``) after the parameters change.
+        cache_graph: keep the first-order gradient graph of batches between calls, so one reverse HVP
+            costs one backward pass (memory: those batches' activations). Default: on for materialised
+            data (one batch or a list), off for DataLoaders and other re-iterable sources. Build a new
+            operator (or call ``clear_cache``) after the parameters change.
+        cache_bytes: the most memory the cached graphs may hold (tensors saved for backward, counted as
+            each graph is built; default 1 GiB, ``None``: no limit). Batches past it are rebuilt at every
+            product, so a product never holds more than the cache plus one batch's graph: chunk a large
+            probe set into training-sized batches and its memory stays a small multiple of one training
+            step's.
         chunk_size: most vectors pushed through one batched call (bounds memory of ``matmat``).
         distributed: all-reduce HVPs and sample counts over the default (or ``process_group``) group.
             Default: when a process group is initialised. Every rank must make the same calls.
@@ -218,6 +266,7 @@ class HessianOperator:
         *,
         batch_size_fn: Callable[[Batch], int] | None = None,
         cache_graph: bool | None = None,
+        cache_bytes: int | None = DEFAULT_CACHE_BYTES,
         chunk_size: int = 32,
         distributed: bool | None = None,
         process_group: Any = None,
@@ -229,6 +278,8 @@ class HessianOperator:
         if hvp != "auto" and hvp not in HVP_FORMS:
             raise ValueError(f"hvp must be 'auto' or one of {HVP_FORMS}, got {hvp!r}")
         check_positive_int(chunk_size, "chunk_size")
+        if cache_bytes is not None:
+            check_positive_int(cache_bytes, "cache_bytes")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         self.model = model
@@ -248,6 +299,8 @@ class HessianOperator:
         batches, self._source = _as_batches(data)
         self._batches = None if batches is None else [_prepare(b, self.device) for b in batches]
         self.cache_graph = self._batches is not None if cache_graph is None else bool(cache_graph)
+        self.cache_bytes = cache_bytes
+        self.cached_bytes = 0  # what the cached graphs hold (saved tensors other than the parameters)
         self.chunk_size = chunk_size
         self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
         if self.distributed and not (dist.is_available() and dist.is_initialized()):
@@ -299,6 +352,12 @@ class HessianOperator:
             total = torch.zeros(k, self.dim, device=self.device, dtype=working_dtype(self.dtype))
             count = 0
             kind = "single" if k == 1 else "multi"
+            if kind not in self.hvp_choice and not self._worth_timing(kind):
+                self.hvp_choice[kind] = "reverse"
+            one = not self.distributed and self._batches is not None and len(self._batches) == 1
+            if one and kind in self.hvp_choice and self._batch_size(self._batches[0]) > 0:
+                self.num_hvps += k  # one batch: its product is the mean (no weighted sum to build)
+                return self._hvp(self.hvp_choice[kind], 0, self._batches[0], V)
             batches = iter(self._iter_batches())
             start = 0
             if kind not in self.hvp_choice:  # every rank takes part, with or without a batch of its own
@@ -336,6 +395,7 @@ class HessianOperator:
     def clear_cache(self) -> None:
         """Drop the cached first-order graphs (needed after the parameters change)."""
         self._graphs.clear()
+        self.cached_bytes = 0
 
     # ---------------------------------------------------------------------------------------- internals
     def _iter_batches(self) -> Iterable[Batch]:
@@ -348,10 +408,7 @@ class HessianOperator:
     def _batch_size(self, batch: Batch) -> int:
         if self.batch_size_fn is not None:
             return int(self.batch_size_fn(batch))
-        first = _first_tensor(batch)
-        if first is None or first.dim() == 0:
-            raise ValueError("cannot infer the batch size (no tensor with a batch dim): pass batch_size_fn=")
-        return int(first.shape[0])
+        return sample_count(batch)
 
     def _add_weighted(self, total: torch.Tensor, batch: Batch, fn: Callable[[Batch], torch.Tensor]) -> int:
         """``total += n * fn(batch)`` for a batch of ``n`` samples; returns ``n``."""
@@ -406,15 +463,31 @@ class HessianOperator:
         return self._check_loss(functional_call(self._wrapper, dict(zip(self._keys, leaves)), (batch,)))
 
     def _first_order(self, index: int, batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Leaves and differentiable gradients of one batch (cached when ``cache_graph``)."""
+        """Leaves and differentiable gradients of one batch (cached when ``cache_graph`` and within
+        ``cache_bytes``)."""
         if index in self._graphs:
             return self._graphs[index]
         leaves = [p.detach().requires_grad_(True) for p in self.params]
-        loss = self._loss_at(leaves, batch)
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        cache = self.cache_graph and (self.cache_bytes is None or self.cached_bytes < self.cache_bytes)
+        saved: dict[int, int] = {}
+        own = {leaf.untyped_storage().data_ptr() for leaf in leaves}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:  # sizes what backward keeps; the tensor itself is unchanged
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in own:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if cache else nullcontext():
+            loss = self._loss_at(leaves, batch)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         out = (leaves, [g if g is not None and g.requires_grad else None for g in grads])
-        if self.cache_graph:
+        size = sum(saved.values())
+        if cache and (self.cache_bytes is None or self.cached_bytes + size <= self.cache_bytes):
             self._graphs[index] = out
+            self.cached_bytes += size
+        elif cache:  # past the budget: this batch and later ones are rebuilt at every product
+            self.cached_bytes = self.cache_bytes
         return out
 
     def _hvp(self, form: str, index: int, batch: Batch, V: torch.Tensor) -> torch.Tensor:
@@ -422,6 +495,7 @@ class HessianOperator:
         if form == "forward":
             return self._hvp_forward(batch, V)
         leaves, grads = self._first_order(index, batch)
+        cached = index in self._graphs
         pairs = [(g, i) for i, g in enumerate(grads) if g is not None]
         out = torch.zeros_like(V)
         if not pairs:  # the loss is at most linear in every selected parameter
@@ -434,7 +508,7 @@ class HessianOperator:
                 parts = self.unflatten(rows)
                 hv = torch.autograd.grad(
                     outputs, leaves, grad_outputs=[parts[i] for _, i in pairs],
-                    retain_graph=self.cache_graph or start + self.chunk_size < k,
+                    retain_graph=cached or start + self.chunk_size < k,
                     is_grads_batched=True, allow_unused=True, materialize_grads=True,
                 )
                 # a parameter the loss does not reach gets zeros without the batch dimension: expand them
@@ -444,7 +518,7 @@ class HessianOperator:
         for r in range(k):
             parts = self.unflatten(V[r])
             hv = torch.autograd.grad(
-                outputs, leaves, grad_outputs=[parts[i] for _, i in pairs], retain_graph=self.cache_graph or r < k - 1,
+                outputs, leaves, grad_outputs=[parts[i] for _, i in pairs], retain_graph=cached or r < k - 1,
                 allow_unused=True, materialize_grads=True,
             )
             out[r] = torch.cat([h.reshape(-1) for h in hv])
@@ -469,12 +543,13 @@ class HessianOperator:
         return out
 
     def _choose(self, kind: str, batch: Batch | None, V: torch.Tensor) -> torch.Tensor | None:
-        """Pick the HVP form for ``kind`` (remembered, else measured) and return the first batch's product.
+        """Pick the HVP form for ``kind`` (remembered, else measured) and return the first batch's product (only
+        where ``_worth_timing``).
 
         Under a process group every rank takes the same branch and ends with the same choice, also a rank
         that holds no batch.
         """
-        forms = ("reverse", "forward") if kind == "single" else HVP_FORMS
+        forms = HVP_FORMS
         key = (id(self.model), tuple(self.names), self.dtype, str(self.device), self.cache_graph, kind,
                tuple(m.training for m in self.model.modules()), None if batch is None else _signature(batch))
         known = _CHOICES.get(key)
@@ -495,13 +570,18 @@ class HessianOperator:
             _CHOICES[key] = (self.hvp_choice[kind], dict(self.hvp_timings[kind]))
         return result
 
+    def _worth_timing(self, kind: str) -> bool:
+        """Whether ``"auto"`` times the forms for ``kind``: only for several vectors on an accelerator (on the
+        CPU, and for one vector anywhere, the loop of reverse products is chosen without measuring)."""
+        return kind == "multi" and self.device.type != "cpu"
+
     def _calibrate(self, kind: str, batch: Batch | None, V: torch.Tensor) -> torch.Tensor | None:
         """Time each HVP form on the first batch (the products are kept), choose the fastest for ``kind``.
 
         A rank without a batch times nothing but joins the all-reduce that makes every rank choose alike.
         """
-        probe = V[: 1 if kind == "single" else 2]
-        forms = ("reverse", "forward") if kind == "single" else HVP_FORMS
+        probe = V[:2]
+        forms = HVP_FORMS
         timings = dict.fromkeys(forms, 0.0)
         result, errors = None, []
         if batch is not None and self.cache_graph:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from lightning_hessian.hessian.lanczos import EigenResult, check_common, start_vectors
-from lightning_hessian.hessian.operator import LinearOperator, working_dtype
+from lightning_hessian.hessian.operator import LinearOperator, check_finite, working_dtype
 
 
 def power_iteration(
@@ -51,7 +51,7 @@ def power_iteration(
         for _ in range(max_iter):
             x = v - found.T @ (found @ v)
             x /= torch.linalg.vector_norm(x)
-            v = op.matmat(x[None])[0].to(work)
+            v = check_finite(op, op.matmat(x[None]))[0].to(work)
             num_hvps += 1
             v -= found.T @ (found @ v)  # the deflated operator (I - UU^T) H (I - UU^T)
             lam = float(torch.dot(x, v))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_hessian.checks import check_positive_int
-from lightning_hessian.hessian.operator import LinearOperator
+from lightning_hessian.hessian.operator import LinearOperator, check_finite
 
 METHODS = ("hutchinson", "hutch++")
 MIN_TRACE_SAMPLES = 32  # probes a trace takes before its stopping rule (a standard error needs a few dozen)
@@ -173,7 +173,7 @@ def hutchinson_trace(
         Z = rademacher(n, op.dim, gen, op.dtype, op.device)
         if Q is not None:
             Z -= (Z @ Q.T) @ Q
-        return segment_products(Z, op.matmat(Z), [[slice(0, op.dim)]])
+        return segment_products(Z, check_finite(op, op.matmat(Z)), [[slice(0, op.dim)]])
 
     offset = torch.tensor([exact], dtype=torch.float64)
     samples, converged = sample_until(draw, offset, remaining, rel_tol, z, batch, min_samples, max_samples)
@@ -189,4 +189,4 @@ def hutchinson_trace(
 
 
 def _batched(op: LinearOperator, X: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([op.matmat(X[i : i + batch]) for i in range(0, X.shape[0], batch)])
+    return torch.cat([check_finite(op, op.matmat(X[i : i + batch])) for i in range(0, X.shape[0], batch)])

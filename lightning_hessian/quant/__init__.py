@@ -1,5 +1,6 @@
 """Hessian-aware mixed-precision quantization (HAWQ): quantizers, quantized modules, sensitivity, bit
-allocation with OR-Tools, the ``HAWQModule`` LightningModule, and integer-only inference with export."""
+allocation with OR-Tools (and the exact Pareto frontier), data-free calibration data (ZeroQ), the ``HAWQModule``
+LightningModule, and int8 inference with its ONNX export."""
 
 from lightning_hessian.quant.allocation import (
     InfeasibleBudgetError,
@@ -19,6 +20,7 @@ from lightning_hessian.quant.costs import (
     model_size,
     size_costs,
 )
+from lightning_hessian.quant.distill import batchnorm_mismatch, distill_data
 from lightning_hessian.quant.export import export_onnx, export_program
 from lightning_hessian.quant.hawq import HAWQModule
 from lightning_hessian.quant.integer import IntegerModel, to_integer_model
@@ -34,14 +36,13 @@ from lightning_hessian.quant.modules import (
     fold_batchnorm,
     quantizable_layers,
     quantize_model,
-    set_integer_simulation,
 )
 from lightning_hessian.quant.quantizers import (
     FOLLOW,
     ActivationQuantizer,
-    dyadic,
     quantize_weight,
     requantize,
+    requantize_sum,
     validate_act_bits,
     validate_bits,
 )
@@ -50,6 +51,7 @@ from lightning_hessian.quant.sensitivity import (
     Sensitivity,
     activation_quadratic_forms,
     activation_ranges,
+    kl_divergences,
     layer_sensitivity,
     quadratic_forms,
     weight_perturbation,
@@ -60,9 +62,11 @@ __all__ = [
     "LayerStats", "NotProvenOptimalWarning", "ParetoPoint", "QuantAct", "QuantAdaptiveAvgPool", "QuantConv1d",
     "QuantConv2d", "QuantLinear", "QuantResidualAdd", "QuantizationReport", "Sensitivity", "activation_quadratic_forms",
     "activation_ranges", "allocate_bits",
-    "allocation_total", "bit_report", "bops_costs", "budget_between", "calibrate", "dyadic", "export_onnx",
-    "export_program", "fold_batchnorm", "layer_costs", "layer_sensitivity", "layer_stats", "model_bops", "model_size",
+    "allocation_total", "batchnorm_mismatch", "bit_report", "bops_costs", "budget_between", "calibrate",
+    "distill_data", "export_onnx",
+    "export_program", "fold_batchnorm", "kl_divergences", "layer_costs", "layer_sensitivity", "layer_stats",
+    "model_bops", "model_size",
     "pareto_frontier", "quadratic_forms", "quantizable_layers", "quantize_model", "quantize_weight", "requantize",
-    "set_integer_simulation", "size_costs", "to_integer_model", "validate_act_bits", "validate_bits",
+    "requantize_sum", "size_costs", "to_integer_model", "validate_act_bits", "validate_bits",
     "weight_perturbation",
 ]

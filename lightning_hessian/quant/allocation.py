@@ -10,10 +10,14 @@ candidate bit width ``b``; ``sum_b x[g, b] = 1``; ``sum_{g,b} cost_r[g, b] x[g, 
 every budgeted resource ``r``; minimise ``sum_{g,b} sens[g, b] x[g, b]``. Tied layers share the
 choice variables of their group, which is the equality ``x[l, b] = x[m, b]`` substituted out;
 ``sens[g, b]`` and ``cost_r[g, b]`` are the sums over the group's layers.
+
+:func:`pareto_frontier` sweeps budgets with these solvers, or (``"all"``) enumerates the exact frontier of
+one resource against the summed sensitivity by a dynamic program over the tie groups.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,10 +25,11 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import NamedTuple
 
+import numpy as np
 from ortools.linear_solver import pywraplp
 from ortools.sat.python import cp_model
 
-from lightning_hessian.checks import check_number
+from lightning_hessian.checks import check_number, check_positive_int
 from lightning_hessian.quant.quantizers import validate_bits
 
 SOLVERS = ("cbc", "scip", "cp-sat")
@@ -159,19 +164,29 @@ def pareto_frontier(
     sensitivity: Mapping[str, Mapping[int, float]],
     costs: Mapping[str, Mapping[str, Mapping[int, float]]],
     resource: str,
-    budgets_or_num_points: int | Sequence[float] = 11,
+    budgets_or_num_points: int | Sequence[float] | str = 11,
     *,
     budgets: Mapping[str, float] | None = None,
     ties: Iterable[Iterable[str]] = (),
     solver: str = "cbc",
     time_limit_s: float = 10.0,
+    max_states: int = 100_000,
 ) -> list[ParetoPoint]:
-    """Optimal allocations along a sweep of the ``resource`` budget, for accuracy-vs-cost plots.
+    """Optimal allocations against the cost of ``resource``, for accuracy-vs-cost plots.
+
+    ``"all"`` gives the exact frontier: every non-dominated ``(cost, summed sensitivity)`` pair (no other
+    allocation is at most as dear and at most as sensitive, and strictly better in one), one allocation
+    each, cheapest first; ``ParetoPoint.budget`` is then the allocation's cost of ``resource``. It is a
+    dynamic program over the tie groups that keeps only the non-dominated partial allocations (with fixed
+    ``budgets`` on other resources, non-dominated in those costs too, and only those that can still meet
+    them); ``solver`` and ``time_limit_s`` do not apply, and more than ``max_states`` partial allocations
+    at one group raise a ``ValueError`` (use a sweep then). Totals are float sums: allocations whose totals
+    differ only by rounding may stand for one another.
 
     An integer ``n >= 2`` sweeps ``n`` evenly spaced budgets from the smallest achievable cost of
-    ``resource`` (every group at its cheapest width) to the largest (every group at its dearest);
-    a sequence gives the budgets explicitly. ``budgets`` holds fixed budgets for other resources.
-    Budgets that no allocation meets are left out; if none is met, the last
+    ``resource`` (every group at its cheapest width) to the largest (every group at its dearest) and
+    solves each with ``solver``; a sequence gives the budgets explicitly. ``budgets`` holds fixed budgets
+    for other resources. Budgets that no allocation meets are left out; if none is met, the last
     :class:`InfeasibleBudgetError` is raised.
     """
     fixed = dict(budgets or {})
@@ -180,6 +195,13 @@ def pareto_frontier(
     if resource in fixed:
         raise ValueError(f"budgets must not contain the swept resource {resource!r}; it is set by the sweep")
     problem = _build_problem(sensitivity, costs, {**fixed, resource: math.inf}, ties)
+    if isinstance(budgets_or_num_points, str):
+        if budgets_or_num_points != "all":
+            raise ValueError(f"budgets_or_num_points={budgets_or_num_points!r}: use 'all' (the exact frontier), a "
+                             "number of points or a list of budgets")
+        check_positive_int(max_states, "max_states")
+        _raise_if_infeasible(problem, jointly=False)
+        return _exact_frontier(problem, resource, sensitivity, costs, max_states)
     if isinstance(budgets_or_num_points, Integral) and not isinstance(budgets_or_num_points, bool):
         if budgets_or_num_points < 2:
             raise ValueError(f"budgets_or_num_points must be >= 2 points, got {budgets_or_num_points}")
@@ -191,9 +213,8 @@ def pareto_frontier(
         if not sweep:
             raise ValueError("budgets_or_num_points is an empty list: give budgets, or a number of points >= 2")
     else:
-        raise TypeError(
-            f"budgets_or_num_points must be a number of points or a list of budgets, got {budgets_or_num_points!r}"
-        )
+        raise TypeError(f"budgets_or_num_points must be 'all', a number of points or a list of budgets, got "
+                        f"{budgets_or_num_points!r}")
     points, error = [], None
     for budget in sweep:
         try:
@@ -205,6 +226,78 @@ def pareto_frontier(
     if not points:
         raise error
     return points
+
+
+def _exact_frontier(problem: _Problem, resource: str, sensitivity: Mapping[str, Mapping[int, float]],
+                    costs: Mapping[str, Mapping[str, Mapping[int, float]]], max_states: int) -> list[ParetoPoint]:
+    """Every non-dominated ``(cost, sensitivity)`` allocation that meets the fixed budgets (see ``pareto_frontier``).
+
+    Group by group, each kept partial allocation is extended by every candidate width; an extension that can no
+    longer meet a fixed budget (its cost so far plus the cheapest rest) is dropped, and so is one dominated by
+    another extension in every tracked quantity: no completion of it could beat the same completion of that one.
+    """
+    others = [r for r, b in problem.budgets.items() if r != resource and math.isfinite(b)]
+    # the cheapest completion of each fixed resource after group g, for the "can still meet it" test
+    rest = np.array([[math.fsum(min(c) for c in problem.costs[r][g + 1:]) for r in others]
+                     for g in range(len(problem.groups))]).reshape(len(problem.groups), len(others))
+    limit = np.array([problem.budgets[r] + problem.tolerance(r) for r in others])
+    # the kept partial allocations: one row of (cost, sensitivity, other costs) each
+    values = np.zeros((1, 2 + len(others)))
+    history = []  # per group: the kept rows' parent row and choice index
+    for g, bits in enumerate(problem.bits):
+        table = np.array([[problem.costs[resource][g][k], problem.sens[g][k]] + [problem.costs[r][g][k] for r in others]
+                          for k in range(len(bits))])
+        extended = (values[:, None, :] + table[None, :, :]).reshape(-1, values.shape[1])
+        parent, choice = np.divmod(np.arange(len(extended)), len(bits))
+        fits = np.all(extended[:, 2:] + rest[g] <= limit, axis=1)
+        rows = np.flatnonzero(fits)[_non_dominated(extended[fits])]
+        values = extended[rows]
+        history.append((parent[rows], choice[rows]))
+        if len(values) > max_states:
+            raise ValueError(f"pareto_frontier('all'): {len(values)} non-dominated partial allocations after "
+                             f"{g + 1} of {len(problem.groups)} groups exceed max_states={max_states}; raise "
+                             "max_states, or sweep budgets (an int or a list) instead")
+    if not len(values):  # every budget alone can be met (checked before), but not all together
+        _raise_if_infeasible(problem, jointly=True)
+    rows, picks = _non_dominated(values[:, :2]), []
+    for parent, choice in reversed(history):  # back from the last group: every frontier point at once
+        picks.append(choice[rows])
+        rows = parent[rows]
+    points = []
+    for choices in np.stack(picks[::-1], axis=1).tolist():
+        chosen = {layer: bits[k] for group, bits, k in zip(problem.groups, problem.bits, choices) for layer in group}
+        allocation = {layer: chosen[layer] for layer in sensitivity}
+        points.append(ParetoPoint(allocation_total(costs[resource], allocation),
+                                  allocation_total(sensitivity, allocation), allocation))
+    return points
+
+
+def _non_dominated(values: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``values`` (cost, sensitivity, other costs...) that no other row matches or beats in
+    every column, by cost (of equal rows, the first)."""
+    order = np.lexsort(values.T[::-1])  # by cost, then sensitivity, then the others; stable
+    values = values[order]
+    if values.shape[1] == 2:  # a sensitivity below every cheaper row's
+        cheaper = np.minimum.accumulate(np.concatenate([[math.inf], values[:-1, 1]]))
+        return order[values[:, 1] < cheaper]
+    kept = []
+    if values.shape[1] == 3:  # a staircase of the kept (sensitivity, other cost) pairs
+        sens: list[float] = []  # ascending, their other costs strictly descending
+        other: list[float] = []
+        for i, (s, o) in enumerate(values[:, 1:].tolist()):  # by cost, so only the kept rows can dominate
+            at = bisect.bisect_right(sens, s)
+            if at and other[at - 1] <= o:  # the kept pair with the largest sensitivity <= s has the least cost
+                continue
+            end = at
+            while end < len(sens) and other[end] >= o:  # pairs the new one dominates leave the staircase
+                end += 1
+            sens[at:end], other[at:end] = [s], [o]
+            kept.append(i)
+        return order[kept]
+    for i, row in enumerate(values[:, 1:]):
+        if not kept or not np.any(np.all(values[kept, 1:] <= row, axis=1)):
+            kept.append(i)
+    return order[np.array(kept, dtype=np.int64)]
 
 
 def allocation_total(table: Mapping[str, Mapping[int, float]], allocation: Mapping[str, int]) -> float:

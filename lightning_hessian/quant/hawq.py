@@ -50,8 +50,10 @@ from lightning_hessian.callbacks.probe import (
 from lightning_hessian.checks import check_number, check_positive_int
 from lightning_hessian.hessian import Batches
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
-from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits
+from lightning_hessian.modes import training_mode
+from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits, pareto_frontier
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
+from lightning_hessian.quant.distill import batchnorm_layers, distill_data
 from lightning_hessian.quant.modules import calibrate as calibrate_ranges
 from lightning_hessian.quant.modules import quantizable_layers, quantize_model
 from lightning_hessian.quant.quantizers import (
@@ -61,10 +63,11 @@ from lightning_hessian.quant.quantizers import (
     validate_bit_choices,
     validate_bits,
 )
-from lightning_hessian.quant.report import BitReport, bit_report
+from lightning_hessian.quant.report import BitReport, Frontier, bit_report, frontier_of
 from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
 
 RESOURCES = ("size", "bops")
+CALIBRATIONS = ("data", "distilled")  # where the probe set comes from: real samples, or ZeroQ's distilled inputs
 # The wrapped module's hooks that run unchanged inside a HAWQModule (logging to this run). Only those it overrides are
 # bound, so Lightning's is_overridden checks (which loops run, which data hooks apply) answer as for the module itself.
 _DELEGATED_HOOKS = (
@@ -114,6 +117,9 @@ class _HAWQ:
         temperature: float = 1.0,
         solver: str = "cbc",
         report_dir: str | os.PathLike | None = None,
+        calibration: str = "data",
+        input_shape: Sequence[int] | None = None,
+        distill: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         module = _load_module(module, module_class)
@@ -192,6 +198,9 @@ class _HAWQ:
         self._quantized_with: tuple | None = None
         self._reported: dict[str, int] | None = None  # the bits the written report shows
         self._teacher: nn.Module | None = None  # the distillation teacher (not a submodule: not trained or saved)
+        self.calibration, self.input_shape, self.distill_options = _check_data_free(
+            module, calibration, input_shape, distill, example_input)
+        self._distilled: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_bits(self, bits: int | Mapping[str, int]) -> int | dict[str, int]:
@@ -342,7 +351,29 @@ class _HAWQ:
         """Per-layer bits, sensitivity, size and BOPS against float (needs ``measure_costs`` to have run)."""
         if self.stats is None or self.weight_bits is None:
             raise RuntimeError("bit_report() needs a quantized module and its layer costs (run configure_model)")
-        return bit_report(self.stats, self.weight_bits, self.sensitivity, self._bops_act_bits, self.metric)
+        return bit_report(self.stats, self.weight_bits, self.sensitivity, self._bops_act_bits, self.metric,
+                          self._frontier())
+
+    def _frontier(self) -> Frontier | None:
+        """The exact Pareto frontier of the first budgeted resource (the others within their budgets) with the plan
+        on it, for the report; ``None`` without a planned allocation of the measured metric's bit widths."""
+        s, bits = self.sensitivity, self.weight_bits
+        if self.budgets is None or s is None or self.metric not in s.metrics or bits is None:
+            return None
+        omega = s.omega(self.metric)
+        if set(omega) != set(bits) or any(bits[name] not in table for name, table in omega.items()):
+            return None  # a checkpoint's bits from other candidates than this run's
+        costs = {"size": size_costs(self.stats, self.bit_choices),
+                 "bops": bops_costs(self.stats, self.bit_choices, self._bops_act_bits)}
+        budgets = self.resolve_budgets(costs)
+        resource = next(iter(budgets))
+        fixed = {r: b for r, b in budgets.items() if r != resource}
+        try:
+            points = pareto_frontier(omega, costs, resource, "all", budgets=fixed, ties=self.ties)
+        except ValueError as err:  # too many partial allocations, or budgets no allocation meets
+            rank_zero_warn(f"HAWQModule: the report has no Pareto frontier ({err})")
+            return None
+        return frontier_of(points, resource, costs[resource], omega, bits, fixed)
 
     # --------------------------------------------------------------------------------- Lightning hooks
     def configure_model(self) -> None:
@@ -363,7 +394,7 @@ class _HAWQ:
             return
         trainer = self._trainer
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        if trainer is None or not (fitting or self.probe_data is not None):
+        if trainer is None or not (fitting or self.probe_data is not None or self.calibration == "distilled"):
             if self.weight_bits is None and self.fixed_bits is not None:
                 self.quantize(self.fixed_bits)
             return
@@ -508,6 +539,54 @@ class _HAWQ:
     def automatic_optimization(self, value: bool) -> None:
         self.module.automatic_optimization = value
 
+    # ------------------------------------------------------------------------------------- data-free (ZeroQ)
+    def distilled_batches(self, device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The distilled probe set of ``calibration="distilled"``: ``probe_size`` inputs whose BatchNorm statistics
+        match the float module's, as ``(x, y)`` batches of ``probe_batch_size`` with ``y`` the float module's
+        predicted class; distilled once (on ``device``, default the module's) and kept. Under DDP every rank
+        distils the whole set (the same for every rank) and takes its share of the batches."""
+        if self._distilled is None:
+            model = self.float_module
+            home = next(model.parameters()).device
+            try:
+                x = distill_data(model, self.input_shape, self.probe_size, seed=self.seed,
+                                 device=device if device is not None else home, **self.distill_options)
+                with torch.no_grad(), training_mode(model, False):
+                    logits = model(x.to(home))
+            except NotImplementedError as err:  # nn.Module's forward
+                raise ValueError(f"calibration='distilled' runs {type(model).__name__}'s forward on distilled inputs, "
+                                 "but it has none: give it a forward(x) that returns the logits") from err
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                raise ValueError(f"calibration='distilled' labels the distilled inputs with the module's predicted "
+                                 f"class, but its forward returns {type(logits).__name__} "
+                                 f"{tuple(getattr(logits, 'shape', ()))}, not (batch, classes) logits")
+            labels = logits.argmax(-1).to(x.device)
+            self._distilled = list(zip(x.split(self.probe_batch_size), labels.split(self.probe_batch_size)))
+        return self._distilled
+
+    def prepare_data_free(self, device: torch.device | str | None = None) -> dict[str, int]:
+        """Quantize with no Trainer and no data (ZeroQ, ``calibration="distilled"``): distil the probe set, plan
+        the bits within ``budgets`` (or take ``bits``), quantize, measure the costs and calibrate the activation
+        ranges on the distilled batches; ``report_dir``, if given, receives the report. Returns the weight bits;
+        ``trainer.test(self, ...)`` then evaluates the quantized module as it is."""
+        if self.calibration != "distilled":
+            raise ValueError("prepare_data_free() quantizes on distilled data: construct the HAWQModule with "
+                             "calibration='distilled'")
+        if self.fixed_bits is None and self.budgets is None:
+            raise ValueError("prepare_data_free() needs bits= (a fixed configuration) or budgets= (a plan)")
+        if device is not None:
+            self.float_module.to(device)
+        batches = self.distilled_batches(device)
+        example = self._example_of(batches)
+        self.quantize(self.plan(batches, example) if self.budgets is not None else self.fixed_bits)
+        self.module.to(batches[0][0].device)
+        if self.stats is None:
+            self.measure_costs(example)
+        self.calibrate(batches)
+        if self.report_dir is not None:
+            self.bit_report().save(self.report_dir)
+        return dict(self.weight_bits)
+
     # ------------------------------------------------------------------------------------------ internals
     @property
     def _bops_act_bits(self) -> int | None:
@@ -591,6 +670,11 @@ class _HAWQ:
         """This rank's share of ``probe_data`` or of ``probe_size`` training samples, as the training loop would
         hand them over (batch-transfer hooks, device; the precision plugin's conversion with ``convert_input``)."""
         trainer = self.trainer
+        if self.calibration == "distilled":  # model inputs already: no batch-transfer hooks
+            batches = self.distilled_batches(trainer.strategy.root_device)[trainer.global_rank :: trainer.world_size]
+            if convert_input:
+                batches = [trainer.precision_plugin.convert_input(batch) for batch in batches]
+            return Batches(batches)
         if self.probe_data is not None:
             batches = list(self.probe_data)
             if not batches:
@@ -656,8 +740,10 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
         metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
             eigenvalue in place of the average trace), ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
             Hessian-vector product per layer and bit width) or, with ``act_bits="follow"``, ``"quadratic+act"``
-            (plus ``dA_i^T H_A dA_i`` of the layer's input activations rounded at the same bits); see
-            :mod:`~lightning_hessian.quant.sensitivity`.
+            (plus ``dA_i^T H_A dA_i`` of the layer's input activations rounded at the same bits), ``"kfac"``
+            (``dW_i^T (G_i (x) A_i) dW_i`` on K-FAC's Gauss-Newton block: no Hessian-vector product), or ``"kl"``
+            (ZeroQ: the KL divergence of the outputs with one layer's weights quantized from the float outputs, no
+            Hessian); see :mod:`~lightning_hessian.quant.sensitivity`.
         probe_data: batches for the sensitivity and calibration (a list of batches or a DataLoader); default
             ``probe_size`` training samples drawn with ``seed``. Under DDP the ranks split either (rank ``r``
             takes batches ``r, r + world_size, ...``) and all-reduce, as one process on all of them.
@@ -678,6 +764,17 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
         temperature: distillation temperature ``T``.
         solver: OR-Tools solver of :func:`~lightning_hessian.quant.allocation.allocate_bits`.
         report_dir: where ``hawq_report.md``/``.png`` go; default ``<trainer.default_root_dir>/hawq``.
+        calibration: where the probe set (sensitivity, activation ranges) comes from: ``"data"`` (``probe_data``
+            or training samples) or ``"distilled"`` (ZeroQ, no data: ``probe_size`` inputs distilled from the
+            module's BatchNorm statistics by :func:`~lightning_hessian.quant.distill.distill_data`, seeded with
+            ``seed``, in batches ``(x, y)`` of ``probe_batch_size`` with ``y`` the float module's predicted class, so
+            the loss and the Hessian metrics apply; ``metric="kl"`` is ZeroQ's own choice). Then ``trainer.test``
+            or ``validate`` plans and calibrates with no training data, and :meth:`prepare_data_free` with no
+            Trainer at all.
+        input_shape: the shape of one input sample for ``"distilled"`` (e.g. ``(3, 32, 32)``); default that of
+            ``example_input``.
+        distill: further keyword arguments of ``distill_data`` (``batch_size``, ``max_steps``, ``lr``, ``tol``,
+            ``patience``, ``input_prior``, ``progress``).
 
     Training, validation and test steps are the wrapped module's, and so are the hooks it overrides (its
     dataloaders, batch-transfer hooks, epoch and batch hooks: ``_DELEGATED_HOOKS``), so its metrics are logged
@@ -746,6 +843,35 @@ def _load_module(
             raise TypeError(f"module_class returned a {type(loaded).__name__}, not a LightningModule")
         return loaded
     raise TypeError(f"module must be a LightningModule or a checkpoint path, got {type(module).__name__}")
+
+
+def _check_data_free(module: nn.Module, calibration: str, input_shape: Sequence[int] | None,
+                     distill: Mapping[str, Any] | None, example_input: Any
+                     ) -> tuple[str, tuple[int, ...] | None, dict[str, Any]]:
+    """``calibration``, ``input_shape`` and the ``distill`` options, checked before any work."""
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    options = dict(distill or {})
+    reserved = sorted({"model", "input_shape", "num_samples", "seed", "device"} & set(options))
+    if reserved:
+        raise ValueError(f"distill: {reserved} are set by HAWQModule (probe_size, seed, input_shape and the run's "
+                         "device); leave them out")
+    unknown = sorted(set(options) - set(inspect.signature(distill_data).parameters))
+    if unknown:
+        raise ValueError(f"distill: unknown options {unknown}; distill_data takes batch_size, max_steps, lr, tol, "
+                         "patience, input_prior, progress")
+    if calibration != "distilled":
+        return calibration, None if input_shape is None else tuple(input_shape), options
+    if not batchnorm_layers(module):
+        raise ValueError(f"calibration='distilled' distils inputs from BatchNorm statistics, but "
+                         f"{type(module).__name__} has no BatchNorm layer with running statistics; use "
+                         "calibration='data' (probe_data= or the training data)")
+    if input_shape is None:
+        if not isinstance(example_input, torch.Tensor):
+            raise ValueError("calibration='distilled' needs the shape of one input sample: pass input_shape=, e.g. "
+                             "(3, 32, 32), or a tensor example_input=")
+        input_shape = example_input.shape[1:]
+    return calibration, tuple(int(s) for s in input_shape), options
 
 
 def _check_budgets(budgets: Mapping[str, float]) -> dict[str, float]:

@@ -1,24 +1,24 @@
-"""Quantized layers, module swapping, BatchNorm folding and the integer simulation mode.
+"""Quantized layers, module swapping and BatchNorm folding for quantization-aware training.
 
 ``quantize_model`` swaps ``Conv1d``/``Conv2d``/``Linear`` (fake-quantized weights per channel, a ``QuantAct``
-on the input), ``ResidualAdd`` (both inputs requantized to one output scale) and adaptive average pools
-on any model, by module traversal; layer names are the module paths of the float model. Layers it
-cannot quantize are reported and warned about (``torch.fx`` also scans for functional ops when the
+on the input), ``ResidualAdd`` (a ``QuantAct`` on each input) and adaptive average pools (a ``QuantAct`` on
+the input) on any model, by module traversal; layer names are the module paths of the float model. Layers
+it cannot quantize are reported and warned about (``torch.fx`` also scans for functional ops when the
 model is traceable).
 
-Training runs with BatchNorm unfolded; ``fold_batchnorm`` then folds the frozen statistics into the
-preceding conv for deployment. ``set_integer_simulation`` switches the quantized modules to the exact
-integer arithmetic of ``lightning_hessian.quant.integer``: tensors then flow as ``ScaledTensor`` (values
-``n * scale`` with integer ``n``, in float64, which holds every ``|n| < 2^53`` exactly), convolutions
-accumulate integer codes exactly, and every requantization is the dyadic ``quantizers.requantize``.
+Every quantizer sits on the input of the module that reads it and rounds what reaches it once: a layer's
+accumulator (through ReLU, reshapes), a residual sum, a pooled sum or the model input. That is where the
+deployed model rounds too: each ``QuantAct`` becomes the output requantization of the kernel producing
+its input (``QLinearConv``, ``QGemm``, ``QLinearAdd``; ``lightning_hessian.quant.integer``), which
+rounds half to even as ``fake_quantize`` does. Training runs with BatchNorm unfolded; ``fold_batchnorm``
+then folds the frozen statistics into the preceding conv for deployment.
 
 Example::
 
     qmodel, report = quantize_model(model, {"features.0": 8, "features.3": 4, ...})  # or bits=8
     calibrate(qmodel, [x1, x2])                 # or fine-tune: ranges track in training mode
     fold_batchnorm(qmodel, x1)                  # freeze BN statistics into the convs
-    set_integer_simulation(qmodel.eval())       # exact integer arithmetic, float64 carriers
-    imodel = to_integer_model(qmodel, x1)       # lightning_hessian.quant.integer: bit-identical logits
+    imodel = to_integer_model(qmodel.eval(), x1)  # lightning_hessian.quant.integer: the deployed arithmetic
 """
 
 from __future__ import annotations
@@ -43,12 +43,8 @@ from lightning_hessian.quant.quantizers import (
     MAX_BITS,
     ActivationQuantizer,
     bias_codes,
-    dyadic,
-    quantize,
     quantize_bias,
     quantize_weight,
-    requantize,
-    round_ste,
     validate_act_bits,
     validate_bits,
     weight_codes,
@@ -59,104 +55,23 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _PASS_THROUGH = (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, ResidualAdd,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
-# Ops under which a ScaledTensor keeps its scale: elementwise ops that commute with a positive scale
-# (ReLU; dropout, which is the identity in eval) and pure data movement (export.py maps each group to ONNX).
+# Ops that may run between quantized modules: ReLU, the identity in eval (dropout) and pure data movement;
+# the integer conversion maps each group onto integer codes.
 RELU_OPS = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
 IDENTITY_OPS = {F.dropout, F.dropout1d, F.dropout2d, torch.clone, Tensor.clone, Tensor.contiguous}
 RESHAPE_OPS = {torch.flatten, Tensor.flatten, torch.reshape, Tensor.reshape, Tensor.view, torch.unsqueeze,
                Tensor.unsqueeze, torch.squeeze, Tensor.squeeze}
 TRANSPOSE_OPS = {torch.permute, Tensor.permute, torch.transpose, Tensor.transpose}
-_KEEP_SCALE = RELU_OPS | IDENTITY_OPS
-_MOVE_SCALE = RESHAPE_OPS | TRANSPOSE_OPS
-_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
-                    "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
-_FX_ALLOWED = {f.__name__ for f in _KEEP_SCALE | _MOVE_SCALE} | {"size", "dim", "getattr", "getitem"}
-
-
-class ScaledTensor(Tensor):
-    """A float64 tensor of values ``n * scale`` (integers ``n``) tagged with ``scale``: the simulation's carrier.
-
-    ``scale`` broadcasts against the tensor (a scalar per tensor, or per channel). ``scale is None`` means
-    the values are plain floats: ``is_input`` marks the raw model input (before the first quantizer),
-    otherwise a non-integer op touched the tensor. Reshapes and ReLU keep the scale; any other op returns
-    a plain tensor, which is how the integer conversion detects float ops between quantized layers.
-    ``bound`` is a static bound on ``|n|`` for any model input (from the ranges and weights, not the data):
-    the integer conversion checks that sums it does in int32 cannot overflow.
-    """
-
-    scale: Tensor | None
-    is_input: bool
-    bound: int | None
-
-    @staticmethod
-    def wrap(data: Tensor, scale: Tensor | None, is_input: bool = False, bound: int | None = None) -> ScaledTensor:
-        with torch._C.DisableTorchFunctionSubclass():
-            out = data.as_subclass(ScaledTensor)
-        out.scale, out.is_input, out.bound = scale, is_input, bound
-        return out
-
-    @property
-    def quantized(self) -> bool:
-        return self.scale is not None
-
-    def integers(self) -> Tensor:
-        """The integer codes ``n`` as int64 (exact: ``|n| < 2^50`` leaves the float64 rounding below 1/2)."""
-        with torch._C.DisableTorchFunctionSubclass():
-            return torch.round(self / self.scale).long()
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **kwargs)
-        src = args[0] if args else kwargs.get("input")
-        if not isinstance(src, ScaledTensor):
-            return out
-        keeps = func in _KEEP_SCALE or func in _MOVE_SCALE
-        name = getattr(func, "__name__", "")
-        if not keeps and (name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))):
-            src.scale, src.is_input = None, False  # modified in place by a float op
-        if not keeps or out is src or not isinstance(out, Tensor):  # out is src: in-place or a no-op
-            return out
-        scale = src.scale
-        if func in _MOVE_SCALE and scale is not None and scale.numel() > 1:
-            full = scale.expand(src.shape).contiguous()
-            scale = func(full, *args[1:], **kwargs) if args else func(**{**kwargs, "input": full})
-        return ScaledTensor.wrap(out, scale, src.is_input, src.bound)
-
-
-def _is_quantized(x: Tensor) -> bool:
-    return isinstance(x, ScaledTensor) and x.quantized
-
-
-def _check_simulation(quantizer: ActivationQuantizer) -> None:
-    if quantizer.training:
-        raise RuntimeError("integer simulation runs in eval mode (frozen ranges): call model.eval() first")
-    if not quantizer.calibrated:
-        raise RuntimeError("integer simulation needs calibrated activation ranges: run a few training-mode "
-                           "batches (or calibrate(model, inputs)) first")
+_FX_ALLOWED = {f.__name__ for f in RELU_OPS | IDENTITY_OPS | RESHAPE_OPS | TRANSPOSE_OPS} | {
+    "size", "dim", "getattr", "getitem"}
 
 
 class QuantAct(ActivationQuantizer):
-    """Activation quantizer module (model inputs, after a ReLU, at every quantized layer's input).
+    """Activation quantizer module: model inputs, and the input of every quantized layer, addition and pool.
 
-    Fake-quantizes in training and eval; in integer simulation it requantizes an incoming integer
-    tensor by a dyadic multiplier (or quantizes a float input once) and returns a ``ScaledTensor``.
+    Fake-quantizes in training and eval; deployed, it is the requantization fused into the kernel that
+    produces its input (or the ``QuantizeLinear`` of the model input).
     """
-
-    simulate: bool = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.simulate:
-            return super().forward(x)
-        _check_simulation(self)
-        scale = self.scale().double()
-        qmin, qmax = self.qrange()
-        if _is_quantized(x):
-            n = requantize(x.integers(), *dyadic(x.scale / scale), qmin, qmax)
-        else:
-            n = quantize(x.double(), scale, qmin, qmax)
-        return ScaledTensor.wrap(n.double() * scale, scale, bound=max(-qmin, qmax))
 
 
 class _QuantLayer:
@@ -166,36 +81,24 @@ class _QuantLayer:
     bias: nn.Parameter | None
     weight_bits: int
     act: QuantAct
-    simulate: bool
 
     def _init_quant(self, weight_bits: int, act_bits: int, momentum: float | None) -> None:
         self.weight_bits = validate_bits(weight_bits, "weight_bits")
         self.act = QuantAct(act_bits, signed=None, momentum=momentum)
-        self.simulate = False
 
     def integer_params(self) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Weight codes (int64), int32 bias codes (int64, or None) and the accumulator scale ``s_w * s_in``
-        (float64, per output channel): the single source of the integer parameters for simulation and export.
+        """Weight codes (int64), int32 bias codes (int64, or None) and their float32 scales per output channel
+        (``weight_scale``): the single source of the integer parameters for conversion and export.
         """
         codes, scale = weight_codes(self.weight, self.weight_bits)
-        acc_scale = scale.double() * self.act.scale().double()
-        bias = None if self.bias is None else bias_codes(self.bias, acc_scale)
-        return codes.long(), bias, acc_scale
+        bias = None if self.bias is None else bias_codes(self.bias, scale.double() * self.act.scale().double())
+        return codes.long(), bias, scale.float()
 
     def _layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def _channel_scale(self, scale: Tensor, out: Tensor) -> Tensor:
-        raise NotImplementedError
-
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(x)
-        if self.simulate:
-            codes, bias, acc_scale = self.integer_params()
-            acc = self._layer_op(x.integers().double(), codes.double(), None if bias is None else bias.double())
-            scale = self._channel_scale(acc_scale, acc)
-            bound = codes.abs().flatten(1).sum(1) * x.bound + (0 if bias is None else bias.abs())
-            return ScaledTensor.wrap(acc * scale, scale, bound=int(bound.max()))
         scale = weight_scale(self.weight, self.weight_bits)  # once, for the weight and the bias grid
         weight = quantize_weight(self.weight, self.weight_bits, scale)
         bias = self.bias
@@ -220,9 +123,6 @@ class _QuantConv(_QuantLayer):
 
     def _layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)
-
-    def _channel_scale(self, scale: Tensor, out: Tensor) -> Tensor:
-        return scale.view(1, -1, *([1] * (out.dim() - 2)))
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):
@@ -260,40 +160,21 @@ class QuantLinear(_QuantLayer, nn.Linear):
     def _layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
-    def _channel_scale(self, scale: Tensor, out: Tensor) -> Tensor:
-        return scale
-
 
 class QuantResidualAdd(nn.Module):
-    """Quantized ``a + b``: in simulation both inputs are requantized to the output scale, added and clamped."""
+    """Quantized ``a + b``: each input quantized (``act_a``, ``act_b``), their sum left for its readers to round.
+
+    Deployed as one ``QLinearAdd`` per distinct reader quantizer: the two codes are rescaled and summed in
+    float32 straight onto the reader's grid, one rounding, as the reader's ``fake_quantize`` of the sum does.
+    """
 
     def __init__(self, bits: int = 8, momentum: float | None = None):
         super().__init__()
-        self.act = ActivationQuantizer(bits, signed=None, momentum=momentum)
-        self.simulate = False
+        self.act_a = QuantAct(bits, signed=None, momentum=momentum)
+        self.act_b = QuantAct(bits, signed=None, momentum=momentum)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        if not self.simulate:
-            return self._fake_quantized_add(a, b)
-        _check_simulation(self.act)
-        if not (_is_quantized(a) and _is_quantized(b)):
-            raise RuntimeError("QuantResidualAdd in integer simulation needs quantized inputs on both branches "
-                               "(a float op or unquantized layer feeds it)")
-        scale = self.act.scale().double()
-        qmin, qmax = self.act.qrange()
-        n = sum(requantize(t.integers(), *dyadic(t.scale / scale)) for t in (a, b)).clamp(qmin, qmax)
-        return ScaledTensor.wrap(n.double() * scale, scale, bound=max(-qmin, qmax))
-
-    def _fake_quantized_add(self, a: Tensor, b: Tensor) -> Tensor:
-        """Each input rounded to the output grid, then added and clamped (straight-through gradient): the
-        integer model's two roundings, not one rounding of ``a + b``."""
-        if self.act.training:
-            self.act.observe(a + b)
-        if not self.act.calibrated:
-            return a + b
-        scale = self.act.scale().to(a.dtype)
-        qmin, qmax = self.act.qrange()
-        return (round_ste(a / scale) + round_ste(b / scale)).clamp(qmin, qmax) * scale
+        return self.act_a(a) + self.act_b(b)
 
 
 def window_sum(x: Tensor, output_size: tuple[int | None, ...]) -> Tensor:
@@ -310,34 +191,26 @@ def window_sum(x: Tensor, output_size: tuple[int | None, ...]) -> Tensor:
 
 
 class QuantAdaptiveAvgPool(nn.Module):
-    """Adaptive average pool; in simulation an integer window sum whose scale absorbs the ``1/window``.
+    """Adaptive average pool of a quantized input (``act``); its mean is left for its readers to round.
 
-    The division never happens in integers: the sum keeps scale ``s / window`` and the next requantization's
-    dyadic multiplier carries the ``1/window`` (one rounding instead of two).
+    Deployed as an integer window sum whose ``1/window`` rides in the reader's requantization (one rounding).
     """
 
-    def __init__(self, output_size: int | tuple[int | None, ...], dims: int):
+    def __init__(self, output_size: int | tuple[int | None, ...], dims: int, bits: int = 8,
+                 momentum: float | None = None):
         super().__init__()
         self.output_size = (output_size,) * dims if isinstance(output_size, int) or output_size is None \
             else tuple(output_size)
         self.dims = dims
-        self.simulate = False
+        self.act = QuantAct(bits, signed=None, momentum=momentum)
 
     @classmethod
-    def from_float(cls, pool: nn.Module) -> QuantAdaptiveAvgPool:
-        return cls(pool.output_size, 1 if isinstance(pool, nn.AdaptiveAvgPool1d) else 2)
+    def from_float(cls, pool: nn.Module, bits: int = 8, momentum: float | None = None) -> QuantAdaptiveAvgPool:
+        return cls(pool.output_size, 1 if isinstance(pool, nn.AdaptiveAvgPool1d) else 2, bits, momentum)
 
     def forward(self, x: Tensor) -> Tensor:
         pool = F.adaptive_avg_pool1d if self.dims == 1 else F.adaptive_avg_pool2d
-        if not self.simulate:
-            return pool(x, self.output_size)
-        if not _is_quantized(x):
-            raise RuntimeError("QuantAdaptiveAvgPool in integer simulation needs a quantized input")
-        if x.scale.dim() > self.dims and any(d != 1 for d in x.scale.shape[-self.dims:]):
-            raise RuntimeError("integer average pooling needs a per-tensor or per-channel input scale")
-        summed = window_sum(x.integers(), self.output_size)
-        window = x.shape[2:].numel() // summed.shape[2:].numel()
-        return ScaledTensor.wrap(summed.double() * (x.scale / window), x.scale / window, bound=window * x.bound)
+        return pool(self.act(x), self.output_size)
 
     def extra_repr(self) -> str:
         return f"output_size={self.output_size}"
@@ -381,7 +254,7 @@ class QuantizationReport:
                   for name, bits in self.weight_bits.items()]
         lines += [f"| {name} | float ({why}) | |" for name, why in self.float_layers.items()]
         acts = f"{self.act_bits} bits" if self.act_bits != FOLLOW else \
-            f"as the weights ({MAX_BITS} bits at residual adds)"
+            f"as the weights ({MAX_BITS} bits into residual adds and pools)"
         lines.append(f"activations: {acts}; BatchNorm to fold: {', '.join(self.batchnorms) or 'none'}")
         if self.float_ops:
             lines.append(f"ops in float: {', '.join(f'{n} ({why})' for n, why in self.float_ops.items())}")
@@ -457,8 +330,8 @@ def quantize_model(
         bits: weight bits (2..8) for every quantizable layer, or a dict ``{layer name: bits}`` (layers
             missing from the dict stay in float and are reported).
         act_bits: bit width of every activation quantizer (2..8), or ``"follow"``: each layer's input
-            activations take that layer's weight bits (HAWQ-V3's mixed W4A4/W8A8 setting), and residual
-            additions, which have no weights, keep 8 bits.
+            activations take that layer's weight bits (HAWQ-V3's mixed W4A4/W8A8 setting), and the inputs
+            of residual additions and pools, which have no weights, keep 8 bits.
         momentum: ``None`` for running min/max activation ranges, else the EMA momentum.
         ignore: module types that compute nothing to quantize (e.g. torchmetrics ``Metric``): not reported.
 
@@ -472,6 +345,7 @@ def quantize_model(
         raise ValueError("model has no quantizable layer (nn.Conv1d, nn.Conv2d or nn.Linear)")
     validate_act_bits(act_bits, "act_bits")
     weight_bits = _resolve_bits(bits, layers)
+    other_bits = MAX_BITS if act_bits == FOLLOW else act_bits  # inputs of additions and pools
     qmodel = copy.deepcopy(model)
     swapped: dict[int, nn.Module] = {}  # a module at several paths (shared) gets one quantized module at all
     for name, m in list(qmodel.named_modules(remove_duplicate=False)):
@@ -482,10 +356,9 @@ def quantize_model(
             layer_act = weight_bits[name] if act_bits == FOLLOW else act_bits
             swapped[id(m)] = _SWAP[type(m)].from_float(m, weight_bits[name], layer_act, momentum)
         elif isinstance(m, ResidualAdd):
-            add_bits = MAX_BITS if act_bits == FOLLOW else act_bits
-            swapped[id(m)] = QuantResidualAdd(add_bits, momentum).train(m.training)
+            swapped[id(m)] = QuantResidualAdd(other_bits, momentum).train(m.training)
         elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-            swapped[id(m)] = QuantAdaptiveAvgPool.from_float(m).train(m.training)
+            swapped[id(m)] = QuantAdaptiveAvgPool.from_float(m, other_bits, momentum).train(m.training)
         else:
             continue
         _set_module(qmodel, name, swapped[id(m)])
@@ -504,23 +377,6 @@ def quantize_model(
                       "forward() (e.g. torch.sigmoid, x * y) were not checked: any there run in float",
                       UserWarning, stacklevel=2)
     return qmodel, report
-
-
-def set_integer_simulation(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Switch every quantized module of ``model`` to (or back from) the exact integer arithmetic.
-
-    In simulation the model must be in eval mode; its output is a float64 ``ScaledTensor`` whose values
-    equal, bit for bit, the dequantized output of ``to_integer_model(model, ...)``.
-    """
-    if enabled:
-        missing = [n for n, m in model.named_modules() if isinstance(m, ActivationQuantizer) and not m.calibrated]
-        if missing:
-            raise ValueError(f"activation quantizers {missing} have no calibrated range: run a few training-mode "
-                             "batches (or calibrate(model, inputs)) before enabling integer simulation")
-    for m in model.modules():
-        if isinstance(m, QUANT_MODULES):
-            m.simulate = enabled
-    return model
 
 
 @torch.no_grad()
@@ -654,6 +510,6 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor) -> dict[str, str]:
     left = [n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
     if left:
         warnings.warn(f"fold_batchnorm: BatchNorm layers {left} are not the only consumer of a conv/linear "
-                      "layer's outputs along its channels and stay unfolded (they block integer-only conversion)",
+                      "layer's outputs along its channels and stay unfolded (they block integer conversion)",
                       UserWarning, stacklevel=2)
     return pairs

@@ -1,17 +1,22 @@
-"""Uniform symmetric quantizers with straight-through estimators, and the dyadic integer arithmetic.
+"""Uniform symmetric quantizers with straight-through estimators, and the deployed integer arithmetic.
 
 Weights are quantized per output channel, ``scale_c = max|w_c| / (2^(b-1) - 1)``; activations per tensor,
-signed (``[-(2^(b-1)-1), 2^(b-1)-1]``) or unsigned after a ReLU (``[0, 2^b - 1]``), with ranges tracked by
+signed (``[-2^(b-1), 2^(b-1)-1]``) or unsigned after a ReLU (``[0, 2^b - 1]``), with ranges tracked by
 running min/max or an exponential moving average and frozen in eval mode. Biases are quantized to int32
 with scale ``s_w * s_in`` (HAWQ-V3), so they add straight into the integer accumulator.
 
-Requantization between layers multiplies by a *dyadic* number ``m / 2^c`` (``dyadic``) and shifts with
-round-half-up (``requantize``): integer multiply, add and shift only. The training-time simulation and
-the integer model both call these two functions, which is what makes them agree bit for bit.
+The deployed arithmetic is onnxruntime's (the CPU kernels of ``QuantizeLinear``, ``QLinearConv``,
+``QGemm`` and ``QLinearAdd`` on x86-64): int8 x int8 products summed exactly in int32, then one float32
+multiply per output and a round-half-to-even (``requantize``); a residual addition is two fused float32
+multiply-adds (``requantize_sum``). Activation codes live in uint8 containers, with zero point 128 for
+signed codes (``zero_point``). These functions are that arithmetic, bit for bit (tests check them
+against onnxruntime itself); ``lightning_hessian.quant.integer`` runs a model with them, and
+quantization-aware training rounds at the same places with the same rounding (``fake_quantize``).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from numbers import Integral
@@ -23,8 +28,6 @@ from torch import Tensor, nn
 MIN_BITS, MAX_BITS = 2, 8
 FOLLOW = "follow"  # act_bits: each layer's input activations take its weight bits (HAWQ-V3's W4A4/W8A8)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-MANTISSA_BITS = 30  # m in [2^29, 2^30): |n * m| + 2^(c-1) < 2^62 for any int32 n (room for an offset of 2^62)
-MAX_SHIFT = 54  # keeps 128 * 2^c (an int8 offset folded into the rounding) and x * m + 2^62 inside int64
 
 
 def validate_bits(bits: object, name: str = "bits") -> int:
@@ -62,11 +65,6 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """``round(x)`` in the forward pass, identity gradient in the backward pass."""
-    return x + (torch.round(x) - x).detach()
 
 
 def fake_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -141,13 +139,16 @@ class ActivationQuantizer(nn.Module):
 
     Args:
         bits: bit width, 2..8.
-        signed: ``True`` for a symmetric signed code, ``False`` for an unsigned one (after a ReLU),
-            ``None`` to decide from the observed range (unsigned when the running minimum is >= 0).
+        signed: ``True`` for a signed code, ``False`` for an unsigned one (after a ReLU), ``None`` to decide
+            from the observed range (unsigned when the running minimum is >= 0). A signed code's scale maps
+            the larger of ``|min|``, ``|max|`` to ``2^(b-1) - 1``; its range also holds ``-2^(b-1)`` (values
+            beyond the observed range), so it fills its int8 container and the deployed kernels need no
+            extra clamp.
         momentum: ``None`` tracks the running min/max over all training batches; a float in (0, 1]
             tracks an exponential moving average ``r <- (1 - momentum) * r + momentum * batch_r``.
 
     Before the first training batch the range is unknown and ``forward`` passes its input through
-    unchanged (e.g. during Lightning's sanity check); integer simulation and conversion refuse that state.
+    unchanged (e.g. during Lightning's sanity check); integer conversion refuses that state.
     """
 
     def __init__(self, bits: int = 8, signed: bool | None = None, momentum: float | None = None):
@@ -169,7 +170,9 @@ class ActivationQuantizer(nn.Module):
         return self.signed if self.signed is not None else bool(self.running_min < 0)
 
     def qrange(self) -> tuple[int, int]:
-        return qrange(self.bits, self.is_signed)
+        """Code range: ``[-2^(b-1), 2^(b-1) - 1]`` signed, ``[0, 2^b - 1]`` unsigned."""
+        qmin, qmax = qrange(self.bits, self.is_signed)
+        return (qmin - 1 if qmin < 0 else qmin), qmax
 
     def scale(self) -> Tensor:
         """Scale of the code: ``max(|min|, |max|) / qmax`` (signed) or ``max / qmax`` (unsigned)."""
@@ -223,39 +226,76 @@ class ActivationQuantizer(nn.Module):
         return f"bits={self.bits}, signed={self.signed}, momentum={self.momentum}"
 
 
-def dyadic(multiplier: Tensor) -> tuple[Tensor, Tensor]:
-    """Approximate positive real multipliers by dyadic numbers ``m / 2^c``, vectorised.
+def zero_point(qmin: int) -> int:
+    """Zero point of a code's uint8 container: 128 for signed codes (``qmin < 0``), 0 for unsigned ones."""
+    return 128 if qmin < 0 else 0
 
-    Returns int64 tensors ``m`` (a 30-bit mantissa in ``[2^29, 2^30)``, so it fits an int32) and ``c``
-    (shift, 1..54), chosen so the relative error is below ``2^-29``. Multipliers below ``2^-24`` keep
-    ``c = 54`` with a shorter mantissa: the absolute error on any int32 input stays below ``2^-24``.
-    Multipliers of ``2^29`` or more are rejected.
+
+def quantize_input(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """onnxruntime's ``QuantizeLinear``: ``clamp(round_half_even(float32(x) / scale))`` as int32 codes."""
+    return torch.round(x.float() / scale.float()).clamp_(qmin, qmax).int()
+
+
+def requantize(n: Tensor, acc_scale: Tensor, out_scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """onnxruntime's requantization of int32 accumulators (``QLinearConv``, ``QGemm``), as int32 codes.
+
+    ``clamp(round_half_even(float32(n) * m))`` with the float32 multiplier ``m = acc_scale / out_scale``;
+    ``acc_scale`` (per tensor, or broadcasting per channel) is the float32 product ``s_in * s_w`` that
+    onnxruntime forms from the input and weight scales, so ``m`` is its multiplier to the bit.
     """
-    multiplier = multiplier.double()
-    if not bool((multiplier > 0).all()) or not bool(torch.isfinite(multiplier).all()):
-        raise ValueError("dyadic multipliers must be positive and finite (a scale is zero, negative or nan)")
-    frac, exp = torch.frexp(multiplier)  # multiplier = frac * 2^exp, frac in [0.5, 1)
-    shift = MANTISSA_BITS - exp.long()
-    mantissa = torch.round(frac * 2.0**MANTISSA_BITS).long()  # exact: scaling by a power of two
-    carry = mantissa == 2**MANTISSA_BITS
-    mantissa = torch.where(carry, mantissa // 2, mantissa)
-    shift = torch.where(carry, shift - 1, shift)
-    if bool((shift < 1).any()):
-        raise ValueError(f"requantization multiplier {multiplier.max().item():g} is too large (>= 2^29)")
-    small = shift > MAX_SHIFT
-    if bool(small.any()):
-        mantissa = torch.where(small, torch.round(multiplier * 2.0**MAX_SHIFT).long(), mantissa)
-        shift = shift.clamp_max(MAX_SHIFT)
-    return mantissa, shift
+    m = acc_scale.float() / out_scale.float()
+    return torch.round(n.float() * m).clamp_(qmin, qmax).int()
 
 
-def requantize(n: Tensor, mantissa: Tensor, shift: Tensor, qmin: int | None = None,
-               qmax: int | None = None) -> Tensor:
-    """``clamp((n * m + 2^(c-1)) >> c, qmin, qmax)`` in int64: ``round-half-up(n * m / 2^c)``, clamped.
+def dequantize(n: Tensor, scale: Tensor) -> Tensor:
+    """Codes or accumulators to float32 as onnxruntime's ``DequantizeLinear`` and float-output ``QGemm``:
+    ``float32(n) * scale``."""
+    return n.float() * scale.float()
 
-    ``n`` must hold integers with ``|n| < 2^31`` (int32 accumulators); the product then fits int64.
+
+def fma32(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """``x * y + z`` for float32 tensors, rounded once to float32 (what a fused multiply-add computes).
+
+    The product is exact in float64; the float64 sum is rounded to odd when inexact (its error from
+    TwoSum), which makes the final rounding to float32 exact (53 >= 24 + 2 bits: Boldo and Melquiond).
     """
-    out = (n.long() * mantissa + (1 << (shift - 1))) >> shift
-    if qmin is not None or qmax is not None:
-        out = out.clamp(qmin, qmax)
-    return out
+    p, z = x.double().mul_(y.double()), z.double()
+    s = p + z
+    back = s - p
+    err = (s - back).neg_().add_(p).add_(back.neg_().add_(z))  # (p - (s - back)) + (z - back), in place
+    inexact = err != 0
+    if bool(inexact.any()):  # rare: only where |z| and |x * y| lie more than 2^20 apart
+        bits = s.view(torch.int64)
+        toward_err = torch.where((err > 0) == (s > 0), 1, -1)
+        bits.copy_(torch.where(inexact & (bits & 1 == 0), bits + toward_err, bits))
+    return s.float()
+
+
+def requantize_sum(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, zp_a: int, zp_b: int, out_scale: Tensor,
+                   qmin: int, qmax: int) -> Tensor:
+    """onnxruntime's ``QLinearAdd`` of codes ``a`` and ``b`` (x86-64, AVX2 kernel), as int32 codes.
+
+    On the uint8 containers ``a + zp_a`` and ``b + zp_b`` it computes, in float32 with the ratios
+    ``r_a = scale_a / out_scale`` and ``r_b = scale_b / out_scale``, ``fma(a, r_a, fma(b, r_b, f))`` with
+    ``f = zp_out - (r_a * zp_a + r_b * zp_b)``, rounds half to even and saturates to 0..255; the code is
+    that minus ``zp_out``, clamped to ``[qmin, qmax]``.
+    """
+    zp_out = zero_point(qmin)
+    ratio_a, ratio_b = scale_a.float() / out_scale.float(), scale_b.float() / out_scale.float()
+    fixed = zp_out - (ratio_a * zp_a + ratio_b * zp_b)  # products by 0 or 128 are exact: no FMA question here
+    a, b = (a + zp_a).double(), (b + zp_b).double()
+    if _sums_exact_in_float64(float(ratio_a), float(ratio_b), float(fixed)):  # one rounding, to float32
+        inner = b.mul_(ratio_b.double()).add_(fixed.double()).float()
+        total = a.mul_(ratio_a.double()).add_(inner.double()).float()
+    else:
+        total = fma32(a, ratio_a, fma32(b, ratio_b, fixed))
+    return torch.round(total).clamp_(0, 255).sub_(zp_out).clamp_(qmin, qmax).int()
+
+
+def _sums_exact_in_float64(ratio_a: float, ratio_b: float, fixed: float) -> bool:
+    """Whether ``a * r_a + (b * r_b + f)`` (containers 0..255, float32 operands) is exact in float64 at both
+    sums: every term is a multiple of the finest float32 unit ``2^k`` among them, so the sums are exact
+    while they stay below ``2^(k + 53)`` (the inner sum, rounded to float32, keeps the grid ``2^k``)."""
+    k = min(math.frexp(v)[1] - 24 for v in (ratio_a, ratio_b, fixed) if v != 0)
+    inner = 255 * abs(ratio_b) + abs(fixed)
+    return 255 * abs(ratio_a) + 2 * inner < 2.0 ** (k + 52)

@@ -1,15 +1,19 @@
 """What a mixed-precision plan does per layer: bits, Hessian sensitivity, size and BOPS against float.
 
 A :class:`BitReport` is the table HAWQ runs are judged by (which layers kept 8 bits and why); it renders
-as markdown and as a bar plot, and :meth:`BitReport.save` writes both into a run's output folder.
+as markdown and as a bar plot (beside the exact Pareto frontier of cost against summed sensitivity, with the
+plan marked, when a :class:`Frontier` is given), and :meth:`BitReport.save` writes both into a run's output
+folder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import bisect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_hessian.quant.allocation import ParetoPoint, allocation_total
 from lightning_hessian.quant.costs import FLOAT_BITS, LayerStats, check_layer_bits
 from lightning_hessian.quant.sensitivity import Sensitivity
 
@@ -37,12 +41,49 @@ class LayerRow:
 
 
 @dataclass(frozen=True)
+class Frontier:
+    """The exact Pareto frontier of ``resource`` against the summed sensitivity (``pareto_frontier(..., "all")``,
+    within ``fixed`` budgets on other resources) and the plan's own ``(chosen_cost, chosen_objective)``."""
+
+    resource: str
+    costs: tuple[float, ...]
+    objectives: tuple[float, ...]
+    chosen_cost: float
+    chosen_objective: float
+    fixed: tuple[tuple[str, float], ...] = ()
+
+    def least_within(self, budget: float) -> float:
+        """The least summed sensitivity of an allocation costing at most ``budget`` (``inf`` if none)."""
+        i = bisect.bisect_right(self.costs, budget)
+        return self.objectives[i - 1] if i else float("inf")
+
+    def to_markdown(self) -> str:
+        within = "".join(f", {r} <= {b:.4g}" for r, b in self.fixed)
+        best = self.least_within(self.chosen_cost * (1 + 1e-12))
+        return (f"Pareto frontier ({self.resource} against summed Omega{within}): {len(self.costs)} non-dominated "
+                f"allocations, {self.resource} {self.costs[0]:.4g} to {self.costs[-1]:.4g}. This plan: "
+                f"{self.resource} {self.chosen_cost:.4g}, summed Omega {self.chosen_objective:.4g} (the least at that "
+                f"{self.resource}: {best:.4g}).")
+
+
+def frontier_of(points: Sequence[ParetoPoint], resource: str, costs: Mapping[str, Mapping[int, float]],
+                sensitivity: Mapping[str, Mapping[int, float]], bits: Mapping[str, int],
+                fixed: Mapping[str, float] | None = None) -> Frontier:
+    """A :class:`Frontier` from ``pareto_frontier(..., resource, "all")`` points and the plan ``bits``, priced with
+    ``costs`` (the resource's table) and ``sensitivity``."""
+    return Frontier(resource, tuple(p.budget for p in points), tuple(p.objective for p in points),
+                    allocation_total(costs, bits), allocation_total(sensitivity, bits),
+                    tuple((r, float(b)) for r, b in (fixed or {}).items()))
+
+
+@dataclass(frozen=True)
 class BitReport:
     """Per-layer rows and their totals; ``to_markdown()``, ``plot(path)`` and ``save(folder)``."""
 
     rows: tuple[LayerRow, ...]
     activation_bits: int | None
     metric: str = "trace"
+    frontier: Frontier | None = None
 
     @property
     def size_bits(self) -> float:
@@ -81,10 +122,13 @@ class BitReport:
         lines.append("")
         lines.append(f"Activations: {acts}. Size: weights at their bits, biases at 32 bits. BOPS per sample. "
                      f"Omega: the {self.metric} metric.")
+        if self.frontier is not None:
+            lines += ["", self.frontier.to_markdown()]
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
-        """Bar plot of the bits per layer over the layers' average Hessian trace (log scale); saved as PNG."""
+        """Bar plot of the bits per layer over the layers' average Hessian trace (log scale), beside the Pareto
+        frontier with the plan marked if there is one; saved as PNG."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -94,8 +138,18 @@ class BitReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         names = [r.name for r in self.rows]
         xs = range(len(names))
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4.0))
+        width = max(6.0, 0.45 * len(names) + 2)
+        if self.frontier is None:
+            fig, ax = plt.subplots(figsize=(width, 4.0))
+        else:
+            fig, (ax, right) = plt.subplots(1, 2, figsize=(width + 5.5, 4.0), gridspec_kw={"width_ratios": [width, 5]})
         try:
+            if self.frontier is not None:
+                from lightning_hessian.plots import draw_pareto_frontier
+
+                f = self.frontier
+                draw_pareto_frontier(right, f.costs, f.objectives, (f.chosen_cost, f.chosen_objective), f.resource,
+                                     self.metric)
             bits = [r.bits if r.bits is not None else FLOAT_BITS for r in self.rows]
             colors = ["tab:gray" if r.bits is None else plt.cm.viridis((r.bits - 2) / 6) for r in self.rows]
             ax.bar(xs, bits, color=colors)
@@ -130,12 +184,14 @@ def bit_report(
     sensitivity: Sensitivity | None = None,
     activation_bits: int | None = None,
     metric: str = "trace",
+    frontier: Frontier | None = None,
 ) -> BitReport:
     """Report for the layers of ``stats`` (from :func:`~lightning_hessian.quant.costs.layer_stats`).
 
     ``bits[layer]`` are the weight bits (layers absent stay float); ``sensitivity`` adds the Hessian
     columns (``Omega`` at the chosen bits by ``metric``, when it was measured); ``activation_bits`` as in
-    :func:`~lightning_hessian.quant.costs.bops_costs` (``None``: the same width as the weights).
+    :func:`~lightning_hessian.quant.costs.bops_costs` (``None``: the same width as the weights); ``frontier``
+    (:func:`frontier_of`) adds the Pareto frontier to the text and the plot.
     """
     check_layer_bits(stats, bits)
     omega = sensitivity.omega(metric) if sensitivity is not None and metric in sensitivity.metrics else {}
@@ -156,7 +212,7 @@ def bit_report(
             bops=float(s.macs * wb * ab),
             float_bops=float(s.macs * FLOAT_BITS * FLOAT_BITS),
         ))
-    return BitReport(tuple(rows), activation_bits, metric)
+    return BitReport(tuple(rows), activation_bits, metric, frontier)
 
 
 def _num(value: float | None) -> str:

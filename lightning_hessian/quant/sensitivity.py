@@ -36,6 +36,23 @@ forward pre-hook is differentiated twice, one product per layer and bit width, a
 first-order graph per batch. The weight-activation cross term is left out (each part is one layer's
 own rounding, like the weight form). Omega of one layer is then what ``Q_b`` on that layer alone costs.
 
+ZeroQ (Cai et al., CVPR 2020) measures a layer's sensitivity without the loss or its Hessian, from the
+model's outputs alone: ``metric="kl"`` is
+
+    ``Omega_i(b) = mean_x KL(softmax(f(x)) || softmax(f_{i,b}(x)))``,
+
+``f_{i,b}`` the model with layer ``i``'s weights replaced by ``Q_b(W_i)`` (nothing else changed), one
+forward pass per layer, bit width and batch, on any data: ZeroQ's distilled inputs
+(:func:`~lightning_hessian.quant.distill.distill_data`) need no labels. It is not a sum over layers, but
+the allocation treats it as one, as ZeroQ does.
+
+``"kfac"`` evaluates the same quadratic form on the K-FAC approximation of the layer's Gauss-Newton block,
+``Omega_i(b) = <dW_i, G_i dW_i A_i>`` (:class:`~lightning_hessian.hessian.kfac.KFACOperator`, exact type-2): one
+forward and one backward pass per output dimension of each probe batch for all layers and bit widths together, no
+Hessian-vector product. It drops the Hessian's second-order term of the network (the GGN is the Hessian at a
+perfect fit) and the coupling between samples that K-FAC averages out, and needs a loss that is a mean of
+per-sample terms (cross-entropy is).
+
 The Hessian part is the expensive one, so it is cached on disk (a JSON file keyed by a hash of the
 model's parameters, buffers, structure and code, the loss function's code, the probe data and the estimator
 settings); the perturbations are
@@ -59,16 +76,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_hessian.hessian.blocks import block_slices, per_layer_top_eigenvalue, per_layer_trace
+from lightning_hessian.hessian.kfac import KFACOperator
 from lightning_hessian.hessian.operator import HessianOperator
 from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES, check_sampling
 from lightning_hessian.quant.modules import quantizable_layers
 from lightning_hessian.quant.quantizers import MAX_BITS, ActivationQuantizer, quantize_weight, validate_bit_choices
 
-METRICS = ("trace", "eigenvalue", "quadratic", "quadratic+act")
-QUADRATIC_METRICS = ("quadratic", "quadratic+act")
+METRICS = ("trace", "eigenvalue", "quadratic", "quadratic+act", "kfac", "kl")
+QUADRATIC_METRICS = ("quadratic", "quadratic+act", "kfac")
+PER_BITS_METRICS = (*QUADRATIC_METRICS, "kl")  # measured per bit width, so the bit widths are in the cache key
 _CACHE_VERSION = 3
 
 
@@ -80,7 +100,9 @@ class Sensitivity:
     ``trace_std_error[l]`` its standard error; ``top_eigenvalue[l]`` the largest eigenvalue of ``H_l``
     (empty unless requested); ``perturbation[l][b] = ||Q_b(W_l) - W_l||^2``; ``quadratic[l][b]`` the exact
     ``dW^T H_ll dW`` for ``dW = Q_b(W_l) - W_l`` and ``act_quadratic[l][b]`` the exact ``dA^T H_A dA`` for the
-    layer's rounded input activations (each empty unless requested). A metric that was not measured
+    layer's rounded input activations; ``kfac[l][b]`` the form ``dW^T (G_l (x) A_l) dW`` of the K-FAC Gauss-Newton
+    block; ``kl[l][b]`` ZeroQ's mean KL divergence of the outputs with layer ``l``'s weights at ``b`` bits from the
+    float outputs (each empty unless requested). A metric that was not measured
     leaves its tables empty. ``num_hvps`` counts the Hessian-vector products this call made (0 when
     ``cached``).
     """
@@ -92,6 +114,8 @@ class Sensitivity:
     top_eigenvalue: dict[str, float] = field(default_factory=dict)
     quadratic: dict[str, dict[int, float]] = field(default_factory=dict)
     act_quadratic: dict[str, dict[int, float]] = field(default_factory=dict)
+    kfac: dict[str, dict[int, float]] = field(default_factory=dict)
+    kl: dict[str, dict[int, float]] = field(default_factory=dict)
     num_samples: int = 0
     num_hvps: int = 0
     converged: bool = True
@@ -106,21 +130,23 @@ class Sensitivity:
     def metrics(self) -> tuple[str, ...]:
         """The metrics whose tables were measured."""
         tables = {"trace": self.trace, "eigenvalue": self.top_eigenvalue, "quadratic": self.quadratic,
-                  "quadratic+act": self.act_quadratic}
+                  "quadratic+act": self.act_quadratic, "kfac": self.kfac, "kl": self.kl}
         return tuple(m for m in METRICS if tables[m])
 
     def omega(self, metric: str = "trace") -> dict[str, dict[int, float]]:
         """``Omega[l][b]``, the ``sensitivity`` table of :func:`~lightning_hessian.quant.allocation.allocate_bits`:
         ``Tr(H_l)/n_l`` (``"trace"``) or the top eigenvalue (``"eigenvalue"``) times ``||Q_b(W_l) - W_l||^2``,
         or the exact ``dW^T H_ll dW`` (``"quadratic"``), plus ``dA^T H_A dA`` of the input activations
-        (``"quadratic+act"``)."""
+        (``"quadratic+act"``), the K-FAC form ``dW^T (G (x) A) dW`` (``"kfac"``), or ZeroQ's output KL divergence
+        (``"kl"``)."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if metric not in self.metrics:
             raise ValueError(f"metric={metric!r} was not measured (this Sensitivity has {list(self.metrics)}): "
                              f"call layer_sensitivity(..., metrics=[{metric!r}])")
-        if metric == "quadratic":
-            return {name: dict(table) for name, table in self.quadratic.items()}
+        if metric in ("quadratic", "kfac", "kl"):
+            forms = {"quadratic": self.quadratic, "kfac": self.kfac, "kl": self.kl}[metric]
+            return {name: dict(table) for name, table in forms.items()}
         if metric == "quadratic+act":
             return {name: {b: q + self.act_quadratic[name][b] for b, q in table.items()}
                     for name, table in self.quadratic.items()}
@@ -137,6 +163,8 @@ class Sensitivity:
             "top_eigenvalue": dict(self.top_eigenvalue),
             "quadratic": {name: dict(table) for name, table in self.quadratic.items()},
             "act_quadratic": {name: dict(table) for name, table in self.act_quadratic.items()},
+            "kfac": {name: dict(table) for name, table in self.kfac.items()},
+            "kl": {name: dict(table) for name, table in self.kl.items()},
             "num_samples": self.num_samples,
             "num_hvps": self.num_hvps,
             "converged": self.converged,
@@ -155,6 +183,8 @@ class Sensitivity:
             quadratic={k: {int(b): float(q) for b, q in t.items()} for k, t in state.get("quadratic", {}).items()},
             act_quadratic={k: {int(b): float(q) for b, q in t.items()}
                            for k, t in state.get("act_quadratic", {}).items()},
+            kfac={k: {int(b): float(q) for b, q in t.items()} for k, t in state.get("kfac", {}).items()},
+            kl={k: {int(b): float(q) for b, q in t.items()} for k, t in state.get("kl", {}).items()},
             num_samples=int(state.get("num_samples", 0)),
             num_hvps=int(state.get("num_hvps", 0)),
             converged=bool(state.get("converged", True)),
@@ -240,6 +270,64 @@ def activation_quadratic_forms(op: HessianOperator, layers: Mapping[str, nn.Modu
     return out
 
 
+def kl_divergences(op: HessianOperator, layers: Mapping[str, nn.Module],
+                   bit_choices: Iterable[int]) -> dict[str, dict[int, float]]:
+    """ZeroQ's ``mean_x KL(softmax(f(x)) || softmax(f_{l,b}(x)))`` for every layer ``l`` and bit width ``b``.
+
+    ``f`` is ``op.model`` as ``op``'s loss function calls it on ``op``'s batches (its forward's output, last
+    dimension the logits; every call of a batch counts), ``f_{l,b}`` the same with layer ``l``'s weight
+    replaced by ``Q_b(W_l)`` and put back bit for bit afterwards. Per sample (the batch's first dimension),
+    averaged with sample-count weights and all-reduced like ``op.matmat``; no gradient is taken.
+    """
+    bits = list(bit_choices)
+    pairs = [(name, b) for name in layers for b in bits]
+    weights = {name: m.weight for name, m in layers.items()}
+
+    def batch_kl(batch: Any) -> torch.Tensor:
+        reference = [F.log_softmax(out.double(), -1) for out in _outputs(op, batch)]
+        out = []
+        for name, b in pairs:
+            w = weights[name]
+            saved = w.detach().clone()
+            with torch.no_grad():
+                w.copy_(quantize_weight(saved, b))
+            try:
+                quantized = _outputs(op, batch)
+            finally:
+                with torch.no_grad():
+                    w.copy_(saved)
+            kl = sum(F.kl_div(F.log_softmax(q.double(), -1), p, log_target=True, reduction="sum")
+                     for p, q in zip(reference, quantized))
+            out.append(kl / reference[0].shape[0])
+        return torch.stack(out)
+
+    with torch.no_grad():
+        mean = op.data_mean(batch_kl, shape=(len(pairs),))
+    op.clear_cache()  # graphs cached before hold the weights at their versions before the swaps
+    table: dict[str, dict[int, float]] = {name: {} for name in layers}
+    for (name, b), value in zip(pairs, mean.tolist()):
+        table[name][b] = value
+    return table
+
+
+def _outputs(op: HessianOperator, batch: Any) -> list[torch.Tensor]:
+    """What ``op.model``'s forward returns on ``batch`` when ``op``'s loss function runs it (every call)."""
+    outputs: list[Any] = []
+    handle = op.model.register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        op.batch_loss(batch)
+    finally:
+        handle.remove()
+    if not outputs:
+        raise ValueError(f"metric='kl' compares the outputs of {type(op.model).__name__}.forward, but the loss "
+                         "function never called it; make the loss call model(...)")
+    for out in outputs:
+        if not isinstance(out, torch.Tensor) or out.dim() < 1:
+            raise ValueError(f"metric='kl' compares logits, but {type(op.model).__name__}.forward returns "
+                             f"{type(out).__name__}: make it return the logits tensor")
+    return outputs
+
+
 def _frozen(observer: ActivationQuantizer, bits: int) -> ActivationQuantizer:
     """A ``bits``-wide quantizer in eval mode with the observer's range (what ``QuantAct`` applies)."""
     q = ActivationQuantizer(bits, momentum=observer.momentum).to(observer.running_min.device)
@@ -314,7 +402,10 @@ def layer_sensitivity(
         metrics: what to measure, any of ``"trace"`` (Hutchinson, per block), ``"eigenvalue"`` (each block's
             top eigenvalue by Lanczos, ``eig_tol``: HAWQ-V1), ``"quadratic"`` (the exact quadratic forms,
             ``len(layers) * len(bit_choices)`` Hessian-vector products) and ``"quadratic+act"`` (those plus the
-            forms of each layer's rounded input activations at the same bits: for ``act_bits="follow"``).
+            forms of each layer's rounded input activations at the same bits: for ``act_bits="follow"``),
+            ``"kfac"`` (the quadratic forms of the K-FAC Gauss-Newton blocks: no Hessian-vector product) and
+            ``"kl"`` (ZeroQ: the output KL divergence with one layer's weights quantized, ``len(layers) *
+            len(bit_choices)`` forward passes over ``data``; the loss function is only used to run the model).
         act_momentum: how ``QuantAct`` tracks activation ranges (``None``: running min/max, else the EMA
             momentum); ``"quadratic+act"`` rounds each layer's input with the range it calibrates on ``data``.
         rel_tol: Hutchinson stops once every layer's trace has ``std_error <= rel_tol * |trace|``
@@ -347,7 +438,7 @@ def layer_sensitivity(
         "version": _CACHE_VERSION, "layers": names, "rel_tol": rel_tol, "min_samples": min_samples,
         "max_samples": max_samples, "batch": batch, "metrics": wanted, "eig_tol": eig_tol, "seed": seed,
         "loss_fn": _code_of(loss_fn),
-        "bits": bits if set(QUADRATIC_METRICS) & set(wanted) else None,
+        "bits": bits if set(PER_BITS_METRICS) & set(wanted) else None,
         "act_momentum": act_momentum if "quadratic+act" in wanted else None,
     }
     path = None
@@ -398,7 +489,8 @@ def _measure(
     blocks = {name: [w] for name, w in weights.items()}
     out: dict[str, Any] = {
         "params": {name: w.numel() for name, w in weights.items()},
-        "trace": {}, "trace_std_error": {}, "top_eigenvalue": {}, "quadratic": {}, "act_quadratic": {},
+        "trace": {}, "trace_std_error": {}, "top_eigenvalue": {}, "quadratic": {}, "act_quadratic": {}, "kfac": {},
+        "kl": {},
         "num_samples": 0, "converged": True,
     }
     if "trace" in metrics:
@@ -408,12 +500,17 @@ def _measure(
         out["trace_std_error"] = {name: t.std_error for name, t in traces.items()}
         out["num_samples"] = next(iter(traces.values())).num_samples
         out["converged"] = all(t.converged for t in traces.values())
-    if set(QUADRATIC_METRICS) & set(metrics):
+    if {"quadratic", "quadratic+act"} & set(metrics):
         out["quadratic"] = quadratic_forms(op, weights, bits)
+    if "kfac" in metrics:
+        out["kfac"] = quadratic_forms(KFACOperator(model, loss_fn, data, params=list(weights.values())), weights, bits)
     if "quadratic+act" in metrics:
         modules = dict(model.named_modules())
         out["act_quadratic"] = activation_quadratic_forms(op, {name: modules[name] for name in weights}, bits,
                                                           act_momentum)
+    if "kl" in metrics:
+        modules = dict(model.named_modules())
+        out["kl"] = kl_divergences(op, {name: modules[name] for name in weights}, bits)
     if "eigenvalue" in metrics:
         eigs = per_layer_top_eigenvalue(op, blocks, k=1, tol=eig_tol, seed=seed)
         out["top_eigenvalue"] = {name: float(e.eigenvalues[0]) for name, e in eigs.items()}

@@ -38,8 +38,9 @@ def test_spectrum_two_ranks_equal_one_process():
         trainer.fit(module, DataLoader(make_data(), batch_size=16))
         metrics.append({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("hessian/")})
     one, two = metrics
-    assert set(one) == {"hessian/eig_1", "hessian/eig_2", "hessian/trace", "hessian/trace_std_error"} == set(two)
-    for key in one:
+    values = {"hessian/eig_1", "hessian/eig_2", "hessian/trace", "hessian/trace_std_error"}
+    assert set(one) == values | {"hessian/hvps", "hessian/probe_seconds"} == set(two)  # each probe's cost too
+    for key in values | {"hessian/hvps"}:
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
 
 
@@ -93,7 +94,7 @@ def test_a_probe_failing_on_one_rank_is_skipped_on_every_rank(tmp_path):
     # the failing rank used to warn and train on while the others waited in its all-reduce: a hang
     pl.seed_everything(0)
     cb = HessianSpectrumCallback(top_k=1, trace=False, probe_size=32, probe_batch_size=16, plot=False,
-                                 loss_fn=_fails_on_rank_1_in_epoch_1)
+                                 loss_fn=_fails_on_rank_1_in_epoch_1, max_overhead=None)
     history = SaveRankResults(tmp_path, lambda trainer, module: [h["epoch"] for h in cb.history])
     strategy = DDPStrategy(start_method="fork", process_group_backend="gloo", timeout=timedelta(seconds=60))
     trainer = pl.Trainer(max_epochs=3, callbacks=[cb, history], logger=False, enable_progress_bar=False,
@@ -101,6 +102,45 @@ def test_a_probe_failing_on_one_rank_is_skipped_on_every_rank(tmp_path):
                          strategy=strategy)
     trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=16))
     assert load_ranks(tmp_path, 2) == [[0, 2], [0, 2]]  # a collective timeout (a hang) fails instead
+
+
+def test_the_budget_and_the_probe_size_follow_rank_0(tmp_path, monkeypatch):
+    """Rank 1 times its products 10x slower than rank 0: deciding alone it would choose another probe size and
+    skip other probes (and wait forever in the all-reduced products); every rank takes rank 0's decisions."""
+    from lightning_hessian.callbacks import budget
+    from lightning_hessian.hessian import HessianOperator
+    from lightning_hessian.hessian.operator import sample_count
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(budget, "now", lambda: clock["t"])
+    matmat = HessianOperator.matmat
+
+    def timed(op, V):
+        slow = 10 if torch.distributed.get_rank() == 1 else 1
+        clock["t"] += slow * 2e-5 * V.shape[0] * sum(sample_count(b) for b in op._batches)
+        return matmat(op, V)
+
+    monkeypatch.setattr(HessianOperator, "matmat", timed)
+
+    class Clocked(TinyModule):
+        def training_step(self, batch, batch_idx):
+            clock["t"] += 0.1
+            return super().training_step(batch, batch_idx)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(640, 6, generator=g)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    cb = HessianSpectrumCallback(plot=False, trace=False)  # the default budget and an automatic probe size
+    results = SaveRankResults(tmp_path, lambda trainer, module: {
+        "steps": [h["step"] for h in cb.history], "size": cb._probe.size, "hvps": [h["hvps"] for h in cb.history]})
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=8, callbacks=[cb, results], logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", **ddp(2))
+    trainer.fit(Clocked(batch_norm=False), DataLoader(data, batch_size=32))
+    rank0, rank1 = load_ranks(tmp_path, 2)
+    assert rank0 == rank1
+    # rank 0's timing affords 512 samples (rank 1's alone: 128); budgeted, so some probes are skipped
+    assert rank0["size"] == 512 and 2 <= len(rank0["steps"]) < 8
 
 
 class PerDeviceData(pl.LightningDataModule):

@@ -45,9 +45,10 @@ def run(case: Case, feature: str, with_loss: bool):
     probe = dict(probe_size=32, probe_batch_size=32, loss_fn=loss)  # one probe batch: the dense Hessian's
     callbacks, fitted = [], module
     if feature == "spectrum":
-        callbacks = [HessianSpectrumCallback(plot=False, **probe)]
+        callbacks = [HessianSpectrumCallback(plot=False, max_overhead=None, **probe)]  # 2 steps: no budget for one
     elif feature == "abs":
-        callbacks = [AdaptiveBatchSizeCallback(case.max_batch_size, mode=case.abs_mode, plot=False, **probe)]
+        callbacks = [AdaptiveBatchSizeCallback(case.max_batch_size, mode=case.abs_mode, plot=False, eig_tol=1e-4,
+                                               **probe)]  # its default tolerance is 5%; here the Hessian is checked
     elif feature == "adversarial":
         callbacks = [AdversarialAugmentCallback(fraction=0.5)]
     else:
@@ -69,9 +70,9 @@ def check(case: Case, feature: str, with_loss: bool) -> None:
     done, module, trainer = run(case, feature, with_loss)
     assert trainer.global_step > 0
     if feature in ("spectrum", "abs"):
-        probe = done if feature == "spectrum" else done._probe
+        probe = done._probe
         measured = done.history[-1]["eigenvalues"][0] if feature == "spectrum" else done.history[-1]["eigenvalue"]
-        reference = dense_top_eigenvalue(module, case.loss_fn if with_loss else cross_entropy_loss, probe._batches[0])
+        reference = dense_top_eigenvalue(module, case.loss_fn if with_loss else cross_entropy_loss, probe.batches[0])
         assert measured == pytest.approx(reference, rel=1e-3, abs=1e-6)
     elif feature == "adversarial":
         assert done.samples_attacked > 0

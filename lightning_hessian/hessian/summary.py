@@ -1,0 +1,210 @@
+"""The one spectrum measurement: options in, a record out.
+
+``measure_spectrum`` is what ``HessianSpectrumCallback`` logs at each probe, what ``analyze_model`` reports and
+what ``AdaptiveBatchSizeCallback`` decides on, so the same options on the same probe set give the same numbers
+in all three. It runs, on one ``HessianOperator``:
+
+- the top ``top_k`` eigenpairs (Lanczos, counted with multiplicity), warm-started from earlier eigenvectors
+  when given: the Hessian moves little between probes, so a warm top-1 converges in a few products;
+- the trace (optional): by default Hutchinson probes deflated by the eigenvalue run's Krylov basis, whose part
+  of the trace is known exactly (the run goes on to ``krylov_steps`` products for it);
+- per-layer top eigenvalues and traces, and the spectral density (optional).
+
+Each part's products and seconds are in the record, so a caller can budget the next measurement.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_hessian.checks import check_number, check_positive_int
+from lightning_hessian.hessian.blocks import per_layer_top_eigenvalue, per_layer_trace
+from lightning_hessian.hessian.density import DensityResult, spectral_density
+from lightning_hessian.hessian.lanczos import EigenResult, top_eigenvalues
+from lightning_hessian.hessian.operator import LinearOperator, working_dtype
+from lightning_hessian.hessian.trace import hutchinson_trace
+
+TRACE_METHODS = ("krylov", "hutch++", "hutchinson")
+WARM_MIX = 0.1  # a warm start's random part (relative norm): every direction, a new top one included, is present
+
+
+@dataclass
+class SpectrumOptions:
+    """What ``measure_spectrum`` measures, and how precisely.
+
+    ``tol`` is the eigenpairs' relative residual target (the eigenvalue error is at most ``tol * |lambda|``,
+    usually far less); ``max_hvps`` caps each Lanczos run. The trace (``trace_method``: ``"krylov"``,
+    ``"hutch++"`` or ``"hutchinson"``) stops once its ``confidence`` interval is within ``trace_rel_tol`` of the
+    estimate, after at least ``trace_min_samples`` and at most ``trace_max_samples`` probes; per-layer traces
+    use the same rule. The density takes ``density_runs`` SLQ runs of ``density_steps`` products, with the
+    eigenpairs as exact spikes. ``seed`` seeds every random draw.
+    """
+
+    top_k: int = 1
+    tol: float = 1e-3
+    max_hvps: int = 1000
+    trace: bool = True
+    trace_method: str = "krylov"
+    krylov_steps: int = 20
+    trace_rel_tol: float = 0.05
+    trace_min_samples: int = 10
+    trace_max_samples: int = 200
+    confidence: float = 0.95
+    per_layer: bool = False
+    density: bool = False
+    density_runs: int = 10
+    density_steps: int = 40
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "max_hvps", "krylov_steps", "trace_min_samples", "trace_max_samples", "density_runs",
+                     "density_steps"):
+            check_positive_int(getattr(self, name), name)
+        if self.trace_method not in TRACE_METHODS:
+            raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {self.trace_method!r}")
+        check_number(self.tol, "tol", 0, low_open=True)
+        check_number(self.trace_rel_tol, "trace_rel_tol", 0, 1, low_open=True, high_open=True)
+        check_number(self.confidence, "confidence", 0, 1, low_open=True, high_open=True)
+        if self.trace_max_samples < max(self.trace_min_samples, 2):
+            raise ValueError(f"trace_max_samples ({self.trace_max_samples}) must be >= max(trace_min_samples, 2)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+    @property
+    def extras(self) -> bool:
+        """Whether anything beyond the eigenvalues is asked for (trace, per-layer values, density)."""
+        return self.trace or self.per_layer or self.density
+
+
+@dataclass
+class SpectrumRecord:
+    """One measurement. ``eigen`` holds the eigenpairs (vectors for a warm start or a landscape walk);
+    ``hvps`` and ``seconds`` count everything, ``part_hvps`` / ``part_seconds`` each part
+    (``"eigenvalues"``, ``"trace"``, ``"per_layer"``, ``"density"``). ``trace_converged`` is false when the
+    trace stopped at ``trace_max_samples`` short of its target (its ``trace_std_error`` says how far)."""
+
+    eigen: EigenResult
+    hvps: int
+    seconds: float
+    trace: float | None = None
+    trace_std_error: float | None = None
+    trace_samples: int = 0
+    trace_converged: bool = True
+    layer_eigenvalue: dict[str, float] = field(default_factory=dict)
+    layer_trace: dict[str, float] = field(default_factory=dict)
+    density: DensityResult | None = None
+    part_hvps: dict[str, int] = field(default_factory=dict)
+    part_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def eigenvalues(self) -> list[float]:
+        return [float(v) for v in self.eigen.eigenvalues]
+
+    def values(self) -> list[float]:
+        """Every number the record reports (to check them for finiteness at once)."""
+        extra = [] if self.trace is None else [self.trace]
+        return [*self.eigenvalues, *extra, *self.layer_eigenvalue.values(), *self.layer_trace.values()]
+
+
+def warm_start_vector(previous: torch.Tensor, dim: int, seed: int, dtype: torch.dtype, device: torch.device
+                      ) -> torch.Tensor | None:
+    """One start vector from earlier eigenvectors (rows, summed at unit norm) plus a seeded random part of
+    relative norm ``WARM_MIX``; ``None`` if ``previous`` does not fit (another parameter set) or is not finite.
+
+    The random part keeps every direction in the Krylov space: after two eigenvalues cross, the old top
+    eigenvector is the new second one, and a start exactly on it would converge there in one step."""
+    if previous is None or previous.dim() != 2 or previous.shape[1] != dim or not bool(torch.isfinite(previous).all()):
+        return None
+    rows = previous.to(device=device, dtype=dtype)
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    if not bool((norms > 0).all()):
+        return None
+    x = (rows / norms).sum(0)
+    x /= torch.linalg.vector_norm(x).clamp_min(torch.finfo(dtype).tiny)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(dim, generator=g, device="cpu", dtype=torch.float64).to(device=device, dtype=dtype)
+    return (x + WARM_MIX * noise / torch.linalg.vector_norm(noise))[None]
+
+
+def measure_spectrum(
+    op: LinearOperator,
+    options: SpectrumOptions,
+    warm_start: torch.Tensor | None = None,
+    draw: int = 0,
+) -> SpectrumRecord:
+    """Measure what ``options`` ask for on ``op`` (the Hessian of a probe set); see the module docstring.
+
+    Args:
+        op: a ``HessianOperator`` (or any operator with ``dim``, ``dtype``, ``device``, ``matmat``).
+        options: what to measure.
+        warm_start: earlier eigenvectors (``(p, dim)`` rows, e.g. the last record's ``eigen.eigenvectors``);
+            ignored when they do not fit ``op``.
+        draw: which draw of random probes the trace takes (seed ``options.seed + draw``): a callback passes
+            its probe count, so successive traces do not share their noise.
+
+    Raises ``NonFiniteError`` ("the loss is NaN at this probe") when the products are not finite.
+    """
+    started = time.perf_counter()
+    parts: dict[str, float] = {}
+    hvps: dict[str, int] = {}
+    krylov = options.trace and options.trace_method == "krylov"
+    v0 = warm_start_vector(warm_start, op.dim, options.seed + draw, working_dtype(op.dtype), op.device)
+    start = time.perf_counter()
+    eig = top_eigenvalues(op, k=min(options.top_k, op.dim), tol=options.tol, max_iter=options.max_hvps, v0=v0,
+                          seed=options.seed, min_iter=min(options.krylov_steps, op.dim, options.max_hvps) if krylov
+                          else 0, return_basis=krylov)
+    parts["eigenvalues"], hvps["eigenvalues"] = time.perf_counter() - start, eig.num_hvps
+    record = SpectrumRecord(eigen=eig, hvps=0, seconds=0.0)
+    sampling = dict(rel_tol=options.trace_rel_tol, confidence=options.confidence,
+                    min_samples=options.trace_min_samples, max_samples=options.trace_max_samples,
+                    batch=min(16, options.trace_min_samples))
+    if options.trace:
+        start = time.perf_counter()
+        tr = hutchinson_trace(op, **sampling, seed=options.seed + draw,
+                              method="hutchinson" if krylov else options.trace_method,
+                              basis=eig.basis if krylov else None, basis_trace=eig.basis_trace if krylov else None)
+        record.trace, record.trace_std_error = float(tr.estimate), float(tr.std_error)
+        record.trace_samples, record.trace_converged = tr.num_samples, bool(tr.converged)
+        parts["trace"], hvps["trace"] = time.perf_counter() - start, tr.num_hvps
+    if options.per_layer:
+        start = time.perf_counter()
+        eigs = per_layer_top_eigenvalue(op, tol=options.tol, max_iter=options.max_hvps, seed=options.seed)
+        record.layer_eigenvalue = {name: float(r.eigenvalues[0]) for name, r in eigs.items()}
+        used = sum(r.num_hvps for r in eigs.values())
+        if options.trace:
+            traces = per_layer_trace(op, **sampling, seed=options.seed + draw)
+            record.layer_trace = {name: float(t.estimate) for name, t in traces.items()}
+            used += next(iter(traces.values())).num_hvps
+        parts["per_layer"], hvps["per_layer"] = time.perf_counter() - start, used
+    if options.density:
+        start = time.perf_counter()
+        record.density = spectral_density(op, num_runs=options.density_runs,
+                                          lanczos_steps=min(options.density_steps, op.dim), seed=options.seed,
+                                          eigenpairs=eig)
+        parts["density"], hvps["density"] = time.perf_counter() - start, record.density.num_hvps
+    record.part_seconds, record.part_hvps = parts, hvps
+    record.hvps, record.seconds = sum(hvps.values()), time.perf_counter() - started
+    return record
+
+
+def record_summary(record: SpectrumRecord) -> dict[str, Any]:
+    """The record's numbers as plain Python values (JSON, a checkpoint's history)."""
+    out: dict[str, Any] = {
+        "eigenvalues": record.eigenvalues,
+        "residual_norms": [float(v) for v in record.eigen.residual_norms],
+        "eigen_converged": bool(record.eigen.converged),
+        "hvps": int(record.hvps),
+        "seconds": float(record.seconds),
+    }
+    if record.trace is not None:
+        out.update(trace=record.trace, trace_std_error=record.trace_std_error, trace_samples=record.trace_samples,
+                   trace_converged=record.trace_converged)
+    if record.layer_eigenvalue:
+        out["layer_eigenvalue"] = dict(record.layer_eigenvalue)
+    if record.layer_trace:
+        out["layer_trace"] = dict(record.layer_trace)
+    return out
