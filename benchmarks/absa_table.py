@@ -210,6 +210,7 @@ def run(args: argparse.Namespace) -> str:
         timed_runs += [train(m, cap, seed, args, devices=2) for m in METHODS]
     total_minutes = (time.perf_counter() - start) / 60
     if args.save_runs:
+        Path(args.save_runs).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save_runs).write_text(json.dumps({"table_1": runs, "table_2": timed_runs}))
     return report(runs, timed_runs, args, header_machine, f"{total_minutes:.0f} min in all "
                   f"({table_1_seconds / 60:.0f} for table 1)")
