@@ -17,7 +17,8 @@ callback's own timers (``abs/*_seconds``). Speed-ups are the median over seeds o
 the method's, both measured in the same seed's block of runs.
 
 ``--quick`` is a smoke run (9 epochs on 4,000 samples, caps 4x and 16x, one seed): it prints the tables and
-writes no result file.
+writes no result file. ``--save-runs`` keeps every run's record; ``--reuse-runs`` takes those of a saved file
+instead of running them again (to add ``--timing-seeds`` to a finished table within another hour, say).
 """
 
 from __future__ import annotations
@@ -189,31 +190,57 @@ def goals(runs: list[dict[str, Any]], timed: dict[str, dict[str, float]], args: 
     return line, text
 
 
+SETTINGS = ("epochs", "base_batch", "lr", "num_train", "num_test", "batch_norm")  # what a reused run must share
+
+
+def reused_runs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """The runs of an earlier ``--save-runs`` file (``--reuse-runs``), refused if made with other settings."""
+    if not args.reuse_runs:
+        return {"table_1": [], "table_2": []}
+    saved = json.loads(Path(args.reuse_runs).read_text())
+    settings = {key: getattr(args, key) for key in SETTINGS}
+    if saved.setdefault("settings", settings) != settings:
+        raise SystemExit(f"--reuse-runs {args.reuse_runs} was made with {saved['settings']}, not {settings}")
+    return saved
+
+
 def run(args: argparse.Namespace) -> str:
-    """Both tables' runs, then the result text (ending with the summary line)."""
+    """Both tables' runs (those not in ``--reuse-runs``), then the result text (ending with the summary line)."""
     torch.set_num_threads(1)
     quiet()
     MNIST1DDataModule(data_dir=args.data_dir, num_train=args.num_train, num_test=args.num_test).prepare_data()
     header_machine, start = machine(), time.perf_counter()
+    saved = reused_runs(args)
 
-    jobs = [("BL", args.base_batch, seed, args) for seed in args.seeds]
-    jobs += [(m, cap, seed, args) for seed in args.seeds for cap in args.max_batch_sizes for m in METHODS]
+    def take(table: str, jobs: list[tuple[str, int, int]]) -> tuple[list[dict[str, Any]], list[tuple[str, int, int]]]:
+        """The saved runs of ``jobs`` and the jobs still to run."""
+        have = {(r["method"], r["cap"], r["seed"]): r for r in saved[table]}
+        return [have[j] for j in jobs if j in have], [j for j in jobs if j not in have]
+
+    jobs = [("BL", args.base_batch, seed) for seed in args.seeds]
+    jobs += [(m, cap, seed) for seed in args.seeds for cap in args.max_batch_sizes for m in METHODS]
+    runs, jobs = take("table_1", jobs)
     order = {"BL": 5, "FB": 4, "GG": 2, "ABS": 1, "ABSA": 0}  # longest first, BL at the base batch first of all
     jobs.sort(key=lambda j: -1 if j[0] == "BL" and j[1] == args.base_batch else order[j[0]])
     with multiprocessing.get_context("fork").Pool(args.workers, maxtasksperchild=1) as pool:
-        runs = list(pool.imap_unordered(_train_job, jobs))
+        runs += pool.imap_unordered(_train_job, [(*job, args) for job in jobs])
     table_1_seconds = time.perf_counter() - start
 
-    cap, timed_runs = args.max_batch_sizes[-1], []
-    for seed in args.timing_seeds:  # one block per seed: BL at the base batch, then every method at the cap
-        timed_runs.append(train("BL", args.base_batch, seed, args, devices=2))
-        timed_runs += [train(m, cap, seed, args, devices=2) for m in METHODS]
+    cap = args.max_batch_sizes[-1]
+    timed_jobs = [job for seed in args.timing_seeds for job in [("BL", args.base_batch, seed)] + [(m, cap, seed)
+                  for m in METHODS]]  # one block per seed: BL at the base batch, then every method at the cap
+    timed_runs, timed_jobs = take("table_2", timed_jobs)
+    timed_runs += [train(*job, args, devices=2) for job in timed_jobs]
     total_minutes = (time.perf_counter() - start) / 60
     if args.save_runs:
         Path(args.save_runs).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save_runs).write_text(json.dumps({"table_1": runs, "table_2": timed_runs}))
-    return report(runs, timed_runs, args, header_machine, f"{total_minutes:.0f} min in all "
-                  f"({table_1_seconds / 60:.0f} for table 1)")
+        Path(args.save_runs).write_text(json.dumps({"settings": {key: getattr(args, key) for key in SETTINGS},
+                                                    "table_1": runs, "table_2": timed_runs}))
+    note = f"{total_minutes:.0f} min in all ({table_1_seconds / 60:.0f} for table 1)"
+    if args.reuse_runs:
+        note += (f" for {len(jobs)} + {len(timed_jobs)} runs; the other {len(runs) - len(jobs)} + "
+                 f"{len(timed_runs) - len(timed_jobs)} are from `{args.reuse_runs}` (an earlier run's --save-runs)")
+    return report(runs, timed_runs, args, header_machine, note)
 
 
 def report(runs: list[dict[str, Any]], timed_runs: list[dict[str, Any]], args: argparse.Namespace,
@@ -282,6 +309,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="single-process runs at a time (table 1)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--save-runs", default=None, help="also write every run's record to this JSON file")
+    parser.add_argument("--reuse-runs", default=None,
+                        help="take the runs this --save-runs file holds instead of running them again (e.g. to add "
+                             "--timing-seeds)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run (9 epochs, 4k samples, caps 4x and 16x, one seed): prints, writes no file")
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """benchmarks/absa_table.py: the schedule's scaling, the tables and the goal checks on hand-made runs, and (slow) a
 tiny end-to-end run."""
 
+import json
 import logging
 import re
 import sys
@@ -135,3 +136,27 @@ def test_the_sweep_config_has_the_benchmarks_schedule(tmp_path, data_dir):
     schedule = cfg.callbacks.adaptive_batch_size
     assert (schedule.duration, schedule.fb_warmup_epochs) == absa_table.scaled_epochs(bench.epochs)
     assert (cfg.data.batch_size, cfg.model.optimizer.lr) == (bench.base_batch, bench.lr)
+
+
+def test_saved_runs_are_reused_and_only_the_missing_ones_run(tmp_path, data_dir, monkeypatch):
+    """--reuse-runs with one more timing seed trains only that seed's 2-process block; other settings are refused."""
+    settings = ["--max-batch-sizes", "512", "4096", "--seeds", "0", "1", "--num-train", "1024", "--num-test", "256",
+                "--data-dir", str(data_dir)]
+    saved = tmp_path / "runs.json"
+    timed = [dict(r, seed=0, devices=2) for r in make_timed_runs() if r["seed"] == 0]
+    saved.write_text(json.dumps({"table_1": make_runs(), "table_2": timed}))
+    trained = []
+
+    def train(method, cap, seed, args, devices=1):
+        trained.append((method, cap, seed, devices))
+        return next(dict(r, seed=seed) for r in timed if (r["method"], r["cap"]) == (method, cap))
+
+    monkeypatch.setattr(absa_table, "train", train)
+    args = absa_table.parse_args([*settings, "--timing-seeds", "0", "1", "--reuse-runs", str(saved),
+                                  "--save-runs", str(saved)])
+    text = absa_table.run(args)
+    assert trained == [("BL", 64, 1, 2)] + [(m, 4096, 1, 2) for m in absa_table.METHODS]
+    assert "the other 22 + 6 are from" in text and "seeds [0, 1]" in text
+    assert json.loads(saved.read_text())["settings"]["num_train"] == 1024  # saved again, with its settings
+    with pytest.raises(SystemExit, match="was made with"):
+        absa_table.run(absa_table.parse_args([*settings, "--epochs", "30", "--reuse-runs", str(saved)]))
