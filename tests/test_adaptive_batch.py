@@ -1,3 +1,5 @@
+import time
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -6,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
+from lightning_hessian.callbacks.hessian_probe import HessianProbe
 
 N = 128
 EIGS = [10, 8, 4.9, 4, 2.4, 2.5, 2.3, 2.2, 2.0, 1.0]
@@ -272,13 +275,14 @@ SCHEDULERS = {  # each keeps its own copy of the LR's scale: base_lrs of nested 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_growth_scales_the_lr_under_any_scheduler(name, monkeypatch):
-    """After a growth by 2 at the end of epoch 2 every later epoch's LR is twice the run without ABS."""
+    """After a growth by 2 at the end of epoch 1 (duration 2: two epochs at the base batch) every later epoch's LR
+    is twice the run without ABS."""
     monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue", lambda self, trainer, module: 10.0)
     plain, _ = fit(AdaptiveBatchSizeCallback(max_batch_size=8, schedule="bl"), epochs=6, scheduler=SCHEDULERS[name])
     grown, _ = fit(AdaptiveBatchSizeCallback(max_batch_size=16, duration=2, probe_size=16, plot=False), epochs=6,
                    scheduler=SCHEDULERS[name])
     ratio = [b / a for a, b in zip(_epoch_lrs(plain), _epoch_lrs(grown))]
-    assert ratio == pytest.approx([1, 1, 1, 2, 2, 2])
+    assert ratio == pytest.approx([1, 1, 2, 2, 2, 2])
 
 
 def test_gg_follows_plateau_and_closed_form_schedulers():
@@ -416,3 +420,64 @@ def test_a_run_whose_batch_never_grows_trains_exactly_as_a_plain_run():
     for p, q in zip(plain.parameters(), probed.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
     assert trainer.reload_dataloaders_every_n_epochs == 0
+
+
+def test_duration_counts_the_epochs_at_a_batch_size_from_the_first(monkeypatch):
+    """As in the authors' code, ``duration`` epochs at one batch size (the reference epoch included) force a
+    growth: duration 2 grows after epochs 1 and 3 (it waited an extra epoch at the base batch)."""
+    monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue", lambda self, trainer, module: 10.0)
+    cb = AdaptiveBatchSizeCallback(max_batch_size=64, duration=2, probe_size=16, plot=False)
+    fit(cb, epochs=5)
+    assert [h["batch_size"] for h in cb.history] == [8, 8, 16, 16, 32]
+
+
+def test_the_run_is_timed_by_part(monkeypatch):
+    """Probes and loader rebuilds after a growth (not the first build) are timed; the rest is computation."""
+    def probe(self, trainer, module):
+        time.sleep(0.1)
+        return EIGS[trainer.current_epoch]
+
+    class SlowRebuild(Data):
+        def train_dataloader(self):
+            if self.batch_size != 8:
+                time.sleep(0.3)
+            return super().train_dataloader()
+
+    def setup_probe(self, trainer, module):
+        time.sleep(0.2)
+        return find_probe(self, trainer, module)
+
+    find_probe = HessianProbe.on_train_start
+    monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue", probe)
+    monkeypatch.setattr(HessianProbe, "on_train_start", setup_probe)
+    pl.seed_everything(0)
+    cb = AdaptiveBatchSizeCallback(max_batch_size=32, duration=3, probe_size=16, plot=False)
+    trainer = pl.Trainer(max_epochs=6, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    start = time.perf_counter()
+    trainer.fit(Module(), datamodule=SlowRebuild(8))
+    wall = time.perf_counter() - start
+    t = cb.timings
+    assert [h["batch_size"] for h in cb.history] == [8, 8, 8, 16, 16, 32]
+    assert 0.7 <= t["hessian_seconds"] < 0.8  # setting up the probe set, probes after epochs 0-4 (capped after 4)
+    assert 0.6 <= t["resize_seconds"] < 0.9  # the rebuilds at epochs 3 and 5, not the dry reload or first build
+    assert t["communication_seconds"] == 0.0
+    assert t["compute_seconds"] == pytest.approx(t["train_seconds"] - t["hessian_seconds"] - t["resize_seconds"])
+    assert 0 < t["compute_seconds"] and t["train_seconds"] < wall
+    logged = {k: trainer.callback_metrics[f"abs/{k}"].item() for k in t}  # at the last epoch's end
+    assert logged["hessian_seconds"] == pytest.approx(t["hessian_seconds"])
+    assert logged["resize_seconds"] == pytest.approx(t["resize_seconds"])
+    assert logged["train_seconds"] <= t["train_seconds"]
+    assert "setup_data" not in vars(trainer.fit_loop)  # the loop's own method again
+
+
+def test_timings_survive_a_checkpoint():
+    cb = AdaptiveBatchSizeCallback(max_batch_size=64)
+    cb.timings["hessian_seconds"], cb.timings["train_seconds"] = 1.5, 10.0
+    state = cb.state_dict()
+    resumed = AdaptiveBatchSizeCallback(max_batch_size=64)
+    resumed.load_state_dict(state)
+    assert resumed.timings == cb.timings
+    older = {k: v for k, v in state.items() if k != "timings"} | {"probe_seconds": 2.0}  # before the breakdown
+    resumed.load_state_dict(older)
+    assert resumed.timings["hessian_seconds"] == 2.0 and resumed.timings["train_seconds"] == 0.0

@@ -179,8 +179,11 @@ def test_absa_table_sweeps_every_schedule_batch_and_seed():
     cfg = compose_with_hydra("train", ["experiment=absa_table"])
     params = cfg.hydra.sweeper.params
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert params.batch_schedule.split(",") == ["bl", "fb", "gg", "abs", "absa"]
-    assert len(params["callbacks.adaptive_batch_size.max_batch_size"].split(",")) == 3
+    assert params.batch_schedule.split(",") == ["bl_max", "fb", "gg", "abs", "absa"]
+    assert params["callbacks.adaptive_batch_size.max_batch_size"].split(",") == ["512", "4096", "16384"]
+    assert cfg.trainer.max_epochs == 45 and list(cfg.model.scheduler.milestones) == [15, 30, 40]
+    abs_cfg = cfg.callbacks.adaptive_batch_size  # the benchmark's schedule: duration and warmup scaled by 45 / 90
+    assert (abs_cfg.duration, abs_cfg.fb_warmup_epochs) == (5, 2.5) and abs_cfg.probe_size is None
     assert cfg.callbacks.hessian_spectrum is None  # the table times the ABS probe alone
 
 
@@ -227,8 +230,8 @@ def test_train_recipe_on_ddp_sim_with_hessian_callbacks_agrees_across_ranks(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     states = [torch.load(out / "ranks" / f"rank_{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert [s["world_size"] for s in states] == [2, 2]
-    # the batch each epoch trained with; grown after epoch 2 (duration=1), for an epoch 3
-    assert states[0]["batch_sizes"] == states[1]["batch_sizes"] == [100, 100]
+    # the batch each epoch trained with: duration=1 grows after every epoch (the authors' count), up to the cap 200
+    assert states[0]["batch_sizes"] == states[1]["batch_sizes"] == [100, 200]
     assert states[0]["next_batch_size"] == states[1]["next_batch_size"] == 200
     assert states[0]["spectrum"] == states[1]["spectrum"] and len(states[0]["spectrum"]) == 2
     for name, value in states[0]["params"].items():

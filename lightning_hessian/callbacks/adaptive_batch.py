@@ -11,9 +11,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
+from torch.nn.parallel import DistributedDataParallel
 
+from lightning_hessian.callbacks.allreduce_clock import AllReduceClock
 from lightning_hessian.callbacks.hessian_probe import HessianProbe
 from lightning_hessian.checks import check_choice, check_number, check_positive_int
 from lightning_hessian.hessian.operator import LossFn
@@ -23,6 +26,7 @@ SCHEDULES = ("abs", "fb", "gg", "bl")
 PROBE_OVERHEAD = 0.02  # an automatically sized probe costs about this share of the first epoch (later, faster
 # epochs at larger batches make the run's share higher)
 MODES = ("dataloader", "accumulate")
+TIMINGS = ("hessian_seconds", "resize_seconds", "communication_seconds", "train_seconds", "compute_seconds")
 
 
 class AdaptiveBatchSizeCallback(Callback):
@@ -31,7 +35,8 @@ class AdaptiveBatchSizeCallback(Callback):
     ``schedule="abs"``: after every epoch the top eigenvalue of the (eval-mode) loss Hessian is measured on a
     fixed probe set. The first epoch's value is the reference; when the eigenvalue has fallen to
     ``reference / decay_ratio`` the global batch grows by ``factor`` and the reference is reset; after
-    ``duration`` epochs without growth it grows anyway. The learning rate is multiplied by the same factor
+    ``duration`` epochs at one batch size (the first ``duration`` epochs too, as in the authors' code) it grows
+    anyway. The learning rate is multiplied by the same factor
     (optionally warmed up over ``warmup_epochs``) wherever the optimizer and its schedulers keep it (group
     ``lr``/``initial_lr``/``max_lr``/``min_lr``, ``base_lrs`` and ``max_lrs``, nested schedulers too), so
     the user's own scheduler still applies on top. Growth stops at ``max_batch_size``, and probing with it.
@@ -65,6 +70,16 @@ class AdaptiveBatchSizeCallback(Callback):
     ``base * factor**n <= max_batch_size``. The history and the logged ``abs/batch_size``, ``abs/lr`` and
     ``abs/adversarial_fraction`` of an epoch are the values that epoch trained with (a decision at its end shows
     in the next epoch's).
+
+    The callback also times the run (cumulative seconds, logged at every epoch's end and kept in ``timings``):
+    ``abs/hessian_seconds`` the probes (setting up the probe set, the timed product that sizes it, the
+    Hessian-vector products and their all-reduces); ``abs/resize_seconds``
+    the batch-size changes (rebuilding the train loader, setting the accumulation, scaling the LR);
+    ``abs/communication_seconds`` the gradient all-reduces under DDP (timed by a communication hook from the
+    moment a bucket's gradients are ready to the moment its reduced values are, so it includes waiting for the
+    slowest rank; 0 on one process, not logged under other multi-process strategies); ``abs/train_seconds``
+    the wall time since training started; ``abs/compute_seconds`` the rest of it (forward, backward, optimizer,
+    data loading, validation, other callbacks). All are rank 0's; none adds a synchronisation per step.
 
     Example::
 
@@ -122,7 +137,7 @@ class AdaptiveBatchSizeCallback(Callback):
         self.epochs_since_growth = 0
         self.adversarial_fraction = adversarial_fraction if adversarial else 0.0
         self.warmup: dict[str, float] | None = None
-        self.probe_seconds = 0.0
+        self.timings = dict.fromkeys(TIMINGS, 0.0)  # cumulative seconds (see the class docstring)
         self.history: list[dict[str, Any]] = []
         self._adversary: Any = None
         # (epoch, the first group's LR, the global batch, the adversarial fraction) the epoch trains with, for history
@@ -134,6 +149,11 @@ class AdaptiveBatchSizeCallback(Callback):
         self._reloaded = False  # a batch-size change awaits the next epoch's dataloader
         self._configured: tuple[Any, int] | None = None  # (holder, batch_size) or (trainer, accumulation) to restore
         self._reload_every: int | None = None  # the Trainer's reload_dataloaders_every_n_epochs, restored after fit
+        self._clock: AllReduceClock | None = None  # times DDP's gradient all-reduces (None: not measured)
+        self._wrapped_hook: tuple[Any, Any] | None = None  # (DDPStrategy, the user's comm hook it had), restored
+        self._timed_loop: Any = None  # the fit loop whose setup_data is timed, restored after fit
+        self._started: tuple[float, float] | None = None  # (perf_counter at train start, train_seconds before)
+        self._communication_before = 0.0  # communication_seconds of the run before this fit (a resumed one)
 
     @property
     def state_key(self) -> str:
@@ -156,12 +176,20 @@ class AdaptiveBatchSizeCallback(Callback):
             self._reload_every = trainer.reload_dataloaders_every_n_epochs
         if self.adversarial:
             self._adversary = self._find_or_add_adversary(trainer, pl_module, stage)
+        self._clock = None
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and getattr(strategy, "_ddp_comm_hook", None) is not None:
+            # the user's communication hook, which Lightning registers after setup: time it rather than replace it
+            self._clock = AllReduceClock()
+            self._wrapped_hook = (strategy, strategy._ddp_comm_hook)
+            strategy._ddp_comm_hook = self._clock.wrap(strategy._ddp_comm_hook)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "dataloader" and self.schedule != "bl":
             self._check_loader_follows(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_clocks(trainer)
         if len(trainer.optimizers) != 1:
             raise ValueError(f"AdaptiveBatchSizeCallback scales one optimizer's LR; found {len(trainer.optimizers)} "
                              "(ABS needs a single-optimizer module)")
@@ -197,14 +225,57 @@ class AdaptiveBatchSizeCallback(Callback):
             )
         if self.schedule == "abs" and not self._capped():
             start = time.perf_counter()
-            self._probe.on_train_start(trainer, pl_module)
-            self.probe_seconds += time.perf_counter() - start  # the loss check and first samples: probing too
+            self._probe.on_train_start(trainer, pl_module)  # finds the probe samples, checks the loss on them
+            self.timings["hessian_seconds"] += time.perf_counter() - start
         if self._adversary is not None:
             self._adversary.fraction = self.adversarial_fraction
         optimizer = trainer.optimizers[0]
         if self._decision_lr is None:  # fresh, or a checkpoint without it
             self._decision_lr = optimizer.param_groups[0]["lr"]
         self._hooks = [optimizer.register_step_pre_hook(self._warm), optimizer.register_step_post_hook(self._unwarm)]
+
+    def _start_clocks(self, trainer: pl.Trainer) -> None:
+        """Start the run's timers: the train wall time, the loader rebuilds after a growth (inside the fit loop's
+        ``setup_data``) and, under DDP, the gradient all-reduces (a communication hook)."""
+        self._started = (time.perf_counter(), self.timings["train_seconds"])
+        self._communication_before = self.timings["communication_seconds"]
+        loop = trainer.fit_loop
+        untimed = loop.setup_data
+
+        def setup_data() -> None:
+            if not self._reloaded:
+                return untimed()
+            start = time.perf_counter()
+            untimed()
+            self.timings["resize_seconds"] += time.perf_counter() - start
+
+        loop.setup_data, self._timed_loop = setup_data, loop
+        model = trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            clock = self._clock or AllReduceClock()
+            try:
+                model.register_comm_hook(model.process_group, clock.wrap())
+                self._clock = clock
+            except RuntimeError:  # a hook is registered already: ours (wrapped in setup), or one we cannot time
+                if self._wrapped_hook is None:
+                    self._clock = None
+                    rank_zero_warn("AdaptiveBatchSizeCallback: the DDP model has a communication hook already; "
+                                   "abs/communication_seconds is not measured (it counts in abs/compute_seconds)")
+        elif trainer.world_size > 1:
+            rank_zero_warn(f"AdaptiveBatchSizeCallback: communication is timed under DDP only, not under "
+                           f"{type(trainer.strategy).__name__}; abs/communication_seconds is not logged (it counts "
+                           "in abs/compute_seconds)")
+
+    def _time_so_far(self) -> dict[str, float]:
+        """The cumulative timings now (the all-reduce clock is read here: on CUDA one synchronisation)."""
+        if self._started is not None:
+            start, before = self._started
+            self.timings["train_seconds"] = before + time.perf_counter() - start
+        if self._clock is not None:
+            self.timings["communication_seconds"] = self._communication_before + self._clock.seconds()
+        parts = ("hessian_seconds", "resize_seconds", "communication_seconds")
+        self.timings["compute_seconds"] = self.timings["train_seconds"] - sum(self.timings[k] for k in parts)
+        return self.timings
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore(trainer)
@@ -215,7 +286,19 @@ class AdaptiveBatchSizeCallback(Callback):
     def _restore(self, trainer: pl.Trainer) -> None:
         """Leave no trace after fit: the LRs an interrupted warmup step scaled (a checkpoint taken on the
         exception must not keep them), the optimizer hooks, the configured batch size or accumulation
-        (a datamodule fitted again, or resumed, starts from its own value) and the Trainer's dataloader reloads."""
+        (a datamodule fitted again, or resumed, starts from its own value), the Trainer's dataloader reloads,
+        the timed ``setup_data`` and a wrapped communication hook. The timings are final here."""
+        if self._started is not None:
+            self._time_so_far()
+            self._started = None
+        if self._timed_loop is not None:
+            del self._timed_loop.setup_data  # the loop's own method again
+            self._timed_loop = None
+        if self._wrapped_hook is not None:
+            strategy, hook = self._wrapped_hook
+            strategy._ddp_comm_hook = hook
+            self._wrapped_hook = None
+        self._clock = None
         if self._reload_every is not None:
             trainer.reload_dataloaders_every_n_epochs = self._reload_every
             self._reload_every = None
@@ -257,8 +340,10 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._reloaded:  # the loader was just rebuilt for a new batch size: it must have taken it
+            start = time.perf_counter()
             self._reloaded = False
             self._check_loader_reads(trainer, pl_module)
+            self.timings["resize_seconds"] += time.perf_counter() - start
         batch = self.batch_size  # what this epoch's loader was built with
         if self.schedule == "gg":  # a plateau scheduler's decay, applied after the last epoch's callbacks
             self._apply_gg(trainer, pl_module)
@@ -273,7 +358,7 @@ class AdaptiveBatchSizeCallback(Callback):
         if self.schedule == "abs" and not self._capped():
             start = time.perf_counter()
             eigenvalue = self._top_eigenvalue(trainer, pl_module)
-            self.probe_seconds += time.perf_counter() - start
+            self.timings["hessian_seconds"] += time.perf_counter() - start
             growth = self._abs_decision(eigenvalue) if eigenvalue is not None else 1  # failed probe: keep
             growth = self._grow(trainer, pl_module, trainer.strategy.broadcast(growth, src=0))
         elif self.schedule == "gg":
@@ -287,9 +372,13 @@ class AdaptiveBatchSizeCallback(Callback):
         metrics = {"abs/batch_size": float(batch), "abs/lr": lr, "abs/adversarial_fraction": fraction}
         if eigenvalue is not None:
             metrics["abs/eigenvalue"] = eigenvalue
+        measured = self._clock is not None or trainer.world_size == 1
+        metrics.update({f"abs/{k}": v for k, v in self._time_so_far().items()
+                        if measured or k != "communication_seconds"})
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._time_so_far()  # final for whoever reads ``timings`` now
         if self.plot and self.history and trainer.is_global_zero:
             from lightning_hessian.plots import plot_batch_schedule
 
@@ -301,14 +390,14 @@ class AdaptiveBatchSizeCallback(Callback):
     # ---- decisions ---------------------------------------------------------------------------------------
 
     def _abs_decision(self, eigenvalue: float) -> int:
-        """The ABS rule: grow when the eigenvalue halved (by ``decay_ratio``) or ``duration`` epochs passed."""
+        """The ABS rule: grow when the eigenvalue fell to ``1 / decay_ratio`` of the reference (the first probe's,
+        then the one at the last eigenvalue-driven growth), or after ``duration`` epochs at one batch size."""
+        self.epochs_since_growth += 1  # this epoch trained at the current batch (the first epoch too)
         if self.reference is None:
             self.reference = eigenvalue
-            return 1
-        if eigenvalue <= self.reference / self.decay_ratio:
+        elif eigenvalue <= self.reference / self.decay_ratio:
             self.reference = eigenvalue
             return self.factor
-        self.epochs_since_growth += 1
         return self.factor if self.epochs_since_growth >= self.duration else 1
 
     def _apply_gg(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
@@ -355,10 +444,12 @@ class AdaptiveBatchSizeCallback(Callback):
         growth = min(growth, self._largest_reachable() // self.batch_size)
         if growth <= 1:
             return 1
+        start = time.perf_counter()
         self.batch_size *= growth
         self.epochs_since_growth = 0
         self._realise(trainer, pl_module)
         self._scale_lr(trainer, growth)  # gg: undoes the scheduler's decay
+        self.timings["resize_seconds"] += time.perf_counter() - start
         if self.schedule != "gg" and self.warmup_epochs > 0:
             self.warmup = {"start_epoch": trainer.current_epoch + 1.0, "epochs": self.warmup_epochs,
                            "from_ratio": 1 / growth}
@@ -493,7 +584,7 @@ class AdaptiveBatchSizeCallback(Callback):
             "base_batch_size": self.base_batch_size, "batch_size": self.batch_size,
             "reference": self.reference, "epochs_since_growth": self.epochs_since_growth,
             "adversarial_fraction": self.adversarial_fraction, "warmup": self.warmup,
-            "probe_seconds": self.probe_seconds, "history": self.history, "probe": self._probe.state_dict(),
+            "timings": dict(self.timings), "history": self.history, "probe": self._probe.state_dict(),
             "decision_lr": self._decision_lr,
             "epoch_start": None if self._epoch_start is None else list(self._epoch_start),
         }
@@ -504,6 +595,8 @@ class AdaptiveBatchSizeCallback(Callback):
             self._probe.load_state_dict(state.pop("probe"))
         self._decision_lr = state.pop("decision_lr", None)
         state.pop("epoch_lr", None)  # a checkpoint from before epoch_start: this epoch's values are read again
+        timings = state.pop("timings", {"hessian_seconds": state.pop("probe_seconds", 0.0)})  # older: the probes'
+        self.timings = {key: float(timings.get(key, 0.0)) for key in TIMINGS}
         start = state.pop("epoch_start", None)
         self._epoch_start = None if start is None else (int(start[0]), float(start[1]), int(start[2]), float(start[3]))
         for key, value in state.items():

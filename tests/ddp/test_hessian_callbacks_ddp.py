@@ -76,11 +76,11 @@ def test_abs_ranks_agree_on_every_change(tmp_path):
     trainer.fit(TinyModule(), datamodule=Data())
     rank0, rank1 = load_ranks(tmp_path, 2)
     assert rank0["history"] == rank1["history"]
-    assert [h["batch_size"] for h in rank0["history"]] == [16, 16, 32, 64]  # duration=1: grows after every epoch
+    assert [h["batch_size"] for h in rank0["history"]] == [16, 32, 64, 64]  # duration=1: grows after every epoch
     assert rank0["rows"] == rank1["rows"]
-    # 48 samples per rank; the first epoch only sets the reference, then each growth applies from the next
-    # epoch: 2 epochs of 6 steps of 8, 1 epoch of 3 steps of 16, 1 epoch of 32 + 16
-    assert rank0["rows"] == [8] * 12 + [16] * 3 + [32, 16]
+    # 48 samples per rank; each growth applies from the next epoch: 6 steps of 8, 3 of 16, then two epochs of
+    # 32 + 16 (the cap)
+    assert rank0["rows"] == [8] * 6 + [16] * 3 + [32, 16] * 2
     assert rank0["weights"] == pytest.approx(rank1["weights"], abs=0)
 
 
@@ -141,3 +141,36 @@ def test_the_budget_and_the_probe_size_follow_rank_0(tmp_path, monkeypatch):
     assert rank0 == rank1
     # rank 0's timing affords 512 samples (rank 1's alone: 128); budgeted, so some probes are skipped
     assert rank0["size"] == 512 and 2 <= len(rank0["steps"]) < 8
+
+
+class PerDeviceData(pl.LightningDataModule):
+    batch_size = 8  # per device
+
+    def train_dataloader(self):
+        return DataLoader(make_data(), batch_size=self.batch_size, shuffle=True)
+
+
+def test_abs_times_the_all_reduces_without_changing_training(tmp_path):
+    """The callback's communication hook (the averaging all-reduce, timed) trains exactly as DDP's own."""
+    results = []
+    for timed in (False, True):
+        pl.seed_everything(0)
+        callbacks = [AdaptiveBatchSizeCallback(max_batch_size=64, schedule="bl", plot=False)] if timed else []
+        folder = tmp_path / str(timed)
+        folder.mkdir()
+        record = SaveRankResults(folder, lambda trainer, module: {
+            "weights": [p.detach().clone() for p in module.parameters()],
+            "timings": {k: v for c in trainer.callbacks if isinstance(c, AdaptiveBatchSizeCallback)
+                        for k, v in c.timings.items()}})
+        trainer = pl.Trainer(max_epochs=2, callbacks=[*callbacks, record], logger=False, enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", **ddp(2))
+        trainer.fit(TinyModule(), datamodule=PerDeviceData())
+        results.append(load_ranks(folder, 2))
+    plain, timed = results
+    for rank in range(2):
+        for p, q in zip(plain[rank]["weights"], timed[rank]["weights"]):
+            torch.testing.assert_close(q, p, rtol=0, atol=0)
+    for rank in range(2):
+        t = timed[rank]["timings"]
+        assert 0 < t["communication_seconds"] < t["train_seconds"]
+        assert t["compute_seconds"] == pytest.approx(t["train_seconds"] - t["communication_seconds"])
