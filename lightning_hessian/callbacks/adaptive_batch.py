@@ -81,11 +81,46 @@ class AdaptiveBatchSizeCallback(Callback):
     the wall time since training started; ``abs/compute_seconds`` the rest of it (forward, backward, optimizer,
     data loading, validation, other callbacks). All are rank 0's; none adds a synchronisation per step.
 
+    Args:
+        max_batch_size: the global batch's cap (and FB's batch).
+        schedule: ``"abs"``, ``"fb"``, ``"gg"`` or ``"bl"`` (see above).
+        factor: the growth factor of the batch (and of the learning rate).
+        decay_ratio: grow when the top eigenvalue has fallen to ``reference / decay_ratio``.
+        duration: grow anyway after this many epochs at one batch size.
+        mode: ``"dataloader"`` (change the loader's batch size) or ``"accumulate"`` (gradient accumulation).
+        warmup_epochs: warm the scaled learning rate up over this many epochs after each growth.
+        fb_warmup_epochs: FB's warmup of the linearly scaled learning rate.
+        adversarial: ABSA: adversarial examples in training (see above).
+        adversarial_fraction: ABSA's starting share of each batch replaced by adversarial examples.
+        probe_size: samples in the probe set (None: sized automatically at the first epoch's end).
+        probe_batch_size: samples per probe batch (None: the training loader's batch size).
+        probe_data: explicit probe batches instead of a draw from the training set.
+        seed: the probe-set draw and the eigenvalue solver's start.
+        loss_fn: ``loss_fn(module, batch) -> scalar`` (None: the module's ``hessian_loss``, else cross-entropy
+            where that is the module's loss).
+        eig_tol: relative residual at which the eigenvalue solver stops.
+        plot: draw the batch-size and eigenvalue history at the end of training.
+
     Example::
 
-        from lightning_hessian import AdaptiveBatchSizeCallback
-        trainer = Trainer(max_epochs=60, callbacks=[AdaptiveBatchSizeCallback(max_batch_size=4096)])
-        trainer.fit(model, datamodule=dm)   # dm.batch_size is the starting (small) batch
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_hessian import AdaptiveBatchSizeCallback, ClassificationModule
+        >>> from lightning_hessian.models import MNIST1DMLP
+        >>> class Data(pl.LightningDataModule):  # the batch size is an attribute the callback changes
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.batch_size, self.data = 32, torch.utils.data.TensorDataset(
+        ...             torch.randn(512, 40), torch.randint(0, 10, (512,)))
+        ...     def train_dataloader(self):
+        ...         return torch.utils.data.DataLoader(self.data, batch_size=self.batch_size)
+        >>> _ = torch.manual_seed(0)
+        >>> abs_ = AdaptiveBatchSizeCallback(max_batch_size=128, duration=1, plot=False)
+        >>> trainer = pl.Trainer(max_epochs=3, callbacks=[abs_], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(ClassificationModule(MNIST1DMLP(hidden=16)), datamodule=Data())
+        >>> [entry["batch_size"] for entry in abs_.history], abs_.batch_size  # trained with; the next epoch's
+        ([32, 64, 128], 128)
     """
 
     def __init__(
