@@ -85,7 +85,8 @@ class CIFAR10DataModule(LightningDataModule):
 
     ``num_train`` / ``num_test`` take the first samples of each split (for quick runs); ``augment``
     applies random crops and flips to training images; the training order and the augmentation depend on
-    ``(seed, epoch)`` only, so a resumed run sees what an uninterrupted one would.
+    ``(seed, epoch)`` only, so a resumed run sees what an uninterrupted one would. Validation and test loaders use
+    ``eval_batch_size``; ``num_workers`` is each loader's worker count.
 
     Example::
 

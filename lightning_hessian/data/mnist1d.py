@@ -65,7 +65,8 @@ class MNIST1DDataModule(LightningDataModule):
     validation runs on the test split, as in the MNIST-1D benchmark, which has no validation split.
     ``batch_size`` is a plain attribute so schedules may change it between epochs. ``seed`` generates the
     data; the training order depends on ``(shuffle_seed, epoch)`` only (``shuffle_seed`` defaults to
-    ``seed``), so a run resumed from a checkpoint replays the same batches.
+    ``seed``), so a run resumed from a checkpoint replays the same batches. Validation and test loaders use
+    ``eval_batch_size``; ``num_workers`` is each loader's worker count.
 
     Example::
 

@@ -27,7 +27,8 @@ class ClassificationModule(LightningModule):
 
     ``optimizer`` and ``scheduler`` are factories (``functools.partial`` or Hydra ``_partial_: true``):
     ``optimizer(params)`` and ``scheduler(optimizer)``. The scheduler steps once per epoch.
-    ``hessian_loss(batch)`` is what the Hessian callbacks differentiate.
+    ``hessian_loss(batch)`` is what the Hessian callbacks differentiate. ``num_classes`` sizes the accuracy
+    metrics (the labels must lie in ``[0, num_classes)``).
 
     Under DDP the epoch values (``train/loss_epoch``, ``val/loss``, ``test/loss`` and the accuracies) are over
     every rank's samples: torchmetrics sums the per-sample losses and counts over the ranks, so they equal one
