@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ from lightning_hessian.distributed import resolve_distributed
 from lightning_hessian.hessian.operator import (
     Batch,
     LossFn,
+    ParameterVectors,
     ParamSpec,
     _as_batches,
     _prepare,
@@ -264,7 +265,7 @@ class _Block:
             out[:, self.bias] = M[..., -1]
 
 
-class KFACOperator:
+class KFACOperator(ParameterVectors):
     """K-FAC of the GGN / Fisher of the sample-weighted mean loss over ``data``, w.r.t. the selected parameters.
 
     A linear operator like :class:`~lightning_hessian.hessian.operator.HessianOperator` (``dim``, ``dtype``,
@@ -427,28 +428,7 @@ class KFACOperator:
             setattr(block, role, n)  # a parameter name for now, a slice once the layout is known
         return blocks, named
 
-    # ----------------------------------------------------------------------------------------- vectors
-    def flatten(self, tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Per-parameter tensors (list in ``op.names`` order, or dict by name) -> one flat vector."""
-        if isinstance(tensors, Mapping):
-            tensors = [tensors[n] for n in self.names]
-        if len(tensors) != len(self.params):
-            raise ValueError(f"flatten: expected {len(self.params)} tensors, got {len(tensors)}")
-        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
-
-    def unflatten(self, vec: torch.Tensor) -> list[torch.Tensor]:
-        """Flat ``(dim,)`` or batched ``(k, dim)`` vector -> views shaped like the parameters."""
-        if vec.shape[-1] != self.dim:
-            raise ValueError(f"vector length {vec.shape[-1]} != op.dim {self.dim}")
-        lead = vec.shape[:-1]
-        return [vec[..., self.slices[n]].reshape((*lead, *p.shape)) for n, p in zip(self.names, self.params)]
-
     # ---------------------------------------------------------------------------------------- products
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        if v.dim() != 1:
-            raise ValueError(f"matvec expects a 1-D vector of length {self.dim}, got shape {tuple(v.shape)}")
-        return self.matmat(v[None])[0]
-
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """The rows ``F v_i`` for the rows ``v_i`` of ``V`` (shape ``(k, dim)``)."""
         if self.eigenvalue_correction:

@@ -206,7 +206,42 @@ def _select_params(model: nn.Module, params: Sequence[ParamSpec] | None) -> list
     return [(n, p) for n, p in named if n in selected]
 
 
-class HessianOperator:
+class ParameterVectors:
+    """Flat vectors over selected parameters, as the operators lay them out (``names``, ``params``, ``slices``,
+    ``dim``, ``dtype`` set by the operator): one layout for :class:`HessianOperator` and ``KFACOperator``."""
+
+    names: list[str]
+    params: list[torch.Tensor]
+    slices: dict[str, slice]
+    dim: int
+    dtype: torch.dtype
+
+    def flatten(self, tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-parameter tensors (list in ``op.names`` order, or dict by name) -> one flat vector."""
+        if isinstance(tensors, Mapping):
+            tensors = [tensors[n] for n in self.names]
+        if len(tensors) != len(self.params):
+            raise ValueError(f"flatten: expected {len(self.params)} tensors, got {len(tensors)}")
+        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
+
+    def unflatten(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        """Flat ``(dim,)`` or batched ``(k, dim)`` vector -> views shaped like the parameters."""
+        if vec.shape[-1] != self.dim:
+            raise ValueError(f"vector length {vec.shape[-1]} != op.dim {self.dim}")
+        lead = vec.shape[:-1]
+        return [vec[..., self.slices[n]].reshape((*lead, *p.shape)) for n, p in zip(self.names, self.params)]
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """The operator times a flat vector ``v`` of length ``dim``."""
+        if v.dim() != 1:
+            raise ValueError(f"matvec expects a 1-D vector of length {self.dim}, got shape {tuple(v.shape)}")
+        return self.matmat(v[None])[0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class HessianOperator(ParameterVectors):
     """Hessian of the sample-weighted mean loss over ``data`` w.r.t. the selected parameters.
 
     Args:
@@ -316,29 +351,7 @@ class HessianOperator:
         self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor | None]]] = {}
         self._failure: Exception | None = None  # a rank-local error, carried as NaN through the next all-reduce
 
-    # ----------------------------------------------------------------------------------------- vectors
-    def flatten(self, tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Per-parameter tensors (list in ``op.names`` order, or dict by name) -> one flat vector."""
-        if isinstance(tensors, Mapping):
-            tensors = [tensors[n] for n in self.names]
-        if len(tensors) != len(self.params):
-            raise ValueError(f"flatten: expected {len(self.params)} tensors, got {len(tensors)}")
-        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
-
-    def unflatten(self, vec: torch.Tensor) -> list[torch.Tensor]:
-        """Flat ``(dim,)`` or batched ``(k, dim)`` vector -> views shaped like the parameters."""
-        if vec.shape[-1] != self.dim:
-            raise ValueError(f"vector length {vec.shape[-1]} != op.dim {self.dim}")
-        lead = vec.shape[:-1]
-        return [vec[..., self.slices[n]].reshape((*lead, *p.shape)) for n, p in zip(self.names, self.params)]
-
     # ---------------------------------------------------------------------------------------- products
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``H v`` for a flat vector ``v`` of length ``dim``."""
-        if v.dim() != 1:
-            raise ValueError(f"matvec expects a 1-D vector of length {self.dim}, got shape {tuple(v.shape)}")
-        return self.matmat(v[None])[0]
-
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """The rows ``H v_i`` for the rows ``v_i`` of ``V`` (shape ``(k, dim)``), computed together."""
         if V.dim() != 2 or V.shape[1] != self.dim:
