@@ -230,8 +230,8 @@ def test_train_recipe_on_ddp_sim_with_hessian_callbacks_agrees_across_ranks(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     states = [torch.load(out / "ranks" / f"rank_{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert [s["world_size"] for s in states] == [2, 2]
-    # the batch each epoch trained with; grown after epoch 2 (duration=1), for an epoch 3
-    assert states[0]["batch_sizes"] == states[1]["batch_sizes"] == [100, 100]
+    # the batch each epoch trained with: grown after the first epoch (duration=1 counts it), then at the cap
+    assert states[0]["batch_sizes"] == states[1]["batch_sizes"] == [100, 200]
     assert states[0]["next_batch_size"] == states[1]["next_batch_size"] == 200
     assert states[0]["spectrum"] == states[1]["spectrum"] and len(states[0]["spectrum"]) == 2
     for name, value in states[0]["params"].items():
