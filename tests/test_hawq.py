@@ -18,40 +18,25 @@ from lightning_hessian.quant.allocation import InfeasibleBudgetError
 from lightning_hessian.quant.hawq import HAWQModule
 from lightning_hessian.quant.layers import QuantConv1d, QuantLinear
 from tests.helpers.allocation import best_allocation
+from tests.helpers.modules import LAYERS, TRAINER, float_module, four_class_data
 from tests.helpers.problems import fit_full_batch
-
-LAYERS = ["net.features.0", "net.features.2", "net.features.4", "net.classifier"]
-TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-               enable_checkpointing=False)
-
-
-def make_data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 40, generator=g)
-    return x, (x[:, :20].sum(1) > 0).long() + 2 * (x[:, 20:].sum(1) > 0).long()
-
-
-def float_module(seed: int = 0) -> ClassificationModule:
-    torch.manual_seed(seed)
-    return ClassificationModule(MNIST1DCNN(channels=6, num_classes=4), optimizer=partial(torch.optim.Adam, lr=3e-3),
-                                num_classes=4)
 
 
 @pytest.fixture(scope="module")
 def trained() -> ClassificationModule:
     """A briefly trained float module (plain loop: near a minimum, so the Hessian traces are positive)."""
-    return fit_full_batch(float_module(), *make_data(), steps=150)
+    return fit_full_batch(float_module(), *four_class_data(), steps=150)
 
 
 def loaders() -> tuple[DataLoader, DataLoader]:
-    x, y = make_data()
-    xt, yt = make_data(128, seed=1)
+    x, y = four_class_data()
+    xt, yt = four_class_data(128, seed=1)
     return DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True), DataLoader(TensorDataset(xt, yt), 64)
 
 
 @pytest.mark.parametrize("metric", ["trace", "quadratic"])
 def test_planned_bits_meet_the_budget_and_equal_brute_force(trained, metric):
-    x, y = make_data()
+    x, y = four_class_data()
     hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(2, 4, 8), probe_data=[(x, y)], metric=metric)
     bits = hawq.plan([(x, y)])
     sens = hawq.sensitivity.omega(metric)
@@ -67,7 +52,7 @@ def test_planned_bits_meet_the_budget_and_equal_brute_force(trained, metric):
 
 
 def test_activation_aware_plan_adds_the_input_rounding_and_equals_brute_force(trained):
-    x, y = make_data()
+    x, y = four_class_data()
     hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(2, 4, 8), act_bits="follow", metric="quadratic+act")
     bits = hawq.plan([(x, y)])
     sens = hawq.sensitivity
@@ -82,7 +67,7 @@ def test_activation_aware_plan_adds_the_input_rounding_and_equals_brute_force(tr
 
 
 def test_plan_with_ties_and_two_budgets_equals_brute_force(trained):
-    x, y = make_data()
+    x, y = four_class_data()
     ties = [("net.features.2", "net.features.4")]
     hawq = HAWQModule(trained, budgets={"size": 0.6, "bops": 0.3}, bit_choices=(2, 4, 8), ties=ties)
     bits = hawq.plan([(x, y)])
@@ -137,7 +122,7 @@ def test_fine_tune_test_and_checkpoint_round_trip_into_a_fresh_module(trained, t
 
 
 def test_resume_from_a_checkpoint_into_a_bare_module_continues_exactly(trained, tmp_path):
-    x, y = make_data()
+    x, y = four_class_data()
     train = DataLoader(TensorDataset(x, y), batch_size=64)  # fixed order: the resumed epoch sees the same batches
     opts = dict(probe_data=[(x[:64], y[:64])], optimizer=partial(torch.optim.Adam, lr=1e-3), act_bits="follow",
                 metric="quadratic")
@@ -171,7 +156,7 @@ def test_fixed_and_uniform_bits_and_layers_left_in_float(trained):
         mixed.configure_model()
     assert mixed.hawq_bits.tolist() == [8, 2, 6, 0, 8]
     assert type(mixed.module.net.classifier) is nn.Linear
-    x, _ = make_data(8)
+    x, _ = four_class_data(8)
     mixed.measure_costs(x)
     report = mixed.bit_report()
     assert [r.bits for r in report.rows] == [8, 2, 6, None]
@@ -195,7 +180,7 @@ def test_distillation_loss_is_the_weighted_task_loss_plus_scaled_kl(trained):
     w, t = 0.25, 2.0
     hawq = HAWQModule(trained, bits=4, distill_weight=w, temperature=t)
     hawq.configure_model()
-    x, y = make_data(32)
+    x, y = four_class_data(32)
     hawq.calibrate([(x, y)])
     with pytest.warns(UserWarning, match="not registered"):  # self.log without a Trainer is a no-op
         loss = hawq.training_step((x, y), 0)
@@ -218,7 +203,7 @@ def test_distillation_loss_is_the_weighted_task_loss_plus_scaled_kl(trained):
 
 
 def test_bad_inputs_raise_one_clear_error_each(trained, tmp_path):
-    x, y = make_data(64)
+    x, y = four_class_data(64)
     with pytest.raises(ValueError, match="no quantizable layer"):
         HAWQModule(ClassificationModule(nn.Sequential(nn.Flatten(), nn.ReLU()), num_classes=4), bits=8)
     with pytest.raises(ValueError, match=r"ties: unknown layer names \['net.fc'\]"):

@@ -17,8 +17,8 @@ from lightning_hessian.models import MNIST1DCNN, ClassificationModule
 from lightning_hessian.probe_set import draw_probe_indices, probe_batches
 from lightning_hessian.quant.allocation import InfeasibleBudgetError
 from lightning_hessian.quant.hawq import HAWQModule
+from tests.helpers.modules import TRAINER, four_class_data
 from tests.helpers.problems import fit_full_batch
-from tests.test_hawq import TRAINER, make_data
 
 
 def net() -> MNIST1DCNN:
@@ -36,7 +36,7 @@ def like(cls: type[ClassificationModule], module: ClassificationModule) -> Class
 def trained() -> ClassificationModule:
     torch.manual_seed(0)
     module = ClassificationModule(net(), optimizer=partial(torch.optim.Adam, lr=3e-3), num_classes=4)
-    return fit_full_batch(module, *make_data(), steps=150)
+    return fit_full_batch(module, *four_class_data(), steps=150)
 
 
 class Hooked(ClassificationModule):
@@ -57,8 +57,8 @@ class Hooked(ClassificationModule):
 
 def test_batch_hooks_apply_to_the_probe_calibration_fine_tune_and_test(trained, tmp_path):
     """Hooks undoing a stored ``-2 x`` give the same plan, ranges, weights and metrics as plain ``x`` data."""
-    x, y = make_data()
-    xt, yt = make_data(128, seed=1)
+    x, y = four_class_data()
+    xt, yt = four_class_data(128, seed=1)
 
     def run(module, scale):
         pl.seed_everything(0)
@@ -100,13 +100,13 @@ class Recorder(ClassificationModule):
         return 2 * super().hessian_loss(batch)
 
     def train_dataloader(self):
-        return DataLoader(TensorDataset(*make_data()), 64, shuffle=True)
+        return DataLoader(TensorDataset(*four_class_data()), 64, shuffle=True)
 
     def val_dataloader(self):
-        return DataLoader(TensorDataset(*make_data(128, seed=1)), 64)
+        return DataLoader(TensorDataset(*four_class_data(128, seed=1)), 64)
 
     def test_dataloader(self):
-        return DataLoader(TensorDataset(*make_data(128, seed=2)), 64)
+        return DataLoader(TensorDataset(*four_class_data(128, seed=2)), 64)
 
 
 def _recording(name):
@@ -138,7 +138,7 @@ def test_the_wrapped_modules_hooks_and_dataloaders_run_as_without_the_wrapper(tr
 
 
 def test_hessian_callbacks_differentiate_the_wrapped_modules_hessian_loss(trained, tmp_path):
-    x, y = make_data(64)
+    x, y = four_class_data(64)
     hawq = HAWQModule(like(Recorder, trained), bits=8, probe_size=128)
     spectrum = HessianSpectrumCallback(trace=False, probe_data=[(x, y)], plot=False, max_overhead=None)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, default_root_dir=tmp_path,
@@ -175,7 +175,7 @@ class Manual(ClassificationModule):
 
 
 def test_a_manually_optimized_module_steps_once_per_batch_like_the_automatic_one(trained, tmp_path):
-    x, y = make_data()
+    x, y = four_class_data()
 
     def run(cls):
         module = cls(net(), optimizer=partial(CountingAdam, lr=1e-3), num_classes=4)
@@ -199,14 +199,14 @@ def test_a_manually_optimized_module_steps_once_per_batch_like_the_automatic_one
 
 class DataModule(pl.LightningDataModule):
     def train_dataloader(self):
-        return DataLoader(TensorDataset(*make_data()), 64, shuffle=True)
+        return DataLoader(TensorDataset(*four_class_data()), 64, shuffle=True)
 
     def val_dataloader(self):
-        return DataLoader(TensorDataset(*make_data(128, seed=1)), 64)
+        return DataLoader(TensorDataset(*four_class_data(128, seed=1)), 64)
 
 
 def test_evaluating_without_a_fit_calibrates_on_the_training_probe_or_says_what_is_missing(trained, tmp_path):
-    x, y = make_data()
+    x, y = four_class_data()
     probe = probe_batches(TensorDataset(x, y), draw_probe_indices(len(x), 128, seed=0), 64)
     with_probe = HAWQModule(like(ClassificationModule, trained), bits=4, act_bits=3, probe_data=probe)
     expected = pl.Trainer(**TRAINER).validate(with_probe, datamodule=DataModule(), verbose=False)[0]
@@ -217,7 +217,7 @@ def test_evaluating_without_a_fit_calibrates_on_the_training_probe_or_says_what_
     for name, q in hawq.module.named_modules():
         if hasattr(q, "running_max"):
             torch.testing.assert_close(q.running_max, with_probe.module.get_submodule(name).running_max, msg=name)
-    test = DataLoader(TensorDataset(*make_data(128, seed=1)), 64)  # no training data to calibrate on
+    test = DataLoader(TensorDataset(*four_class_data(128, seed=1)), 64)  # no training data to calibrate on
     with pytest.raises(RuntimeError, match="no ranges .* pass probe_data= .* ckpt_path="):
         pl.Trainer(**TRAINER).test(HAWQModule(like(ClassificationModule, trained), bits=4), test, verbose=False)
     # A checkpoint brings the ranges.
@@ -269,7 +269,7 @@ class MultiOutput(ClassificationModule):
 
 
 def test_configuration_errors_come_before_the_hessian(trained, tmp_path):
-    x, y = make_data(64)
+    x, y = four_class_data(64)
     train = DataLoader(TensorDataset(x, y), 32)
 
     def fit(hawq):
@@ -295,7 +295,7 @@ def test_configuration_errors_come_before_the_hessian(trained, tmp_path):
 
 
 def test_a_plan_on_unconverged_traces_warns_and_says_so_in_the_report(trained, tmp_path):
-    x, y = make_data()
+    x, y = four_class_data()
 
     def fit(folder, **sampling):
         hawq = HAWQModule(trained, budgets={"size": 0.5}, probe_data=[(x, y)], report_dir=tmp_path / folder, **sampling)
@@ -341,7 +341,7 @@ class CountingHAWQ(HAWQModule):
 
 
 def test_step_signatures_checkpoint_hooks_and_subclass_hooks_are_honoured(trained, tmp_path):
-    x, y = make_data()
+    x, y = four_class_data()
     wrapped = like(NoIndexWithState, trained)
     hawq = CountingHAWQ(wrapped, bits=8, probe_size=64)
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, default_root_dir=tmp_path, **TRAINER)
@@ -364,7 +364,7 @@ def test_random_batch_hooks_in_the_probe_leave_the_training_random_stream_alone(
             x, y = batch
             return x + 0.01 * torch.randn_like(x), y
 
-    x, y = make_data()
+    x, y = four_class_data()
 
     def first_draw(callbacks):
         pl.seed_everything(0)

@@ -14,12 +14,12 @@ from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.hessian import HessianOperator, dense_hessian, top_eigenvalues
 from lightning_hessian.hessian.summary import SpectrumOptions, measure_spectrum
 from lightning_hessian.no_trace import leave_no_trace
+from tests.helpers.modules import TinyModule, tiny_dataset
 from tests.helpers.problems import loss_fn, teacher_batch
-from tests.test_spectrum_callback import TinyModule, make_data
 
 
 def test_the_callback_analyze_and_abs_give_the_same_numbers_from_the_same_probe_set(tmp_path):
-    x, y = make_data()[:64]
+    x, y = tiny_dataset()[:64]
     probe = [(x[:40], y[:40]), (x[40:], y[40:])]
     spectrum = HessianSpectrumCallback(top_k=2, eig_tol=1e-6, trace_min_samples=32, trace_max_samples=64,
                                        probe_data=probe, max_overhead=None, plot=False)
@@ -29,7 +29,7 @@ def test_the_callback_analyze_and_abs_give_the_same_numbers_from_the_same_probe_
     module = TinyModule(lr=0.0, batch_norm=False)  # the weights stay where all three measure them
     trainer = pl.Trainer(max_epochs=1, callbacks=[spectrum, abs_cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(module, DataLoader(make_data(), batch_size=16))
+    trainer.fit(module, DataLoader(tiny_dataset(), batch_size=16))
     options = AnalysisOptions(top_k=2, tol=1e-6, trace_max_samples=64, density=False, per_layer=False,
                               points_1d=3, points_2d=3)
     report = analyze_model(module, loss_fn, probe, tmp_path, options)
@@ -82,7 +82,7 @@ def test_a_probe_on_a_nan_loss_says_so_in_one_line_and_training_goes_on():
                          enable_model_summary=False, enable_checkpointing=False)
     with pytest.warns(UserWarning, match=r"^HessianSpectrumCallback: probe at step 6 failed \(the loss is NaN at "
                                          r"this probe\); training continues$"):
-        trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=16))
+        trainer.fit(TinyModule(), DataLoader(tiny_dataset(), batch_size=16))
     assert trainer.current_epoch == 2 and cb.history == []
 
 
@@ -94,7 +94,7 @@ def test_a_trace_stopped_by_its_sample_cap_warns_once():
                          enable_model_summary=False, enable_checkpointing=False)
     with pytest.warns(UserWarning, match=r"the trace stopped at trace_max_samples=8 probes short of "
                                          r"trace_rel_tol=0.0001 \(standard error [0-9.]+% of the estimate") as caught:
-        trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=16))
+        trainer.fit(TinyModule(), DataLoader(tiny_dataset(), batch_size=16))
     assert sum("trace_max_samples" in str(w.message) for w in caught) == 1
     assert [h["trace_samples"] for h in cb.history] == [8, 8]
     assert all(h["hvps"] >= 20 + 8 and h["seconds"] > 0 for h in cb.history)  # cost logged with each probe

@@ -12,7 +12,7 @@ from lightning_hessian.quant.hawq import HAWQModule
 from lightning_hessian.quant.quantizers import quantize_weight
 from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity
 from tests.helpers.allocation import best_allocation
-from tests.test_hawq import LAYERS, make_data
+from tests.helpers.modules import LAYERS, float_module, four_class_data
 
 
 def _ce(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -49,13 +49,12 @@ def test_forms_are_the_kronecker_quadratic_forms_of_the_weights() -> None:
 @pytest.fixture(scope="module")
 def trained():
     from tests.helpers.problems import fit_full_batch
-    from tests.test_hawq import float_module
 
-    return fit_full_batch(float_module(), *make_data(), steps=150)
+    return fit_full_batch(float_module(), *four_class_data(), steps=150)
 
 
 def test_hawq_plans_from_kfac_without_a_hessian_vector_product(trained) -> None:
-    x, y = make_data()
+    x, y = four_class_data()
     hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(2, 4, 8), probe_data=[(x, y)], metric="kfac")
     bits = hawq.plan([(x, y)])
     sens = hawq.sensitivity

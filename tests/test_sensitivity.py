@@ -6,30 +6,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian
 
 from lightning_hessian.hessian.operator import HessianOperator
 from lightning_hessian.models import MNIST1DCNN
 from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity, weight_perturbation
-from tests.helpers.problems import fit_full_batch
-
-
-def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
-def tiny_model() -> nn.Module:
-    """Conv1d (9 weights) + tanh + Linear (48 weights): smooth, so the Hessian blocks are not degenerate."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv1d(1, 3, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 4)).double()
-
-
-def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(32, 1, 9, generator=g, dtype=torch.float64), torch.randint(0, 4, (32,), generator=g)
+from tests.helpers.modules import tiny_data, tiny_model
+from tests.helpers.problems import fit_full_batch, loss_fn
 
 
 def dense_block_traces(model: nn.Module, batch) -> dict[str, float]:

@@ -9,7 +9,8 @@ from torch.func import hessian
 
 from lightning_hessian.hessian.operator import HessianOperator
 from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity
-from tests.test_sensitivity import loss_fn, tiny_data, tiny_model
+from tests.helpers.modules import tiny_data, tiny_model
+from tests.helpers.problems import loss_fn
 
 BITS = (2, 4, 8)
 

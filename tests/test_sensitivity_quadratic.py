@@ -8,7 +8,8 @@ from torch.func import functional_call, hessian
 from lightning_hessian.hessian.operator import HessianOperator
 from lightning_hessian.quant.quantizers import quantize_weight
 from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity
-from tests.test_sensitivity import loss_fn, tiny_data, tiny_model
+from tests.helpers.modules import tiny_data, tiny_model
+from tests.helpers.problems import loss_fn
 
 BITS = (2, 3, 4, 8)
 

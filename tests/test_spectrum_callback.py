@@ -6,39 +6,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.probe_set import draw_probe_indices
-
-N_TRAIN = 96
-
-
-class TinyModule(pl.LightningModule):
-    """A small MLP with BatchNorm and dropout (so mode, buffers and RNG all matter)."""
-
-    def __init__(self, lr: float = 0.05, batch_norm: bool = True):
-        super().__init__()
-        norm = nn.BatchNorm1d(8) if batch_norm else nn.Identity()
-        self.net = nn.Sequential(nn.Linear(6, 8), norm, nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 3))
-        self.lr = lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-def make_data(seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N_TRAIN, 6, generator=g)
-    return TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long())
+from tests.helpers.modules import N_TRAIN, TinyModule, tiny_dataset
 
 
 def fit(callbacks, max_epochs=2, seed=0, ckpt_path=None, default_root_dir=None, enable_checkpointing=False):
@@ -48,12 +20,12 @@ def fit(callbacks, max_epochs=2, seed=0, ckpt_path=None, default_root_dir=None, 
         max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=enable_checkpointing, default_root_dir=default_root_dir,
     )
-    trainer.fit(module, DataLoader(make_data(), batch_size=16, shuffle=True), ckpt_path=ckpt_path)
+    trainer.fit(module, DataLoader(tiny_dataset(), batch_size=16, shuffle=True), ckpt_path=ckpt_path)
     return module, trainer
 
 
 def dense_eval_hessian(module: TinyModule, indices: list[int]) -> torch.Tensor:
-    x, y = make_data()[indices]
+    x, y = tiny_dataset()[indices]
     params = {k: v.detach() for k, v in module.named_parameters()}
     buffers = {k: v.detach() for k, v in module.named_buffers()}
     names = list(params)
@@ -129,7 +101,7 @@ def test_a_label_out_of_range_anywhere_in_the_probe_set_stops_the_fit_before_tra
     probe set is collated (here at train start too: max_overhead=None)."""
     from lightning_hessian.probe_set import DefaultLossError
 
-    data = make_data()
+    data = tiny_dataset()
     last = draw_probe_indices(N_TRAIN, N_TRAIN, seed=0)[-1]  # far past the first 32 of the probe draw
     data.tensors[1][last] = 3  # TinyModule has 3 outputs
     pl.seed_everything(0)
@@ -191,7 +163,7 @@ def test_the_set_up_counts_in_the_budget(monkeypatch):
     trainer = pl.Trainer(max_epochs=3, callbacks=[cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     with pytest.warns(UserWarning, match=r"0 probe\(s\) ran"):
-        trainer.fit(ClockedModule(clock, 0.1), DataLoader(make_data(), batch_size=16))
+        trainer.fit(ClockedModule(clock, 0.1), DataLoader(tiny_dataset(), batch_size=16))
     assert cb.history == [] and cb.skipped == 3 and cb._budget.probe_seconds >= 1.0
 
 
@@ -216,7 +188,7 @@ def test_the_default_schedule_keeps_the_probes_within_their_budget(monkeypatch):
     pl.seed_everything(0)
     trainer = pl.Trainer(max_epochs=30, callbacks=[cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(ClockedModule(clock, 0.1), DataLoader(make_data(), batch_size=16))
+    trainer.fit(ClockedModule(clock, 0.1), DataLoader(tiny_dataset(), batch_size=16))
     spent, trained = cb._budget.probe_seconds, cb._budget.train_seconds
     # sized for ~10 probes in 30 epochs: a warm probe (graph + 4 products) fits 3% of three 0.6-s epochs on 256
     # samples, so the whole (96-sample) training set is probed
@@ -281,7 +253,7 @@ def test_every_n_steps_probes_once_per_optimizer_step_under_accumulation():
     cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False, every_n_steps=2)
     trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, accumulate_grad_batches=2)
-    trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=8))  # 12 micro-batches: 6 optimizer steps
+    trainer.fit(TinyModule(), DataLoader(tiny_dataset(), batch_size=8))  # 12 micro-batches: 6 optimizer steps
     assert [h["step"] for h in cb.history] == [2, 4, 6]
 
 
@@ -306,7 +278,7 @@ def test_every_n_steps_probes_when_the_step_jumps_past_a_multiple():
     cb = HessianSpectrumCallback(max_overhead=None, probe_size=32, trace=False, every_n_steps=3, plot=False)
     trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(TwoOptimizerModule(), DataLoader(make_data(), batch_size=8))  # 12 batches: steps 2, 4, ..., 24
+    trainer.fit(TwoOptimizerModule(), DataLoader(tiny_dataset(), batch_size=8))  # 12 batches: steps 2, 4, ..., 24
     assert [h["step"] for h in cb.history] == [4, 6, 10, 12, 16, 18, 22, 24]  # the first step past each multiple
 
 
@@ -324,8 +296,8 @@ def test_probe_batches_get_the_precision_conversion_and_batch_hooks():
     cb = HessianSpectrumCallback(max_overhead=None, top_k=1, trace=False, probe_size=N_TRAIN, eig_tol=1e-8)
     trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, precision="64-true")
-    trainer.fit(module, DataLoader(make_data(), batch_size=16))  # float32 data into a float64 model
-    x, y = make_data()[:]
+    trainer.fit(module, DataLoader(tiny_dataset(), batch_size=16))  # float32 data into a float64 model
+    x, y = tiny_dataset()[:]
     params = {k: v.detach() for k, v in module.named_parameters()}
     names = list(params)
     module.eval()
@@ -350,7 +322,7 @@ def test_default_probe_is_the_whole_training_set_when_smaller():
 def test_compute_on_its_own_with_probe_data():
     pl.seed_everything(0)
     module = TinyModule()
-    x, y = make_data()[:32]
+    x, y = tiny_dataset()[:32]
     cb = HessianSpectrumCallback(top_k=1, trace=False, eig_tol=1e-8, probe_data=[(x, y)],
                                  loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
     exact = torch.linalg.eigvalsh(dense_eval_hessian(module, list(range(32))))[-1].item()
@@ -366,7 +338,7 @@ def test_every_n_steps_resume_does_not_probe_the_restored_step_again(tmp_path):
         trainer = pl.Trainer(max_epochs=epochs, callbacks=[cb, pl.callbacks.ModelCheckpoint(dirpath=tmp_path,
                              save_last=True)], logger=False, enable_progress_bar=False, enable_model_summary=False,
                              accumulate_grad_batches=2)
-        trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=8), ckpt_path=ckpt_path)
+        trainer.fit(TinyModule(), DataLoader(tiny_dataset(), batch_size=8), ckpt_path=ckpt_path)
         return [h["step"] for h in cb.history]
 
     assert run(1) == [2, 4, 6]
@@ -384,7 +356,7 @@ class InputOnlyModule(TinyModule):
 
 
 def test_bare_tensor_batches_are_probed_and_match_the_dense_hessian():
-    x = make_data().tensors[0]
+    x = tiny_dataset().tensors[0]
     cb = HessianSpectrumCallback(max_overhead=None, probe_size=40, probe_batch_size=16, trace=False, plot=False)
     pl.seed_everything(0)
     module = InputOnlyModule(batch_norm=False)
@@ -417,7 +389,7 @@ def test_every_n_steps_writes_each_probe_to_the_logger_at_its_step(tmp_path):
     pl.seed_everything(0)
     trainer = pl.Trainer(max_epochs=3, callbacks=[cb], logger=CSVLogger(tmp_path), log_every_n_steps=50,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=16))  # 6 steps per epoch
+    trainer.fit(TinyModule(), DataLoader(tiny_dataset(), batch_size=16))  # 6 steps per epoch
     rows = [line.split(",") for line in Path(trainer.logger.log_dir, "metrics.csv").read_text().splitlines()]
     col, step = rows[0].index("hessian/eig_1"), rows[0].index("step")
     logged = [(int(r[step]), float(r[col])) for r in rows[1:] if r[col]]

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from tests.ddp.rank_results import SaveRankResults, load_ranks
-from tests.test_spectrum_callback import TinyModule, make_data
+from tests.helpers.modules import TinyModule, tiny_dataset
 
 pytestmark = pytest.mark.ddp
 
@@ -35,7 +35,7 @@ def test_spectrum_two_ranks_equal_one_process():
         trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                              enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
                              **ddp(devices))
-        trainer.fit(module, DataLoader(make_data(), batch_size=16))
+        trainer.fit(module, DataLoader(tiny_dataset(), batch_size=16))
         metrics.append({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("hessian/")})
     one, two = metrics
     values = {"hessian/eig_1", "hessian/eig_2", "hessian/trace", "hessian/trace_std_error"}
@@ -71,7 +71,7 @@ def test_abs_ranks_agree_on_every_change(tmp_path):
         batch_size = 8  # per device: global 16
 
         def train_dataloader(self):
-            return DataLoader(make_data(), batch_size=self.batch_size, shuffle=True)
+            return DataLoader(tiny_dataset(), batch_size=self.batch_size, shuffle=True)
 
     trainer.fit(TinyModule(), datamodule=Data())
     rank0, rank1 = load_ranks(tmp_path, 2)
@@ -100,7 +100,7 @@ def test_a_probe_failing_on_one_rank_is_skipped_on_every_rank(tmp_path):
     trainer = pl.Trainer(max_epochs=3, callbacks=[cb, history], logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", devices=2,
                          strategy=strategy)
-    trainer.fit(TinyModule(), DataLoader(make_data(), batch_size=16))
+    trainer.fit(TinyModule(), DataLoader(tiny_dataset(), batch_size=16))
     assert load_ranks(tmp_path, 2) == [[0, 2], [0, 2]]  # a collective timeout (a hang) fails instead
 
 
@@ -147,7 +147,7 @@ class PerDeviceData(pl.LightningDataModule):
     batch_size = 8  # per device
 
     def train_dataloader(self):
-        return DataLoader(make_data(), batch_size=self.batch_size, shuffle=True)
+        return DataLoader(tiny_dataset(), batch_size=self.batch_size, shuffle=True)
 
 
 def test_abs_times_the_all_reduces_without_changing_training(tmp_path):
