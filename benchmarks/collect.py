@@ -9,8 +9,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
-    "hessian_vs_pyhessian", "hvp_cost", "spectrum_overhead", "absa_table", "attacks_vs_torchattacks",
-    "adversarial_training", "hawq_table", "allocation_speed", "integer_latency", "adahessian",
+    "hessian_vs_pyhessian", "hvp_cost", "spectrum_overhead", "outside_modules", "absa_table",
+    "attacks_vs_torchattacks", "adversarial_training", "boundary_thickness", "hawq_table", "zeroq_table",
+    "transformer_hawq", "allocation_speed", "integer_latency", "kfac", "kfac_batch_size", "adahessian",
 ]
 
 
