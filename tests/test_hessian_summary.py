@@ -14,7 +14,7 @@ from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.hessian import HessianOperator, dense_hessian, top_eigenvalues
 from lightning_hessian.hessian.summary import SpectrumOptions, measure_spectrum
 from lightning_hessian.no_trace import leave_no_trace
-from tests.helpers.modules import TinyModule, tiny_dataset
+from tests.helpers.modules import TinyModule, clocked_module, tiny_dataset
 from tests.helpers.problems import loss_fn, teacher_batch
 
 
@@ -197,24 +197,7 @@ def test_a_transformer_probe_is_chunked_like_training_and_measures_the_whole_pro
 def test_abs_sizes_its_probe_set_from_the_first_epochs_time(product_cost, size, monkeypatch):
     """A training step takes 0.1 s (128 steps: 12.8 s), a product ``product_cost`` s per sample: the largest
     power of two whose warm probe (6 products) costs 2% of the epoch (from 128 to 1,024 samples)."""
-    from lightning_hessian.callbacks import budget
-    from lightning_hessian.hessian.operator import sample_count
-
-    clock = {"t": 0.0}
-    monkeypatch.setattr(budget, "now", lambda: clock["t"])
-    matmat = HessianOperator.matmat
-
-    def timed(op, V):
-        clock["t"] += product_cost * V.shape[0] * sum(sample_count(b) for b in op._batches)
-        return matmat(op, V)
-
-    monkeypatch.setattr(HessianOperator, "matmat", timed)
-
-    class Clocked(TinyModule):
-        def training_step(self, batch, batch_idx):
-            clock["t"] += 0.1
-            return super().training_step(batch, batch_idx)
-
+    Clocked = clocked_module(monkeypatch, lambda: product_cost)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 6, generator=g)
     data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from tests.ddp.rank_results import SaveRankResults, load_ranks
-from tests.helpers.modules import TinyModule, tiny_dataset
+from tests.helpers.modules import TinyModule, clocked_module, tiny_dataset
 
 pytestmark = pytest.mark.ddp
 
@@ -107,26 +107,7 @@ def test_a_probe_failing_on_one_rank_is_skipped_on_every_rank(tmp_path):
 def test_the_budget_and_the_probe_size_follow_rank_0(tmp_path, monkeypatch):
     """Rank 1 times its products 10x slower than rank 0: deciding alone it would choose another probe size and
     skip other probes (and wait forever in the all-reduced products); every rank takes rank 0's decisions."""
-    from lightning_hessian.callbacks import budget
-    from lightning_hessian.hessian import HessianOperator
-    from lightning_hessian.hessian.operator import sample_count
-
-    clock = {"t": 0.0}
-    monkeypatch.setattr(budget, "now", lambda: clock["t"])
-    matmat = HessianOperator.matmat
-
-    def timed(op, V):
-        slow = 10 if torch.distributed.get_rank() == 1 else 1
-        clock["t"] += slow * 2e-5 * V.shape[0] * sum(sample_count(b) for b in op._batches)
-        return matmat(op, V)
-
-    monkeypatch.setattr(HessianOperator, "matmat", timed)
-
-    class Clocked(TinyModule):
-        def training_step(self, batch, batch_idx):
-            clock["t"] += 0.1
-            return super().training_step(batch, batch_idx)
-
+    Clocked = clocked_module(monkeypatch, lambda: 2e-5 * (10 if torch.distributed.get_rank() == 1 else 1))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(640, 6, generator=g)
     data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())

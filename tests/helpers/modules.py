@@ -3,6 +3,7 @@ problem, and the spectrum callback's small Lightning module with BatchNorm and d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import lightning.pytorch as pl
@@ -67,3 +68,27 @@ def tiny_dataset(seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N_TRAIN, 6, generator=g)
     return TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long())
+
+
+def clocked_module(monkeypatch, product_cost: Callable[[], float], step_seconds: float = 0.1) -> type[TinyModule]:
+    """The probe budget on a fake clock: a Hessian-vector product costs ``product_cost()`` seconds per probe sample
+    and a training step of the returned TinyModule subclass ``step_seconds``."""
+    from lightning_hessian.callbacks import budget
+    from lightning_hessian.hessian.operator import HessianOperator, sample_count
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(budget, "now", lambda: clock["t"])
+    matmat = HessianOperator.matmat
+
+    def timed(op, V):
+        clock["t"] += product_cost() * V.shape[0] * sum(sample_count(b) for b in op._batches)
+        return matmat(op, V)
+
+    monkeypatch.setattr(HessianOperator, "matmat", timed)
+
+    class Clocked(TinyModule):
+        def training_step(self, batch, batch_idx):
+            clock["t"] += step_seconds
+            return super().training_step(batch, batch_idx)
+
+    return Clocked
