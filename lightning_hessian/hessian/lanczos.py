@@ -123,7 +123,7 @@ class KrylovSolver:
         self.cap = min(self.space, ncv if ncv is not None else default)
         if self.cap < self.space and self.cap < k + p + self.block + 1:
             raise ValueError(f"ncv={self.cap} too small: need at least k + len(v0) + block_size + 1")
-        self.V = torch.zeros(self.cap, dim, dtype=start.dtype, device=start.device)
+        self.V = torch.empty(self.cap, dim, dtype=start.dtype, device=start.device)  # rows past ``m`` unused
         self.T = torch.zeros(self.cap, self.cap, dtype=torch.float64)
         self.seed = seed
         self.gen = torch.Generator().manual_seed(seed + 1)

@@ -363,8 +363,6 @@ class HessianOperator(ParameterVectors):
         with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             if V.is_inference():  # an inference tensor from the caller becomes a normal one
                 V = V.clone()
-            total = torch.zeros(k, self.dim, device=self.device, dtype=working_dtype(self.dtype))
-            count = 0
             kind = "single" if k == 1 else "multi"
             if kind not in self.hvp_choice and not self._worth_timing(kind):
                 self.hvp_choice[kind] = "reverse"
@@ -372,6 +370,8 @@ class HessianOperator(ParameterVectors):
             if one and kind in self.hvp_choice and self._batch_size(self._batches[0]) > 0:
                 self.num_hvps += k  # one batch: its product is the mean (no weighted sum to build)
                 return self._hvp(self.hvp_choice[kind], 0, self._batches[0], V)
+            total = torch.zeros(k, self.dim, device=self.device, dtype=working_dtype(self.dtype))
+            count = 0
             batches = iter(self._iter_batches())
             start = 0
             if kind not in self.hvp_choice:  # every rank takes part, with or without a batch of its own
@@ -511,7 +511,7 @@ class HessianOperator(ParameterVectors):
         leaves, grads = self._first_order(index, batch)
         cached = index in self._graphs
         pairs = [(g, i) for i, g in enumerate(grads) if g is not None]
-        out = torch.zeros_like(V)
+        out = torch.zeros_like(V) if V.shape[0] > 1 or not pairs else None
         if not pairs:  # the loss is at most linear in every selected parameter
             return out
         outputs = [g for g, _ in pairs]
@@ -535,6 +535,8 @@ class HessianOperator(ParameterVectors):
                 outputs, leaves, grad_outputs=[parts[i] for _, i in pairs], retain_graph=cached or r < k - 1,
                 allow_unused=True, materialize_grads=True,
             )
+            if k == 1:  # no copy into ``out``
+                return torch.cat([h.reshape(-1) for h in hv])[None]
             out[r] = torch.cat([h.reshape(-1) for h in hv])
         return out
 
