@@ -190,15 +190,58 @@ def test_the_default_schedule_keeps_the_probes_within_their_budget(monkeypatch):
                          enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(ClockedModule(clock, 0.1), DataLoader(tiny_dataset(), batch_size=16))
     spent, trained = cb._budget.probe_seconds, cb._budget.train_seconds
-    # sized for ~10 probes in 30 epochs: a warm probe (graph + 4 products) fits 3% of three 0.6-s epochs on 256
-    # samples, so the whole (96-sample) training set is probed
-    assert trained == pytest.approx(30 * 6 * 0.1) and cb._probe.size == N_TRAIN
+    # sized for ~10 probes in 30 epochs: the first, cold probe (16 products) fits 3% of three 0.6-s epochs (54 ms)
+    # on 64 samples (51 ms), not on the whole (96-sample) training set (77 ms)
+    assert trained == pytest.approx(30 * 6 * 0.1) and N_TRAIN == 96 and cb._probe.size == 64
     assert spent <= cb.max_overhead * trained  # within the budget, as accounted at every decision
     full = [h for h in cb.history if "trace" in h]
-    assert len(full) >= 1 and len(cb.history) - len(full) >= 2 and cb.skipped >= 10  # the budget is used, not idle
+    assert len(full) >= 1 and len(cb.history) - len(full) >= 2 and cb.skipped >= 5  # the budget is used, not idle
+    assert len(cb.history) + cb.skipped == 30
     assert spent >= 0.6 * cb.max_overhead * trained
     warm = [h["hvps"] for h in cb.history if "trace" not in h][1:]
     assert max(warm) <= 8  # warm-started top-1 probes take a handful of products
+
+
+def test_a_products_fixed_cost_is_told_apart_from_its_cost_per_sample(monkeypatch):
+    """A product costs 2 ms per probe batch plus 10 us per sample (Python and dispatch overhead dominate a small
+    model's product): timed on 32 and 8 samples, the prediction for the first probe on the chosen set is exact:
+    79 ms on the whole training set (batches of 64 and 32), within 3% of the first 3.6-s epoch (108 ms), where 32
+    samples' average alone (72.5 us per sample) would predict 111 ms and settle for 64 samples."""
+    from lightning_hessian.callbacks import budget
+    from lightning_hessian.callbacks.budget import EIGEN
+    from lightning_hessian.hessian import HessianOperator
+    from lightning_hessian.hessian.operator import sample_count
+
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    matmat = HessianOperator.matmat
+    costs = []
+
+    def timed(op, V):
+        cost = V.shape[0] * sum(2e-3 + 1e-5 * sample_count(b) for b in op._batches)
+        clock.t += cost
+        costs.append(cost)
+        return matmat(op, V)
+
+    monkeypatch.setattr(HessianOperator, "matmat", timed)
+    cb = HessianSpectrumCallback(trace=False)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    estimates = []
+    prepare = HessianSpectrumCallback._prepare
+
+    def spy(callback, *args):
+        prepare(callback, *args)
+        estimates.append(callback._budget.estimate[EIGEN])
+
+    monkeypatch.setattr(HessianSpectrumCallback, "_prepare", spy)
+    trainer.fit(ClockedModule(clock, 0.6), DataLoader(tiny_dataset(), batch_size=16))
+    timing = cb._probe.timing
+    assert timing["product_fixed"] == pytest.approx(2e-3) and timing["product_per_sample"] == pytest.approx(1e-5)
+    assert cb._probe.size == N_TRAIN == 96
+    assert estimates == [pytest.approx(16 * (2 * 2e-3 + 96e-5))]  # graph: none on this clock; 16 cold products
+    assert len(cb.history) == 3 and cb.skipped == 0
 
 
 def test_failed_probe_warns_and_training_goes_on():

@@ -35,6 +35,8 @@ from lightning_hessian.probe_set import (
 
 DEFAULT_PROBE_SIZE = 1024
 TIMING_SAMPLES = 32  # samples one product is timed on, to size a probe before the first one
+SMALL_TIMING_SAMPLES = 8  # and a second, smaller timing: a product's fixed cost apart from its cost per sample
+MIN_SLOPE = 0.1  # the cost per sample is taken as at least this share of the larger timing's average (noise)
 CHUNK_BYTES = 2**26  # a probe batch's graph may hold this much (one training batch's, if that is more)
 WARM_PRODUCTS = 6  # products of a warm-started top-1 measurement with its graph (ABS's at eig_tol 5%: 3-6)
 
@@ -88,6 +90,7 @@ class HessianProbe:
         self._loss: LossFn | None = None
         self._source: tuple[Any, Any, int] | None = None  # (dataset, collate_fn, training batch size)
         self._timing: Any = None  # a small prepared batch to time a product on
+        self._small: Any = None  # a smaller one (a prefix of the same draw), for the fixed part of the cost
 
     # ---- set-up ------------------------------------------------------------------------------------------
 
@@ -120,6 +123,8 @@ class HessianProbe:
                 draw_probe_indices(len(dataset), self.probe_size, self.seed)  # fails early if too large
             timing = self._collate(trainer, min(TIMING_SAMPLES, self.max_size()), TIMING_SAMPLES)
             self._timing = timing[0] if timing else None
+            small = self._collate(trainer, min(SMALL_TIMING_SAMPLES, self.max_size()), SMALL_TIMING_SAMPLES)
+            self._small = small[0] if small else None
         if self._timing is not None:  # the given batches, or the first samples of the probe set
             with leave_no_trace(pl_module, self.mode):
                 check_loss(self._loss, pl_module, self.batches or [self._timing], self.owner)
@@ -138,9 +143,13 @@ class HessianProbe:
         """Build the probe set at the largest size (a power of two from ``min_size`` to ``max_size()``) whose probe,
         predicted from one timed product, costs ``max_overhead`` of the training time so far (rank 0's choice)."""
         timing = self.time_product(pl_module)
-        per_sample = (timing["graph"] + WARM_PRODUCTS * timing["product"]) / max(timing["samples"], 1)
-        affordable = self.max_overhead * (budget.now() - self._started) / max(per_sample, 1e-12) * trainer.world_size
-        size = min(self.max_size(), max(self.min_size, 2 ** int(math.log2(max(affordable, 1.0)))))
+        # priced at the timing batch's average cost per sample, which overstates a small model's product on a larger
+        # set: ABS's probes grow dearer as its growing batches make epochs cheaper, and its figures use this rule
+        samples = max(timing["samples"], 1)
+        average = dict(timing, graph_fixed=0.0, product_fixed=0.0, graph_per_sample=timing["graph"] / samples,
+                       product_per_sample=timing["product"] / samples)
+        allowance = self.max_overhead * (budget.now() - self._started)
+        size = self.affordable_size(allowance, WARM_PRODUCTS, trainer.world_size, self.min_size, average)
         self.build(trainer, trainer.strategy.broadcast(size, src=0))
 
     def max_size(self) -> int:
@@ -173,27 +182,64 @@ class HessianProbe:
     # ---- measuring ---------------------------------------------------------------------------------------
 
     def time_product(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Time building the first-order graph and one product on a few probe samples, and size the graph: what
-        a probe's cost and its batches' size are chosen from before the first probe (measured once, kept).
+        """Time building the first-order graph and one product on a few probe samples (and on fewer, for a drawn
+        probe set), and size the graph: what a probe's cost and its batches' size are chosen from before the first
+        probe (measured once, kept).
 
-        Returns ``{"graph", "product", "seconds"}`` (seconds; ``seconds`` all the timing took), ``"samples"`` and
-        ``"bytes"`` (what the graph holds for backward)."""
+        Returns ``{"graph", "product", "seconds"}`` (seconds on the timing batch; ``seconds`` all the timing
+        took), ``"samples"``, ``"bytes"`` (what the graph holds for backward), and the cost model ``predict``
+        uses: ``"graph_fixed"``, ``"graph_per_sample"``, ``"product_fixed"``, ``"product_per_sample"``."""
         if self.timing is None:
+            start = budget.now()
             with leave_no_trace(pl_module, self.mode):
-                op = HessianOperator(pl_module, self._loss, [] if self._timing is None else [self._timing],
-                                     params=self.params, cache_bytes=None)
-                v = torch.zeros(op.dim, dtype=op.dtype, device=op.device)
-                v[0] = 1
-                start = budget.now()
-                op.matvec(v)
-                built = budget.now()
-                op.matvec(v)
-                done = budget.now()
-            product = done - built
-            self.timing = {"graph": max(built - start - product, 0.0), "product": product, "seconds": done - start,
-                           "samples": 0 if self._timing is None else sample_count(self._timing),
-                           "bytes": op.cached_bytes}
+                graph, product, size = self._time_on(pl_module, self._timing)
+                # every rank times the smaller batch too (the products are all-reduced), with or without its share
+                small = self._time_on(pl_module, self._small) if self._source is not None else None
+            n = 0 if self._timing is None else sample_count(self._timing)
+            n_small = 0 if self._small is None else sample_count(self._small)
+            self.timing = {"graph": graph, "product": product, "seconds": budget.now() - start, "samples": n,
+                           "bytes": size}
+            for key, big, little in (("graph", graph, small and small[0]), ("product", product, small and small[1])):
+                fixed, per_sample = _fixed_and_per_sample(big, n, little, n_small)
+                self.timing.update({f"{key}_fixed": fixed, f"{key}_per_sample": per_sample})
         return self.timing
+
+    def _time_on(self, pl_module: pl.LightningModule, batch: Any) -> tuple[float, float, int]:
+        """(graph seconds, product seconds, bytes the graph holds) of one product on ``batch`` (``None``: this rank
+        holds none but takes part)."""
+        op = HessianOperator(pl_module, self._loss, [] if batch is None else [batch], params=self.params,
+                             cache_bytes=None)
+        v = torch.zeros(op.dim, dtype=op.dtype, device=op.device)
+        v[0] = 1
+        start = budget.now()
+        op.matvec(v)
+        built = budget.now()
+        op.matvec(v)
+        product = budget.now() - built
+        return max(built - start - product, 0.0), product, op.cached_bytes
+
+    def predict(self, local_samples: float, products: float, timing: dict[str, float] | None = None) -> float:
+        """Seconds of a measurement of ``products`` products (and one graph per probe batch) on ``local_samples`` of
+        this rank's probe samples, from ``timing`` (default: this rank's ``time_product``)."""
+        t = timing if timing is not None else self.timing
+        if self.batches is not None:
+            batches = max(len(self.batches), 1)
+        else:
+            batches = max(math.ceil(local_samples / self.chunk_size()), 1)
+        return (batches * (t["graph_fixed"] + products * t["product_fixed"])
+                + local_samples * (t["graph_per_sample"] + products * t["product_per_sample"]))
+
+    def affordable_size(self, seconds: float, products: float, world: int, min_size: int,
+                        timing: dict[str, float] | None = None) -> int:
+        """The largest probe set, a power of two from ``min_size`` or ``max_size()``, shared by ``world`` ranks, on
+        which a measurement of ``products`` products is predicted to take at most ``seconds`` (else ``min_size``)."""
+        largest = self.max_size()
+        size = min(min_size, largest)
+        while size * 2 <= largest and self.predict(size * 2 / world, products, timing) <= seconds:
+            size *= 2
+        if size < largest and self.predict(largest / world, products, timing) <= seconds:
+            size = largest
+        return size
 
     def chunk_size(self) -> int:
         """Samples per probe batch when ``probe_batch_size`` is not given: the training batch size, doubled while
@@ -245,3 +291,13 @@ class HessianProbe:
         self.warm_start = state.get("warm_start")
         self.draws = int(state.get("draws", 0))
         self.size = state.get("size")
+
+
+def _fixed_and_per_sample(big: float, n: int, small: float | None, n_small: int) -> tuple[float, float]:
+    """A product's cost as ``fixed + per_sample * samples`` from its seconds on ``n`` and on ``n_small`` samples;
+    the per-sample part stays at least ``MIN_SLOPE`` of the average on ``n`` (timing noise must not make a large
+    probe set look free). One timing only: all of it per sample."""
+    if small is None or not 0 < n_small < n:
+        return 0.0, big / max(n, 1)
+    per_sample = max((big - small) / (n - n_small), MIN_SLOPE * big / n)
+    return max(big - per_sample * n, 0.0), per_sample

@@ -21,7 +21,7 @@ from lightning_hessian.hessian.summary import TRACE_METHODS, SpectrumOptions, re
 
 DEFAULT_MAX_OVERHEAD = 0.03
 MIN_AUTO_PROBE = 32  # the smallest probe set the budget may choose
-WARM_PRODUCTS = 4  # products a warm-started top-1 probe takes (plus the graph), for sizing the probe set
+WARM_PRODUCTS = 4  # products a warm-started top-1 probe takes (plus the graph)
 COLD_PRODUCTS = 16  # products of a first (cold) top-1 probe, for its predicted cost
 TARGET_PROBES = 10  # the probe set is sized for about this many probes over a run of known length
 
@@ -38,10 +38,11 @@ class HessianSpectrumCallback(Callback):
       with this probe's predicted cost, stays within 3% of the training time so far; otherwise it is skipped
       and a later one runs when the budget allows. So a short run, or a model whose Hessian-vector products
       are dear (a transformer, a ResNet on a CPU), may see few probes or none (said at the end of training).
-    - One Hessian-vector product timed on 32 samples at train start (with the loss check, the callback's only
-      work before the first scheduled probe; all of it counts in the budget) sizes the probe set at the first
-      scheduled probe (a power of two from 32 to 1,024 samples, never more than the training set: the largest
-      whose top-1 probe fits the budget of about a tenth of the run, so ~10 probes) and predicts that probe.
+    - One Hessian-vector product timed on 32 and on 8 samples at train start (its fixed cost apart from its cost
+      per sample; with the loss check, the callback's only work before the first scheduled probe; all of it
+      counts in the budget) sizes the probe set at the first scheduled probe (a power of two from 32 to 1,024
+      samples, never more than the training set: the largest whose first, cold top-1 probe fits the budget of
+      about a tenth of the run, so ~10 probes) and predicts that probe.
       The set is kept for the whole run and in the checkpoint: the curve follows the model, not the sample.
     - Probes after the first start Lanczos from the last eigenvectors and stop at a 1% residual
       (``eig_tol``, so the eigenvalue is within 1% of the probe set's), a handful of products for top-1.
@@ -286,30 +287,29 @@ class HessianSpectrumCallback(Callback):
         it (when automatic) and predict the first probes' cost (rank 0's timing, on every rank)."""
         start = budget.now()
         timing = self._probe.time_product(pl_module)  # or the one made at train start (charged then)
-        graph, product, samples = trainer.strategy.broadcast((timing["graph"], timing["product"],
-                                                              timing["samples"]), src=0)
-        per_sample = (graph / max(samples, 1), product / max(samples, 1))  # this rank's share of a probe
-        world = trainer.world_size
+        timing = trainer.strategy.broadcast(dict(timing), src=0)
+        cold_products = COLD_PRODUCTS * self._products_factor()
         if self._probe.batches is None and self._probe.size is None:
             size = self._probe.max_size()
-            if self._auto_size():  # a warm probe within the budget of the intervals between ~TARGET_PROBES probes
-                warm = per_sample[0] + WARM_PRODUCTS * self._products_factor() * per_sample[1]
+            if self._auto_size():  # the first (cold) probe within the budget of the interval between ~10 probes
                 intervals = self._intervals(trainer)
                 spacing = max(1.0, intervals / TARGET_PROBES) if intervals else 1.0
-                affordable = self.max_overhead * self._budget.train_seconds * spacing / max(warm, 1e-12) * world
-                size = min(size, max(MIN_AUTO_PROBE, 2 ** int(math.log2(max(affordable, 1.0)))))
+                allowance = self.max_overhead * self._budget.train_seconds * spacing
+                size = self._probe.affordable_size(allowance, cold_products, trainer.world_size, MIN_AUTO_PROBE,
+                                                   timing)
             self._probe.size = trainer.strategy.broadcast(size, src=0)
         local = self._local_samples(trainer)
-        cold = local * (per_sample[0] + COLD_PRODUCTS * self._products_factor() * per_sample[1])
+        cold = self._probe.predict(local, cold_products, timing)
         extra = self.krylov_steps + self.trace_min_samples if self.trace else 0
         extra += 10 * COLD_PRODUCTS if self.per_layer else 0
         extra += self.options.density_runs * self.options.density_steps if self.density else 0
-        self._budget.estimate = {EIGEN: cold, FULL: cold + local * extra * per_sample[1],
-                                 PRODUCT: local * (per_sample[1] + per_sample[0] / COLD_PRODUCTS)}
+        per_product = self._probe.predict(local, 1, timing) - self._probe.predict(local, 0, timing)
+        self._budget.estimate = {EIGEN: cold, FULL: cold + extra * per_product,
+                                 PRODUCT: self._probe.predict(local, COLD_PRODUCTS, timing) / COLD_PRODUCTS}
         self._budget.charge(budget.now() - start, None)
         if self._auto_size():
             rank_zero_info(f"HessianSpectrumCallback: probe set of {self._probe.size} samples (one Hessian-vector "
-                           f"product on them ~{1e3 * local * per_sample[1]:.0f} ms), within max_overhead="
+                           f"product on them ~{1e3 * per_product:.0f} ms), within max_overhead="
                            f"{self.max_overhead} of the training time")
 
     def _local_samples(self, trainer: pl.Trainer) -> float:
