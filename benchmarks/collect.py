@@ -9,7 +9,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
-    "hessian_vs_pyhessian", "hvp_cost", "spectrum_overhead", "outside_modules", "absa_table",
+    "hessian_vs_pyhessian", "hessian_cold_start", "hvp_cost", "spectrum_overhead", "outside_modules", "absa_table",
     "attacks_vs_torchattacks", "adversarial_training", "boundary_thickness", "hawq_table", "zeroq_table",
     "transformer_hawq", "allocation_speed", "integer_latency", "kfac", "kfac_batch_size", "adahessian",
 ]
