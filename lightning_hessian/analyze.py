@@ -88,6 +88,24 @@ def analyze_model(
 
     Returns the report (also saved as ``out_dir/report.json``); figures and ``report.md`` sit beside it.
     ``meta`` (checkpoint, probe set, ...) is copied into the report. The model is left as it was found.
+
+    Example::
+
+        >>> import tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_hessian.analyze import AnalysisOptions, analyze_model
+        >>> from lightning_hessian.hessian import dense_hessian
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        >>> batch = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,)))
+        >>> loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+        >>> options = AnalysisOptions(top_k=2, tol=1e-8, density=False, per_layer=False, points_1d=3, points_2d=3)
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     report = analyze_model(model, loss_fn, [batch], out, options)
+        >>> exact = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batch)).flip(0)[:2]
+        >>> torch.allclose(torch.tensor(report["eigenvalues"], dtype=torch.float64), exact), report["num_params"]
+        (True, 23)
     """
     opts = options or AnalysisOptions()
     out = Path(out_dir)

@@ -23,6 +23,23 @@ def loss_along(op: HessianOperator, directions: torch.Tensor, coords: torch.Tens
     Returns a float64 ``(m,)`` tensor. The parameters are moved in place under ``no_grad`` and restored
     bit for bit afterwards, also when the loss raises; the operator's cached graphs are dropped (they were
     built at the parameters' old storage versions), so it stays usable for HVPs.
+
+    Example: the loss's curvature along the top eigenvector is the top eigenvalue::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_hessian.hessian import HessianOperator, top_eigenvalues
+        >>> from lightning_hessian.landscape import loss_along
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        >>> batch = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,)))
+        >>> op = HessianOperator(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), batch)
+        >>> top = top_eigenvalues(op, k=1, tol=1e-10)
+        >>> h = 1e-3
+        >>> steps = torch.tensor([[-h], [0.0], [h]], dtype=torch.float64)
+        >>> left, middle, right = loss_along(op, top.eigenvectors, steps)
+        >>> bool(torch.isclose((left - 2 * middle + right) / h**2, top.eigenvalues[0], rtol=1e-4))
+        True
     """
     if directions.dim() != 2 or directions.shape[1] != op.dim:
         raise ValueError(f"directions must have shape (k, {op.dim}), got {tuple(directions.shape)}")

@@ -130,6 +130,18 @@ def spectral_density(
         eigenpairs: deflate by these (converged) eigenpairs instead of finding ``deflate`` of them, e.g. the
             caller's own ``top_eigenvalues`` result: any exact pairs are valid spikes, and no second Lanczos
             run is made.
+
+    Example: each run's quadrature weights sum to one, and the implied trace is within a few standard errors::
+
+        >>> import torch
+        >>> from lightning_hessian.hessian import DenseOperator, spectral_density
+        >>> A = torch.randn(60, 60, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> H = A @ A.T / 60
+        >>> result = spectral_density(DenseOperator(H), num_runs=4, lanczos_steps=20, deflate=0)
+        >>> torch.allclose(result.weights.sum(1), torch.ones(4, dtype=torch.float64))
+        True
+        >>> abs(result.trace - float(H.trace())) <= 3 * result.trace_std_error
+        True
     """
     for name, value in (("num_runs", num_runs), ("lanczos_steps", lanczos_steps), ("batch", batch)):
         check_positive_int(value, name)

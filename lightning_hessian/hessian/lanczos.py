@@ -451,6 +451,15 @@ def top_eigenvalues(
 
     Products that come back NaN or infinite stop the run with ``NonFiniteError``, whose message says
     whether the loss itself is (``"the loss is NaN at this probe"``).
+
+    Example: the top three of a matrix whose second eigenvalue is repeated, counted twice::
+
+        >>> import torch
+        >>> from lightning_hessian.hessian import DenseOperator, top_eigenvalues
+        >>> H = torch.diag(torch.tensor([5.0, 3.0, 3.0, 1.0, 0.5, 0.1], dtype=torch.float64))
+        >>> result = top_eigenvalues(DenseOperator(H), k=3, tol=1e-8)
+        >>> [round(v, 6) for v in result.eigenvalues.tolist()], result.converged
+        ([5.0, 3.0, 3.0], True)
     """
     check_common(op, k, which, tol, max_iter)
     if not isinstance(min_iter, int) or not 0 <= min_iter <= max_iter:

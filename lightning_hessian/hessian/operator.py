@@ -288,10 +288,21 @@ class HessianOperator(ParameterVectors):
     use eval): in train mode dropout makes every product random, and BatchNorm updates its running
     statistics at every forward (restore them afterwards if they matter).
 
-    Example::
+    Example: its products are the exact Hessian's::
 
-        op = HessianOperator(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
-        top = top_eigenvalues(op, k=5)
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_hessian.hessian import HessianOperator, dense_hessian
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        >>> batch = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,)))
+        >>> loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+        >>> op = HessianOperator(model, loss_fn, batch)
+        >>> op.dim, op.names
+        (23, ['0.weight', '0.bias', '2.weight', '2.bias'])
+        >>> v = torch.randn(op.dim, dtype=torch.float64)
+        >>> torch.allclose(op.matvec(v), dense_hessian(model, loss_fn, batch) @ v)
+        True
     """
 
     def __init__(

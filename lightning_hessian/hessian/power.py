@@ -34,6 +34,14 @@ def power_iteration(
         seed: seed of the Gaussian start vectors.
 
     Returns the pairs ordered by decreasing magnitude (``which="LM"`` of ``top_eigenvalues``).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_hessian.hessian import DenseOperator, power_iteration
+        >>> H = torch.diag(torch.tensor([5.0, -4.0, 1.0, 0.5], dtype=torch.float64))
+        >>> [round(v, 6) for v in power_iteration(DenseOperator(H), k=2, tol=1e-9).eigenvalues.tolist()]
+        [5.0, -4.0]
     """
     check_common(op, k, "LM", tol, max_iter)
     work = working_dtype(op.dtype)  # vectors in at least float32, as Lanczos keeps its basis
