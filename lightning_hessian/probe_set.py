@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian.operator import LossFn
+from lightning_hessian.seeds import mix_seed
 
 DEFAULT_LOSS = "cross_entropy(module(x), y)"
 LOSS_FIX = ("pass loss_fn=<callable (module, batch) -> mean loss> or define hessian_loss(self, batch) on the "
@@ -262,7 +263,7 @@ class _SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        sample_seed = (self.seed * 1_000_003 + index) % 2**32
+        sample_seed = mix_seed(self.seed, index) % 2**32  # NumPy's and Python's seeds are 32-bit
         torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed also seeds every accelerator: 100x dearer
         np.random.seed(sample_seed)
         random.seed(sample_seed)

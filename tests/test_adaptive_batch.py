@@ -50,10 +50,15 @@ class Module(pl.LightningModule):
         return [opt], [torch.optim.lr_scheduler.MultiStepLR(opt, self.milestones, gamma=0.5)]
 
 
+def script_probe(monkeypatch, eigenvalue):
+    """Make every probe measure ``eigenvalue(epoch)`` (the probe set is still found and checked)."""
+    monkeypatch.setattr(HessianProbe, "compute",
+                        lambda self, module: {"eigenvalues": [eigenvalue(module.current_epoch)]})
+
+
 @pytest.fixture
 def scripted_eigenvalues(monkeypatch):
-    monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue",
-                        lambda self, trainer, module: EIGS[trainer.current_epoch])
+    script_probe(monkeypatch, EIGS.__getitem__)
 
 
 def fit(callback, epochs=9, batch_size=8, milestones=None, ckpt_path=None, extra=(), root=None, scheduler=None,
@@ -167,7 +172,7 @@ def test_failed_probes_warn_and_keep_the_batch():
     with pytest.warns(UserWarning, match="batch size unchanged"):
         _, trainer = fit(cb, epochs=4)
     assert trainer.current_epoch == 4
-    assert [h["batch_size"] for h in cb.history] == [8] * 4 and cb.reference is None
+    assert [h["batch_size"] for h in cb.history] == [8] * 4 and cb.schedule.reference is None
 
 
 class HparamsData(Data):
@@ -277,7 +282,7 @@ SCHEDULERS = {  # each keeps its own copy of the LR's scale: base_lrs of nested 
 def test_growth_scales_the_lr_under_any_scheduler(name, monkeypatch):
     """After a growth by 2 at the end of epoch 1 (duration 2: two epochs at the base batch) every later epoch's LR
     is twice the run without ABS."""
-    monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue", lambda self, trainer, module: 10.0)
+    script_probe(monkeypatch, lambda epoch: 10.0)
     plain, _ = fit(AdaptiveBatchSizeCallback(max_batch_size=8, schedule="bl"), epochs=6, scheduler=SCHEDULERS[name])
     grown, _ = fit(AdaptiveBatchSizeCallback(max_batch_size=16, duration=2, probe_size=16, plot=False), epochs=6,
                    scheduler=SCHEDULERS[name])
@@ -321,7 +326,7 @@ def test_gg_grows_by_powers_of_factor():
 
 def test_absa_second_half_by_steps(monkeypatch):
     """ABSA drops the adversarial share in the second half of training, counted in steps under max_steps."""
-    monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue", lambda self, trainer, module: 10.0)  # no growth
+    script_probe(monkeypatch, lambda epoch: 10.0)  # no growth
     fractions = []
     for limit in ({"epochs": 10}, {"epochs": None, "max_steps": 160}):  # 16 steps per epoch: the same 10 epochs
         cb = AdaptiveBatchSizeCallback(max_batch_size=16, duration=100, adversarial=True, probe_size=16, plot=False)
@@ -425,7 +430,7 @@ def test_a_run_whose_batch_never_grows_trains_exactly_as_a_plain_run():
 def test_duration_counts_the_epochs_at_a_batch_size_from_the_first(monkeypatch):
     """As in the authors' code, ``duration`` epochs at one batch size (the reference epoch included) force a
     growth: duration 2 grows after epochs 1 and 3 (it waited an extra epoch at the base batch)."""
-    monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue", lambda self, trainer, module: 10.0)
+    script_probe(monkeypatch, lambda epoch: 10.0)
     cb = AdaptiveBatchSizeCallback(max_batch_size=64, duration=2, probe_size=16, plot=False)
     fit(cb, epochs=5)
     assert [h["batch_size"] for h in cb.history] == [8, 8, 16, 16, 32]
@@ -433,9 +438,9 @@ def test_duration_counts_the_epochs_at_a_batch_size_from_the_first(monkeypatch):
 
 def test_the_run_is_timed_by_part(monkeypatch):
     """Probes and loader rebuilds after a growth (not the first build) are timed; the rest is computation."""
-    def probe(self, trainer, module):
+    def probe(self, module):
         time.sleep(0.1)
-        return EIGS[trainer.current_epoch]
+        return {"eigenvalues": [EIGS[module.current_epoch]]}
 
     class SlowRebuild(Data):
         def train_dataloader(self):
@@ -448,7 +453,7 @@ def test_the_run_is_timed_by_part(monkeypatch):
         return find_probe(self, trainer, module)
 
     find_probe = HessianProbe.on_train_start
-    monkeypatch.setattr(AdaptiveBatchSizeCallback, "_top_eigenvalue", probe)
+    monkeypatch.setattr(HessianProbe, "compute", probe)
     monkeypatch.setattr(HessianProbe, "on_train_start", setup_probe)
     pl.seed_everything(0)
     cb = AdaptiveBatchSizeCallback(max_batch_size=32, duration=3, probe_size=16, plot=False)

@@ -58,7 +58,7 @@ def test_every_batch_schedule_composes(schedule, tmp_path, data_dir):
     cfg = compose_config("train", [f"+batch_schedule={schedule}", "callbacks=abs"], tmp_path, data_dir)
     OmegaConf.resolve(cfg)
     callbacks = {name: instantiate(entry) for name, entry in cfg.callbacks.items() if entry is not None}
-    assert callbacks["adaptive_batch_size"].schedule == {"absa": "abs", "bl_max": "bl"}.get(schedule, schedule)
+    assert callbacks["adaptive_batch_size"].schedule.alias == {"absa": "abs", "bl_max": "bl"}.get(schedule, schedule)
     assert callbacks["adaptive_batch_size"].adversarial == (schedule == "absa")
     if schedule == "bl_max":  # BL trains at the largest batch from the start
         assert cfg.data.batch_size == callbacks["adaptive_batch_size"].max_batch_size

@@ -41,6 +41,17 @@ def fgsm(
 
     Returns:
         Detached adversarial inputs with ``||x_adv - x||_inf <= eps``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_hessian.attacks import fgsm
+        >>> model = torch.nn.Linear(2, 2, bias=False)  # class 0 where x_0 > 0, class 1 where x_0 < 0
+        >>> model.weight.data = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+        >>> x, y = torch.tensor([[0.5, 0.0], [-0.3, 0.0]]), torch.tensor([0, 1])
+        >>> fgsm(model, x, y, eps=0.2)  # each sample steps eps towards the boundary x_0 = 0 (x_1 has no gradient)
+        tensor([[ 0.3000,  0.0000],
+                [-0.1000,  0.0000]])
     """
     eps = check_eps(eps)
     check_batch(x, y)

@@ -18,6 +18,17 @@ def attack_success_rate(
 
     With the clean ``x``, only samples the model classifies correctly on ``x`` count, the usual definition for
     minimal-perturbation attacks such as :func:`~lightning_hessian.attacks.trust_region`.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_hessian.attacks import attack_success_rate, fgsm
+        >>> model = torch.nn.Linear(2, 2, bias=False)  # class 0 where x_0 > 0, class 1 where x_0 < 0
+        >>> model.weight.data = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+        >>> x, y = torch.tensor([[0.5, 0.0], [-0.3, 0.0]]), torch.tensor([0, 1])
+        >>> x_adv = fgsm(model, x, y, eps=0.4)  # 0.5 -> 0.1 stays class 0; -0.3 -> 0.1 crosses
+        >>> attack_success_rate(model, x_adv, y)
+        tensor(0.5000)
     """
     check_batch(x_adv, y)
     wrong = predict(model, x_adv) != y
@@ -42,6 +53,14 @@ def perturbation_norm(
     """Mean absolute and relative perturbation size in ``norm`` (``"linf"`` or ``"l2"``) over the batch.
 
     ``mask`` (bool ``(N,)``) restricts the means to some samples, e.g. the successfully attacked ones.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_hessian.attacks import perturbation_norm
+        >>> x = torch.tensor([[0.5, 0.0], [-0.3, 0.0]])
+        >>> perturbation_norm(x, x + 0.4, "linf")  # relative: (0.4 / 0.5 + 0.4 / 0.3) / 2
+        PerturbationNorm(absolute=tensor(0.4000), relative=tensor(1.0667))
     """
     check_norm(norm)
     if x.shape != x_adv.shape or x.dim() < 2:
@@ -63,6 +82,17 @@ def robust_accuracy(
     """Accuracy on ``attack(model, x, y)`` over ``(x, y)`` batches (a DataLoader or a list), as a 0-dim tensor.
 
     ``attack`` is any ``(model, x, y) -> x_adv``, e.g. ``functools.partial(pgd, eps=0.1, clamp=(0, 1))``.
+
+    Example::
+
+        >>> from functools import partial
+        >>> import torch
+        >>> from lightning_hessian.attacks import fgsm, robust_accuracy
+        >>> model = torch.nn.Linear(2, 2, bias=False)  # class 0 where x_0 > 0, class 1 where x_0 < 0
+        >>> model.weight.data = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+        >>> x, y = torch.tensor([[0.5, 0.0], [-0.3, 0.0]]), torch.tensor([0, 1])
+        >>> robust_accuracy(model, partial(fgsm, eps=0.4), [(x, y)])  # the sample 0.3 from the boundary falls
+        tensor(0.5000)
     """
     correct, total = None, 0
     for x, y in batches:

@@ -58,6 +58,18 @@ def pgd(
 
     Returns:
         Detached adversarial inputs with ``||x_adv - x||_norm <= eps`` inside ``clamp``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_hessian.attacks import pgd
+        >>> model = torch.nn.Linear(2, 2, bias=False)  # class 0 where x_0 > 0, class 1 where x_0 < 0
+        >>> model.weight.data = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+        >>> x, y = torch.tensor([[0.5, 0.0], [-0.3, 0.0]]), torch.tensor([0, 1])
+        >>> x_adv = pgd(model, x, y, eps=0.4, norm="l2", random_start=False)  # 10 steps of 0.1, then projected
+        >>> x_adv, model(x_adv).argmax(1)  # the second sample (0.3 from the boundary) crossed it
+        (tensor([[0.1000, 0.0000],
+                [0.1000, 0.0000]]), tensor([0, 0]))
     """
     eps = check_eps(eps)
     steps = check_positive_int(steps, "steps")

@@ -56,7 +56,15 @@ class Thickness(NamedTuple):
 
 def check_band(alpha: float, beta: float) -> tuple[float, float]:
     """``(alpha, beta)`` as floats, or a ``ValueError`` unless ``-1 <= alpha < beta <= 1`` (a margin of two
-    probabilities lies in ``[-1, 1]``)."""
+    probabilities lies in ``[-1, 1]``).
+
+    >>> check_band(0, 0.75)
+    (0.0, 0.75)
+    >>> check_band(0.5, 0.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: need alpha < beta for the band alpha < p_i - p_j < beta, got alpha=0.5, beta=0.5
+    """
     alpha, beta = check_number(alpha, "alpha", -1, 1), check_number(beta, "beta", -1, 1)
     if not alpha < beta:
         raise ValueError(f"need alpha < beta for the band alpha < p_i - p_j < beta, got alpha={alpha}, beta={beta}")
@@ -70,6 +78,16 @@ def targeted_log_odds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     normalised (L2 PGD) steps agree. The cross-entropy's gradient ``p - e_j`` is computed with ``p_j - 1``, which
     rounds to 0 in float32 once the other classes hold less than about 1e-7, leaving the step's direction to
     rounding; this one's, ``softmax over k != j`` minus ``e_j``, has entries of order 1 at any confidence.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_hessian.attacks import targeted_log_odds
+        >>> logits, targets = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0])
+        >>> odds = targeted_log_odds(logits, targets)  # log(e^0 + e^0) - 2
+        >>> round(odds.item(), 4), torch.allclose(torch.nn.functional.softplus(odds),
+        ...                                       torch.nn.functional.cross_entropy(logits, targets))
+        (-1.3069, True)
     """
     others = logits.scatter(1, targets[:, None], -math.inf)
     return (others.logsumexp(1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()
@@ -107,6 +125,18 @@ def boundary_thickness(
 
     Returns:
         :class:`Thickness`: the mean, its standard error, the per-sample values and whether ``x'`` reached ``j``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_hessian.attacks import boundary_thickness
+        >>> model = torch.nn.Linear(2, 2, bias=False)  # class 0 where x_0 > 0, class 1 where x_0 < 0
+        >>> model.weight.data = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+        >>> x, y = torch.tensor([[0.5, 0.0], [-0.3, 0.0]]), torch.tensor([0, 1])
+        >>> thick = boundary_thickness(model, x, y, eps=10.0, num_points=512)
+        >>> # p_i - p_j = tanh(|x_0|): each segment is in the band 0 < p_i - p_j < 0.75 from x to the boundary
+        >>> [round(t, 1) for t in thick.per_sample.tolist()], thick.reached.tolist()
+        ([0.5, 0.3], [True, True])
     """
     eps = check_eps(eps)
     alpha, beta = check_band(alpha, beta)

@@ -77,6 +77,17 @@ def trust_region(
     Returns:
         Detached adversarial inputs inside the ``eps``-ball and ``clamp``; samples not fooled within
         ``max_iter`` hold their last iterate.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_hessian.attacks import trust_region
+        >>> model = torch.nn.Linear(2, 2, bias=False)  # class 0 where x_0 > 0, class 1 where x_0 < 0
+        >>> model.weight.data = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+        >>> x, y = torch.tensor([[0.5, 0.0], [-0.3, 0.0]]), torch.tensor([0, 1])
+        >>> x_adv = trust_region(model, x, y, norm="l2")
+        >>> model(x_adv).argmax(1), (x_adv - x).norm(dim=1)  # both fooled, 2% (overshoot) past the boundary
+        (tensor([1, 0]), tensor([0.5100, 0.3060]))
     """
     eps = check_eps(eps, allow_inf=True)
     norm = check_norm(norm)

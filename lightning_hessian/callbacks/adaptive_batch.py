@@ -1,4 +1,7 @@
-"""AdaptiveBatchSizeCallback: ABS / ABSA (grow the batch as the Hessian flattens) and the FB, GG baselines."""
+"""AdaptiveBatchSizeCallback: ABS / ABSA (grow the batch as the Hessian flattens) and the FB, GG baselines.
+
+The schedules' rules are policy objects in ``lightning_hessian.batch_schedules``; this callback measures what they
+decide on and realises their decisions in the Trainer (loader or accumulation, LR, warmup, cap, checkpoint)."""
 
 from __future__ import annotations
 
@@ -16,13 +19,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_hessian.batch_schedules import BatchSchedule, batch_schedule
 from lightning_hessian.callbacks.allreduce_clock import AllReduceClock
 from lightning_hessian.callbacks.hessian_probe import HessianProbe
 from lightning_hessian.checks import check_choice, check_number, check_positive_int
 from lightning_hessian.hessian.operator import LossFn
 from lightning_hessian.hessian.summary import SpectrumOptions
 
-SCHEDULES = ("abs", "fb", "gg", "bl")
 PROBE_OVERHEAD = 0.02  # an automatically sized probe costs about this share of the first epoch (later, faster
 # epochs at larger batches make the run's share higher)
 MODES = ("dataloader", "accumulate")
@@ -32,14 +35,14 @@ TIMINGS = ("hessian_seconds", "resize_seconds", "communication_seconds", "train_
 class AdaptiveBatchSizeCallback(Callback):
     """Adaptive batch size from the Hessian's top eigenvalue (ABS), with adversarial training (ABSA).
 
-    ``schedule="abs"``: after every epoch the top eigenvalue of the (eval-mode) loss Hessian is measured on a
-    fixed probe set. The first epoch's value is the reference; when the eigenvalue has fallen to
+    ``schedule="adaptive"`` (``"abs"``): after every epoch the top eigenvalue of the (eval-mode) loss Hessian is
+    measured on a fixed probe set. The first epoch's value is the reference; when the eigenvalue has fallen to
     ``reference / decay_ratio`` the global batch grows by ``factor`` and the reference is reset; after
     ``duration`` epochs at one batch size (the first ``duration`` epochs too, as in the authors' code) it grows
-    anyway. The learning rate is multiplied by the same factor
-    (optionally warmed up over ``warmup_epochs``) wherever the optimizer and its schedulers keep it (group
-    ``lr``/``initial_lr``/``max_lr``/``min_lr``, ``base_lrs`` and ``max_lrs``, nested schedulers too), so
-    the user's own scheduler still applies on top. Growth stops at ``max_batch_size``, and probing with it.
+    anyway. The learning rate is multiplied by the same factor (optionally warmed up over ``warmup_epochs``)
+    wherever the optimizer and its schedulers keep it (group ``lr``/``initial_lr``/``max_lr``/``min_lr``,
+    ``base_lrs`` and ``max_lrs``, nested schedulers too), so the user's own scheduler still applies on top.
+    Growth stops at ``max_batch_size``, and probing with it.
     The probe set is ``probe_size`` training samples (a map-style dataset; collated in batches of
     ``probe_batch_size``, by default the training loader's), or the given ``probe_data``; the eigenvalue is
     ``hessian.summary.measure_spectrum``'s, warm-started from the last epoch's eigenvector. By default
@@ -53,13 +56,15 @@ class AdaptiveBatchSizeCallback(Callback):
     the one in the Trainer's callbacks if there is one (choose attack and ``eps`` there), else FGSM at its
     default ``eps``.
 
-    Baselines in the same callback: ``"fb"`` trains at ``max_batch_size`` from the start with the LR scaled
-    linearly and a ``fb_warmup_epochs`` warmup (Goyal et al.); ``"gg"`` multiplies the batch instead of
-    decaying the LR wherever the scheduler decays it (Smith et al.), by the power of ``factor`` nearest the
-    decay (the LR keeps the rest); ``"bl"`` changes nothing. Warmups scale only the LR the optimizer steps
-    with: the schedulers never see it. A ``ReduceLROnPlateau`` decay, which Lightning applies after the
-    epoch's callbacks, is undone before the next epoch's first step; in ``mode="dataloader"`` its larger
-    batch then arrives an epoch later.
+    Baselines in the same callback: ``"fixed_large_batch"`` (``"fb"``) trains at ``max_batch_size`` from the start
+    with the LR scaled linearly and a ``fb_warmup_epochs`` warmup (Goyal et al.); ``"gradual_growth"`` (``"gg"``)
+    multiplies the batch instead of decaying the LR wherever the scheduler decays it (Smith et al.), by the power
+    of ``factor`` nearest the decay (the LR keeps the rest); ``"baseline"`` (``"bl"``) changes nothing. Each rule
+    is a policy object in ``lightning_hessian.batch_schedules`` (``Adaptive``, ``FixedLargeBatch``,
+    ``GradualGrowth``, ``Baseline``), which may be passed instead of its name, or subclassed. Warmups scale only
+    the LR the optimizer steps with: the schedulers never see it. A ``ReduceLROnPlateau`` decay, which Lightning
+    applies after the epoch's callbacks, is undone before the next epoch's first step; in ``mode="dataloader"``
+    its larger batch then arrives an epoch later.
 
     ``mode="dataloader"`` changes the per-device ``batch_size`` of the datamodule (or module) and reloads
     the train dataloader when it changes (only then: a run whose batch never grows draws the same batches as
@@ -83,13 +88,16 @@ class AdaptiveBatchSizeCallback(Callback):
 
     Args:
         max_batch_size: the global batch's cap (and FB's batch).
-        schedule: ``"abs"``, ``"fb"``, ``"gg"`` or ``"bl"`` (see above).
-        factor: the growth factor of the batch (and of the learning rate).
-        decay_ratio: grow when the top eigenvalue has fallen to ``reference / decay_ratio``.
-        duration: grow anyway after this many epochs at one batch size.
+        schedule: ``"adaptive"``, ``"fixed_large_batch"``, ``"gradual_growth"`` or ``"baseline"`` (or the seed
+            paper's ``"abs"``, ``"fb"``, ``"gg"``, ``"bl"``; see above), or a ``BatchSchedule`` object, which
+            carries its own ``factor``, ``decay_ratio``, ``duration`` and warmup (leave those four None then).
+        factor: the growth factor of the batch (and of the learning rate); None: 2.
+        decay_ratio: ABS grows when the top eigenvalue has fallen to ``reference / decay_ratio``; None: 2.
+        duration: ABS grows anyway after this many epochs at one batch size; None: 10.
         mode: ``"dataloader"`` (change the loader's batch size) or ``"accumulate"`` (gradient accumulation).
-        warmup_epochs: warm the scaled learning rate up over this many epochs after each growth.
-        fb_warmup_epochs: FB's warmup of the linearly scaled learning rate.
+        warmup_epochs: warm the scaled learning rate up over this many epochs after each growth (not GG's, which
+            gives back an LR the scheduler took).
+        fb_warmup_epochs: FB's warmup of the linearly scaled learning rate; None: 5.
         adversarial: ABSA: adversarial examples in training (see above).
         adversarial_fraction: ABSA's starting share of each batch replaced by adversarial examples.
         probe_size: samples in the probe set (None: sized automatically at the first epoch's end).
@@ -126,13 +134,13 @@ class AdaptiveBatchSizeCallback(Callback):
     def __init__(
         self,
         max_batch_size: int,
-        schedule: str = "abs",
-        factor: int = 2,
-        decay_ratio: float = 2.0,
-        duration: int = 10,
+        schedule: str | BatchSchedule = "adaptive",
+        factor: int | None = None,
+        decay_ratio: float | None = None,
+        duration: int | None = None,
         mode: str = "dataloader",
         warmup_epochs: float = 0.0,
-        fb_warmup_epochs: float = 5.0,
+        fb_warmup_epochs: float | None = None,
         adversarial: bool = False,
         adversarial_fraction: float = 0.2,
         probe_size: int | None = None,
@@ -144,20 +152,23 @@ class AdaptiveBatchSizeCallback(Callback):
         plot: bool = True,
     ):
         check_positive_int(max_batch_size, "max_batch_size")
-        check_choice(schedule, "schedule", SCHEDULES)
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
-            raise ValueError(f"factor must be an integer >= 2 (batch sizes stay whole), got {factor!r}")
-        decay_ratio = check_number(decay_ratio, "decay_ratio", 1, low_open=True)
-        check_positive_int(duration, "duration")
+        parameters = {"factor": factor, "decay_ratio": decay_ratio, "duration": duration,
+                      "fb_warmup_epochs": fb_warmup_epochs}
+        if isinstance(schedule, BatchSchedule):
+            given = [name for name, value in parameters.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: a schedule object carries its own parameters; set them on "
+                                 f"{type(schedule).__name__}(...) and leave these None")
+        else:
+            defaults = {"factor": 2, "decay_ratio": 2.0, "duration": 10, "fb_warmup_epochs": 5.0}
+            schedule = batch_schedule(schedule, **{k: defaults[k] if v is None else v for k, v in parameters.items()})
         check_choice(mode, "mode", MODES)
         adversarial_fraction = check_number(adversarial_fraction, "adversarial_fraction", 0, 1)
         warmup_epochs = check_number(warmup_epochs, "warmup_epochs", 0)
-        fb_warmup_epochs = check_number(fb_warmup_epochs, "fb_warmup_epochs", 0)
-        if adversarial and schedule != "abs":
-            raise ValueError("adversarial=True (ABSA) goes with schedule='abs'")
-        self.max_batch_size, self.schedule, self.factor = max_batch_size, schedule, factor
-        self.decay_ratio, self.duration, self.mode = decay_ratio, duration, mode
-        self.warmup_epochs, self.fb_warmup_epochs = warmup_epochs, fb_warmup_epochs
+        if adversarial and not schedule.probes:
+            raise ValueError(f"adversarial=True (ABSA) goes with schedule='adaptive' ('abs'), not {schedule.name!r}")
+        self.max_batch_size, self.schedule, self.factor = max_batch_size, schedule, schedule.factor
+        self.mode, self.warmup_epochs = mode, warmup_epochs
         self.adversarial = adversarial
         self.plot = plot
         check_number(eig_tol, "eig_tol", 0, low_open=True)
@@ -165,11 +176,9 @@ class AdaptiveBatchSizeCallback(Callback):
         self._probe = HessianProbe(SpectrumOptions(top_k=1, tol=eig_tol, trace=False, seed=seed), probe_size,
                                    probe_batch_size, probe_data, seed, loss_fn, max_overhead=PROBE_OVERHEAD,
                                    min_size=128, owner=type(self).__name__)
-        # schedule state (all of it in state_dict)
+        # schedule state (all of it in state_dict, with the schedule's own)
         self.base_batch_size: int | None = None
         self.batch_size: int | None = None
-        self.reference: float | None = None
-        self.epochs_since_growth = 0
         self.adversarial_fraction = adversarial_fraction if adversarial else 0.0
         self.warmup: dict[str, float] | None = None
         self.timings = dict.fromkeys(TIMINGS, 0.0)  # cumulative seconds (see the class docstring)
@@ -177,7 +186,7 @@ class AdaptiveBatchSizeCallback(Callback):
         self._adversary: Any = None
         # (epoch, the first group's LR, the global batch, the adversarial fraction) the epoch trains with, for history
         self._epoch_start: tuple[int, float, int, float] | None = None
-        self._decision_lr: float | None = None  # that LR after the last gg decision: a drop since is a decay
+        self._decision_lr: float | None = None  # that LR after the last decision on it: a drop since is a decay
         self._warm_ratio: float | None = None  # the warmup's LR multiplier for this batch's optimizer step
         self._group_lrs: list[float] = []  # the LRs the warmup scaled, put back after the step
         self._hooks: list[Any] = []
@@ -192,14 +201,14 @@ class AdaptiveBatchSizeCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(schedule=self.schedule, max_batch_size=self.max_batch_size)
+        return self._generate_state_key(schedule=self.schedule.alias, max_batch_size=self.max_batch_size)
 
     # ---- set-up ------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.schedule == "abs":
+        if self.schedule.probes:
             self._probe.setup(trainer, pl_module, stage)
         if self.mode == "dataloader":
             if not trainer.fit_loop._data_source.is_module():
@@ -220,7 +229,7 @@ class AdaptiveBatchSizeCallback(Callback):
             strategy._ddp_comm_hook = self._clock.wrap(strategy._ddp_comm_hook)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mode == "dataloader" and self.schedule != "bl":
+        if self.mode == "dataloader" and self.schedule.grows:
             self._check_loader_follows(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -242,9 +251,9 @@ class AdaptiveBatchSizeCallback(Callback):
                     f"max_batch_size={self.max_batch_size} is below the starting global batch {current} "
                     f"(= batch_size {per_device} x {trainer.world_size} devices x {accumulate} accumulation)"
                 )
-            if self.schedule == "fb":
-                self._grow(trainer, pl_module, self._largest_reachable() // current)
-                self.warmup = {"start_epoch": 0.0, "epochs": self.fb_warmup_epochs,
+            self._grow(trainer, pl_module, self.schedule.start(current, self.max_batch_size))  # fb: to the cap
+            if self.schedule.start_warmup_epochs is not None:
+                self.warmup = {"start_epoch": 0.0, "epochs": self.schedule.start_warmup_epochs,
                                "from_ratio": current / self.batch_size}
         else:
             if current != self.base_batch_size:
@@ -258,7 +267,7 @@ class AdaptiveBatchSizeCallback(Callback):
                 f"max_batch_size={self.max_batch_size} exceeds the {dataset_size} training samples: lower "
                 "max_batch_size"
             )
-        if self.schedule == "abs" and not self._capped():
+        if self.schedule.probes and not self._capped():
             start = time.perf_counter()
             self._probe.on_train_start(trainer, pl_module)  # finds the probe samples, checks the loss on them
             self.timings["hessian_seconds"] += time.perf_counter() - start
@@ -380,8 +389,8 @@ class AdaptiveBatchSizeCallback(Callback):
             self._check_loader_reads(trainer, pl_module)
             self.timings["resize_seconds"] += time.perf_counter() - start
         batch = self.batch_size  # what this epoch's loader was built with
-        if self.schedule == "gg":  # a plateau scheduler's decay, applied after the last epoch's callbacks
-            self._apply_gg(trainer, pl_module)
+        if self.schedule.follows_lr_decay:  # a plateau scheduler's decay, applied after the last epoch's callbacks
+            self._follow_lr_decay(trainer, pl_module)
         if self.mode == "accumulate":  # a growth here applies to this epoch already; a loader waits for the next
             batch = self.batch_size
         if self._epoch_start is None or self._epoch_start[0] != trainer.current_epoch:  # kept when resumed mid-epoch
@@ -390,14 +399,14 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         eigenvalue, growth = None, 1
-        if self.schedule == "abs" and not self._capped():
+        if self.schedule.probes and not self._capped():
             start = time.perf_counter()
-            eigenvalue = self._top_eigenvalue(trainer, pl_module)
+            eigenvalue = self._top_eigenvalue(pl_module)
             self.timings["hessian_seconds"] += time.perf_counter() - start
-            growth = self._abs_decision(eigenvalue) if eigenvalue is not None else 1  # failed probe: keep
+            growth = self.schedule.decide(eigenvalue=eigenvalue)
             growth = self._grow(trainer, pl_module, trainer.strategy.broadcast(growth, src=0))
-        elif self.schedule == "gg":
-            growth = self._apply_gg(trainer, pl_module)
+        elif self.schedule.follows_lr_decay:
+            growth = self._follow_lr_decay(trainer, pl_module)
         if self.adversarial:
             self._update_adversarial_fraction(trainer, grew=growth > 1)
         _, lr, batch, fraction = self._epoch_start  # what this epoch trained with: the decision shows from the next
@@ -424,29 +433,16 @@ class AdaptiveBatchSizeCallback(Callback):
 
     # ---- decisions ---------------------------------------------------------------------------------------
 
-    def _abs_decision(self, eigenvalue: float) -> int:
-        """The ABS rule: grow when the eigenvalue fell to ``1 / decay_ratio`` of the reference (the first probe's,
-        then the one at the last eigenvalue-driven growth), or after ``duration`` epochs at one batch size."""
-        self.epochs_since_growth += 1  # this epoch trained at the current batch (the first epoch too)
-        if self.reference is None:
-            self.reference = eigenvalue
-        elif eigenvalue <= self.reference / self.decay_ratio:
-            self.reference = eigenvalue
-            return self.factor
-        return self.factor if self.epochs_since_growth >= self.duration else 1
-
-    def _apply_gg(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        """Where the scheduler decayed the LR by ``d`` since the last decision, grow the batch by the power of
-        ``factor`` nearest ``d`` (within the cap) and undo that much of the decay."""
+    def _follow_lr_decay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """Give the schedule the scheduler's LR decay since its last decision; its growth (within the cap) scales the
+        LR back up by as much (gg: the batch grows in place of that much of the decay)."""
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        decay = self._decision_lr / lr if lr > 0 else 1.0
-        steps = round(math.log(decay, self.factor)) if decay > 1 else 0
-        growth = self.factor**steps if steps >= 1 and not self._capped() else 1
+        growth = self.schedule.decide(lr_decay=self._decision_lr / lr if lr > 0 else 1.0)
         growth = self._grow(trainer, pl_module, trainer.strategy.broadcast(growth, src=0))
         self._decision_lr = trainer.optimizers[0].param_groups[0]["lr"]
         return growth
 
-    def _top_eigenvalue(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+    def _top_eigenvalue(self, pl_module: pl.LightningModule) -> float | None:
         try:
             value = self._probe.compute(pl_module)["eigenvalues"][0]
         except Exception as err:  # never end the run over a probe: keep the schedule as it is
@@ -481,11 +477,11 @@ class AdaptiveBatchSizeCallback(Callback):
             return 1
         start = time.perf_counter()
         self.batch_size *= growth
-        self.epochs_since_growth = 0
+        self.schedule.grew()
         self._realise(trainer, pl_module)
         self._scale_lr(trainer, growth)  # gg: undoes the scheduler's decay
         self.timings["resize_seconds"] += time.perf_counter() - start
-        if self.schedule != "gg" and self.warmup_epochs > 0:
+        if not self.schedule.follows_lr_decay and self.warmup_epochs > 0:  # gg restores an LR: nothing to warm
             self.warmup = {"start_epoch": trainer.current_epoch + 1.0, "epochs": self.warmup_epochs,
                            "from_ratio": 1 / growth}
         return growth
@@ -534,10 +530,7 @@ class AdaptiveBatchSizeCallback(Callback):
                 scheduler._last_lr = [g["lr"] for g in groups]
 
     def _largest_reachable(self) -> int:
-        size = self.base_batch_size
-        while size * self.factor <= self.max_batch_size:
-            size *= self.factor
-        return size if self.schedule != "fb" else self.max_batch_size // self.base_batch_size * self.base_batch_size
+        return self.schedule.largest(self.base_batch_size, self.max_batch_size)
 
     def _capped(self) -> bool:
         return self.batch_size is not None and self.batch_size * self.factor > self.max_batch_size
@@ -616,8 +609,7 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "base_batch_size": self.base_batch_size, "batch_size": self.batch_size,
-            "reference": self.reference, "epochs_since_growth": self.epochs_since_growth,
+            "base_batch_size": self.base_batch_size, "batch_size": self.batch_size, **self.schedule.state_dict(),
             "adversarial_fraction": self.adversarial_fraction, "warmup": self.warmup,
             "timings": dict(self.timings), "history": self.history, "probe": self._probe.state_dict(),
             "decision_lr": self._decision_lr,
@@ -626,6 +618,9 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
+        self.schedule.load_state_dict({key: state.pop(key) for key in self.schedule.state_dict() if key in state})
+        for key in ("reference", "epochs_since_growth"):  # abs's, in checkpoints from before the schedule objects
+            state.pop(key, None)
         if "probe" in state:  # the probe's warm start: a resumed run's eigenvalues equal an uninterrupted one's
             self._probe.load_state_dict(state.pop("probe"))
         self._decision_lr = state.pop("decision_lr", None)

@@ -19,6 +19,7 @@ from lightning_hessian.attacks._common import NORMS, Attack, Range, as_column, c
 from lightning_hessian.checks import check_batch_key, check_choice, check_number, check_positive_int, check_seed
 from lightning_hessian.no_trace import leave_no_trace
 from lightning_hessian.probe_set import first_line, module_loss_problem
+from lightning_hessian.seeds import mix_seed
 
 # (model, x, y) -> x_adv and epoch -> value; typed loosely so LightningCLI takes a function by its dotted path
 Schedule = Callable[..., Any] | Mapping[int, float]
@@ -254,7 +255,7 @@ class AdversarialAugmentCallback(Callback):
         x, y = self._inputs_and_targets(batch)
         n = x.shape[0]
         self.batches_seen += 1
-        seed = _mix(self.seed, self.batches_seen, trainer.global_rank)
+        seed = mix_seed(self.seed, self.batches_seen, trainer.global_rank)
         generator = torch.Generator().manual_seed(seed)
         # fraction * n rounded up with probability its fractional part, so every batch size attacks `fraction`
         k = math.floor(self.fraction * n)
@@ -351,7 +352,7 @@ class AdversarialAugmentCallback(Callback):
         """Mix the whole batch up in place (noisy mixup with ``mixup_noise > 0``), labels drawn as documented."""
         x, y = self._inputs_and_targets(batch)
         n = x.shape[0]
-        rng = np.random.default_rng(_mix(self.seed, self.batches_seen + 1, trainer.global_rank, _MIXUP_STREAM))
+        rng = np.random.default_rng(mix_seed(self.seed, self.batches_seen + 1, trainer.global_rank, _MIXUP_STREAM))
         lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
         partner = torch.from_numpy(rng.permutation(n)).to(x.device)
         x_partner, y_partner = x[partner], y[partner]
@@ -476,14 +477,6 @@ def _checked_output(x_adv: Any, x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
         raise TypeError(f"{name} must return adversarial inputs of shape {tuple(x.shape)}, got {_describe(x_adv)}")
     return x_adv.detach()
-
-
-def _mix(*values: int) -> int:
-    """A seed from several integers (same on every call and process)."""
-    seed = 0
-    for v in values:
-        seed = (seed * 1_000_003 + v) % (2**63 - 1)
-    return seed
 
 
 def _scheduled(schedule: Schedule, epoch: int, current: float) -> float:

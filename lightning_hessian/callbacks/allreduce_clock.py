@@ -23,12 +23,27 @@ class AllReduceClock:
     intervals are wall-clock time; on CUDA they are CUDA events, read only when :meth:`seconds` is called (one
     device synchronisation then, none per step).
 
-    Example::
+    Usage: ``ddp_model.register_comm_hook(ddp_model.process_group, clock.wrap())``, train, ``clock.seconds()``.
 
-        clock = AllReduceClock()
-        ddp_model.register_comm_hook(ddp_model.process_group, clock.wrap())
-        ...  # train
-        clock.seconds()
+    Example (a stand-in bucket and a hook that takes 20 ms, in place of DDP's)::
+
+        >>> import time
+        >>> import torch
+        >>> from lightning_hessian.callbacks.allreduce_clock import AllReduceClock
+        >>> class Bucket:  # what DDP hands a hook: the flattened gradients of some parameters
+        ...     def buffer(self):
+        ...         return torch.ones(4)
+        >>> def slow_allreduce(state, bucket):
+        ...     time.sleep(0.02)
+        ...     future = torch.futures.Future()
+        ...     future.set_result(bucket.buffer())
+        ...     return future
+        >>> clock = AllReduceClock()
+        >>> hook = clock.wrap(slow_allreduce)
+        >>> hook(None, Bucket()).wait()
+        tensor([1., 1., 1., 1.])
+        >>> 0.02 <= clock.seconds() < 1.0
+        True
     """
 
     def __init__(self) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from lightning_hessian.seeds import mix_seed
+
 
 class EpochShuffleSampler(Sampler[int]):
     """A fresh permutation every epoch (Lightning calls ``set_epoch``), independent of the global RNG.
@@ -28,8 +30,8 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size
 
     def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
-        epoch_seed = self.seed * 100_003 + self.epoch
+        epoch_seed = mix_seed(self.seed, self.epoch, multiplier=100_003)  # the orders recorded since
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
         if not self.keyed:
             return iter(order)
-        return iter((i, (epoch_seed * 1_000_003 + i) % 2**63) for i in order)
+        return iter((i, mix_seed(epoch_seed, i)) for i in order)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from lightning_hessian.checks import check_positive_int
 from lightning_hessian.distributed import is_distributed
 from lightning_hessian.hessian.diagonal import hessian_diagonal
+from lightning_hessian.seeds import mix_seed
 
 _NO_GRAPH = (
     "AdaHessian needs the gradients' graph to estimate curvature: call `loss.backward(create_graph=True)` "
@@ -213,7 +214,7 @@ class AdaHessian(torch.optim.Optimizer):
                 "AdaHessian needs all parameters on one device with one dtype; use one optimizer per device/dtype"
             )
         op = _GradientGraph(params, [p.grad for p in params])
-        probe_seed = hash((self.seed, self._steps)) % 2**63
+        probe_seed = mix_seed(self.seed, self._steps)
         flat = hessian_diagonal(op, num_samples=self.n_samples, batch=self.n_samples, seed=probe_seed).diagonal
         return [d.view_as(p) for d, p in zip(flat.split([p.numel() for p in params]), params)]
 

@@ -387,7 +387,15 @@ class KFACPreconditioner:
 
 
 def warn_skipped(skipped: dict[str, str], who: str) -> None:
-    """One warning naming the layers a K-FAC user leaves unpreconditioned, and why."""
+    """One warning naming the layers a K-FAC user leaves unpreconditioned, and why.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_skipped({"attn": "nn.MultiheadAttention"}, "KFACCallback")
+    >>> str(caught[0].message)
+    'KFACCallback leaves 1 layer(s) with trainable parameters unpreconditioned (attn: nn.MultiheadAttention)'
+    """
     if skipped:
         listed = "; ".join(f"{name or '<model>'}: {why}" for name, why in list(skipped.items())[:6])
         warnings.warn(f"{who} leaves {len(skipped)} layer(s) with trainable parameters unpreconditioned ({listed}"

@@ -42,6 +42,16 @@ class KFACCallback(Callback):
       CNN) to 3.8x (ResNet-20) a plain SGD step on CPU, at 10/100 about 1.2x (``benchmarks/kfac.py``: half to
       nine tenths of kfac-pytorch's overhead at the same intervals). Raise ``factor_update_steps`` to pay less.
 
+    Args:
+        factor_update_steps: capture the factors and update their running averages every this many optimizer steps.
+        inv_update_steps: recompute the eigendecompositions every this many optimizer steps.
+        damping: ``lambda`` in ``(G (x) A + lambda I)^{-1}``, relative to the per-sample Fisher (tune it like the
+            learning rate; see ``KFACPreconditioner``).
+        factor_decay: running average ``F <- decay F + (1 - decay) F_new``, in ``[0, 1)``.
+        kl_clip: KL-clipping of the preconditioned gradients (Ba et al. 2017), or None to not clip.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-shared layers.
+        skip_layers: module names (or name prefixes) to leave unpreconditioned.
+
     Example::
 
         >>> import lightning.pytorch as pl

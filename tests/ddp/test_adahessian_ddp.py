@@ -78,7 +78,9 @@ def _assert_ranks_identical_and_equal_to(out: Path, reference: dict[str, torch.T
     decayed = {k: v * (1 - OPT["lr"] * OPT["weight_decay"]) ** STEPS for k, v in _model().state_dict().items()}
     for name, ref in reference.items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
-        torch.testing.assert_close(ranks[0][name], ref, rtol=0, atol=1e-12)
+        # to rounding: the union's gradients and curvature are summed in another order (parameters reach ~60, and
+        # dividing by the curvature's square root amplifies the last bits: up to 3e-13 relative)
+        torch.testing.assert_close(ranks[0][name], ref, rtol=1e-12, atol=1e-12)
         assert (ref - decayed[name]).abs().max() > 1e-2, name  # every parameter learned, not just decayed
 
 
