@@ -19,7 +19,6 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,8 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_hessian.checks import check_choice, check_number, check_positive_int, check_seed
 from lightning_hessian.distributed import is_distributed
 from lightning_hessian.hessian import Batches
-from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
 from lightning_hessian.modes import training_mode
 from lightning_hessian.no_trace import leave_no_trace
 from lightning_hessian.probe_set import (
@@ -51,24 +48,30 @@ from lightning_hessian.probe_set import (
     resolve_loss_fn,
     train_dataset_of,
 )
-from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits, pareto_frontier
+from lightning_hessian.quant.allocation import InfeasibleBudgetError, allocate_bits, pareto_frontier
 from lightning_hessian.quant.attention import unpack_attention
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
 from lightning_hessian.quant.distill import batchnorm_layers, distill_data
+from lightning_hessian.quant.hawq_options import (
+    FLAT_KEYS,
+    FineTuneOptions,
+    ProbeOptions,
+    QuantizationOptions,
+    SensitivityOptions,
+    check_combination,
+    merge_options,
+)
 from lightning_hessian.quant.layers import calibrate as calibrate_ranges
 from lightning_hessian.quant.quantizers import (
     FOLLOW,
     ActivationQuantizer,
     validate_act_bits,
-    validate_bit_choices,
     validate_bits,
 )
 from lightning_hessian.quant.report import BitReport, Frontier, bit_report, frontier_of
-from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
+from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity
 from lightning_hessian.quant.swap import quantizable_layers, quantize_model, resolve_groups
 
-RESOURCES = ("size", "bops")
-CALIBRATIONS = ("data", "distilled")  # where the probe set comes from: real samples, or ZeroQ's distilled inputs
 # The wrapped module's hooks that run unchanged inside a HAWQModule (logging to this run). Only those it overrides are
 # bound, so Lightning's is_overridden checks (which loops run, which data hooks apply) answer as for the module itself.
 _DELEGATED_HOOKS = (
@@ -97,32 +100,41 @@ class _HAWQ:
         module: LightningModule | str | os.PathLike,
         module_class: type[LightningModule] | Callable[[str], LightningModule] | None = None,
         *,
+        probe: ProbeOptions | None = None,
+        sensitivity: SensitivityOptions | None = None,
+        quantization: QuantizationOptions | None = None,
+        finetune: FineTuneOptions | None = None,
         bits: int | Mapping[str, int] | None = None,
         budgets: Mapping[str, float] | None = None,
-        bit_choices: Sequence[int] = (4, 8),
-        act_bits: int | str = 8,
-        ties: Iterable[Iterable[str]] = (),
-        metric: str = "trace",
+        bit_choices: Sequence[int] | None = None,
+        act_bits: int | str | None = None,
+        ties: Iterable[Iterable[str]] | None = None,
+        metric: str | None = None,
         probe_data: Iterable[Any] | None = None,
-        probe_size: int = 512,
-        probe_batch_size: int = 256,
-        seed: int = 0,
-        trace_rel_tol: float = 0.05,
-        max_samples: int = 200,
+        probe_size: int | None = None,
+        probe_batch_size: int | None = None,
+        seed: int | None = None,
+        trace_rel_tol: float | None = None,
+        max_samples: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         loss_fn: LossFn | None = None,
         example_input: Any = None,
         momentum: float | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        distill_weight: float = 0.0,
-        temperature: float = 1.0,
-        solver: str = "cbc",
+        distill_weight: float | None = None,
+        temperature: float | None = None,
+        solver: str | None = None,
         report_dir: str | os.PathLike | None = None,
-        calibration: str = "data",
+        calibration: str | None = None,
         input_shape: Sequence[int] | None = None,
         distill: Mapping[str, Any] | None = None,
         groups: Any = None,
     ):
+        flat = {name: value for name, value in locals().items() if name in FLAT_KEYS}
+        options = merge_options(flat, {"probe": probe, "sensitivity": sensitivity, "quantization": quantization,
+                                       "finetune": finetune})
+        p, s, q, f = (options[name] for name in ("probe", "sensitivity", "quantization", "finetune"))
+        check_combination(s, q)
         super().__init__()
         module = unpack_attention(_load_module(module, module_class))  # a copy if it holds nn.MultiheadAttention
         self.layers = quantizable_layers(module)
@@ -132,55 +144,37 @@ class _HAWQ:
                 "nn.Embedding): nothing to quantize"
             )
         self.weight_groups, per_channel = resolve_groups(
-            groups, {name: module.get_submodule(name).weight for name in self.layers})
+            q.groups, {name: module.get_submodule(name).weight for name in self.layers})
         if per_channel:
-            rank_zero_warn(f"HAWQModule: groups={groups!r} does not tile {sorted(per_channel)}, which keep per-channel "
-                           "scales")
-        if bits is not None and budgets is not None:
-            raise ValueError("pass either bits= (a fixed configuration) or budgets= (a plan), not both")
-        self.fixed_bits = None if bits is None else self._check_bits(bits)
-        self.budgets = None if budgets is None else _check_budgets(budgets)
-        self.bit_choices = validate_bit_choices(bit_choices)
-        self.act_bits = validate_act_bits(act_bits, "act_bits")
-        self.ties = self._check_ties(ties)
-        check_choice(metric, "metric", METRICS)
-        if metric == "quadratic+act" and self.act_bits != FOLLOW:
-            raise ValueError(f"metric='quadratic+act' prices each layer's input activations at the layer's bits, "
-                             f"so it needs act_bits={FOLLOW!r} (got act_bits={act_bits!r}); use 'quadratic' otherwise")
-        for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size),
-                            ("max_samples", max_samples)):
-            check_positive_int(value, name)
-        if max_samples < MIN_TRACE_SAMPLES:
-            raise ValueError(f"max_samples={max_samples} is below the {MIN_TRACE_SAMPLES} Hutchinson probes every "
-                             f"trace takes first; pass max_samples >= {MIN_TRACE_SAMPLES}")
-        check_number(distill_weight, "distill_weight (0: no distillation)", 0, 1)
-        if distill_weight > 0 and not defines_forward(module):
+            rank_zero_warn(f"HAWQModule: groups={q.groups!r} does not tile {sorted(per_channel)}, which keep "
+                           "per-channel scales")
+        self.fixed_bits = None if q.bits is None else self._check_bits(q.bits)
+        self.budgets, self.bit_choices, self.act_bits = q.budgets, q.bit_choices, q.act_bits
+        self.ties = self._check_ties(q.ties)
+        if f.distill_weight > 0 and not defines_forward(module):
             raise ValueError(f"distill_weight > 0 distils the logits of {type(module).__name__}.forward, which it does "
                              "not define: pass distill_weight=0")
-        if distill_weight > 0 and not module.automatic_optimization:
+        if f.distill_weight > 0 and not module.automatic_optimization:
             raise ValueError("distill_weight > 0 adds the distillation term to the loss training_step returns, but "
                              f"{type(module).__name__} optimizes manually (automatic_optimization=False): pass "
                              "distill_weight=0")
-        check_number(temperature, "temperature", 0, low_open=True)
-        check_number(trace_rel_tol, "trace_rel_tol", 0, low_open=True)
-        if momentum is not None:
-            check_number(momentum, "momentum (None: running min/max)", 0, 1, low_open=True)
-        check_seed(seed)
-        if solver not in SOLVERS:
-            raise ValueError(f"solver={solver!r} is not supported; use one of {SOLVERS}")
-        self.metric, self.seed, self.solver, self.momentum = metric, seed, solver, momentum
-        self.probe_data, self.probe_size, self.probe_batch_size = probe_data, probe_size, probe_batch_size
-        self.trace_rel_tol, self.max_samples = trace_rel_tol, max_samples
-        self.cache_dir, self.report_dir = cache_dir, report_dir
-        self.loss_fn, self.example_input, self.optimizer_factory = loss_fn, example_input, optimizer
-        self.distill_weight, self.temperature = float(distill_weight), float(temperature)
+        if p.calibration == "distilled" and not batchnorm_layers(module):
+            raise ValueError(f"calibration='distilled' distils inputs from BatchNorm statistics, but "
+                             f"{type(module).__name__} has no BatchNorm layer with running statistics; use "
+                             "calibration='data' (probe_data= or the training data)")
+        self.metric, self.seed, self.solver, self.momentum = s.metric, p.seed, q.solver, q.momentum
+        self.probe_data, self.probe_size, self.probe_batch_size = p.probe_data, p.probe_size, p.probe_batch_size
+        self.trace_rel_tol, self.max_samples = s.trace_rel_tol, s.max_samples
+        self.cache_dir, self.report_dir = s.cache_dir, q.report_dir
+        self.loss_fn, self.example_input, self.optimizer_factory = p.loss_fn, p.example_input, f.optimizer
+        self.distill_weight, self.temperature = f.distill_weight, f.temperature
+        self.calibration, self.input_shape, self.distill_options = p.calibration, p.input_shape, p.distill
         self.save_hyperparameters({
-            "bits": self.fixed_bits if isinstance(bits, Mapping) else bits,
-            "budgets": self.budgets, "bit_choices": self.bit_choices, "act_bits": self.act_bits,
-            "ties": [list(g) for g in self.ties], "metric": metric, "probe_size": probe_size,
-            "probe_batch_size": probe_batch_size, "seed": seed, "trace_rel_tol": trace_rel_tol,
-            "max_samples": max_samples, "momentum": momentum, "distill_weight": self.distill_weight,
-            "temperature": self.temperature, "solver": solver,
+            "bits": q.bits, "budgets": self.budgets, "bit_choices": self.bit_choices, "act_bits": self.act_bits,
+            "ties": [list(g) for g in self.ties], "metric": self.metric, "probe_size": self.probe_size,
+            "probe_batch_size": self.probe_batch_size, "seed": self.seed, "trace_rel_tol": self.trace_rel_tol,
+            "max_samples": self.max_samples, "momentum": self.momentum, "distill_weight": self.distill_weight,
+            "temperature": self.temperature, "solver": self.solver,
             "groups": {name: {"rows": g.rows, "columns": g.columns} for name, g in self.weight_groups.items()},
         })
         self.module = module
@@ -204,8 +198,6 @@ class _HAWQ:
         self._quantized_with: tuple | None = None
         self._reported: dict[str, int] | None = None  # the bits the written report shows
         self._teacher: nn.Module | None = None  # the distillation teacher (not a submodule: not trained or saved)
-        self.calibration, self.input_shape, self.distill_options = _check_data_free(
-            module, calibration, input_shape, distill, example_input)
         self._distilled: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------------ checks
@@ -217,19 +209,12 @@ class _HAWQ:
             raise ValueError(f"bits names unknown layers {unknown}; the quantizable layers are {self.layers}")
         return {name: validate_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
 
-    def _check_ties(self, ties: Iterable[Iterable[str]]) -> list[tuple[str, ...]]:
-        if isinstance(ties, str) or not isinstance(ties, Iterable):
-            raise TypeError(f"ties must be groups of layer names, e.g. [('conv1', 'shortcut.0')], got {ties!r}")
-        groups = []
+    def _check_ties(self, ties: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
         for group in ties:
-            if isinstance(group, str) or not isinstance(group, Iterable):
-                raise TypeError(f"ties must be groups of layer names, e.g. [('conv1', 'shortcut.0')], got {group!r}")
-            group = tuple(group)
             unknown = [name for name in group if name not in self.layers]
             if unknown:
                 raise ValueError(f"ties: unknown layer names {unknown}; the quantizable layers are {self.layers}")
-            groups.append(group)
-        return groups
+        return ties
 
     # ---------------------------------------------------------------------------------------- planning
     def measure_sensitivity(self, batches: Any) -> Sensitivity:
@@ -869,45 +854,3 @@ def _load_module(
             raise TypeError(f"module_class returned a {type(loaded).__name__}, not a LightningModule")
         return loaded
     raise TypeError(f"module must be a LightningModule or a checkpoint path, got {type(module).__name__}")
-
-
-def _check_data_free(module: nn.Module, calibration: str, input_shape: Sequence[int] | None,
-                     distill: Mapping[str, Any] | None, example_input: Any
-                     ) -> tuple[str, tuple[int, ...] | None, dict[str, Any]]:
-    """``calibration``, ``input_shape`` and the ``distill`` options, checked before any work."""
-    check_choice(calibration, "calibration", CALIBRATIONS)
-    options = dict(distill or {})
-    reserved = sorted({"model", "input_shape", "num_samples", "seed", "device"} & set(options))
-    if reserved:
-        raise ValueError(f"distill: {reserved} are set by HAWQModule (probe_size, seed, input_shape and the run's "
-                         "device); leave them out")
-    unknown = sorted(set(options) - set(inspect.signature(distill_data).parameters))
-    if unknown:
-        raise ValueError(f"distill: unknown options {unknown}; distill_data takes batch_size, max_steps, lr, tol, "
-                         "patience, input_prior, progress")
-    if calibration != "distilled":
-        return calibration, None if input_shape is None else tuple(input_shape), options
-    if not batchnorm_layers(module):
-        raise ValueError(f"calibration='distilled' distils inputs from BatchNorm statistics, but "
-                         f"{type(module).__name__} has no BatchNorm layer with running statistics; use "
-                         "calibration='data' (probe_data= or the training data)")
-    if input_shape is None:
-        if not isinstance(example_input, torch.Tensor):
-            raise ValueError("calibration='distilled' needs the shape of one input sample: pass input_shape=, e.g. "
-                             "(3, 32, 32), or a tensor example_input=")
-        input_shape = example_input.shape[1:]
-    return calibration, tuple(int(s) for s in input_shape), options
-
-
-def _check_budgets(budgets: Mapping[str, float]) -> dict[str, float]:
-    if not isinstance(budgets, Mapping) or not budgets:
-        raise ValueError(f"budgets must be a non-empty mapping such as {{'size': 0.5}}, got {budgets!r}")
-    out = {}
-    for resource, value in budgets.items():
-        if resource not in RESOURCES:
-            raise ValueError(f"budgets: unknown resource {resource!r}; use {RESOURCES}")
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"budgets[{resource!r}] must be a finite number >= 0 (a fraction in [0, 1] or an "
-                             f"absolute budget), got {value!r}")
-        out[resource] = float(value)
-    return out
