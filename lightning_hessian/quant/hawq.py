@@ -721,23 +721,40 @@ class _HAWQType(type):
 class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
     """Quantize a trained LightningModule to mixed precision chosen from Hessian sensitivity, then fine-tune.
 
+    The settings come in four groups (:mod:`~lightning_hessian.quant.hawq_options`), each checked when it is built:
+    ``probe=ProbeOptions(...)`` (what is measured on: the probe set, the loss), ``sensitivity=SensitivityOptions(...)``
+    (how), ``quantization=QuantizationOptions(...)`` (fixed bits or budgets, activation bits, weight groups) and
+    ``finetune=FineTuneOptions(...)``. Every field is also a flat keyword of the same name (``bits=``, ``metric=``:
+    the ``hawq`` keys of ``conf/quantize.yaml``), documented below with its default; a flat keyword left at ``None``
+    takes its group's value. A setting given both ways must agree, else the error names both.
+
     Args:
         module: the trained float LightningModule, or a checkpoint path loaded with ``module_class``.
         module_class: a LightningModule class (``module_class.load_from_checkpoint(module)``) or any
             callable ``path -> LightningModule`` (e.g. a ``functools.partial`` passing ``net=``).
+        probe: :class:`~lightning_hessian.quant.hawq_options.ProbeOptions`: ``calibration``, ``probe_data``,
+            ``probe_size``, ``probe_batch_size``, ``seed``, ``loss_fn``, ``example_input``, ``input_shape``,
+            ``distill``.
+        sensitivity: :class:`~lightning_hessian.quant.hawq_options.SensitivityOptions`: ``metric``,
+            ``trace_rel_tol``, ``max_samples``, ``cache_dir``. (After planning, the attribute ``sensitivity`` holds
+            the measured :class:`~lightning_hessian.quant.sensitivity.Sensitivity`.)
+        quantization: :class:`~lightning_hessian.quant.hawq_options.QuantizationOptions`: ``bits``, ``budgets``,
+            ``bit_choices``, ``act_bits``, ``ties``, ``solver``, ``groups``, ``momentum``, ``report_dir``.
+        finetune: :class:`~lightning_hessian.quant.hawq_options.FineTuneOptions`: ``optimizer``,
+            ``distill_weight``, ``temperature``.
         bits: a fixed configuration instead of a plan: an int for every layer (uniform 8 or 4, say) or
             ``{layer: bits}`` (layers left out stay in float).
         budgets: plan the bits: ``{"size": ..., "bops": ...}``. A value in ``[0, 1]`` is HAWQ-V3's
             fraction of the way from every layer at ``min(bit_choices)`` to every layer at
             ``max(bit_choices)``; a value above 1 is absolute (weight bits for ``"size"``, per-sample
             bit operations ``MACs * b_w * b_a`` for ``"bops"``).
-        bit_choices: candidate weight bit widths (2..8) for the plan.
-        act_bits: activation bit width (2..8) of every layer's input, or ``"follow"``: a layer's input
+        bit_choices: candidate weight bit widths (2..8) for the plan; default ``(4, 8)``.
+        act_bits: activation bit width (2..8, default 8) of every layer's input, or ``"follow"``: a layer's input
             activations take its weight bits (HAWQ-V3's W4A4/W8A8 mixed precision; residual additions keep
             8 bits), so BOPS cost ``MACs * b * b``.
         ties: groups of layer names that must share a bit width (e.g. a residual block's shortcut conv
-            and the conv it is added to).
-        metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
+            and the conv it is added to); default none.
+        metric: ``"trace"`` (the default; HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
             eigenvalue in place of the average trace), ``"qbert"`` (Q-BERT: ``|mean| + std`` of the top eigenvalue
             over the probe batches in place of the average trace), ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
             Hessian-vector product per layer and bit width) or, with ``act_bits="follow"``, ``"quadratic+act"``
@@ -748,10 +765,11 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
         probe_data: batches for the sensitivity and calibration (a list of batches or a DataLoader); default
             ``probe_size`` training samples drawn with ``seed``. Under DDP the ranks split either (rank ``r``
             takes batches ``r, r + world_size, ...``) and all-reduce, as one process on all of them.
-        probe_size, probe_batch_size: size of the default probe set and of its batches.
-        seed: seed of the probe draw and of the Hutchinson probes.
-        trace_rel_tol, max_samples: Hutchinson stopping rule (relative standard error of every layer's
-            trace) and its cap on probes.
+        probe_size: size of the default (or distilled) probe set; default 512.
+        probe_batch_size: size of its batches; default 256.
+        seed: seed of the probe draw, of the distillation and of the Hutchinson probes; default 0.
+        trace_rel_tol: Hutchinson stopping rule: the relative standard error of every layer's trace; default 0.05.
+        max_samples: the Hutchinson cap on probes (at least 32); default 200.
         cache_dir: folder of the sensitivity cache (re-planning the same model and probe is then free).
         loss_fn: ``loss_fn(module, batch)`` for the Hessian; default ``module.hessian_loss`` or
             cross-entropy on ``(x, y)`` batches.
@@ -761,13 +779,15 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
         optimizer: factory ``optimizer(params)`` for the fine-tune; default the module's own
             ``configure_optimizers``.
         distill_weight: ``w`` in ``(1 - w) * task_loss + w * T^2 * KL(teacher || student)`` on the logits
-            of the float model (0 disables distillation); the wrapped ``training_step`` must call ``self(...)``.
-        temperature: distillation temperature ``T``.
-        solver: OR-Tools solver of :func:`~lightning_hessian.quant.allocation.allocate_bits`.
+            of the float model (0, the default, disables distillation); the wrapped ``training_step`` must call
+            ``self(...)``.
+        temperature: distillation temperature ``T``; default 1.
+        solver: OR-Tools solver of :func:`~lightning_hessian.quant.allocation.allocate_bits`: ``"cbc"`` (the
+            default), ``"scip"`` or ``"cp-sat"``.
         report_dir: where ``hawq_report.md``/``.png`` go; default ``<trainer.default_root_dir>/hawq``.
-        calibration: where the probe set (sensitivity, activation ranges) comes from: ``"data"`` (``probe_data``
-            or training samples) or ``"distilled"`` (ZeroQ, no data: ``probe_size`` inputs distilled from the
-            module's BatchNorm statistics by :func:`~lightning_hessian.quant.distill.distill_data`, seeded with
+        calibration: where the probe set (sensitivity, activation ranges) comes from: ``"data"`` (the default:
+            ``probe_data`` or training samples) or ``"distilled"`` (ZeroQ, no data: ``probe_size`` inputs distilled
+            from the module's BatchNorm statistics by :func:`~lightning_hessian.quant.distill.distill_data`, seeded with
             ``seed``, in batches ``(x, y)`` of ``probe_batch_size`` with ``y`` the float module's predicted class, so
             the loss and the Hessian metrics apply; ``metric="kl"`` is ZeroQ's own choice). Then ``trainer.test``
             or ``validate`` plans and calibrates with no training data, and :meth:`prepare_data_free` with no
@@ -801,12 +821,25 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
     An integer-only export (``to_integer_model``, ``export_onnx``) of a module with BatchNorm needs the BatchNorm
     folded first: ``fold_batchnorm(hawq.module, example_input)`` after fine-tuning (``recipes.quantize`` does it).
 
-    Example::
+    Example: plan 4/8-bit weights within half the size budget (HAWQ-V3's fraction from all 4-bit to all 8-bit)
+    from K-FAC's Gauss-Newton sensitivity (no Hessian-vector product: fast), given as groups or as flat keywords;
+    ``trainer.fit(hawq, ...)`` would then quantize, calibrate and fine-tune, and ``trainer.test(HAWQModule(trained),
+    ..., ckpt_path=...)`` rebuild the quantized network from the checkpoint:
 
-        hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(4, 8), cache_dir="cache")
-        trainer = Trainer(max_epochs=3)
-        trainer.fit(hawq, datamodule=dm)
-        trainer.test(HAWQModule(trained), datamodule=dm, ckpt_path=trainer.checkpoint_callback.best_model_path)
+    >>> import torch
+    >>> from lightning_hessian.models import MNIST1DCNN, ClassificationModule
+    >>> from lightning_hessian.quant import QuantizationOptions, SensitivityOptions
+    >>> _ = torch.manual_seed(0)
+    >>> trained = ClassificationModule(MNIST1DCNN(channels=4, num_classes=4), num_classes=4)
+    >>> probe = [(torch.randn(64, 40), torch.randint(0, 4, (64,)))]
+    >>> hawq = HAWQModule(trained, quantization=QuantizationOptions(budgets={"size": 0.5}, bit_choices=(4, 8)),
+    ...                   sensitivity=SensitivityOptions(metric="kfac"))
+    >>> bits = hawq.plan(probe)
+    >>> weights = {name: stats.params for name, stats in hawq.stats.items()}
+    >>> sum(weights[name] * b for name, b in bits.items()) <= 6 * sum(weights.values())  # 4 + 0.5 * (8 - 4) bits
+    True
+    >>> HAWQModule(trained, budgets={"size": 0.5}, metric="kfac").plan(probe) == bits
+    True
     """
 
 
