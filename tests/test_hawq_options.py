@@ -3,6 +3,8 @@ module and plan, and a setting given both ways with different values is an error
 
 from __future__ import annotations
 
+import inspect
+import io
 from functools import partial
 
 import pytest
@@ -83,9 +85,9 @@ def test_each_group_keeps_a_good_value_in_its_checked_form(cls, given, field, ex
 
 def test_every_flat_keyword_is_one_field_of_one_group():
     assert len(FLAT_KEYS) == len(set(FLAT_KEYS)) == 25
-    flat = {name for name in HAWQModule.__init__.__code__.co_varnames if name in FLAT_KEYS}
-    assert flat == set(FLAT_KEYS)  # and HAWQModule takes each of them
-    assert set(OPTION_GROUPS) <= set(HAWQModule.__init__.__code__.co_varnames)
+    parameters = inspect.signature(HAWQModule.__init__).parameters
+    assert set(parameters) == {"self", "module", "module_class", *OPTION_GROUPS, *FLAT_KEYS}
+    assert all(parameters[name].default is None for name in (*OPTION_GROUPS, *FLAT_KEYS))  # None: not given
 
 
 def test_checks_across_groups_and_within_one():
@@ -139,6 +141,9 @@ def test_flat_keywords_and_groups_build_the_same_module_and_plan(tmp_path):
     )
     a, b = HAWQModule(trained, **flat), HAWQModule(trained, **grouped)
     assert dict(a.hparams) == dict(b.hparams) and a.hparams["ties"] == [[LAYERS[1], LAYERS[2]]]
+    buffer = io.BytesIO()  # what a checkpoint holds of the groups: primitives only
+    torch.save({"hparams": dict(b.hparams), "state_dict": b.state_dict()}, buffer)
+    assert torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)["hparams"] == dict(a.hparams)
     for name in ("probe_data", "probe_size", "probe_batch_size", "seed", "example_input", "metric", "trace_rel_tol",
                  "max_samples", "cache_dir", "budgets", "bit_choices", "act_bits", "ties", "solver", "weight_groups",
                  "momentum", "report_dir", "optimizer_factory", "distill_weight", "temperature", "calibration",
