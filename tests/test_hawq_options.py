@@ -57,7 +57,7 @@ GOOD = [  # (group, given, field, value after the check)
     (ProbeOptions, {"input_shape": [40]}, "input_shape", (40,)),
     (ProbeOptions, {"distill": None}, "distill", {}),
     (ProbeOptions, {"distill": {"max_steps": 5}}, "distill", {"max_steps": 5}),
-    (SensitivityOptions, {"trace_rel_tol": 1}, "trace_rel_tol", 1.0),
+    (SensitivityOptions, {"trace_rel_tol": 1}, "trace_rel_tol", 1),  # as given: the sensitivity cache key reads it
     (SensitivityOptions, {"metric": "kl", "max_samples": 32}, "max_samples", 32),
     (QuantizationOptions, {"bits": {"fc": 4}}, "bits", {"fc": 4}),
     (QuantizationOptions, {"budgets": {"bops": 3}}, "budgets", {"bops": 3.0}),
