@@ -23,8 +23,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "lightning_hessian.models": ["ClassificationModule"],
     "lightning_hessian.optim": ["AdaHessian", "AdaHessianCallback", "KFACCallback", "KFACPreconditioner"],
     "lightning_hessian.quant": [
-        "HAWQModule", "InfeasibleBudgetError", "allocate_bits", "export_onnx", "layer_sensitivity", "quantize_model",
-        "to_integer_model",
+        "FineTuneOptions", "HAWQModule", "InfeasibleBudgetError", "ProbeOptions", "QuantizationOptions",
+        "SensitivityOptions", "allocate_bits", "export_onnx", "layer_sensitivity", "quantize_model", "to_integer_model",
     ],
 })
 __version__ = "0.1.0"

@@ -79,3 +79,28 @@ def test_transformer_hawq_trains_40_epochs_and_fine_tunes_3(tmp_path, data_dir):
     assert (train.trainer.max_epochs, quantize.trainer.max_epochs) == (40, 3)
     assert quantize.hawq.metric == "qbert" and quantize.hawq.groups == {"rows": 2} and quantize.export.float_ops
     assert train.model.net._target_.endswith("MNIST1DTransformer")
+
+
+DATA_FREE = ["hawq.calibration=distilled", "hawq.metric=kl", "hawq.input_shape=[40]", "model.net.batch_norm=true"]
+
+
+@pytest.mark.parametrize("overrides", [[], DATA_FREE, *([f"experiment={name}"] for name in options("experiment")
+                                                         if name.endswith("_hawq"))], ids=str)
+def test_every_quantize_config_builds_its_hawq_module(overrides, tmp_path, data_dir):
+    """The flat ``hawq`` keys of ``quantize.yaml`` (and of each HAWQ experiment, and its data-free line) reach the
+    option groups unchanged."""
+    from lightning_hessian.quant import HAWQModule
+
+    cfg = compose_config("quantize", overrides, tmp_path, data_dir)
+    OmegaConf.resolve(cfg)
+    hawq = instantiate(cfg.hawq, module=instantiate(cfg.model))
+    assert isinstance(hawq, HAWQModule) and hawq.fixed_bits is None
+    node = OmegaConf.to_container(cfg.hawq)
+    assert hawq.budgets == node["budgets"] and hawq.bit_choices == node["bit_choices"]
+    assert (hawq.metric, hawq.act_bits, hawq.probe_size, hawq.probe_batch_size) == (
+        node["metric"], node["act_bits"], node["probe_size"], node["probe_batch_size"])
+    assert [list(group) for group in hawq.ties] == node["ties"] and hawq.distill_options == node["distill"]
+    assert bool(hawq.weight_groups) == (node["groups"] is not None)
+    assert (hawq.calibration, hawq.input_shape) == ((node["calibration"], tuple(node["input_shape"]))
+                                                    if overrides == DATA_FREE else ("data", None))
+    assert hawq.optimizer_factory.func is get_class(node["optimizer"]["_target_"])

@@ -16,7 +16,7 @@ CORE = [
     "lightning_hessian.optim.kfac", "lightning_hessian.models.mnist1d", "lightning_hessian.models.resnet",
     "lightning_hessian.landscape", "lightning_hessian.checks", "lightning_hessian.modes",
     "lightning_hessian.distributed", "lightning_hessian.quant.attention", "lightning_hessian.models.transformer",
-    "lightning_hessian.hessian.summary", "lightning_hessian.no_trace",
+    "lightning_hessian.hessian.summary", "lightning_hessian.no_trace", "lightning_hessian.quant.hawq_options",
 ]
 LAZY_PACKAGES = ["lightning_hessian", "lightning_hessian.quant", "lightning_hessian.optim", "lightning_hessian.models"]
 

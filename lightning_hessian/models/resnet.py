@@ -11,7 +11,13 @@ from torch import nn
 
 
 class ResidualAdd(nn.Module):
-    """``a + b`` as a module, so a quantizer can swap in a rescaling integer addition."""
+    """``a + b`` as a module, so a quantizer can swap in a rescaling integer addition.
+
+    >>> from lightning_hessian.quant import quantize_model
+    >>> qmodel, _ = quantize_model(resnet20(width=4), 8)
+    >>> type(resnet20(width=4).layers[0].add).__name__, type(qmodel.layers[0].add).__name__
+    ('ResidualAdd', 'QuantResidualAdd')
+    """
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b
@@ -37,7 +43,14 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet with a 3x3 stem, ``len(widths)`` stages of ``BasicBlock``s, global average pool, linear head."""
+    """ResNet with a 3x3 stem, ``len(widths)`` stages of ``BasicBlock``s, global average pool, linear head.
+
+    >>> model = resnet20()  # CifarResNet([3, 3, 3], [16, 32, 64])
+    >>> len(model.layers), sum(p.numel() for p in model.parameters())
+    (9, 272474)
+    >>> model(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    """
 
     def __init__(self, blocks: list[int], widths: list[int], num_classes: int = 10, in_channels: int = 3):
         super().__init__()

@@ -13,9 +13,18 @@ class MNIST1DTransformer(nn.Module):
     ``nn.TransformerEncoderLayer`` blocks (``nn.MultiheadAttention``, GELU MLP, LayerNorm) follow, then a final
     LayerNorm and a linear head over all tokens' features (flattened: a reshape, which the integer simulation
     carries, where mean pooling would be a float op). At the defaults (dim 32, 4 heads, 2 blocks, MLP 64) it has
-    about 22k parameters, the quantizable ones in 12 linear layers and one embedding.
+    about 21k parameters, the quantizable ones in 14 linear layers (the patch embedding, six per block with the
+    attention unpacked, the head) and one embedding.
 
     Input: ``(N, length)`` or ``(N, 1, length)`` signals; output: ``(N, num_classes)`` logits.
+
+    >>> from lightning_hessian.quant import quantizable_layers, unpack_attention
+    >>> model = MNIST1DTransformer()
+    >>> model(torch.randn(8, 40)).shape, sum(p.numel() for p in model.parameters())
+    (torch.Size([8, 10]), 20842)
+    >>> layers = quantizable_layers(unpack_attention(model))
+    >>> len(layers), layers[:3]
+    (15, ['embed', 'position', 'encoder.layers.0.self_attn.q_proj'])
     """
 
     def __init__(self, length: int = 40, patch: int = 4, dim: int = 32, heads: int = 4, layers: int = 2,

@@ -17,6 +17,9 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "lightning_hessian.quant.distill": ["batchnorm_mismatch", "distill_data"],
     "lightning_hessian.quant.export": ["export_onnx", "export_program"],
     "lightning_hessian.quant.hawq": ["HAWQModule"],
+    "lightning_hessian.quant.hawq_options": [
+        "FineTuneOptions", "ProbeOptions", "QuantizationOptions", "SensitivityOptions",
+    ],
     "lightning_hessian.quant.integer": ["IntegerModel", "to_integer_model"],
     "lightning_hessian.quant.layers": [
         "QuantAct", "QuantAdaptiveAvgPool", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear",

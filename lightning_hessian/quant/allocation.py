@@ -55,6 +55,13 @@ class InfeasibleBudgetError(ValueError):
 
     ``minimums[r]`` is the smallest achievable value of resource ``r`` alone (respecting ties) and
     ``budgets[r]`` the budget given; the message lists both for every budgeted resource.
+
+    >>> size = {"a": {4: 400, 8: 800}, "b": {4: 400, 8: 800}}
+    >>> try:
+    ...     allocate_bits({"a": {4: 1.0, 8: 0.0}, "b": {4: 1.0, 8: 0.0}}, {"size": size}, {"size": 700})
+    ... except InfeasibleBudgetError as err:
+    ...     print(err.minimums, err.budgets)
+    {'size': 800.0} {'size': 700.0}
     """
 
     def __init__(self, message: str, minimums: dict[str, float], budgets: dict[str, float]):
@@ -68,7 +75,16 @@ class NotProvenOptimalWarning(UserWarning):
 
 
 class ParetoPoint(NamedTuple):
-    """One point of :func:`pareto_frontier`: the budget, the optimal summed sensitivity, the bits."""
+    """One point of :func:`pareto_frontier`: the budget, the optimal summed sensitivity, the bits.
+
+    >>> sensitivity = {"a": {4: 10.0, 8: 0.0}, "b": {4: 1.0, 8: 0.0}}  # layer a is ten times more sensitive
+    >>> size = {"a": {4: 400, 8: 800}, "b": {4: 400, 8: 800}}
+    >>> for point in pareto_frontier(sensitivity, {"size": size}, "size", "all"):
+    ...     print(point.budget, point.objective, point.allocation)
+    800.0 11.0 {'a': 4, 'b': 4}
+    1200.0 1.0 {'a': 8, 'b': 4}
+    1600.0 0.0 {'a': 8, 'b': 8}
+    """
 
     budget: float
     objective: float
@@ -127,6 +143,13 @@ def allocate_bits(
 
     Returns:
         ``{layer: bits}`` in the order of ``sensitivity``.
+
+    Example: 1,200 bits afford one of two 100-weight layers at 8 bits; the more sensitive one gets them.
+
+    >>> sensitivity = {"a": {4: 10.0, 8: 0.0}, "b": {4: 1.0, 8: 0.0}}
+    >>> size = {"a": {4: 400, 8: 800}, "b": {4: 400, 8: 800}}
+    >>> allocate_bits(sensitivity, {"size": size}, {"size": 1200})
+    {'a': 8, 'b': 4}
 
     Raises:
         InfeasibleBudgetError: no allocation meets the budgets (message: each resource's smallest

@@ -34,6 +34,15 @@ class MultiheadAttention(nn.Module):
     ``need_weights`` (the head-averaged or per-head weights); ``add_bias_kv`` and ``add_zero_attn`` are not
     supported (:meth:`from_torch` refuses them). With ``need_weights=False`` the attention is one
     ``F.scaled_dot_product_attention`` call.
+
+    >>> torch_attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    >>> attention = MultiheadAttention.from_torch(torch_attention)
+    >>> [name for name, _ in attention.named_children()]
+    ['q_proj', 'k_proj', 'v_proj', 'out_proj']
+    >>> x = torch.randn(3, 5, 8)
+    >>> out, weights = attention(x, x, x)
+    >>> torch.allclose(out, torch_attention(x, x, x)[0], atol=1e-6), weights.shape
+    (True, torch.Size([3, 5, 5]))
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True, kdim: int | None = None,
@@ -129,7 +138,17 @@ class MultiheadAttention(nn.Module):
 
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     """``nn.TransformerEncoderLayer`` that always runs its modules (``self_attn``, ``linear1``, ``linear2``, the
-    norms) as modules: no fused inference kernel bypasses swapped layers."""
+    norms) as modules: no fused inference kernel bypasses swapped layers.
+
+    >>> torch_layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    >>> layer = unpack_attention(torch_layer)
+    >>> type(layer).__name__, type(layer.self_attn).__name__
+    ('TransformerEncoderLayer', 'MultiheadAttention')
+    >>> x = torch.randn(3, 5, 8)
+    >>> with torch.no_grad():  # the same function as the fused layer
+    ...     torch.allclose(layer(x), torch_layer(x), atol=1e-5)
+    True
+    """
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:

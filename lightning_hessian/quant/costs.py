@@ -30,7 +30,15 @@ _UNITS = {"bits": 1, "bytes": 8}
 @dataclass(frozen=True)
 class LayerStats:
     """One quantizable layer: weight elements ``params`` (the ``n_i`` that is quantized), ``bias``
-    elements (kept in 32 bits), and multiply-accumulates per sample ``macs`` in one forward pass."""
+    elements (kept in 32 bits), and multiply-accumulates per sample ``macs`` in one forward pass.
+
+    >>> model = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
+    >>> stats = layer_stats(model, torch.randn(5, 1, 10))
+    >>> stats["0"]  # per sample: 4 channels x 8 outputs x 3 taps
+    LayerStats(kind='Conv1d', params=12, bias=4, macs=96)
+    >>> stats["3"]
+    LayerStats(kind='Linear', params=64, bias=2, macs=64)
+    """
 
     kind: str
     params: int

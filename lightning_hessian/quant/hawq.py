@@ -19,7 +19,6 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,8 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_hessian.checks import check_choice, check_number, check_positive_int, check_seed
 from lightning_hessian.distributed import is_distributed
 from lightning_hessian.hessian import Batches
-from lightning_hessian.hessian.trace import MIN_TRACE_SAMPLES
 from lightning_hessian.modes import training_mode
 from lightning_hessian.no_trace import leave_no_trace
 from lightning_hessian.probe_set import (
@@ -51,24 +48,30 @@ from lightning_hessian.probe_set import (
     resolve_loss_fn,
     train_dataset_of,
 )
-from lightning_hessian.quant.allocation import SOLVERS, InfeasibleBudgetError, allocate_bits, pareto_frontier
+from lightning_hessian.quant.allocation import InfeasibleBudgetError, allocate_bits, pareto_frontier
 from lightning_hessian.quant.attention import unpack_attention
 from lightning_hessian.quant.costs import LayerStats, bops_costs, budget_between, layer_stats, size_costs
 from lightning_hessian.quant.distill import batchnorm_layers, distill_data
+from lightning_hessian.quant.hawq_options import (
+    FLAT_KEYS,
+    FineTuneOptions,
+    ProbeOptions,
+    QuantizationOptions,
+    SensitivityOptions,
+    check_combination,
+    merge_options,
+)
 from lightning_hessian.quant.layers import calibrate as calibrate_ranges
 from lightning_hessian.quant.quantizers import (
     FOLLOW,
     ActivationQuantizer,
     validate_act_bits,
-    validate_bit_choices,
     validate_bits,
 )
 from lightning_hessian.quant.report import BitReport, Frontier, bit_report, frontier_of
-from lightning_hessian.quant.sensitivity import METRICS, Sensitivity, layer_sensitivity
+from lightning_hessian.quant.sensitivity import Sensitivity, layer_sensitivity
 from lightning_hessian.quant.swap import quantizable_layers, quantize_model, resolve_groups
 
-RESOURCES = ("size", "bops")
-CALIBRATIONS = ("data", "distilled")  # where the probe set comes from: real samples, or ZeroQ's distilled inputs
 # The wrapped module's hooks that run unchanged inside a HAWQModule (logging to this run). Only those it overrides are
 # bound, so Lightning's is_overridden checks (which loops run, which data hooks apply) answer as for the module itself.
 _DELEGATED_HOOKS = (
@@ -97,32 +100,41 @@ class _HAWQ:
         module: LightningModule | str | os.PathLike,
         module_class: type[LightningModule] | Callable[[str], LightningModule] | None = None,
         *,
+        probe: ProbeOptions | None = None,
+        sensitivity: SensitivityOptions | None = None,
+        quantization: QuantizationOptions | None = None,
+        finetune: FineTuneOptions | None = None,
         bits: int | Mapping[str, int] | None = None,
         budgets: Mapping[str, float] | None = None,
-        bit_choices: Sequence[int] = (4, 8),
-        act_bits: int | str = 8,
-        ties: Iterable[Iterable[str]] = (),
-        metric: str = "trace",
+        bit_choices: Sequence[int] | None = None,
+        act_bits: int | str | None = None,
+        ties: Iterable[Iterable[str]] | None = None,
+        metric: str | None = None,
         probe_data: Iterable[Any] | None = None,
-        probe_size: int = 512,
-        probe_batch_size: int = 256,
-        seed: int = 0,
-        trace_rel_tol: float = 0.05,
-        max_samples: int = 200,
+        probe_size: int | None = None,
+        probe_batch_size: int | None = None,
+        seed: int | None = None,
+        trace_rel_tol: float | None = None,
+        max_samples: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         loss_fn: LossFn | None = None,
         example_input: Any = None,
         momentum: float | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        distill_weight: float = 0.0,
-        temperature: float = 1.0,
-        solver: str = "cbc",
+        distill_weight: float | None = None,
+        temperature: float | None = None,
+        solver: str | None = None,
         report_dir: str | os.PathLike | None = None,
-        calibration: str = "data",
+        calibration: str | None = None,
         input_shape: Sequence[int] | None = None,
         distill: Mapping[str, Any] | None = None,
         groups: Any = None,
     ):
+        flat = {name: value for name, value in locals().items() if name in FLAT_KEYS}
+        options = merge_options(flat, {"probe": probe, "sensitivity": sensitivity, "quantization": quantization,
+                                       "finetune": finetune})
+        p, s, q, f = (options[name] for name in ("probe", "sensitivity", "quantization", "finetune"))
+        check_combination(s, q)
         super().__init__()
         module = unpack_attention(_load_module(module, module_class))  # a copy if it holds nn.MultiheadAttention
         self.layers = quantizable_layers(module)
@@ -132,55 +144,37 @@ class _HAWQ:
                 "nn.Embedding): nothing to quantize"
             )
         self.weight_groups, per_channel = resolve_groups(
-            groups, {name: module.get_submodule(name).weight for name in self.layers})
+            q.groups, {name: module.get_submodule(name).weight for name in self.layers})
         if per_channel:
-            rank_zero_warn(f"HAWQModule: groups={groups!r} does not tile {sorted(per_channel)}, which keep per-channel "
-                           "scales")
-        if bits is not None and budgets is not None:
-            raise ValueError("pass either bits= (a fixed configuration) or budgets= (a plan), not both")
-        self.fixed_bits = None if bits is None else self._check_bits(bits)
-        self.budgets = None if budgets is None else _check_budgets(budgets)
-        self.bit_choices = validate_bit_choices(bit_choices)
-        self.act_bits = validate_act_bits(act_bits, "act_bits")
-        self.ties = self._check_ties(ties)
-        check_choice(metric, "metric", METRICS)
-        if metric == "quadratic+act" and self.act_bits != FOLLOW:
-            raise ValueError(f"metric='quadratic+act' prices each layer's input activations at the layer's bits, "
-                             f"so it needs act_bits={FOLLOW!r} (got act_bits={act_bits!r}); use 'quadratic' otherwise")
-        for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size),
-                            ("max_samples", max_samples)):
-            check_positive_int(value, name)
-        if max_samples < MIN_TRACE_SAMPLES:
-            raise ValueError(f"max_samples={max_samples} is below the {MIN_TRACE_SAMPLES} Hutchinson probes every "
-                             f"trace takes first; pass max_samples >= {MIN_TRACE_SAMPLES}")
-        check_number(distill_weight, "distill_weight (0: no distillation)", 0, 1)
-        if distill_weight > 0 and not defines_forward(module):
+            rank_zero_warn(f"HAWQModule: groups={q.groups!r} does not tile {sorted(per_channel)}, which keep "
+                           "per-channel scales")
+        self.fixed_bits = None if q.bits is None else self._check_bits(q.bits)
+        self.budgets, self.bit_choices, self.act_bits = q.budgets, q.bit_choices, q.act_bits
+        self.ties = self._check_ties(q.ties)
+        if f.distill_weight > 0 and not defines_forward(module):
             raise ValueError(f"distill_weight > 0 distils the logits of {type(module).__name__}.forward, which it does "
                              "not define: pass distill_weight=0")
-        if distill_weight > 0 and not module.automatic_optimization:
+        if f.distill_weight > 0 and not module.automatic_optimization:
             raise ValueError("distill_weight > 0 adds the distillation term to the loss training_step returns, but "
                              f"{type(module).__name__} optimizes manually (automatic_optimization=False): pass "
                              "distill_weight=0")
-        check_number(temperature, "temperature", 0, low_open=True)
-        check_number(trace_rel_tol, "trace_rel_tol", 0, low_open=True)
-        if momentum is not None:
-            check_number(momentum, "momentum (None: running min/max)", 0, 1, low_open=True)
-        check_seed(seed)
-        if solver not in SOLVERS:
-            raise ValueError(f"solver={solver!r} is not supported; use one of {SOLVERS}")
-        self.metric, self.seed, self.solver, self.momentum = metric, seed, solver, momentum
-        self.probe_data, self.probe_size, self.probe_batch_size = probe_data, probe_size, probe_batch_size
-        self.trace_rel_tol, self.max_samples = trace_rel_tol, max_samples
-        self.cache_dir, self.report_dir = cache_dir, report_dir
-        self.loss_fn, self.example_input, self.optimizer_factory = loss_fn, example_input, optimizer
-        self.distill_weight, self.temperature = float(distill_weight), float(temperature)
+        if p.calibration == "distilled" and not batchnorm_layers(module):
+            raise ValueError(f"calibration='distilled' distils inputs from BatchNorm statistics, but "
+                             f"{type(module).__name__} has no BatchNorm layer with running statistics; use "
+                             "calibration='data' (probe_data= or the training data)")
+        self.metric, self.seed, self.solver, self.momentum = s.metric, p.seed, q.solver, q.momentum
+        self.probe_data, self.probe_size, self.probe_batch_size = p.probe_data, p.probe_size, p.probe_batch_size
+        self.trace_rel_tol, self.max_samples = s.trace_rel_tol, s.max_samples
+        self.cache_dir, self.report_dir = s.cache_dir, q.report_dir
+        self.loss_fn, self.example_input, self.optimizer_factory = p.loss_fn, p.example_input, f.optimizer
+        self.distill_weight, self.temperature = f.distill_weight, f.temperature
+        self.calibration, self.input_shape, self.distill_options = p.calibration, p.input_shape, p.distill
         self.save_hyperparameters({
-            "bits": self.fixed_bits if isinstance(bits, Mapping) else bits,
-            "budgets": self.budgets, "bit_choices": self.bit_choices, "act_bits": self.act_bits,
-            "ties": [list(g) for g in self.ties], "metric": metric, "probe_size": probe_size,
-            "probe_batch_size": probe_batch_size, "seed": seed, "trace_rel_tol": trace_rel_tol,
-            "max_samples": max_samples, "momentum": momentum, "distill_weight": self.distill_weight,
-            "temperature": self.temperature, "solver": solver,
+            "bits": q.bits, "budgets": self.budgets, "bit_choices": self.bit_choices, "act_bits": self.act_bits,
+            "ties": [list(g) for g in self.ties], "metric": self.metric, "probe_size": self.probe_size,
+            "probe_batch_size": self.probe_batch_size, "seed": self.seed, "trace_rel_tol": self.trace_rel_tol,
+            "max_samples": self.max_samples, "momentum": self.momentum, "distill_weight": self.distill_weight,
+            "temperature": self.temperature, "solver": self.solver,
             "groups": {name: {"rows": g.rows, "columns": g.columns} for name, g in self.weight_groups.items()},
         })
         self.module = module
@@ -204,8 +198,6 @@ class _HAWQ:
         self._quantized_with: tuple | None = None
         self._reported: dict[str, int] | None = None  # the bits the written report shows
         self._teacher: nn.Module | None = None  # the distillation teacher (not a submodule: not trained or saved)
-        self.calibration, self.input_shape, self.distill_options = _check_data_free(
-            module, calibration, input_shape, distill, example_input)
         self._distilled: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------------ checks
@@ -217,19 +209,12 @@ class _HAWQ:
             raise ValueError(f"bits names unknown layers {unknown}; the quantizable layers are {self.layers}")
         return {name: validate_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
 
-    def _check_ties(self, ties: Iterable[Iterable[str]]) -> list[tuple[str, ...]]:
-        if isinstance(ties, str) or not isinstance(ties, Iterable):
-            raise TypeError(f"ties must be groups of layer names, e.g. [('conv1', 'shortcut.0')], got {ties!r}")
-        groups = []
+    def _check_ties(self, ties: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
         for group in ties:
-            if isinstance(group, str) or not isinstance(group, Iterable):
-                raise TypeError(f"ties must be groups of layer names, e.g. [('conv1', 'shortcut.0')], got {group!r}")
-            group = tuple(group)
             unknown = [name for name in group if name not in self.layers]
             if unknown:
                 raise ValueError(f"ties: unknown layer names {unknown}; the quantizable layers are {self.layers}")
-            groups.append(group)
-        return groups
+        return ties
 
     # ---------------------------------------------------------------------------------------- planning
     def measure_sensitivity(self, batches: Any) -> Sensitivity:
@@ -736,23 +721,40 @@ class _HAWQType(type):
 class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
     """Quantize a trained LightningModule to mixed precision chosen from Hessian sensitivity, then fine-tune.
 
+    The settings come in four groups (:mod:`~lightning_hessian.quant.hawq_options`), each checked when it is built:
+    ``probe=ProbeOptions(...)`` (what is measured on: the probe set, the loss), ``sensitivity=SensitivityOptions(...)``
+    (how), ``quantization=QuantizationOptions(...)`` (fixed bits or budgets, activation bits, weight groups) and
+    ``finetune=FineTuneOptions(...)``. Every field is also a flat keyword of the same name (``bits=``, ``metric=``:
+    the ``hawq`` keys of ``conf/quantize.yaml``), documented below with its default; a flat keyword left at ``None``
+    takes its group's value. A setting given both ways must agree, else the error names both.
+
     Args:
         module: the trained float LightningModule, or a checkpoint path loaded with ``module_class``.
         module_class: a LightningModule class (``module_class.load_from_checkpoint(module)``) or any
             callable ``path -> LightningModule`` (e.g. a ``functools.partial`` passing ``net=``).
+        probe: :class:`~lightning_hessian.quant.hawq_options.ProbeOptions`: ``calibration``, ``probe_data``,
+            ``probe_size``, ``probe_batch_size``, ``seed``, ``loss_fn``, ``example_input``, ``input_shape``,
+            ``distill``.
+        sensitivity: :class:`~lightning_hessian.quant.hawq_options.SensitivityOptions`: ``metric``,
+            ``trace_rel_tol``, ``max_samples``, ``cache_dir``. (After planning, the attribute ``sensitivity`` holds
+            the measured :class:`~lightning_hessian.quant.sensitivity.Sensitivity`.)
+        quantization: :class:`~lightning_hessian.quant.hawq_options.QuantizationOptions`: ``bits``, ``budgets``,
+            ``bit_choices``, ``act_bits``, ``ties``, ``solver``, ``groups``, ``momentum``, ``report_dir``.
+        finetune: :class:`~lightning_hessian.quant.hawq_options.FineTuneOptions`: ``optimizer``,
+            ``distill_weight``, ``temperature``.
         bits: a fixed configuration instead of a plan: an int for every layer (uniform 8 or 4, say) or
             ``{layer: bits}`` (layers left out stay in float).
         budgets: plan the bits: ``{"size": ..., "bops": ...}``. A value in ``[0, 1]`` is HAWQ-V3's
             fraction of the way from every layer at ``min(bit_choices)`` to every layer at
             ``max(bit_choices)``; a value above 1 is absolute (weight bits for ``"size"``, per-sample
             bit operations ``MACs * b_w * b_a`` for ``"bops"``).
-        bit_choices: candidate weight bit widths (2..8) for the plan.
-        act_bits: activation bit width (2..8) of every layer's input, or ``"follow"``: a layer's input
+        bit_choices: candidate weight bit widths (2..8) for the plan; default ``(4, 8)``.
+        act_bits: activation bit width (2..8, default 8) of every layer's input, or ``"follow"``: a layer's input
             activations take its weight bits (HAWQ-V3's W4A4/W8A8 mixed precision; residual additions keep
             8 bits), so BOPS cost ``MACs * b * b``.
         ties: groups of layer names that must share a bit width (e.g. a residual block's shortcut conv
-            and the conv it is added to).
-        metric: ``"trace"`` (HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
+            and the conv it is added to); default none.
+        metric: ``"trace"`` (the default; HAWQ-V2/V3: ``Tr(H_i)/n_i * ||dW_i||^2``), ``"eigenvalue"`` (HAWQ-V1: the top
             eigenvalue in place of the average trace), ``"qbert"`` (Q-BERT: ``|mean| + std`` of the top eigenvalue
             over the probe batches in place of the average trace), ``"quadratic"`` (the exact ``dW_i^T H_ii dW_i``, one
             Hessian-vector product per layer and bit width) or, with ``act_bits="follow"``, ``"quadratic+act"``
@@ -763,10 +765,11 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
         probe_data: batches for the sensitivity and calibration (a list of batches or a DataLoader); default
             ``probe_size`` training samples drawn with ``seed``. Under DDP the ranks split either (rank ``r``
             takes batches ``r, r + world_size, ...``) and all-reduce, as one process on all of them.
-        probe_size, probe_batch_size: size of the default probe set and of its batches.
-        seed: seed of the probe draw and of the Hutchinson probes.
-        trace_rel_tol, max_samples: Hutchinson stopping rule (relative standard error of every layer's
-            trace) and its cap on probes.
+        probe_size: size of the default (or distilled) probe set; default 512.
+        probe_batch_size: size of its batches; default 256.
+        seed: seed of the probe draw, of the distillation and of the Hutchinson probes; default 0.
+        trace_rel_tol: Hutchinson stopping rule: the relative standard error of every layer's trace; default 0.05.
+        max_samples: the Hutchinson cap on probes (at least 32); default 200.
         cache_dir: folder of the sensitivity cache (re-planning the same model and probe is then free).
         loss_fn: ``loss_fn(module, batch)`` for the Hessian; default ``module.hessian_loss`` or
             cross-entropy on ``(x, y)`` batches.
@@ -776,13 +779,15 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
         optimizer: factory ``optimizer(params)`` for the fine-tune; default the module's own
             ``configure_optimizers``.
         distill_weight: ``w`` in ``(1 - w) * task_loss + w * T^2 * KL(teacher || student)`` on the logits
-            of the float model (0 disables distillation); the wrapped ``training_step`` must call ``self(...)``.
-        temperature: distillation temperature ``T``.
-        solver: OR-Tools solver of :func:`~lightning_hessian.quant.allocation.allocate_bits`.
+            of the float model (0, the default, disables distillation); the wrapped ``training_step`` must call
+            ``self(...)``.
+        temperature: distillation temperature ``T``; default 1.
+        solver: OR-Tools solver of :func:`~lightning_hessian.quant.allocation.allocate_bits`: ``"cbc"`` (the
+            default), ``"scip"`` or ``"cp-sat"``.
         report_dir: where ``hawq_report.md``/``.png`` go; default ``<trainer.default_root_dir>/hawq``.
-        calibration: where the probe set (sensitivity, activation ranges) comes from: ``"data"`` (``probe_data``
-            or training samples) or ``"distilled"`` (ZeroQ, no data: ``probe_size`` inputs distilled from the
-            module's BatchNorm statistics by :func:`~lightning_hessian.quant.distill.distill_data`, seeded with
+        calibration: where the probe set (sensitivity, activation ranges) comes from: ``"data"`` (the default:
+            ``probe_data`` or training samples) or ``"distilled"`` (ZeroQ, no data: ``probe_size`` inputs distilled
+            from the module's BatchNorm statistics by :func:`~lightning_hessian.quant.distill.distill_data`, seeded with
             ``seed``, in batches ``(x, y)`` of ``probe_batch_size`` with ``y`` the float module's predicted class, so
             the loss and the Hessian metrics apply; ``metric="kl"`` is ZeroQ's own choice). Then ``trainer.test``
             or ``validate`` plans and calibrates with no training data, and :meth:`prepare_data_free` with no
@@ -816,12 +821,25 @@ class HAWQModule(_HAWQ, LightningModule, metaclass=_HAWQType):
     An integer-only export (``to_integer_model``, ``export_onnx``) of a module with BatchNorm needs the BatchNorm
     folded first: ``fold_batchnorm(hawq.module, example_input)`` after fine-tuning (``recipes.quantize`` does it).
 
-    Example::
+    Example: plan 4/8-bit weights within half the size budget (HAWQ-V3's fraction from all 4-bit to all 8-bit)
+    from K-FAC's Gauss-Newton sensitivity (no Hessian-vector product: fast), given as groups or as flat keywords;
+    ``trainer.fit(hawq, ...)`` would then quantize, calibrate and fine-tune, and ``trainer.test(HAWQModule(trained),
+    ..., ckpt_path=...)`` rebuild the quantized network from the checkpoint:
 
-        hawq = HAWQModule(trained, budgets={"size": 0.5}, bit_choices=(4, 8), cache_dir="cache")
-        trainer = Trainer(max_epochs=3)
-        trainer.fit(hawq, datamodule=dm)
-        trainer.test(HAWQModule(trained), datamodule=dm, ckpt_path=trainer.checkpoint_callback.best_model_path)
+    >>> import torch
+    >>> from lightning_hessian.models import MNIST1DCNN, ClassificationModule
+    >>> from lightning_hessian.quant import QuantizationOptions, SensitivityOptions
+    >>> _ = torch.manual_seed(0)
+    >>> trained = ClassificationModule(MNIST1DCNN(channels=4, num_classes=4), num_classes=4)
+    >>> probe = [(torch.randn(64, 40), torch.randint(0, 4, (64,)))]
+    >>> hawq = HAWQModule(trained, quantization=QuantizationOptions(budgets={"size": 0.5}, bit_choices=(4, 8)),
+    ...                   sensitivity=SensitivityOptions(metric="kfac"))
+    >>> bits = hawq.plan(probe)
+    >>> weights = {name: stats.params for name, stats in hawq.stats.items()}
+    >>> sum(weights[name] * b for name, b in bits.items()) <= 6 * sum(weights.values())  # 4 + 0.5 * (8 - 4) bits
+    True
+    >>> HAWQModule(trained, budgets={"size": 0.5}, metric="kfac").plan(probe) == bits
+    True
     """
 
 
@@ -869,45 +887,3 @@ def _load_module(
             raise TypeError(f"module_class returned a {type(loaded).__name__}, not a LightningModule")
         return loaded
     raise TypeError(f"module must be a LightningModule or a checkpoint path, got {type(module).__name__}")
-
-
-def _check_data_free(module: nn.Module, calibration: str, input_shape: Sequence[int] | None,
-                     distill: Mapping[str, Any] | None, example_input: Any
-                     ) -> tuple[str, tuple[int, ...] | None, dict[str, Any]]:
-    """``calibration``, ``input_shape`` and the ``distill`` options, checked before any work."""
-    check_choice(calibration, "calibration", CALIBRATIONS)
-    options = dict(distill or {})
-    reserved = sorted({"model", "input_shape", "num_samples", "seed", "device"} & set(options))
-    if reserved:
-        raise ValueError(f"distill: {reserved} are set by HAWQModule (probe_size, seed, input_shape and the run's "
-                         "device); leave them out")
-    unknown = sorted(set(options) - set(inspect.signature(distill_data).parameters))
-    if unknown:
-        raise ValueError(f"distill: unknown options {unknown}; distill_data takes batch_size, max_steps, lr, tol, "
-                         "patience, input_prior, progress")
-    if calibration != "distilled":
-        return calibration, None if input_shape is None else tuple(input_shape), options
-    if not batchnorm_layers(module):
-        raise ValueError(f"calibration='distilled' distils inputs from BatchNorm statistics, but "
-                         f"{type(module).__name__} has no BatchNorm layer with running statistics; use "
-                         "calibration='data' (probe_data= or the training data)")
-    if input_shape is None:
-        if not isinstance(example_input, torch.Tensor):
-            raise ValueError("calibration='distilled' needs the shape of one input sample: pass input_shape=, e.g. "
-                             "(3, 32, 32), or a tensor example_input=")
-        input_shape = example_input.shape[1:]
-    return calibration, tuple(int(s) for s in input_shape), options
-
-
-def _check_budgets(budgets: Mapping[str, float]) -> dict[str, float]:
-    if not isinstance(budgets, Mapping) or not budgets:
-        raise ValueError(f"budgets must be a non-empty mapping such as {{'size': 0.5}}, got {budgets!r}")
-    out = {}
-    for resource, value in budgets.items():
-        if resource not in RESOURCES:
-            raise ValueError(f"budgets: unknown resource {resource!r}; use {RESOURCES}")
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"budgets[{resource!r}] must be a finite number >= 0 (a fraction in [0, 1] or an "
-                             f"absolute budget), got {value!r}")
-        out[resource] = float(value)
-    return out

@@ -416,7 +416,20 @@ class DequantizeStep(_Step):
 
 class IntegerModel(nn.Module):
     """The deployed model as a program: ``steps[i]`` reads the values ``wiring[i]`` (0 is the float input)
-    and writes value ``i + 1``; value ``output`` is the float32 output."""
+    and writes value ``i + 1``; value ``output`` is the float32 output.
+
+    >>> from lightning_hessian.models import MNIST1DMLP
+    >>> from lightning_hessian.quant import calibrate, quantize_model
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(64, 40)
+    >>> qmodel, _ = quantize_model(MNIST1DMLP(hidden=16), 8)
+    >>> integer = to_integer_model(calibrate(qmodel, [x]), x)
+    >>> [type(step).__name__ for step in integer.steps], integer.float_islands
+    (['QuantizeStep', 'LinearStep', 'LinearStep', 'LinearStep'], [])
+    >>> with torch.no_grad():  # the fine-tuned network's top-1, from integer arithmetic
+    ...     torch.equal(integer(x).argmax(1), qmodel.eval()(x).argmax(1))
+    True
+    """
 
     def __init__(self, steps: list[_Step], wiring: list[tuple[int, ...]], output: int):
         super().__init__()

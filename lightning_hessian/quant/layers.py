@@ -38,7 +38,12 @@ class QuantAct(ActivationQuantizer):
     """Activation quantizer module: model inputs, and the input of every quantized layer, addition and pool.
 
     Fake-quantizes in training and eval; deployed, it is the requantization fused into the kernel that
-    produces its input (or the ``QuantizeLinear`` of the model input).
+    produces its input (or the ``QuantizeLinear`` of the model input). A negative value makes the code signed:
+
+    >>> q = QuantAct(bits=4)
+    >>> _ = q(torch.tensor([-1.4, 0.7]))  # scale max(|min|, |max|) / 7 = 0.2
+    >>> q.qrange(), q.eval()(torch.tensor([0.33, -2.0]))
+    ((-8, 7), tensor([ 0.4000, -1.6000]))
     """
 
 
@@ -135,7 +140,15 @@ class _QuantConv(_QuantLayer):
 
 class QuantConv1d(_QuantConv, nn.Conv1d):
     """``nn.Conv1d`` with fake-quantized weights (per channel, or ``weight_groups`` of rows), an int32 bias and a
-    quantized input."""
+    quantized input.
+
+    >>> q = QuantConv1d.from_float(nn.Conv1d(2, 4, 3), weight_bits=4, groups=WeightGroups(rows=2))
+    >>> q.weight_scales().shape  # one scale per block of two output channels
+    torch.Size([2, 1])
+    >>> codes, scales = q.weight_codes()  # each row takes its block's scale
+    >>> torch.equal(scales, q.weight_scales()[:, 0].repeat_interleave(2)), int(codes.abs().max())
+    (True, 7)
+    """
 
     def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None,
                  weight_groups: WeightGroups | None = None, **kwargs):
@@ -145,7 +158,16 @@ class QuantConv1d(_QuantConv, nn.Conv1d):
 
 class QuantConv2d(_QuantConv, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weights (per channel, or ``weight_groups`` of rows), an int32 bias and a
-    quantized input."""
+    quantized input.
+
+    >>> conv = nn.Conv2d(3, 4, 3, padding=1)
+    >>> q = QuantConv2d.from_float(conv, weight_bits=8)
+    >>> x = torch.randn(2, 3, 5, 5)
+    >>> _ = q(x)  # training mode: the first batch sets the input range
+    >>> with torch.no_grad():  # at 8 bits the output stays close to the float layer's
+    ...     bool((q.eval()(x) - conv(x)).abs().max() < 0.05)
+    True
+    """
 
     def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None,
                  weight_groups: WeightGroups | None = None, **kwargs):
@@ -155,7 +177,18 @@ class QuantConv2d(_QuantConv, nn.Conv2d):
 
 class QuantLinear(_QuantLayer, nn.Linear):
     """``nn.Linear`` with fake-quantized weights (per channel or in ``weight_groups``), an int32 bias and a quantized
-    input."""
+    input.
+
+    >>> linear = nn.Linear(8, 3)
+    >>> q = QuantLinear.from_float(linear, weight_bits=4)
+    >>> q.weight is linear.weight  # it fine-tunes the float parameters
+    True
+    >>> codes, scale = q.weight_codes()
+    >>> codes.abs().amax(dim=1).tolist()  # each row's largest weight takes the largest 4-bit code
+    [7, 7, 7]
+    >>> torch.allclose(q.quantized_weight()[0], codes * scale[:, None])
+    True
+    """
 
     def __init__(self, *args, weight_bits: int = 8, act_bits: int = 8, momentum: float | None = None,
                  weight_groups: WeightGroups | None = None, **kwargs):
@@ -179,7 +212,15 @@ class QuantLinear(_QuantLayer, nn.Linear):
 class QuantEmbedding(_QuantWeights, nn.Embedding):
     """``nn.Embedding`` with fake-quantized weights: per token row (per channel), or in ``weight_groups`` of rows and
     feature columns. Its input is indices, so it has no activation quantizer; deployed, it gathers int8 codes and
-    multiplies them by their scales (a float output that the next quantizer rounds)."""
+    multiplies them by their scales (a float output that the next quantizer rounds).
+
+    >>> embedding = QuantEmbedding(10, 8, weight_bits=4, weight_groups=WeightGroups(columns=4))
+    >>> codes, scales = embedding.weight_codes()
+    >>> scales.shape  # one scale per token and group of 4 features
+    torch.Size([10, 2])
+    >>> torch.allclose(embedding(torch.tensor([1, 2])), (codes * scales.repeat_interleave(4, dim=1))[[1, 2]])
+    True
+    """
 
     def __init__(self, *args, weight_bits: int = 8, weight_groups: WeightGroups | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -206,6 +247,13 @@ class QuantResidualAdd(nn.Module):
 
     Deployed as one ``QLinearAdd`` per distinct reader quantizer: the two codes are rescaled and summed in
     float32 straight onto the reader's grid, one rounding, as the reader's ``fake_quantize`` of the sum does.
+
+    >>> add = QuantResidualAdd(bits=8)
+    >>> a, b = torch.tensor([0.5, -1.0, 0.3]), torch.tensor([0.25, 2.0, -0.1])
+    >>> _ = add(a, b)  # training: each input's range is tracked
+    >>> error = (add.eval()(a, b) - (a + b)).abs()  # each input rounded once: within half a step of each grid
+    >>> bool((error <= (add.act_a.scale() + add.act_b.scale()) / 2).all())
+    True
     """
 
     def __init__(self, bits: int = 8, momentum: float | None = None):
@@ -234,6 +282,11 @@ class QuantAdaptiveAvgPool(nn.Module):
     """Adaptive average pool of a quantized input (``act``); its mean is left for its readers to round.
 
     Deployed as an integer window sum whose ``1/window`` rides in the reader's requantization (one rounding).
+
+    >>> pool = QuantAdaptiveAvgPool.from_float(nn.AdaptiveAvgPool2d(1), bits=8)
+    >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)  # range [0, 15]: the integers are on the 8-bit grid 15 / 255
+    >>> pool(x)
+    tensor([[[[7.5000]]]])
     """
 
     def __init__(self, output_size: int | tuple[int | None, ...], dims: int, bits: int = 8,

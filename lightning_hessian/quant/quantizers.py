@@ -134,7 +134,15 @@ class WeightGroups:
     int4 practice) are finer than per-channel scales and need a 2-D weight (``Linear``, ``Embedding``: an embedding's
     rows are its tokens, its columns the features); groups of rows (Q-BERT's) are coarser and apply to any weight.
     Each block's scale is ``max|w_block| / (2^(b-1) - 1)``, so one block per row is per-channel and one block is
-    per-tensor, bit for bit.
+    per-tensor, bit for bit:
+
+    >>> weight = torch.randn(6, 8)
+    >>> torch.equal(quantize_weight(weight, 4, groups=WeightGroups(rows=1, columns=8)), quantize_weight(weight, 4))
+    True
+    >>> WeightGroups(columns=4).blocks((6, 8)), WeightGroups.parse("tensor").blocks((6, 8))  # one block's rows, columns
+    ((1, 4), (6, 8))
+    >>> str(WeightGroups.parse({"columns": 4}))
+    'groups of 4 columns'
     """
 
     rows: int | None = 1
@@ -259,6 +267,13 @@ class ActivationQuantizer(nn.Module):
 
     Before the first training batch the range is unknown and ``forward`` passes its input through
     unchanged (e.g. during Lightning's sanity check); integer conversion refuses that state.
+
+    >>> q = ActivationQuantizer(bits=8)
+    >>> _ = q(torch.tensor([0.0, 1.0, 2.55]))  # training: the range [0, 2.55] is tracked, so the code is unsigned
+    >>> q.is_signed, q.qrange(), q.scale()
+    (False, (0, 255), tensor(0.0100))
+    >>> q.eval()(torch.tensor([0.123, 9.0]))  # frozen in eval: rounded to the grid, clamped to the range
+    tensor([0.1200, 2.5500])
     """
 
     def __init__(self, bits: int = 8, signed: bool | None = None, momentum: float | None = None):

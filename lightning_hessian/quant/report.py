@@ -25,6 +25,11 @@ class LayerRow:
     ``size_bits`` counts weights at ``bits`` and the bias at 32 bits; BOPS are per sample
     (``MACs * b_w * b_a``, 32 x 32 for float). ``avg_trace``/``top_eigenvalue``/``omega`` are ``None``
     when no sensitivity was measured.
+
+    >>> stats = {"fc": LayerStats("Linear", params=64, bias=2, macs=64)}
+    >>> row = bit_report(stats, {"fc": 4}).rows[0]  # activations at the weights' 4 bits
+    >>> row.size_bits, row.float_size_bits, row.bops, row.float_bops
+    (320.0, 2112.0, 1024.0, 65536.0)
     """
 
     name: str
@@ -78,7 +83,15 @@ def frontier_of(points: Sequence[ParetoPoint], resource: str, costs: Mapping[str
 
 @dataclass(frozen=True)
 class BitReport:
-    """Per-layer rows and their totals; ``to_markdown()``, ``plot(path)`` and ``save(folder)``."""
+    """Per-layer rows and their totals; ``to_markdown()``, ``plot(path)`` and ``save(folder)``.
+
+    >>> stats = {"conv": LayerStats("Conv1d", params=12, bias=4, macs=96), "fc": LayerStats("Linear", 64, 2, 64)}
+    >>> report = bit_report(stats, {"conv": 8, "fc": 4}, activation_bits=8)
+    >>> report.size_bits, report.float_size_bits  # 12 x 8 + 64 x 4 weight bits, 6 biases at 32 bits
+    (544.0, 2624.0)
+    >>> report.bops  # per sample: 96 MACs x 8 x 8 + 64 MACs x 4 x 8
+    8192.0
+    """
 
     rows: tuple[LayerRow, ...]
     activation_bits: int | None

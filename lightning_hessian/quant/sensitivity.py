@@ -124,6 +124,20 @@ class Sensitivity:
     float outputs (each empty unless requested). A metric that was not measured
     leaves its tables empty. ``num_hvps`` counts the Hessian-vector products this call made (0 when
     ``cached``).
+
+    >>> from lightning_hessian.hessian import dense_hessian
+    >>> from lightning_hessian.quant.quantizers import quantize_weight
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(3, 2)).double()
+    >>> batch = (torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,)))
+    >>> loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    >>> s = layer_sensitivity(model, loss, [batch], bit_choices=(2, 8), metrics=("quadratic",))
+    >>> s.metrics, s.params
+    (('quadratic',), {'0': 6})
+    >>> H = dense_hessian(model, loss, batch)[:6, :6]  # the weight's block (the bias follows it)
+    >>> dW = (quantize_weight(model[0].weight, 2) - model[0].weight).detach().flatten()
+    >>> abs(s.omega("quadratic")["0"][2] - float(dW @ H @ dW)) < 1e-12
+    True
     """
 
     params: dict[str, int]

@@ -142,6 +142,14 @@ class QuantizationReport:
 
     ``act_bits`` is the argument (an int or ``"follow"``); ``layer_act_bits`` the input activation bits
     each quantized layer got (embeddings, which read indices, have none: ``embeddings``).
+
+    >>> from lightning_hessian.models import MNIST1DCNN
+    >>> bits = {"features.0": 8, "features.2": 4, "features.4": 4, "classifier": 8}
+    >>> qmodel, report = quantize_model(MNIST1DCNN(channels=4), bits, act_bits="follow")
+    >>> report.layer_act_bits == bits, report.float_layers, report.float_ops
+    (True, {}, {})
+    >>> type(qmodel.features[2]).__name__, qmodel.features[2].weight_bits, qmodel.features[2].act.bits
+    ('QuantConv1d', 4, 4)
     """
 
     weight_bits: dict[str, int]

@@ -66,6 +66,14 @@ def test_hawq_module_arguments_are_read_from_its_init():
     assert cli.model.probe_size == 64
 
 
+def test_hawq_module_option_groups_are_read_from_the_command_line():
+    cli = LightningCLI(HAWQModule, run=False, args=[
+        "--model.module=tests.foreign.cli_models.LitClassifier", "--model.quantization.budgets={'size': 0.5}",
+        "--model.quantization.bit_choices=[2, 4, 8]", "--model.sensitivity.metric=qbert", "--model.probe_size=64"])
+    assert (cli.model.budgets, cli.model.bit_choices, cli.model.metric) == ({"size": 0.5}, [2, 4, 8], "qbert")
+    assert cli.model.probe_size == 64 and cli.model.max_samples == 200  # the flat key beside the groups; a default
+
+
 @pytest.mark.slow
 def test_autoencoder_with_its_reconstruction_loss(tmp_path):
     loss = "tests.foreign.cli_models.reconstruction_loss"
