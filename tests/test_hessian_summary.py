@@ -167,12 +167,24 @@ class TinyTextClassifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-@pytest.mark.parametrize("chunk_bytes, batches", [(1, [8] * 8), (2**26, [64])])
-def test_a_transformer_probe_is_chunked_like_training_and_measures_the_whole_probe_set(chunk_bytes, batches,
+@pytest.mark.parametrize("chunk_bytes, batches, cached", [(1, [8] * 8, (2, 4)), (2**26, [64], (1, 1))])
+def test_a_transformer_probe_is_chunked_like_training_and_measures_the_whole_probe_set(chunk_bytes, batches, cached,
                                                                                        monkeypatch):
     """Probe batches are training-sized when a graph is large (here: any graph over 1 byte), else as large as
-    the graph allows (this tiny model: the whole 64-sample probe set in one)."""
-    monkeypatch.setattr("lightning_hessian.callbacks.hessian_probe.CHUNK_BYTES", chunk_bytes)
+    the graph allows (this tiny model: the whole 64-sample probe set in one); the probe caches the graphs of
+    CACHE_STEPS (4) training batches at most, rebuilding the others at each product, so its memory stays a small
+    multiple of a training step's, and its value is the whole probe set's all the same."""
+    from lightning_hessian.callbacks import hessian_probe
+
+    monkeypatch.setattr(hessian_probe, "CHUNK_BYTES", chunk_bytes)
+    operators = []
+    measure = hessian_probe.measure_spectrum
+
+    def spy(op, *args, **kwargs):
+        operators.append(op)
+        return measure(op, *args, **kwargs)
+
+    monkeypatch.setattr(hessian_probe, "measure_spectrum", spy)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 16, (96, 10), generator=g)
     mask = (torch.arange(10)[None] < torch.randint(5, 11, (96, 1), generator=g)).long()
@@ -186,6 +198,8 @@ def test_a_transformer_probe_is_chunked_like_training_and_measures_the_whole_pro
     trainer.fit(module, DataLoader(samples, batch_size=8))
     assert [len(b["labels"]) for b in cb._probe.batches] == batches
     assert cb._probe.timing["bytes"] > 0
+    op = operators[0]  # the bound is sized from the bytes per sample of the timed batch: 3 or 4 of these batches
+    assert cached[0] <= len(op._graphs) <= cached[1] and op.cached_bytes <= cb._probe.cache_bytes()
     whole = {key: torch.cat([b[key] for b in cb._probe.batches]) for key in samples[0]}
     with leave_no_trace(module):
         op = HessianOperator(module, lambda m, b: m.hessian_loss(b), whole)

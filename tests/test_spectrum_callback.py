@@ -425,6 +425,18 @@ def test_bare_tensor_batches_are_probed_and_match_the_dense_hessian():
     assert abs(cb.history[0]["eigenvalues"][0] - top) <= 1e-3 * abs(top)
 
 
+def test_bare_tensor_batches_are_timed_and_probed_under_the_budget(recwarn):
+    """The budget's timed product reads a bare-tensor batch as one batch (it used to take it for an ``[x, y]`` pair,
+    fail, and skip every probe with a warning)."""
+    cb = HessianSpectrumCallback(max_overhead=100.0, trace=False)  # a budget that pays for every probe
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(InputOnlyModule(batch_norm=False), DataLoader(tiny_dataset().tensors[0], batch_size=16))
+    assert not [w for w in recwarn if "failed" in str(w.message)]
+    assert len(cb.history) == 2 and cb._probe.timing["samples"] == 32
+
+
 def test_every_n_steps_writes_each_probe_to_the_logger_at_its_step(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 

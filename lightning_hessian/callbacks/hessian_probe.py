@@ -20,7 +20,7 @@ from lightning_hessian.callbacks import budget
 from lightning_hessian.checks import check_positive_int
 from lightning_hessian.hessian import Batches, HessianOperator
 from lightning_hessian.hessian.blocks import block_slices
-from lightning_hessian.hessian.operator import LossFn, sample_count
+from lightning_hessian.hessian.operator import DEFAULT_CACHE_BYTES, LossFn, sample_count
 from lightning_hessian.hessian.summary import SpectrumOptions, SpectrumRecord, measure_spectrum
 from lightning_hessian.no_trace import leave_no_trace
 from lightning_hessian.probe_set import (
@@ -38,20 +38,22 @@ TIMING_SAMPLES = 32  # samples one product is timed on, to size a probe before t
 SMALL_TIMING_SAMPLES = 8  # and a second, smaller timing: a product's fixed cost apart from its cost per sample
 MIN_SLOPE = 0.1  # the cost per sample is taken as at least this share of the larger timing's average (noise)
 CHUNK_BYTES = 2**26  # a probe batch's graph may hold this much (one training batch's, if that is more)
+CACHE_STEPS = 4  # a measurement caches the graphs of this many training batches (or CHUNK_BYTES, if more)
 WARM_PRODUCTS = 6  # products of a warm-started top-1 measurement with its graph (ABS's at eig_tol 5%: 3-6)
 
 
 class HessianProbe:
     """The Hessian of the loss on a fixed set of training samples, measured on demand.
 
-    The probe set is ``probe_size`` samples drawn once with ``seed`` (default: 1,024, or the whole training set
-    if smaller; ``size=`` of ``build`` may choose fewer, a prefix of the same draw), collated in batches of
-    ``probe_batch_size`` (default: the training loader's, so a product holds about one training step's graph
-    per batch, or a multiple of it while a batch's graph stays within 64 MiB), or the given ``probe_data``
-    batches. With ``max_overhead`` (and neither ``probe_size`` nor ``probe_data``) the size is chosen at the first
-    measurement instead: the largest power of two from ``min_size`` to 1,024 whose measurement, predicted from one
-    timed product, costs that share of the training time so far. Under DDP each rank takes its share and the
-    products are all-reduced. The loss is checked before training (``check_loss``), and errors name ``owner``.
+    The probe set is ``probe_size`` samples drawn once with ``seed`` (default: 1,024, or the whole training set if
+    smaller; ``size=`` of ``build`` may choose fewer, a prefix of the same draw), collated in batches of
+    ``probe_batch_size`` (default: the training loader's, so a product holds about one training step's graph per
+    batch, or a multiple of it while a batch's graph stays within 64 MiB), or the given ``probe_data`` batches; a
+    measurement caches the graphs of ``CACHE_STEPS`` training batches (``cache_bytes``). With ``max_overhead`` (and
+    neither ``probe_size`` nor ``probe_data``) the size is chosen at the first measurement instead: the largest
+    power of two from ``min_size`` to 1,024 whose measurement, predicted from one timed product, costs that share of
+    the training time so far. Under DDP each rank takes its share and the products are all-reduced. The loss is
+    checked before training (``check_loss``), and errors name ``owner``.
     """
 
     def __init__(
@@ -207,7 +209,7 @@ class HessianProbe:
     def _time_on(self, pl_module: pl.LightningModule, batch: Any) -> tuple[float, float, int]:
         """(graph seconds, product seconds, bytes the graph holds) of one product on ``batch`` (``None``: this rank
         holds none but takes part)."""
-        op = HessianOperator(pl_module, self._loss, [] if batch is None else [batch], params=self.params,
+        op = HessianOperator(pl_module, self._loss, Batches([] if batch is None else [batch]), params=self.params,
                              cache_bytes=None)
         v = torch.zeros(op.dim, dtype=op.dtype, device=op.device)
         v[0] = 1
@@ -219,15 +221,30 @@ class HessianProbe:
         return max(built - start - product, 0.0), product, op.cached_bytes
 
     def predict(self, local_samples: float, products: float, timing: dict[str, float] | None = None) -> float:
-        """Seconds of a measurement of ``products`` products (and one graph per probe batch) on ``local_samples`` of
-        this rank's probe samples, from ``timing`` (default: this rank's ``time_product``)."""
+        """Seconds of a measurement of ``products`` products on ``local_samples`` of this rank's probe samples, from
+        ``timing`` (default: this rank's ``time_product``): each probe batch's graph is built once, and again at
+        every later product for the batches past ``cache_bytes()``."""
         t = timing if timing is not None else self.timing
         if self.batches is not None:
             batches = max(len(self.batches), 1)
         else:
             batches = max(math.ceil(local_samples / self.chunk_size()), 1)
-        return (batches * (t["graph_fixed"] + products * t["product_fixed"])
-                + local_samples * (t["graph_per_sample"] + products * t["product_per_sample"]))
+        per_batch = local_samples / batches
+        graph = t["graph_fixed"] + per_batch * t["graph_per_sample"]
+        product = t["product_fixed"] + per_batch * t["product_per_sample"]
+        batch_bytes = per_batch * t["bytes"] / max(t["samples"], 1)
+        cached = min(batches, int(self.cache_bytes(t) // batch_bytes)) if batch_bytes > 0 else batches
+        return batches * graph + products * batches * product + max(products - 1, 0) * (batches - cached) * graph
+
+    def cache_bytes(self, timing: dict[str, float] | None = None) -> int | None:
+        """What a measurement's cached graphs may hold: ``CACHE_STEPS`` training batches' graphs, or ``CHUNK_BYTES``
+        if more (a small model's whole probe set), so a probe's memory stays a small multiple of a training
+        step's; ``None`` (the operator's default) before a product is timed."""
+        t = timing if timing is not None else self.timing
+        if t is None or not t["samples"]:
+            return None
+        step = (self._source[2] if self._source is not None and self._source[2] else t["samples"])
+        return max(CHUNK_BYTES, int(CACHE_STEPS * step * t["bytes"] / t["samples"]))
 
     def affordable_size(self, seconds: float, products: float, world: int, min_size: int,
                         timing: dict[str, float] | None = None) -> int:
@@ -269,12 +286,17 @@ class HessianProbe:
             self._loss = resolve_loss_fn(pl_module, self.loss_fn, self.owner)
             with leave_no_trace(pl_module, self.mode):
                 check_loss(self._loss, pl_module, self.batches, self.owner)
+        if self.timing is None:  # what the graph cache may hold is sized from one timed product (once)
+            if self._timing is None and self.batches:
+                self._timing = self.batches[0]
+            self.time_product(pl_module)
         options = self.options if extras else replace(self.options, trace=False, per_layer=False, density=False)
         if trace_max_samples is not None and options.trace:
             cap = max(min(trace_max_samples, options.trace_max_samples), options.trace_min_samples, 2)
             options = replace(options, trace_max_samples=cap)
         with leave_no_trace(pl_module, self.mode):
-            op = HessianOperator(pl_module, self._loss, self.batches, params=self.params)
+            op = HessianOperator(pl_module, self._loss, self.batches, params=self.params,
+                                 cache_bytes=self.cache_bytes() or DEFAULT_CACHE_BYTES)
             record = measure_spectrum(op, options, warm_start=self.warm_start, draw=self.draws)
         self.warm_start = record.eigen.eigenvectors.detach()
         self.draws += 1

@@ -60,8 +60,9 @@ class HessianSpectrumCallback(Callback):
     subset of the same draw), or the given ``probe_data`` batches (raw loader batches, which get the precision
     conversion and batch hooks as training batches do; ``compute()`` called on its own takes them as they are),
     collated in batches of ``probe_batch_size`` (default: the training loader's batch size, or a multiple while a
-    batch's graph stays within 64 MiB, so a product holds about one training step's graph per batch at most, and
-    cached graphs stay within the operator's ``cache_bytes``).
+    batch's graph stays within 64 MiB, so a product holds about one training step's graph per batch at most);
+    a probe keeps the graphs of at most 4 training batches (or 64 MiB, if more) between its products and rebuilds
+    the rest, so its memory stays a small multiple of a training step's.
     Under DDP each rank takes its share of the probe set and the Hessian-vector products are all-reduced, so
     the values equal a single process's on the whole probe set (in eval mode; with ``mode="train"`` BatchNorm
     normalises each rank's probe batches by their own statistics, as DDP training does without
