@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 
 
 def save_rank(results: Any, folder: str | Path, rank: int) -> None:
@@ -18,6 +19,14 @@ def save_rank(results: Any, folder: str | Path, rank: int) -> None:
 def load_ranks(folder: str | Path, world: int) -> list[Any]:
     """Every rank's saved results, in rank order."""
     return [torch.load(Path(folder) / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+def close_process_group() -> None:
+    """End a worker's process group once every rank is done. The barrier lets gloo's threads finish releasing the
+    last collectives' tensors first: destroying the group while one of them waits for the GIL (a DDP reducer
+    dropping the group's last reference on the main thread, which holds it) deadlocks the rank at exit."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class SaveRankResults(pl.Callback):

@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 
 from lightning_hessian.hessian import KFACOperator
 from lightning_hessian.optim import KFACCallback, KFACPreconditioner
-from tests.ddp.rank_results import SaveRankResults, load_ranks, save_rank
+from tests.ddp.rank_results import SaveRankResults, close_process_group, load_ranks, save_rank
 
 pytestmark = pytest.mark.ddp
 
@@ -98,8 +98,11 @@ def _preconditioner_worker(rank: int, out: str) -> None:
             precond.step(opt)
             opt.step()
         save_rank(model.state_dict(), out, rank)
-    finally:
+        del ddp, precond  # the reducer goes while the group is still registered
+        close_process_group()
+    except BaseException:
         dist.destroy_process_group()
+        raise
 
 
 def _single_process_reference() -> dict[str, torch.Tensor]:
