@@ -8,42 +8,10 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian.batch_schedules import Adaptive, Baseline, FixedLargeBatch, GradualGrowth, batch_schedule
 from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
-
-
-class Data(pl.LightningDataModule):
-    def __init__(self, batch_size: int):
-        super().__init__()
-        self.batch_size = batch_size
-        x = torch.randn(128, 5, generator=torch.Generator().manual_seed(0))
-        self.data = TensorDataset(x, (x.sum(1) > 0).long())
-
-    def train_dataloader(self):
-        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
-
-
-class Module(pl.LightningModule):
-    def __init__(self, scheduler=None):
-        super().__init__()
-        self.net, self.scheduler = nn.Linear(5, 2), scheduler
-        self.seen = []  # (epoch, rows, lr) of each training step
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        self.seen.append((self.current_epoch, len(y), self.trainer.optimizers[0].param_groups[0]["lr"]))
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=0.1)
-        return opt if self.scheduler is None else {"optimizer": opt, "lr_scheduler": self.scheduler(opt)}
+from tests.helpers.schedules import Data, Module
 
 
 def _step_lr(opt):
@@ -98,7 +66,7 @@ def test_each_schedule_trains_as_recorded(name):
     """Every schedule's batch sizes, LRs (warmups included), probed eigenvalues and ABSA shares on a real fit."""
     kwargs, scheduler, epochs, history, steps = RECORDED[name]
     pl.seed_everything(0)
-    module, callback = Module(scheduler), AdaptiveBatchSizeCallback(plot=False, **kwargs)
+    module, callback = Module(scheduler=scheduler), AdaptiveBatchSizeCallback(plot=False, **kwargs)
     pl.Trainer(max_epochs=epochs, callbacks=[callback], logger=False, enable_progress_bar=False,
                enable_model_summary=False, enable_checkpointing=False).fit(module, datamodule=Data(8))
     got = [(h["batch_size"], h["lr"], h["eigenvalue"], h["adversarial_fraction"]) for h in callback.history]
