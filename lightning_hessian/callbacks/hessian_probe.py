@@ -147,9 +147,10 @@ class HessianProbe:
         timing = self.time_product(pl_module)
         # priced at the timing batch's average cost per sample, which overstates a small model's product on a larger
         # set: ABS's probes grow dearer as its growing batches make epochs cheaper, and its figures use this rule
-        samples = max(timing["samples"], 1)
-        average = dict(timing, graph_fixed=0.0, product_fixed=0.0, graph_per_sample=timing["graph"] / samples,
-                       product_per_sample=timing["product"] / samples)
+        average = dict(timing)
+        for key in ("graph", "product"):
+            fixed, per_sample = _fixed_and_per_sample(timing[key], timing["samples"])
+            average.update({f"{key}_fixed": fixed, f"{key}_per_sample": per_sample})
         allowance = self.max_overhead * (budget.now() - self._started)
         size = self.affordable_size(allowance, WARM_PRODUCTS, trainer.world_size, self.min_size, average)
         self.build(trainer, trainer.strategy.broadcast(size, src=0))
@@ -201,8 +202,8 @@ class HessianProbe:
             n_small = 0 if self._small is None else sample_count(self._small)
             self.timing = {"graph": graph, "product": product, "seconds": budget.now() - start, "samples": n,
                            "bytes": size}
-            for key, big, little in (("graph", graph, small and small[0]), ("product", product, small and small[1])):
-                fixed, per_sample = _fixed_and_per_sample(big, n, little, n_small)
+            for i, (key, big) in enumerate((("graph", graph), ("product", product))):
+                fixed, per_sample = _fixed_and_per_sample(big, n, None if small is None else small[i], n_small)
                 self.timing.update({f"{key}_fixed": fixed, f"{key}_per_sample": per_sample})
         return self.timing
 
@@ -236,13 +237,13 @@ class HessianProbe:
         cached = min(batches, int(self.cache_bytes(t) // batch_bytes)) if batch_bytes > 0 else batches
         return batches * graph + products * batches * product + max(products - 1, 0) * (batches - cached) * graph
 
-    def cache_bytes(self, timing: dict[str, float] | None = None) -> int | None:
+    def cache_bytes(self, timing: dict[str, float] | None = None) -> int:
         """What a measurement's cached graphs may hold: ``CACHE_STEPS`` training batches' graphs, or ``CHUNK_BYTES``
         if more (a small model's whole probe set), so a probe's memory stays a small multiple of a training
-        step's; ``None`` (the operator's default) before a product is timed."""
+        step's; the operator's default where no graph was timed (a rank without probe samples)."""
         t = timing if timing is not None else self.timing
         if t is None or not t["samples"]:
-            return None
+            return DEFAULT_CACHE_BYTES
         step = (self._source[2] if self._source is not None and self._source[2] else t["samples"])
         return max(CHUNK_BYTES, int(CACHE_STEPS * step * t["bytes"] / t["samples"]))
 
@@ -296,7 +297,7 @@ class HessianProbe:
             options = replace(options, trace_max_samples=cap)
         with leave_no_trace(pl_module, self.mode):
             op = HessianOperator(pl_module, self._loss, self.batches, params=self.params,
-                                 cache_bytes=self.cache_bytes() or DEFAULT_CACHE_BYTES)
+                                 cache_bytes=self.cache_bytes())
             record = measure_spectrum(op, options, warm_start=self.warm_start, draw=self.draws)
         self.warm_start = record.eigen.eigenvectors.detach()
         self.draws += 1
@@ -315,7 +316,7 @@ class HessianProbe:
         self.size = state.get("size")
 
 
-def _fixed_and_per_sample(big: float, n: int, small: float | None, n_small: int) -> tuple[float, float]:
+def _fixed_and_per_sample(big: float, n: int, small: float | None = None, n_small: int = 0) -> tuple[float, float]:
     """A product's cost as ``fixed + per_sample * samples`` from its seconds on ``n`` and on ``n_small`` samples;
     the per-sample part stays at least ``MIN_SLOPE`` of the average on ``n`` (timing noise must not make a large
     probe set look free). One timing only: all of it per sample."""

@@ -382,7 +382,6 @@ class KrylovSolver:
         Y = S.T.to(self.V) @ self.V[:n]
         P = self.V[n:m].clone()
         C = self.T[n:m, :n] @ S
-        self.V.zero_()
         self.V[:keep] = Y
         self.V[keep : keep + pending] = P
         self.T.zero_()

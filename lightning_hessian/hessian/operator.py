@@ -522,12 +522,12 @@ class HessianOperator(ParameterVectors):
         leaves, grads = self._first_order(index, batch)
         cached = index in self._graphs
         pairs = [(g, i) for i, g in enumerate(grads) if g is not None]
-        out = torch.zeros_like(V) if V.shape[0] > 1 or not pairs else None
         if not pairs:  # the loss is at most linear in every selected parameter
-            return out
+            return torch.zeros_like(V)
         outputs = [g for g, _ in pairs]
         k = V.shape[0]
         if form == "reverse-batched" and k > 1:
+            out = torch.empty_like(V)
             for start in range(0, k, self.chunk_size):
                 rows = V[start : start + self.chunk_size]
                 parts = self.unflatten(rows)
@@ -540,16 +540,15 @@ class HessianOperator(ParameterVectors):
                 hv = [h.expand(rows.shape[0], *h.shape) if h.dim() == leaf.dim() else h for h, leaf in zip(hv, leaves)]
                 out[start : start + rows.shape[0]] = torch.cat([h.reshape(rows.shape[0], -1) for h in hv], 1)
             return out
+        rows = []
         for r in range(k):
             parts = self.unflatten(V[r])
             hv = torch.autograd.grad(
                 outputs, leaves, grad_outputs=[parts[i] for _, i in pairs], retain_graph=cached or r < k - 1,
                 allow_unused=True, materialize_grads=True,
             )
-            if k == 1:  # no copy into ``out``
-                return torch.cat([h.reshape(-1) for h in hv])[None]
-            out[r] = torch.cat([h.reshape(-1) for h in hv])
-        return out
+            rows.append(torch.cat([h.reshape(-1) for h in hv]))
+        return torch.stack(rows)
 
     def _hvp_forward(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         primals = tuple(p.detach() for p in self.params)
