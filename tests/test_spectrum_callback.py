@@ -167,6 +167,41 @@ def test_the_set_up_counts_in_the_budget(monkeypatch):
     assert cb.history == [] and cb.skipped == 3 and cb._budget.probe_seconds >= 1.0
 
 
+@pytest.mark.parametrize("epochs, timed_at", [(5, None), (25, 18)])
+def test_the_product_is_timed_only_once_the_budget_pays_for_it(monkeypatch, epochs, timed_at):
+    """The loss check at train start takes 20 ms (one forward pass), so timing a product is priced at 16 of them,
+    0.32 s: 3% of the training time, less the check, pays for it after 11.3 s, 19 epochs of 0.6 s. A 5-epoch fit
+    never times it (the check is all it pays for); a 25-epoch one times it at its 19th scheduled probe."""
+    from lightning_hessian.callbacks import budget, hessian_probe
+
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    check = hessian_probe.check_loss
+
+    def forward(*args, **kwargs):
+        clock.t += 0.02
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(hessian_probe, "check_loss", forward)
+    epochs_timed = []
+    time_product = hessian_probe.HessianProbe.time_product
+
+    def spy(probe, module):
+        if probe.timing is None:
+            epochs_timed.append(module.trainer.current_epoch)
+        return time_product(probe, module)
+
+    monkeypatch.setattr(hessian_probe.HessianProbe, "time_product", spy)
+    cb = HessianSpectrumCallback(plot=False)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(ClockedModule(clock, 0.1), DataLoader(tiny_dataset(), batch_size=16))
+    assert epochs_timed == ([] if timed_at is None else [timed_at])
+    if timed_at is None:
+        assert cb._probe.timing is None and cb.skipped == epochs and cb._budget.probe_seconds == pytest.approx(0.02)
+
+
 def test_the_default_schedule_keeps_the_probes_within_their_budget(monkeypatch):
     """A product costs 50 us per sample (4.8 ms on the 96-sample probe set), a training step 0.1 s: 30 epochs
     train 18 s, so the default budget (3%) pays for 0.54 s of probing: full probes (trace: 30+ products),
@@ -490,6 +525,7 @@ def test_a_failing_plot_warns_and_keeps_the_history(tmp_path, monkeypatch):
 
 def test_a_resumed_budgeted_run_keeps_its_probe_size_and_its_accounts(tmp_path, monkeypatch):
     monkeypatch.setattr("lightning_hessian.callbacks.spectrum.MIN_AUTO_PROBE", 16)  # let the timing choose the size
+    monkeypatch.setattr(HessianSpectrumCallback, "_timing_fits", lambda self: True)  # time though no probe fits
     first = HessianSpectrumCallback(plot=False, trace=False, max_overhead=1e-4)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit([first, checkpoint], max_epochs=2, enable_checkpointing=True)

@@ -87,6 +87,7 @@ class HessianProbe:
         self.size: int | None = None  # samples in the probe set once built (all ranks together)
         self.local_samples = 0  # this rank's share of them
         self.timing: dict[str, float] | None = None  # one timed product (``time_product``)
+        self.check_seconds = 0.0  # the loss check at train start: one forward pass on the first probe batch
         self.warm_start: torch.Tensor | None = None
         self.draws = 0  # measurements made (successive traces draw fresh probes)
         self._loss: LossFn | None = None
@@ -128,14 +129,14 @@ class HessianProbe:
             small = self._collate(trainer, min(SMALL_TIMING_SAMPLES, self.max_size()), SMALL_TIMING_SAMPLES)
             self._small = small[0] if small else None
         if self._timing is not None:  # the given batches, or the first samples of the probe set
+            start = budget.now()
             with leave_no_trace(pl_module, self.mode):
                 check_loss(self._loss, pl_module, self.batches or [self._timing], self.owner)
+            self.check_seconds = budget.now() - start
         self._started = budget.now()
-        if self._sized_at_first_measure():
-            return
-        if self.probe_data is None and self.probe_batch_size is None:
-            self.time_product(pl_module)  # how large a probe batch may be (its graph's size)
-        if build:
+        if build and not self._sized_at_first_measure():
+            if self.probe_data is None and self.probe_batch_size is None:
+                self.time_product(pl_module)  # how large a probe batch may be (its graph's size)
             self.build(trainer, self.size)
 
     def _sized_at_first_measure(self) -> bool:

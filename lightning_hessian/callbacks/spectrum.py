@@ -24,6 +24,8 @@ MIN_AUTO_PROBE = 32  # the smallest probe set the budget may choose
 WARM_PRODUCTS = 4  # products a warm-started top-1 probe takes (plus the graph)
 COLD_PRODUCTS = 16  # products of a first (cold) top-1 probe, for its predicted cost
 TARGET_PROBES = 10  # the probe set is sized for about this many probes over a run of known length
+TIMING_FORWARDS = 16  # timing a product (two graphs, four products on 32 and 8 samples) costs about this many
+# forward passes on 32 samples: what the loss check at train start took
 
 
 class HessianSpectrumCallback(Callback):
@@ -38,11 +40,13 @@ class HessianSpectrumCallback(Callback):
       with this probe's predicted cost, stays within 3% of the training time so far; otherwise it is skipped
       and a later one runs when the budget allows. So a short run, or a model whose Hessian-vector products
       are dear (a transformer, a ResNet on a CPU), may see few probes or none (said at the end of training).
-    - One Hessian-vector product timed on 32 and on 8 samples at train start (its fixed cost apart from its cost
-      per sample; with the loss check, the callback's only work before the first scheduled probe; all of it
-      counts in the budget) sizes the probe set at the first scheduled probe (a power of two from 32 to 1,024
-      samples, never more than the training set: the largest whose first, cold top-1 probe fits the budget of
-      about a tenth of the run, so ~10 probes) and predicts that probe.
+    - The loss is checked on 32 probe samples at train start (one forward pass, the callback's only work before
+      the first scheduled probe). At the first scheduled probe whose budget pays for it (priced at 16 such
+      forward passes, so a fit too short for any probe never pays for it), one Hessian-vector product is timed
+      on 32 and on 8 samples (its fixed cost apart from its cost per sample; all of it counts in the budget).
+      That sizes the probe set (a power of two from 32 to 1,024 samples, never more than the training set: the
+      largest whose first, cold top-1 probe fits the budget of about a tenth of the run, so ~10 probes) and
+      predicts the probe.
       The set is kept for the whole run and in the checkpoint: the curve follows the model, not the sample.
     - Probes after the first start Lanczos from the last eigenvectors and stop at a 1% residual
       (``eig_tol``, so the eigenvalue is within 1% of the probe set's), a handful of products for top-1.
@@ -287,7 +291,7 @@ class HessianSpectrumCallback(Callback):
         """Before the first budgeted probe: time one product on a few samples, choose the probe set's size from
         it (when automatic) and predict the first probes' cost (rank 0's timing, on every rank)."""
         start = budget.now()
-        timing = self._probe.time_product(pl_module)  # or the one made at train start (charged then)
+        timing = self._probe.time_product(pl_module)  # measured once, charged here
         timing = trainer.strategy.broadcast(dict(timing), src=0)
         cold_products = COLD_PRODUCTS * self._products_factor()
         if self._probe.batches is None and self._probe.size is None:
@@ -312,6 +316,12 @@ class HessianSpectrumCallback(Callback):
             rank_zero_info(f"HessianSpectrumCallback: probe set of {self._probe.size} samples (one Hessian-vector "
                            f"product on them ~{1e3 * per_product:.0f} ms), within max_overhead="
                            f"{self.max_overhead} of the training time")
+
+    def _timing_fits(self) -> bool:
+        """Whether the budget so far pays for timing a product, priced at ``TIMING_FORWARDS`` times the loss check's
+        forward pass: a fit too short for any probe never pays for the timing either."""
+        allowed = self.max_overhead * self._budget.train_seconds - self._budget.probe_seconds
+        return TIMING_FORWARDS * self._probe.check_seconds <= allowed
 
     def _local_samples(self, trainer: pl.Trainer) -> float:
         """This rank's share of the probe set (known before it is collated)."""
@@ -352,6 +362,10 @@ class HessianSpectrumCallback(Callback):
     def _probe_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._budget.tick()
         if self.max_overhead is not None and not self._budget.estimate:
+            if not trainer.strategy.broadcast(self._timing_fits(), src=0):
+                self._budget.skipped += 1
+                self._say_skip(trainer)
+                return
             try:
                 self._prepare(trainer, pl_module)
             except Exception as err:  # a diagnostic never ends a training run
