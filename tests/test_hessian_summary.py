@@ -69,6 +69,22 @@ def test_a_warm_start_converges_in_fewer_products_on_a_slowly_changing_model():
     assert sum(warm_hvps) <= 0.6 * sum(cold_hvps) and max(warm_hvps) < min(cold_hvps)
 
 
+@pytest.mark.parametrize("tol", [5e-2, 1e-2])
+def test_a_warm_start_still_on_the_top_eigenvector_converges_at_its_first_product(tol):
+    """The warm start's random part is at most half the residual target, so a model that has not moved since the
+    last probe costs one product, and its eigenvalue is within the target of the exact one."""
+    torch.manual_seed(0)
+    from lightning_hessian.models import MNIST1DMLP
+
+    model, probe = MNIST1DMLP(hidden=8).double(), teacher_batch(128, seed=2)
+    options = SpectrumOptions(top_k=1, tol=tol, trace=False)
+    first = measure_spectrum(HessianOperator(model, loss_fn, probe), options)
+    again = measure_spectrum(HessianOperator(model, loss_fn, probe), options, warm_start=first.eigen.eigenvectors)
+    top = float(torch.linalg.eigvalsh(dense_hessian(model, loss_fn, probe))[-1])
+    assert first.hvps > 1 and again.hvps == 1
+    assert again.eigenvalues[0] == pytest.approx(top, rel=tol)
+
+
 def test_a_probe_on_a_nan_loss_says_so_in_one_line_and_training_goes_on():
     def nan_after_the_check(model, batch):  # the loss is checked once at train start, then turns NaN
         nan_after_the_check.calls += 1

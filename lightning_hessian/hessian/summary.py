@@ -47,6 +47,7 @@ from lightning_hessian.hessian.trace import hutchinson_trace
 
 TRACE_METHODS = ("krylov", "hutch++", "hutchinson")
 WARM_MIX = 0.1  # a warm start's random part (relative norm): every direction, a new top one included, is present
+# (at most half the residual target, so a start still on the top eigenvector converges at its first product)
 
 
 @dataclass
@@ -125,10 +126,10 @@ class SpectrumRecord:
         return [*self.eigenvalues, *extra, *self.layer_eigenvalue.values(), *self.layer_trace.values()]
 
 
-def warm_start_vector(previous: torch.Tensor, dim: int, seed: int, dtype: torch.dtype, device: torch.device
-                      ) -> torch.Tensor | None:
+def warm_start_vector(previous: torch.Tensor, dim: int, seed: int, dtype: torch.dtype, device: torch.device,
+                      mix: float = WARM_MIX) -> torch.Tensor | None:
     """One start vector from earlier eigenvectors (rows, summed at unit norm) plus a seeded random part of
-    relative norm ``WARM_MIX``; ``None`` if ``previous`` does not fit (another parameter set) or is not finite.
+    relative norm ``mix``; ``None`` if ``previous`` does not fit (another parameter set) or is not finite.
 
     The random part keeps every direction in the Krylov space: after two eigenvalues cross, the old top
     eigenvector is the new second one, and a start exactly on it would converge there in one step."""
@@ -142,7 +143,7 @@ def warm_start_vector(previous: torch.Tensor, dim: int, seed: int, dtype: torch.
     x /= torch.linalg.vector_norm(x).clamp_min(torch.finfo(dtype).tiny)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(dim, generator=g, device="cpu", dtype=torch.float64).to(device=device, dtype=dtype)
-    return (x + WARM_MIX * noise / torch.linalg.vector_norm(noise))[None]
+    return (x + mix * noise / torch.linalg.vector_norm(noise))[None]
 
 
 def measure_spectrum(
@@ -167,7 +168,8 @@ def measure_spectrum(
     parts: dict[str, float] = {}
     hvps: dict[str, int] = {}
     krylov = options.trace and options.trace_method == "krylov"
-    v0 = warm_start_vector(warm_start, op.dim, options.seed + draw, working_dtype(op.dtype), op.device)
+    v0 = warm_start_vector(warm_start, op.dim, options.seed + draw, working_dtype(op.dtype), op.device,
+                           mix=min(WARM_MIX, options.tol / 2))
     start = time.perf_counter()
     eig = top_eigenvalues(op, k=min(options.top_k, op.dim), tol=options.tol, max_iter=options.max_hvps, v0=v0,
                           seed=options.seed, min_iter=min(options.krylov_steps, op.dim, options.max_hvps) if krylov
