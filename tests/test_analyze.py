@@ -138,7 +138,8 @@ def test_figures_close_on_errors_and_draw_a_zero_trace(tmp_path):
 def test_analyze_recipe_report_equals_the_core_and_the_dense_hessian(tmp_path, data_dir):
     train_dir = tmp_path / "train"
     spectrum = ["callbacks=hessian", "callbacks.hessian_spectrum.probe_size=200", "callbacks.hessian_spectrum.top_k=2",
-                "callbacks.hessian_spectrum.trace=false", "callbacks.hessian_spectrum.plot=false"]
+                "callbacks.hessian_spectrum.trace=false", "callbacks.hessian_spectrum.plot=false",
+                "callbacks.hessian_spectrum.max_overhead=null"]  # a probe every epoch of this short fit
     train_cfg = compose_config("train", DATA + MODEL + spectrum + ["trainer.max_epochs=2", "test=false"], train_dir,
                                data_dir)
     recipes.train(train_cfg)

@@ -27,7 +27,8 @@ TINY = ["data.num_train=400", "data.num_test=100", "data.batch_size=50", "traine
 # the probe sets and batch limits of the Hessian callbacks, scaled to 400 training samples
 SMALL_CALLBACKS = [
     "callbacks.hessian_spectrum.probe_size=100", "callbacks.hessian_spectrum.probe_batch_size=100",
-    "callbacks.hessian_spectrum.top_k=2", "callbacks.adaptive_batch_size.probe_size=100",
+    "callbacks.hessian_spectrum.top_k=2", "callbacks.hessian_spectrum.max_overhead=null",  # every epoch: a short fit
+    "callbacks.adaptive_batch_size.probe_size=100",
     "callbacks.adaptive_batch_size.probe_batch_size=100", "callbacks.adaptive_batch_size.max_batch_size=200",
     "callbacks.adaptive_batch_size.duration=1",
 ]
@@ -269,7 +270,7 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path, d
         "data.batch_size=50", "trainer.max_epochs=3", "trainer.deterministic=true",
         "trainer.check_val_every_n_epoch=1", "callbacks=hessian", "callbacks.hessian_spectrum.probe_size=100",
         "callbacks.hessian_spectrum.top_k=1", "callbacks.hessian_spectrum.trace=false",
-        "callbacks.model_checkpoint.monitor=null", "+callbacks.model_checkpoint.save_on_train_epoch_end=true",
+        "callbacks.hessian_spectrum.max_overhead=null", "callbacks.model_checkpoint.monitor=null", "+callbacks.model_checkpoint.save_on_train_epoch_end=true",
         *where(tmp_path, data_dir),
     ]
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -30,6 +30,7 @@ def test_two_node_torchrun_on_loopback_trains_the_recipe_with_the_hessian_callba
         str(ROOT / "recipes" / "train.py"), "trainer=multinode", "callbacks=abs",
         "data.num_train=400", "data.num_test=100", "data.batch_size=50", "trainer.max_epochs=2",
         "callbacks.hessian_spectrum.probe_size=100", "callbacks.hessian_spectrum.top_k=2",
+        "callbacks.hessian_spectrum.max_overhead=null",
         "callbacks.adaptive_batch_size.probe_size=100", "callbacks.adaptive_batch_size.max_batch_size=200",
         "callbacks.adaptive_batch_size.duration=1",
         f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}",
