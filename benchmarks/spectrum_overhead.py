@@ -354,7 +354,7 @@ def report(started: float, header: list[str], rows: list[list[str]], memory: str
         "own, is the steadier measure), and once with the former default (`max_overhead=None, probe_size=1024, "
         "probe_batch_size=1024, eig_tol=1e-3`: top-1 and the Krylov-deflated trace every epoch; on ResNet-20 one "
         "product on its 1,024 samples is timed instead, see its row). Probe share: the "
-        "seconds the callback accounts to itself (probes, the timed product and its set-up at train start) over "
+        "seconds the callback accounts to itself (the loss check at train start, the timed product, the probes) over "
         "the run's wall time. Error: the largest relative difference, over every "
         "probe the run reported, between its top eigenvalue and the exact one of the same probe set (a cold "
         "Lanczos run to tol 1e-8 after the probe, outside the timed and budgeted time; not made for the former "
@@ -364,8 +364,8 @@ def report(started: float, header: list[str], rows: list[list[str]], memory: str
     ]
     if memory:
         lines += ["", "Memory of a probe on the transformer classifier (fresh processes; the default chunks the "
-                  "probe set into training-sized batches and caches their graphs only within the operator's "
-                  "`cache_bytes`):", "", memory]
+                  "probe set into training-sized batches and caches the graphs of at most 4 training batches, or 64 "
+                  "MiB if that is more, rebuilding the rest at each product):", "", memory]
     write_result("spectrum_overhead", "\n".join(lines))
 
 

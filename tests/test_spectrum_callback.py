@@ -167,11 +167,13 @@ def test_the_set_up_counts_in_the_budget(monkeypatch):
     assert cb.history == [] and cb.skipped == 3 and cb._budget.probe_seconds >= 1.0
 
 
-@pytest.mark.parametrize("epochs, timed_at", [(5, None), (25, 18)])
+@pytest.mark.parametrize("epochs, timed_at", [(5, None), (25, None), (40, 18)])
 def test_the_product_is_timed_only_once_the_budget_pays_for_it(monkeypatch, epochs, timed_at):
     """The loss check at train start takes 20 ms (one forward pass), so timing a product is priced at 16 of them,
-    0.32 s: 3% of the training time, less the check, pays for it after 11.3 s, 19 epochs of 0.6 s. A 5-epoch fit
-    never times it (the check is all it pays for); a 25-epoch one times it at its 19th scheduled probe."""
+    0.32 s, and a first, cold probe at 16 more: 3% of the training time, less the check, pays for the timing after
+    11.3 s, 19 epochs of 0.6 s, and the whole run's 3% for both from 37 epochs on. A 5-epoch fit never times it
+    (the check is all it pays for), nor does a 25-epoch one (no probe could follow); a 40-epoch one times it at
+    its 19th scheduled probe."""
     from lightning_hessian.callbacks import budget, hessian_probe
 
     clock = FakeClock()
@@ -525,7 +527,7 @@ def test_a_failing_plot_warns_and_keeps_the_history(tmp_path, monkeypatch):
 
 def test_a_resumed_budgeted_run_keeps_its_probe_size_and_its_accounts(tmp_path, monkeypatch):
     monkeypatch.setattr("lightning_hessian.callbacks.spectrum.MIN_AUTO_PROBE", 16)  # let the timing choose the size
-    monkeypatch.setattr(HessianSpectrumCallback, "_timing_fits", lambda self: True)  # time though no probe fits
+    monkeypatch.setattr(HessianSpectrumCallback, "_timing_fits", lambda self, trainer: True)  # time though no probe fits
     first = HessianSpectrumCallback(plot=False, trace=False, max_overhead=1e-4)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit([first, checkpoint], max_epochs=2, enable_checkpointing=True)

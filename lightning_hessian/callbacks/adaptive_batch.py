@@ -175,7 +175,7 @@ class AdaptiveBatchSizeCallback(Callback):
         # the top eigenvalue through the one measurement (hessian.summary), warm-started from the last epoch's
         self._probe = HessianProbe(SpectrumOptions(top_k=1, tol=eig_tol, trace=False, seed=seed), probe_size,
                                    probe_batch_size, probe_data, seed, loss_fn, max_overhead=PROBE_OVERHEAD,
-                                   min_size=128, owner=type(self).__name__)
+                                   min_size=128, owner=type(self).__name__, fixed_cost=False)
         # schedule state (all of it in state_dict, with the schedule's own)
         self.base_batch_size: int | None = None
         self.batch_size: int | None = None

@@ -53,7 +53,9 @@ class HessianProbe:
     neither ``probe_size`` nor ``probe_data``) the size is chosen at the first measurement instead: the largest
     power of two from ``min_size`` to 1,024 whose measurement, predicted from one timed product, costs that share of
     the training time so far. Under DDP each rank takes its share and the products are all-reduced. The loss is
-    checked before training (``check_loss``), and errors name ``owner``.
+    checked before training (``check_loss``), and errors name ``owner``. ``fixed_cost``: the timed product is timed
+    on fewer samples too, which tells its fixed cost from its cost per sample (the budget's cost model needs it;
+    ABS's average-cost rule does not).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class HessianProbe:
         max_overhead: float | None = None,
         min_size: int = 256,
         owner: str = "HessianProbe",
+        fixed_cost: bool = True,
     ):
         for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size)):
             if value is not None:
@@ -82,6 +85,7 @@ class HessianProbe:
         self.options, self.probe_size, self.probe_batch_size = options, probe_size, probe_batch_size
         self.probe_data, self.seed, self.loss_fn, self.mode, self.params = probe_data, seed, loss_fn, mode, params
         self.max_overhead, self.min_size, self.owner = max_overhead, min_size, owner
+        self.fixed_cost = fixed_cost
         self._started = 0.0  # when training started (the automatic size is a share of the time since)
         self.batches: Batches | None = None
         self.size: int | None = None  # samples in the probe set once built (all ranks together)
@@ -126,8 +130,9 @@ class HessianProbe:
                 draw_probe_indices(len(dataset), self.probe_size, self.seed)  # fails early if too large
             timing = self._collate(trainer, min(TIMING_SAMPLES, self.max_size()), TIMING_SAMPLES)
             self._timing = timing[0] if timing else None
-            small = self._collate(trainer, min(SMALL_TIMING_SAMPLES, self.max_size()), SMALL_TIMING_SAMPLES)
-            self._small = small[0] if small else None
+            if self.fixed_cost:
+                small = self._collate(trainer, min(SMALL_TIMING_SAMPLES, self.max_size()), SMALL_TIMING_SAMPLES)
+                self._small = small[0] if small else None
         if self._timing is not None:  # the given batches, or the first samples of the probe set
             start = budget.now()
             with leave_no_trace(pl_module, self.mode):
@@ -198,7 +203,8 @@ class HessianProbe:
             with leave_no_trace(pl_module, self.mode):
                 graph, product, size = self._time_on(pl_module, self._timing)
                 # every rank times the smaller batch too (the products are all-reduced), with or without its share
-                small = self._time_on(pl_module, self._small) if self._source is not None else None
+                timed = self._source is not None and self.fixed_cost
+                small = self._time_on(pl_module, self._small) if timed else None
             n = 0 if self._timing is None else sample_count(self._timing)
             n_small = 0 if self._small is None else sample_count(self._small)
             self.timing = {"graph": graph, "product": product, "seconds": budget.now() - start, "samples": n,

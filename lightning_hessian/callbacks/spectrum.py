@@ -25,7 +25,7 @@ WARM_PRODUCTS = 4  # products a warm-started top-1 probe takes (plus the graph)
 COLD_PRODUCTS = 16  # products of a first (cold) top-1 probe, for its predicted cost
 TARGET_PROBES = 10  # the probe set is sized for about this many probes over a run of known length
 TIMING_FORWARDS = 16  # timing a product (two graphs, four products on 32 and 8 samples) costs about this many
-# forward passes on 32 samples: what the loss check at train start took
+# forward passes on 32 samples: what the loss check at train start took; a product on them, at least one
 
 
 class HessianSpectrumCallback(Callback):
@@ -42,8 +42,9 @@ class HessianSpectrumCallback(Callback):
       are dear (a transformer, a ResNet on a CPU), may see few probes or none (said at the end of training).
     - The loss is checked on 32 probe samples at train start (one forward pass, the callback's only work before
       the first scheduled probe). At the first scheduled probe whose budget pays for it (priced at 16 such
-      forward passes, so a fit too short for any probe never pays for it), one Hessian-vector product is timed
-      on 32 and on 8 samples (its fixed cost apart from its cost per sample; all of it counts in the budget).
+      forward passes, and only where the whole run's budget would also pay for a first probe on 32 samples, a
+      product priced at one), one Hessian-vector product is timed on 32 and on 8 samples (its fixed cost apart
+      from its cost per sample; all of it counts in the budget).
       That sizes the probe set (a power of two from 32 to 1,024 samples, never more than the training set: the
       largest whose first, cold top-1 probe fits the budget of about a tenth of the run, so ~10 probes) and
       predicts the probe.
@@ -317,11 +318,18 @@ class HessianSpectrumCallback(Callback):
                            f"product on them ~{1e3 * per_product:.0f} ms), within max_overhead="
                            f"{self.max_overhead} of the training time")
 
-    def _timing_fits(self) -> bool:
-        """Whether the budget so far pays for timing a product, priced at ``TIMING_FORWARDS`` times the loss check's
-        forward pass: a fit too short for any probe never pays for the timing either."""
-        allowed = self.max_overhead * self._budget.train_seconds - self._budget.probe_seconds
-        return TIMING_FORWARDS * self._probe.check_seconds <= allowed
+    def _timing_fits(self, trainer: pl.Trainer) -> bool:
+        """Whether the budget so far pays for timing a product, and the whole run's budget (when the Trainer knows
+        where the run ends) for the timing and a first, cold probe on the fewest samples as well: priced at
+        ``TIMING_FORWARDS`` times the loss check's forward pass, and a product at one. A fit too short for any
+        probe never pays for the timing either."""
+        forward = self._probe.check_seconds
+        spent, trained = self._budget.probe_seconds, self._budget.train_seconds
+        if TIMING_FORWARDS * forward > self.max_overhead * trained - spent:
+            return False
+        progress = self._progress(trainer)
+        cold = COLD_PRODUCTS * self._products_factor()
+        return not progress or (TIMING_FORWARDS + cold) * forward <= self.max_overhead * trained / progress - spent
 
     def _local_samples(self, trainer: pl.Trainer) -> float:
         """This rank's share of the probe set (known before it is collated)."""
@@ -362,7 +370,7 @@ class HessianSpectrumCallback(Callback):
     def _probe_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._budget.tick()
         if self.max_overhead is not None and not self._budget.estimate:
-            if not trainer.strategy.broadcast(self._timing_fits(), src=0):
+            if not trainer.strategy.broadcast(self._timing_fits(trainer), src=0):
                 self._budget.skipped += 1
                 self._say_skip(trainer)
                 return
