@@ -150,9 +150,9 @@ def setups(args: argparse.Namespace) -> dict[str, dict]:
 
     return {
         "MNIST-1D demo CNN (4,000 samples, batch 100)": dict(make=demo, epochs=args.epochs, old_epochs=args.epochs,
-                                                             repeats=args.repeats or 5),
+                                                             repeats=args.repeats or 7),
         "MNIST-1D MLP, 2,500 steps per epoch (20,000 samples, batch 8)": dict(make=long_epochs, epochs=3, old_epochs=3,
-                                                                              repeats=args.repeats or 5),
+                                                                              repeats=args.repeats or 7),
         f"transformer classifier, dict batches ({args.text_samples} sequences of 32 tokens, batch 32)":
             dict(make=text, epochs=args.text_epochs, old_epochs=1, repeats=args.repeats or 3),
         f"ResNet-20, generated 32x32 images ({args.resnet_samples} samples, batch 128)":
@@ -286,7 +286,7 @@ def memory_table() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--repeats", type=int, help="interleaved runs per schedule (default: 5 for the MNIST-1D "
+    parser.add_argument("--repeats", type=int, help="interleaved runs per schedule (default: 7 for the MNIST-1D "
                         "fits, whose runs are short and noisier, 3 for ResNet-20 and the transformer)")
     parser.add_argument("--resnet-samples", type=int, default=3840)
     parser.add_argument("--resnet-epochs", type=int, default=3)
