@@ -154,9 +154,9 @@ def setups(args: argparse.Namespace) -> dict[str, dict]:
         "MNIST-1D MLP, 2,500 steps per epoch (20,000 samples, batch 8)": dict(make=long_epochs, epochs=3, old_epochs=3,
                                                                               repeats=args.repeats or 7),
         f"transformer classifier, dict batches ({args.text_samples} sequences of 32 tokens, batch 32)":
-            dict(make=text, epochs=args.text_epochs, old_epochs=1, repeats=args.repeats or 3),
+            dict(make=text, epochs=args.text_epochs, old_epochs=1, repeats=args.repeats or 5),
         f"ResNet-20, generated 32x32 images ({args.resnet_samples} samples, batch 128)":
-            dict(make=resnet, epochs=args.resnet_epochs, old_epochs=0, repeats=args.repeats or 3),
+            dict(make=resnet, epochs=args.resnet_epochs, old_epochs=0, repeats=args.repeats or 5),
     }
 
 
@@ -287,7 +287,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--repeats", type=int, help="interleaved runs per schedule (default: 7 for the MNIST-1D "
-                        "fits, whose runs are short and noisier, 3 for ResNet-20 and the transformer)")
+                        "fits, whose runs are short and noisier, 5 for ResNet-20 and the transformer)")
     parser.add_argument("--resnet-samples", type=int, default=3840)
     parser.add_argument("--resnet-epochs", type=int, default=3)
     parser.add_argument("--text-samples", type=int, default=4096)
