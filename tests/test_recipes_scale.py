@@ -270,7 +270,8 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path, d
         "data.batch_size=50", "trainer.max_epochs=3", "trainer.deterministic=true",
         "trainer.check_val_every_n_epoch=1", "callbacks=hessian", "callbacks.hessian_spectrum.probe_size=100",
         "callbacks.hessian_spectrum.top_k=1", "callbacks.hessian_spectrum.trace=false",
-        "callbacks.hessian_spectrum.max_overhead=null", "callbacks.model_checkpoint.monitor=null", "+callbacks.model_checkpoint.save_on_train_epoch_end=true",
+        "callbacks.hessian_spectrum.max_overhead=null", "callbacks.model_checkpoint.monitor=null",
+        "+callbacks.model_checkpoint.save_on_train_epoch_end=true",
         *where(tmp_path, data_dir),
     ]
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -527,7 +527,7 @@ def test_a_failing_plot_warns_and_keeps_the_history(tmp_path, monkeypatch):
 
 def test_a_resumed_budgeted_run_keeps_its_probe_size_and_its_accounts(tmp_path, monkeypatch):
     monkeypatch.setattr("lightning_hessian.callbacks.spectrum.MIN_AUTO_PROBE", 16)  # let the timing choose the size
-    monkeypatch.setattr(HessianSpectrumCallback, "_timing_fits", lambda self, trainer: True)  # time though no probe fits
+    monkeypatch.setattr(HessianSpectrumCallback, "_timing_fits", lambda self, trainer: True)  # though no probe fits
     first = HessianSpectrumCallback(plot=False, trace=False, max_overhead=1e-4)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit([first, checkpoint], max_epochs=2, enable_checkpointing=True)
