@@ -131,8 +131,10 @@ def warm_start_vector(previous: torch.Tensor, dim: int, seed: int, dtype: torch.
     """One start vector from earlier eigenvectors (rows, summed at unit norm) plus a seeded random part of
     relative norm ``mix``; ``None`` if ``previous`` does not fit (another parameter set) or is not finite.
 
-    The random part keeps every direction in the Krylov space: after two eigenvalues cross, the old top
-    eigenvector is the new second one, and a start exactly on it would converge there in one step."""
+    The random part keeps every direction in the Krylov space, so a run that goes on can still find a new top
+    eigenvector after two eigenvalues cross (the old top one is then the second). ``measure_spectrum`` keeps it
+    at most half the residual target, so a start still on the top eigenvector converges at its first product;
+    like any warm start at a loose target, one on the old top eigenvector after a crossing may stop there."""
     if previous is None or previous.dim() != 2 or previous.shape[1] != dim or not bool(torch.isfinite(previous).all()):
         return None
     rows = previous.to(device=device, dtype=dtype)
