@@ -18,7 +18,8 @@ the method's, both measured in the same seed's block of runs.
 
 ``--quick`` is a smoke run (9 epochs on 4,000 samples, caps 4x and 16x, one seed): it prints the tables and
 writes no result file. ``--save-runs`` keeps every run's record; ``--reuse-runs`` takes those of a saved file
-instead of running them again (to add ``--timing-seeds`` to a finished table within another hour, say).
+instead of running them again (to add ``--timing-seeds`` to a finished table within another hour, say);
+``--rerun-timing`` runs table 2 again all the same (after a change to the probe's cost alone).
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> str:
     cap = args.max_batch_sizes[-1]
     timed_jobs = [job for seed in args.timing_seeds for job in [("BL", args.base_batch, seed)] + [(m, cap, seed)
                   for m in METHODS]]  # one block per seed: BL at the base batch, then every method at the cap
-    timed_runs, timed_jobs = take("table_2", timed_jobs)
+    timed_runs, timed_jobs = ([], timed_jobs) if args.rerun_timing else take("table_2", timed_jobs)
     timed_runs += [train(*job, args, devices=2) for job in timed_jobs]
     total_minutes = (time.perf_counter() - start) / 60
     if args.save_runs:
@@ -309,6 +310,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="single-process runs at a time (table 1)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--save-runs", default=None, help="also write every run's record to this JSON file")
+    parser.add_argument("--rerun-timing", action="store_true",
+                        help="run table 2 again even where --reuse-runs holds its runs (after a change to the probe)")
     parser.add_argument("--reuse-runs", default=None,
                         help="take the runs this --save-runs file holds instead of running them again (e.g. to add "
                              "--timing-seeds)")

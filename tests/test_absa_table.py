@@ -158,5 +158,11 @@ def test_saved_runs_are_reused_and_only_the_missing_ones_run(tmp_path, data_dir,
     assert trained == [("BL", 64, 1, 2)] + [(m, 4096, 1, 2) for m in absa_table.METHODS]
     assert "the other 22 + 6 are from" in text and "seeds [0, 1]" in text
     assert json.loads(saved.read_text())["settings"]["num_train"] == 1024  # saved again, with its settings
+    trained.clear()  # --rerun-timing: table 1 from the file, table 2 (both seeds' blocks) trained again
+    text = absa_table.run(absa_table.parse_args([*settings, "--timing-seeds", "0", "1", "--reuse-runs", str(saved),
+                                                 "--rerun-timing"]))
+    assert trained == [(m, c, seed, 2) for seed in (0, 1) for m, c in [("BL", 64)] + [(m, 4096) for m in
+                                                                                   absa_table.METHODS]]
+    assert "the other 22 + 0 are from" in text
     with pytest.raises(SystemExit, match="was made with"):
         absa_table.run(absa_table.parse_args([*settings, "--epochs", "30", "--reuse-runs", str(saved)]))
