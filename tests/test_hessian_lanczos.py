@@ -24,7 +24,7 @@ def assert_pairs(result, H: torch.Tensor, which: str, k: int, ev: torch.Tensor |
     X = result.eigenvectors
     true_res = torch.linalg.vector_norm(X @ H - result.eigenvalues[:, None] * X, dim=1)
     torch.testing.assert_close(result.residual_norms, true_res, rtol=1e-3, atol=1e-10)  # estimates are honest
-    assert (true_res <= 1e-4 * result.eigenvalues.abs()).all()
+    assert (true_res <= 1e-3 * result.eigenvalues.abs()).all()  # the default residual target
     torch.testing.assert_close(X @ X.T, torch.eye(k, dtype=X.dtype), atol=1e-8, rtol=0)
     assert result.converged
 

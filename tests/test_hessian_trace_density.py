@@ -138,8 +138,9 @@ def test_density_on_the_operator_equals_the_dense_matrix_run_and_is_normalised()
     torch.testing.assert_close(ours.weights.sum(1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-12)
     step = float(ours.grid[1] - ours.grid[0])
     assert float(ours.density.sum()) * step == pytest.approx(1.0, abs=1e-3)
-    top = spectrum("mlp").flip(0)[:5]  # the deflated outliers are exact spikes
-    torch.testing.assert_close(ours.nodes[0, :5].sort(descending=True).values, top, rtol=1e-6, atol=0)
+    top = spectrum("mlp").flip(0)[:5]  # the deflated outliers are spikes at the Lanczos eigenvalues (residual
+    # target 1e-3: the eigenvalue error is about its square)
+    torch.testing.assert_close(ours.nodes[0, :5].sort(descending=True).values, top, rtol=1e-5, atol=0)
     assert ours.num_hvps == op.num_hvps
 
 

@@ -103,7 +103,7 @@ def per_layer_top_eigenvalue(
     k: int = 1,
     which: str = "LA",
     max_iter: int = 500,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     seed: int = 0,
     ncv: int | None = None,
 ) -> dict[str, EigenResult]:

@@ -124,7 +124,7 @@ class KrylovSolver:
         if self.cap < self.space and self.cap < k + p + self.block + 1:
             raise ValueError(f"ncv={self.cap} too small: need at least k + len(v0) + block_size + 1")
         self.V = torch.empty(self.cap, dim, dtype=start.dtype, device=start.device)  # rows past ``m`` unused
-        self.T = torch.zeros(self.cap, self.cap, dtype=torch.float64)
+        self.T = np.zeros((self.cap, self.cap))  # float64 on the CPU: small dense work is cheaper in NumPy
         self.seed = seed
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.eps = torch.finfo(start.dtype).eps
@@ -132,15 +132,13 @@ class KrylovSolver:
         self.n = 0  # basis vectors whose products are known (columns of T filled)
         self.m = 0  # basis vectors in use; V[n:m] are pending
         self.closed = False  # the last products added no direction beyond rounding: an invariant subspace
-        self.wanted_when_closed: torch.Tensor | None = None
+        self.wanted_when_closed: np.ndarray | None = None
         self._append(start.clone(), float(torch.linalg.vector_norm(start, dim=1).max()))
         if self.m == 0:
             raise ValueError("v0 is zero")
         self.num_hvps = 0
         self.iterations = 0
-        self.theta = torch.zeros(0, dtype=torch.float64)
-        self.S = torch.zeros(0, 0, dtype=torch.float64)
-        self.residuals = torch.zeros(0, dtype=torch.float64)
+        self.theta, self.S, self.residuals = np.zeros(0), np.zeros((0, 0)), np.zeros(0)
         self.converged = False
         self.searched = not (check_multiplicity and k > 1)  # no copy of a wanted value left to look for
         self.searches = 0
@@ -153,12 +151,12 @@ class KrylovSolver:
             return W.new_zeros(W.shape[0], 0)
         basis = self.V[:upto]
         h = W @ basis.T
-        W -= h @ basis
+        W.addmm_(h, basis, alpha=-1)
         h2 = W @ basis.T
-        W -= h2 @ basis
-        return h + h2
+        W.addmm_(h2, basis, alpha=-1)
+        return h.add_(h2)
 
-    def _append(self, W: torch.Tensor, scale: float) -> torch.Tensor:
+    def _append(self, W: torch.Tensor, scale: float) -> np.ndarray:
         """Orthonormalise the rows of ``W`` (already orthogonal to the basis: ``_orthogonalise``) against each
         other, and append the new directions.
 
@@ -166,26 +164,24 @@ class KrylovSolver:
         below rounding level of ``scale`` adds no new direction (an invariant subspace, or the whole
         space, is spanned) and is dropped.
         """
-        rows: list[torch.Tensor] = []
-        closed = True
-        coeffs = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64)
+        coeffs = np.zeros((W.shape[0], W.shape[0]))
+        added, closed = 0, True
         for j in range(W.shape[0]):
             w = W[j]
-            for _ in range(2 if rows else 0):
-                for idx, q in enumerate(rows):
-                    c = torch.dot(q, w)
-                    w -= c * q
-                    coeffs[idx, j] += float(c)
+            new = self.V[self.m : self.m + added]
+            for _ in range(2 if added else 0):
+                c = new @ w
+                w.addmv_(new.T, c, alpha=-1)
+                coeffs[:added, j] += c.double().cpu().numpy()
             beta = float(torch.linalg.vector_norm(w))
             closed &= beta <= _CLOSED * scale
-            if beta > 100 * self.eps * scale and self.m + len(rows) < self.cap:
-                coeffs[len(rows), j] = beta
-                rows.append(w / beta)
+            if beta > 100 * self.eps * scale and self.m + added < self.cap:
+                coeffs[added, j] = beta
+                torch.div(w, beta, out=self.V[self.m + added])
+                added += 1
         self.closed = closed
-        for q in rows:
-            self.V[self.m] = q
-            self.m += 1
-        return coeffs[: len(rows)]
+        self.m += added
+        return coeffs[:added]
 
     def _random_direction(self) -> None:
         """Add a random direction orthogonal to the basis (after an invariant subspace is found)."""
@@ -224,10 +220,13 @@ class KrylovSolver:
             return
         j0, j1 = self.n, self.n + c
         W = HX.to(self.V).clone()
-        h = self._orthogonalise(W, self.m).double().cpu()
+        h = self._orthogonalise(W, self.m).double().cpu().numpy()
         self.T[j0:j1, : self.m] = h
         self.T[: self.m, j0:j1] = h.T
-        self.scale = max(self.scale, float(h.abs().max()))
+        if c > 1:  # the block's own coefficients, symmetrised (equal up to rounding)
+            D = self.T[j0:j1, j0:j1]
+            D[:] = 0.5 * (D + D.T)
+        self.scale = max(self.scale, float(np.abs(h).max()))
         self.n = j1
         m_before = self.m
         B = self._append(W, self.scale)
@@ -304,9 +303,9 @@ class KrylovSolver:
             self.converged = self.searched = True
             return
         u = u / norm
-        P, B = self.V[n:m].clone(), self.T[n:m, :n].clone()
-        along = (P @ u[0]).double().cpu()  # P = along u + rest
-        rest = P - along.to(P)[:, None] * u
+        P, B = self.V[n:m].clone(), self.T[n:m, :n].copy()
+        along = P @ u[0]  # P = along u + rest
+        rest = P - along[:, None] * u
         kept = list(rest)
         for _ in range(2):  # orthonormalise the rest among themselves, dropping what lies along u
             out = []
@@ -317,10 +316,10 @@ class KrylovSolver:
                     out.append(r / torch.linalg.vector_norm(r))
             kept = out
         Q = torch.stack(kept) if kept else P[:0]
-        C = (rest @ Q.T).double().cpu()  # rest = C Q
+        C = (rest @ Q.T).double().cpu().numpy()  # rest = C Q
         self.T[n:, :] = 0
         self.T[:, n:] = 0
-        rows = torch.cat([(along @ B)[None], C.T @ B])  # the couplings of u and of Q to the multiplied basis
+        rows = np.concatenate([(along.double().cpu().numpy() @ B)[None], C.T @ B])  # u's and Q's couplings
         self.V[n] = u[0]
         self.V[n + 1 : n + 1 + Q.shape[0]] = Q
         self.T[n : n + rows.shape[0], :n] = rows
@@ -351,9 +350,9 @@ class KrylovSolver:
             return
         wanted = self.theta[: self.k]
         known = self.wanted_when_closed
-        same = known is not None and torch.allclose(wanted, known, rtol=self.tol, atol=self.tol * self.scale)
+        same = known is not None and np.allclose(wanted, known, rtol=self.tol, atol=self.tol * self.scale)
         if self.closed:
-            self.wanted_when_closed = wanted.clone()
+            self.wanted_when_closed = wanted.copy()
             self.converged = same and self.num_hvps >= self.min_iter
         elif same:  # exploring a new direction that has not (yet) changed the wanted pairs
             self.converged = False
@@ -361,13 +360,12 @@ class KrylovSolver:
     # ------------------------------------------------------------------------------------ Rayleigh-Ritz
     def _ritz(self) -> None:
         n = self.n
-        T = self.T.numpy()  # small dense work: NumPy's per-call cost is a fraction of torch's
-        theta, S = np.linalg.eigh(0.5 * (T[:n, :n] + T[:n, :n].T))
+        theta, S = np.linalg.eigh(self.T[:n, :n])  # T is kept exactly symmetric
         key = -theta if self.which == "LA" else theta if self.which == "SA" else -np.abs(theta)
         order = np.argsort(key, kind="stable")
         theta, S = theta[order], S[:, order]
-        residuals = np.linalg.norm(T[n : self.m, :n] @ S, axis=0)
-        self.theta, self.S, self.residuals = torch.from_numpy(theta), torch.from_numpy(S), torch.from_numpy(residuals)
+        residuals = np.linalg.norm(self.T[n : self.m, :n] @ S, axis=0)
+        self.theta, self.S, self.residuals = theta, S, residuals
         if n >= self.k:
             wanted = residuals[: self.k] <= self.tol * np.abs(theta[: self.k])
             self.converged = (bool(wanted.all()) and self.num_hvps >= self.min_iter) or n >= self.space
@@ -379,13 +377,13 @@ class KrylovSolver:
         room = self.cap - pending - self.block
         keep = max(self.k, min(room, (room + self.k) // 2))
         S = self.S[:, :keep]
-        Y = S.T.to(self.V) @ self.V[:n]
+        Y = torch.from_numpy(S.T.copy()).to(self.V) @ self.V[:n]
         P = self.V[n:m].clone()
         C = self.T[n:m, :n] @ S
         self.V[:keep] = Y
         self.V[keep : keep + pending] = P
-        self.T.zero_()
-        self.T[:keep, :keep] = torch.diag(self.theta[:keep])
+        self.T[:] = 0
+        self.T[:keep, :keep] = np.diag(self.theta[:keep])
         self.T[keep : keep + pending, :keep] = C
         self.T[:keep, keep : keep + pending] = C.T
         self.n, self.m = keep, keep + pending
@@ -393,13 +391,13 @@ class KrylovSolver:
 
     def result(self, return_basis: bool = False) -> EigenResult:
         k = min(self.k, self.n)
-        vectors = self.S[:, :k].T.to(self.V) @ self.V[: self.n]
+        vectors = torch.from_numpy(self.S[:, :k].T.copy()).to(self.V) @ self.V[: self.n]
         basis = self.V[: self.n].clone() if return_basis else None
-        projection = self.T[: self.n, : self.n].clone() if return_basis else None
+        projection = torch.from_numpy(self.T[: self.n, : self.n].copy()) if return_basis else None
         return EigenResult(
-            eigenvalues=self.theta[:k].clone(),
+            eigenvalues=torch.from_numpy(self.theta[:k].copy()),
             eigenvectors=vectors,
-            residual_norms=self.residuals[:k].clone(),
+            residual_norms=torch.from_numpy(self.residuals[:k].copy()),
             num_hvps=self.num_hvps,
             converged=self.converged and k == self.k,
             iterations=self.iterations,
@@ -413,7 +411,7 @@ def top_eigenvalues(
     k: int = 1,
     which: str = "LA",
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     v0: torch.Tensor | None = None,
     seed: int = 0,
     ncv: int | None = None,

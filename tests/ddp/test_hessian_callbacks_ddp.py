@@ -28,8 +28,10 @@ def test_spectrum_two_ranks_equal_one_process():
     for devices in (1, 2):
         pl.seed_everything(0)
         # weights stay put (and no BatchNorm statistics move), so both runs see the same Hessian
+        # eig_tol above float32 rounding: the ranks sum products in another order, and a target at rounding
+        # level would stop the two runs at different products
         module = TinyModule(lr=0.0, batch_norm=False)
-        cb = HessianSpectrumCallback(top_k=2, probe_size=80, probe_batch_size=16, eig_tol=1e-8,
+        cb = HessianSpectrumCallback(top_k=2, probe_size=80, probe_batch_size=16, eig_tol=1e-5,
                                      trace_rel_tol=0.5, trace_max_samples=64, plot=False,
                                      max_overhead=1e9)  # rank 0's budget decision is broadcast
         trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
