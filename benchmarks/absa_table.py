@@ -66,6 +66,8 @@ class Report(pl.Callback):
                 "steps": trainer.global_step, "timings": self.schedule.timings,
                 "batches": [h["batch_size"] for h in self.schedule.history],
                 "eigenvalues": [h["eigenvalue"] for h in self.schedule.history],
+                "probe_hvps": [h.get("probe_hvps", 0) for h in self.schedule.history],
+                "lower_bounds": [h.get("eigenvalue_lower_bound", False) for h in self.schedule.history],
                 "probe_samples": self.schedule.state_dict()["probe"].get("size"),
             }))
 
@@ -244,6 +246,18 @@ def run(args: argparse.Namespace) -> str:
     return report(runs, timed_runs, args, header_machine, note)
 
 
+def probe_counts(runs: list[dict[str, Any]]) -> str:
+    """How many products ABS's and ABSA's probes made in the timed runs, and how many stopped at a lower bound."""
+    parts = []
+    for method in ("ABS", "ABSA"):
+        hvps = [n for r in runs if r["method"] == method for n in r.get("probe_hvps", []) if n]
+        bounds = sum(b for r in runs if r["method"] == method for b in r.get("lower_bounds", []))
+        if hvps:
+            parts.append(f"{method} {len(hvps)} probes, {statistics.mean(hvps):.1f} products each on average, "
+                         f"{bounds} stopped once the eigenvalue was known to lie above the growth threshold")
+    return f"Probes in these runs: {'; '.join(parts)}." if parts else ""
+
+
 def report(runs: list[dict[str, Any]], timed_runs: list[dict[str, Any]], args: argparse.Namespace,
            header_machine: str, duration_note: str) -> str:
     cap = args.max_batch_sizes[-1]
@@ -285,6 +299,8 @@ def report(runs: list[dict[str, Any]], timed_runs: list[dict[str, Any]], args: a
         "to its reduced values (waits for the other rank included); batch-size changes = loader rebuilds after a "
         "growth and the LR/batch updates; Hessian = the probes; computation = the rest (forward, backward, "
         "optimizer, data loading, Lightning's loop).",
+        "",
+        probe_counts(timed_runs),
         "",
         "## Goals (largest cap)",
         "",

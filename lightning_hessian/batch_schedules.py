@@ -68,6 +68,11 @@ class BatchSchedule:
     def grew(self) -> None:
         """The batch grew (by ``decide``'s answer, or ``start``'s)."""
 
+    def decided_above(self) -> float | None:
+        """An eigenvalue above which ``decide`` answers the same whatever the exact value (``None``: the value
+        itself matters): a probe may stop once the top eigenvalue is known to exceed it."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -171,6 +176,10 @@ class Adaptive(BatchSchedule):
 
     def grew(self) -> None:
         self.epochs_since_growth = 0
+
+    def decided_above(self) -> float | None:
+        """Above ``reference / decay_ratio`` the eigenvalue neither grows the batch nor becomes the reference."""
+        return None if self.reference is None else self.reference / self.decay_ratio
 
     def state_dict(self) -> dict[str, Any]:
         return {"reference": self.reference, "epochs_since_growth": self.epochs_since_growth}

@@ -74,7 +74,12 @@ def plot_batch_schedule(history: Sequence[dict], path: str | Path) -> Path:
         axes[0, 1].plot(epochs, [h["lr"] for h in history])
         axes[0, 1].set(xlabel="epoch", ylabel="learning rate", yscale="log", title="Learning rate")
         if eigs:
-            axes[0, 2].plot(*zip(*eigs), marker="o", ms=3)
+            axes[0, 2].plot(*zip(*eigs), marker="o", ms=3, label="measured")
+            bounds = [(h["epoch"], h["eigenvalue"]) for h in history
+                      if h.get("eigenvalue") is not None and h.get("eigenvalue_lower_bound")]
+            if bounds:  # the probe stopped once the value was known to exceed the growth threshold
+                axes[0, 2].plot(*zip(*bounds), "o", ms=6, mfc="none", color="tab:orange", label="lower bound")
+                axes[0, 2].legend(fontsize=7)
             scale = "log" if all(e > 0 for _, e in eigs) else "symlog"  # a Hessian can curve down
             axes[0, 2].set(xlabel="epoch", ylabel="top eigenvalue", yscale=scale, title="Hessian top eigenvalue")
         return save_figure(fig, path)

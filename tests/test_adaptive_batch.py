@@ -1,4 +1,5 @@
 import time
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -13,10 +14,15 @@ from tests.helpers.schedules import Data, Module, N
 EIGS = [10, 8, 4.9, 4, 2.4, 2.5, 2.3, 2.2, 2.0, 1.0]
 
 
+def scripted_record(value: float) -> SimpleNamespace:
+    """What ``HessianProbe.measure`` returns, for a converged top eigenvalue ``value``."""
+    return SimpleNamespace(eigenvalues=[value], eigen=SimpleNamespace(converged=True), hvps=1)
+
+
 def script_probe(monkeypatch, eigenvalue):
     """Make every probe measure ``eigenvalue(epoch)`` (the probe set is still found and checked)."""
-    monkeypatch.setattr(HessianProbe, "compute",
-                        lambda self, module: {"eigenvalues": [eigenvalue(module.current_epoch)]})
+    monkeypatch.setattr(HessianProbe, "measure",
+                        lambda self, module, **_: scripted_record(eigenvalue(module.current_epoch)))
 
 
 @pytest.fixture
@@ -401,9 +407,9 @@ def test_duration_counts_the_epochs_at_a_batch_size_from_the_first(monkeypatch):
 
 def test_the_run_is_timed_by_part(monkeypatch):
     """Probes and loader rebuilds after a growth (not the first build) are timed; the rest is computation."""
-    def probe(self, module):
+    def probe(self, module, **_):
         time.sleep(0.1)
-        return {"eigenvalues": [EIGS[module.current_epoch]]}
+        return scripted_record(EIGS[module.current_epoch])
 
     class SlowRebuild(Data):
         def train_dataloader(self):
@@ -416,7 +422,7 @@ def test_the_run_is_timed_by_part(monkeypatch):
         return find_probe(self, trainer, module)
 
     find_probe = HessianProbe.on_train_start
-    monkeypatch.setattr(HessianProbe, "compute", probe)
+    monkeypatch.setattr(HessianProbe, "measure", probe)
     monkeypatch.setattr(HessianProbe, "on_train_start", setup_probe)
     pl.seed_everything(0)
     cb = AdaptiveBatchSizeCallback(max_batch_size=32, duration=3, probe_size=16, plot=False)

@@ -196,3 +196,18 @@ def test_clustered_repeated_values_at_the_top_are_all_found(seed: int) -> None:
         for k in (2, 4, 6):
             result = top_eigenvalues(DenseOperator(H), k=k, which=which, seed=seed)
             torch.testing.assert_close(result.eigenvalues, order[:k], rtol=1e-4, atol=1e-8)
+
+
+def test_stop_above_ends_once_the_eigenvalues_are_known_to_exceed_it() -> None:
+    H = problem("cnn")[2]
+    top = spectrum("cnn").flip(0)
+    full = top_eigenvalues(DenseOperator(H), k=2, tol=1e-8, check_multiplicity=False)
+    for k, threshold in ((1, 0.5 * float(top[0])), (2, 0.8 * float(top[1]))):
+        early = top_eigenvalues(DenseOperator(H), k=k, tol=1e-8, stop_above=threshold)
+        # Ritz values are lower bounds: past the threshold, below the true eigenvalues, long before convergence
+        assert (early.eigenvalues > threshold).all() and (early.eigenvalues <= top[:k] * (1 + 1e-12)).all()
+        assert not early.converged and early.num_hvps < full.num_hvps / 2
+    unreachable = top_eigenvalues(DenseOperator(H), k=1, tol=1e-8, stop_above=2 * float(top[0]))
+    assert unreachable.converged and torch.allclose(unreachable.eigenvalues, top[:1])
+    with pytest.raises(ValueError, match="stop_above needs which='LA'"):
+        top_eigenvalues(DenseOperator(H), which="SA", stop_above=0.0)

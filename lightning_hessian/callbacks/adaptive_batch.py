@@ -50,7 +50,10 @@ class AdaptiveBatchSizeCallback(Callback):
     128 to 1,024 samples (or the training set) whose probe, predicted from one timed Hessian-vector product,
     costs 2% of that epoch; it is kept for the run (and in the checkpoint). ``eig_tol`` (5%) bounds the relative
     residual of the eigenpair, so the eigenvalue is within 5% (usually far closer): ample for a rule that waits
-    for the eigenvalue to halve.
+    for the eigenvalue to halve. Once the reference is set, a probe stops as soon as the eigenvalue is known to
+    exceed ``reference / decay_ratio`` (a Ritz value is a lower bound of the top eigenvalue): the decision is then
+    the same as with the exact value, and the history marks the value as that lower bound
+    (``eigenvalue_lower_bound``); most epochs' probes take one product instead of several.
     With ``adversarial=True`` (ABSA) an ``AdversarialAugmentCallback`` replaces a fraction of every batch
     (``adversarial_fraction``, halved at each growth, 0 at the cap and in the second half of training):
     the one in the Trainer's callbacks if there is one (choose attack and ``eps`` there), else FGSM at its
@@ -398,24 +401,24 @@ class AdaptiveBatchSizeCallback(Callback):
                                  self.adversarial_fraction)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        eigenvalue, growth = None, 1
+        probe, growth = {"eigenvalue": None, "eigenvalue_lower_bound": False, "probe_hvps": 0}, 1
         if self.schedule.probes and not self._capped():
             start = time.perf_counter()
-            eigenvalue = self._top_eigenvalue(pl_module)
+            probe = self._top_eigenvalue(pl_module)
             self.timings["hessian_seconds"] += time.perf_counter() - start
-            growth = self.schedule.decide(eigenvalue=eigenvalue)
+            growth = self.schedule.decide(eigenvalue=probe["eigenvalue"])
             growth = self._grow(trainer, pl_module, trainer.strategy.broadcast(growth, src=0))
         elif self.schedule.follows_lr_decay:
             growth = self._follow_lr_decay(trainer, pl_module)
         if self.adversarial:
             self._update_adversarial_fraction(trainer, grew=growth > 1)
         _, lr, batch, fraction = self._epoch_start  # what this epoch trained with: the decision shows from the next
-        record = {"epoch": trainer.current_epoch, "batch_size": batch, "lr": lr, "eigenvalue": eigenvalue,
+        record = {"epoch": trainer.current_epoch, "batch_size": batch, "lr": lr, **probe,
                   "adversarial_fraction": fraction}
         self.history.append(record)
         metrics = {"abs/batch_size": float(batch), "abs/lr": lr, "abs/adversarial_fraction": fraction}
-        if eigenvalue is not None:
-            metrics["abs/eigenvalue"] = eigenvalue
+        if probe["eigenvalue"] is not None:
+            metrics["abs/eigenvalue"] = probe["eigenvalue"]
         measured = self._clock is not None or trainer.world_size == 1
         metrics.update({f"abs/{k}": v for k, v in self._time_so_far().items()
                         if measured or k != "communication_seconds"})
@@ -442,13 +445,20 @@ class AdaptiveBatchSizeCallback(Callback):
         self._decision_lr = trainer.optimizers[0].param_groups[0]["lr"]
         return growth
 
-    def _top_eigenvalue(self, pl_module: pl.LightningModule) -> float | None:
+    def _top_eigenvalue(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The top eigenvalue (``None`` if the probe failed), whether it is only a lower bound (the probe stops once
+        the value is known to lie where the schedule's decision no longer depends on it: ``decided_above``), and the
+        products the probe made."""
+        above = self.schedule.decided_above()
         try:
-            value = self._probe.compute(pl_module)["eigenvalues"][0]
+            record = self._probe.measure(pl_module, stop_above=above)
         except Exception as err:  # never end the run over a probe: keep the schedule as it is
             rank_zero_warn(f"AdaptiveBatchSizeCallback: Hessian probe failed ({err!r}); batch size unchanged")
-            return None
-        return value if math.isfinite(value) else None
+            return {"eigenvalue": None, "eigenvalue_lower_bound": False, "probe_hvps": 0}
+        value = record.eigenvalues[0]
+        finite = math.isfinite(value)
+        return {"eigenvalue": value if finite else None, "probe_hvps": int(record.hvps),
+                "eigenvalue_lower_bound": finite and above is not None and not record.eigen.converged and value > above}
 
     def _update_adversarial_fraction(self, trainer: pl.Trainer, grew: bool) -> None:
         if grew:

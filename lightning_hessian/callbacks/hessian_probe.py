@@ -280,10 +280,10 @@ class HessianProbe:
         return chunk
 
     def measure(self, pl_module: pl.LightningModule, extras: bool = True,
-                trace_max_samples: int | None = None) -> SpectrumRecord:
+                trace_max_samples: int | None = None, stop_above: float | None = None) -> SpectrumRecord:
         """Measure on the probe set (``extras=False``: the eigenvalues only; ``trace_max_samples`` lowers the
-        trace's sample cap for this measurement), warm-started from the last measurement's eigenvectors, and keep
-        this one's for the next."""
+        trace's sample cap for this measurement; ``stop_above`` as in ``measure_spectrum``), warm-started from the
+        last measurement's eigenvectors, and keep this one's for the next."""
         if self.batches is None and self._source is not None:  # sized now, from the training time so far
             self._size_and_build(pl_module.trainer, pl_module)
         if self.batches is None:
@@ -305,14 +305,10 @@ class HessianProbe:
         with leave_no_trace(pl_module, self.mode):
             op = HessianOperator(pl_module, self._loss, self.batches, params=self.params,
                                  cache_bytes=self.cache_bytes())
-            record = measure_spectrum(op, options, warm_start=self.warm_start, draw=self.draws)
+            record = measure_spectrum(op, options, warm_start=self.warm_start, draw=self.draws, stop_above=stop_above)
         self.warm_start = record.eigen.eigenvectors.detach()
         self.draws += 1
         return record
-
-    def compute(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """The eigenvalues of one measurement (what ``AdaptiveBatchSizeCallback`` decides on)."""
-        return {"eigenvalues": self.measure(pl_module).eigenvalues}
 
     def state_dict(self) -> dict[str, Any]:
         return {"warm_start": self.warm_start, "draws": self.draws, "size": self.size}

@@ -61,6 +61,7 @@ from lightning_hessian.hessian.operator import (
     sample_count,
     working_dtype,
 )
+from lightning_hessian.seeds import mix_seed
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
 KFAC_APPROX = ("expand", "reduce")
@@ -365,7 +366,7 @@ class KFACOperator(ParameterVectors):
         self.distributed = resolve_distributed(distributed)
         self.process_group = process_group
         rank = dist.get_rank(process_group) if self.distributed else 0
-        self._generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)
+        self._generator = torch.Generator().manual_seed(mix_seed(rank, seed))  # seed + 1,000,003 rank
 
         self.blocks, named = self._layout(params)
         self.names = [n for n, _ in named]

@@ -96,6 +96,7 @@ class KrylovSolver:
     ``check_multiplicity`` (and ``k > 1``), converged pairs are followed by the search for repeated
     eigenvalues (module docstring); its products count in ``num_hvps``. ``deflate`` (orthonormal rows): the
     solver works in their orthogonal complement (the caller projects the products), as that search does.
+    ``stop_above`` (``which="LA"``): finish once the ``k``-th Ritz value exceeds it (``decided``).
     """
 
     def __init__(
@@ -112,8 +113,11 @@ class KrylovSolver:
         min_iter: int = 0,
         check_multiplicity: bool = True,
         deflate: torch.Tensor | None = None,
+        stop_above: float | None = None,
     ):
         self.dim, self.k, self.which, self.tol, self.max_iter = dim, k, which, tol, max_iter
+        self.stop_above = stop_above
+        self.decided = False  # the k-th Ritz value passed ``stop_above``: every wanted value is known to exceed it
         self.deflate = deflate
         self.space = dim - (0 if deflate is None else deflate.shape[0])  # dimension of the space searched
         self.min_iter = min(min_iter, self.space)
@@ -199,7 +203,7 @@ class KrylovSolver:
             if X is not None:  # projected, so the search sees the operator restricted to the complement
                 return X - (X @ self.search.deflate.T) @ self.search.deflate
             self.converged, self.searched, self.search = self.search.converged, self.search.converged, None
-        if self.converged or self.num_hvps >= self.max_iter:
+        if self.converged or self.decided or self.num_hvps >= self.max_iter:
             return None
         if self.m == self.n:  # no pending direction: the basis spans an invariant subspace
             if self.m >= self.space:
@@ -237,7 +241,7 @@ class KrylovSolver:
         self.iterations += 1
         self._ritz()
         self._check_closed_subspace()
-        if self.converged and not self.searched:
+        if self.converged and not self.searched and not self.decided:
             self._start_search()
 
     # ---------------------------------------------------------------------------- repeated eigenvalues
@@ -369,6 +373,8 @@ class KrylovSolver:
         if n >= self.k:
             wanted = residuals[: self.k] <= self.tol * np.abs(theta[: self.k])
             self.converged = (bool(wanted.all()) and self.num_hvps >= self.min_iter) or n >= self.space
+            if self.stop_above is not None and theta[self.k - 1] > self.stop_above and self.num_hvps >= self.min_iter:
+                self.decided = True
 
     def _restart(self) -> None:
         """Keep the most wanted Ritz vectors and the pending directions; drop the rest of the basis."""
@@ -419,6 +425,7 @@ def top_eigenvalues(
     min_iter: int = 0,
     return_basis: bool = False,
     check_multiplicity: bool = True,
+    stop_above: float | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of ``op`` by thick-restart Lanczos with full reorthogonalisation.
 
@@ -445,6 +452,10 @@ def top_eigenvalues(
             copies of the wanted eigenvalues (a single start vector sees one copy of a repeated eigenvalue),
             so the result is the top ``k`` counted with multiplicity; it costs the products of one more
             short Lanczos run (benchmarks/hessian_vs_pyhessian.py). ``k = 1`` never needs it.
+        stop_above: (``which="LA"`` only) stop as soon as the ``k``-th Ritz value exceeds this number. Ritz values
+            are lower bounds of the eigenvalues (``theta_i <= lambda_i``), so every wanted eigenvalue is then known
+            to exceed it, and the result holds those lower bounds (``converged`` unless they also met ``tol``):
+            for a caller that only asks whether the top eigenvalue is above a threshold (ABS's growth rule).
 
     Products that come back NaN or infinite stop the run with ``NonFiniteError``, whose message says
     whether the loss itself is (``"the loss is NaN at this probe"``).
@@ -459,6 +470,9 @@ def top_eigenvalues(
         ([5.0, 3.0, 3.0], True)
     """
     check_common(op, k, which, tol, max_iter)
+    if stop_above is not None and (which != "LA" or not math.isfinite(stop_above)):
+        raise ValueError(f"stop_above needs which='LA' and a finite number, got which={which!r}, "
+                         f"stop_above={stop_above!r}")
     if not isinstance(min_iter, int) or not 0 <= min_iter <= max_iter:
         raise ValueError(f"min_iter must be an int in [0, max_iter], got {min_iter!r}")
     if block_size is not None and (not isinstance(block_size, int) or not 1 <= block_size <= op.dim):
@@ -471,7 +485,7 @@ def top_eigenvalues(
         extra = torch.randn(block_size, op.dim, generator=g, device="cpu", dtype=torch.float64)[start.shape[0]:]
         start = torch.cat([start, extra.to(start)])
     solver = KrylovSolver(op.dim, k, which, start, tol, max_iter, ncv, block_size, seed, min_iter,
-                          check_multiplicity)
+                          check_multiplicity, stop_above=stop_above)
     while (X := solver.request()) is not None:
         solver.feed(check_finite(op, op.matmat(X)))
     return solver.result(return_basis)

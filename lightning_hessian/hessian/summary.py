@@ -153,6 +153,7 @@ def measure_spectrum(
     options: SpectrumOptions,
     warm_start: torch.Tensor | None = None,
     draw: int = 0,
+    stop_above: float | None = None,
 ) -> SpectrumRecord:
     """Measure what ``options`` ask for on ``op`` (the Hessian of a probe set); see the module docstring.
 
@@ -163,6 +164,8 @@ def measure_spectrum(
             ignored when they do not fit ``op``.
         draw: which draw of random probes the trace takes (seed ``options.seed + draw``): a callback passes
             its probe count, so successive traces do not share their noise.
+        stop_above: stop the eigenvalues once the ``top_k``-th exceeds this (``top_eigenvalues``): they are then
+            lower bounds, ``eigen.converged`` unless they met ``tol`` as well.
 
     Raises ``NonFiniteError`` ("the loss is NaN at this probe") when the products are not finite.
     """
@@ -175,7 +178,7 @@ def measure_spectrum(
     start = time.perf_counter()
     eig = top_eigenvalues(op, k=min(options.top_k, op.dim), tol=options.tol, max_iter=options.max_hvps, v0=v0,
                           seed=options.seed, min_iter=min(options.krylov_steps, op.dim, options.max_hvps) if krylov
-                          else 0, return_basis=krylov)
+                          else 0, return_basis=krylov, stop_above=stop_above)
     parts["eigenvalues"], hvps["eigenvalues"] = time.perf_counter() - start, eig.num_hvps
     record = SpectrumRecord(eigen=eig, hvps=0, seconds=0.0)
     sampling = dict(rel_tol=options.trace_rel_tol, confidence=options.confidence,
