@@ -391,6 +391,9 @@ def test_a_run_whose_batch_never_grows_trains_exactly_as_a_plain_run():
     cb = AdaptiveBatchSizeCallback(max_batch_size=64, decay_ratio=1e9, duration=100, probe_size=16, plot=False)
     probed, trainer = fit(cb, epochs=2)
     assert [h["batch_size"] for h in cb.history] == [8] * 2 and all(h["eigenvalue"] > 0 for h in cb.history)
+    # decay_ratio 1e9: the growth threshold is ~0, so the second probe stops at its first product, a lower bound
+    assert [(h["eigenvalue_lower_bound"], h["probe_hvps"]) for h in cb.history] == [(False, 4), (True, 1)]
+    assert trainer.callback_metrics["abs/eigenvalue_lower_bound"].item() == 1.0
     for p, q in zip(plain.parameters(), probed.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
     assert trainer.reload_dataloaders_every_n_epochs == 0

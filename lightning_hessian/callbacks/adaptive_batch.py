@@ -52,8 +52,9 @@ class AdaptiveBatchSizeCallback(Callback):
     residual of the eigenpair, so the eigenvalue is within 5% (usually far closer): ample for a rule that waits
     for the eigenvalue to halve. Once the reference is set, a probe stops as soon as the eigenvalue is known to
     exceed ``reference / decay_ratio`` (a Ritz value is a lower bound of the top eigenvalue): the decision is then
-    the same as with the exact value, and the history marks the value as that lower bound
-    (``eigenvalue_lower_bound``); most epochs' probes take one product instead of several.
+    the same as with the exact value, and the history and the log mark the value as that lower bound
+    (``eigenvalue_lower_bound``, ``abs/eigenvalue_lower_bound``); the history also counts each probe's products
+    (``probe_hvps``).
     With ``adversarial=True`` (ABSA) an ``AdversarialAugmentCallback`` replaces a fraction of every batch
     (``adversarial_fraction``, halved at each growth, 0 at the cap and in the second half of training):
     the one in the Trainer's callbacks if there is one (choose attack and ``eps`` there), else FGSM at its
@@ -419,6 +420,7 @@ class AdaptiveBatchSizeCallback(Callback):
         metrics = {"abs/batch_size": float(batch), "abs/lr": lr, "abs/adversarial_fraction": fraction}
         if probe["eigenvalue"] is not None:
             metrics["abs/eigenvalue"] = probe["eigenvalue"]
+            metrics["abs/eigenvalue_lower_bound"] = float(probe["eigenvalue_lower_bound"])
         measured = self._clock is not None or trainer.world_size == 1
         metrics.update({f"abs/{k}": v for k, v in self._time_so_far().items()
                         if measured or k != "communication_seconds"})
