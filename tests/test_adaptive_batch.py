@@ -1,5 +1,4 @@
 import time
-from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -9,20 +8,9 @@ from torch.utils.data import DataLoader
 
 from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
 from lightning_hessian.callbacks.hessian_probe import HessianProbe
-from tests.helpers.schedules import Data, Module, N
+from tests.helpers.schedules import Data, Module, N, script_probe, scripted_record
 
 EIGS = [10, 8, 4.9, 4, 2.4, 2.5, 2.3, 2.2, 2.0, 1.0]
-
-
-def scripted_record(value: float) -> SimpleNamespace:
-    """What ``HessianProbe.measure`` returns, for a converged top eigenvalue ``value``."""
-    return SimpleNamespace(eigenvalues=[value], eigen=SimpleNamespace(converged=True), hvps=1)
-
-
-def script_probe(monkeypatch, eigenvalue):
-    """Make every probe measure ``eigenvalue(epoch)`` (the probe set is still found and checked)."""
-    monkeypatch.setattr(HessianProbe, "measure",
-                        lambda self, module, **_: scripted_record(eigenvalue(module.current_epoch)))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_hessian.attacks import fgsm, pgd, robust_accuracy
 from lightning_hessian.callbacks.adaptive_batch import AdaptiveBatchSizeCallback
 from lightning_hessian.callbacks.adversarial import AdversarialAugmentCallback
-from lightning_hessian.callbacks.hessian_probe import HessianProbe
+from tests.helpers.schedules import script_probe
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -316,7 +316,7 @@ def test_bad_batches_and_models_fail_on_first_use(kwargs, layout, module, error,
 
 def test_absa_adds_the_callback_and_halves_its_fraction_at_growth(monkeypatch):
     eigs = [10, 8, 4.9, 4, 3, 3, 3, 3]  # halved at epoch 2: the batch grows from 8 to 16
-    monkeypatch.setattr(HessianProbe, "compute", lambda self, module: {"eigenvalues": [eigs[module.current_epoch]]})
+    script_probe(monkeypatch, eigs.__getitem__)
     abs_cb = AdaptiveBatchSizeCallback(max_batch_size=32, adversarial=True, adversarial_fraction=0.5, probe_size=16,
                                        plot=False)
     module, trainer = fit([abs_cb], epochs=8, data=Data(batch_size=8, shuffle=True))

@@ -207,6 +207,9 @@ def test_stop_above_ends_once_the_eigenvalues_are_known_to_exceed_it() -> None:
         # Ritz values are lower bounds: past the threshold, below the true eigenvalues, long before convergence
         assert (early.eigenvalues > threshold).all() and (early.eigenvalues <= top[:k] * (1 + 1e-12)).all()
         assert not early.converged and early.num_hvps < full.num_hvps / 2
+        stepped = early.eigenvectors @ H  # the next warm start: a power step on, from the products made
+        stepped /= torch.linalg.vector_norm(stepped, dim=1, keepdim=True)
+        torch.testing.assert_close(early.stepped_vectors, stepped)
     unreachable = top_eigenvalues(DenseOperator(H), k=1, tol=1e-8, stop_above=2 * float(top[0]))
     assert unreachable.converged and torch.allclose(unreachable.eigenvalues, top[:1])
     with pytest.raises(ValueError, match="stop_above needs which='LA'"):

@@ -306,7 +306,8 @@ class HessianProbe:
             op = HessianOperator(pl_module, self._loss, self.batches, params=self.params,
                                  cache_bytes=self.cache_bytes())
             record = measure_spectrum(op, options, warm_start=self.warm_start, draw=self.draws, stop_above=stop_above)
-        self.warm_start = record.eigen.eigenvectors.detach()
+        eig = record.eigen  # a run stopped early starts the next one a power step further on (ABS's early stop)
+        self.warm_start = (eig.eigenvectors if eig.converged else eig.stepped_vectors).detach()
         self.draws += 1
         return record
 

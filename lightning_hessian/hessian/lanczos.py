@@ -36,9 +36,11 @@ class EigenResult:
     ``eigenvalues`` (float64, CPU) are ordered by ``which``: descending for "LA", descending magnitude for
     "LM", ascending for "SA"; ``eigenvectors`` is ``(k, dim)`` (rows, unit norm, on the operator's device);
     ``residual_norms[i] = ||H x_i - lambda_i x_i||``; ``num_hvps`` counts the HVPs this call made;
-    ``converged`` says every residual met ``tol * |lambda_i|``. With ``return_basis``, ``basis`` holds the
-    orthonormal Krylov basis ``V`` (rows, in the order built, unless a restart compressed it) the run
-    multiplied by ``H``, and ``basis_projection = V H V^T``, known without further products; its trace
+    ``converged`` says every residual met ``tol * |lambda_i|``. ``stepped_vectors`` are the rows ``H x_i`` at unit
+    norm, known from the products made (one power step beyond the Ritz vectors, for free): a better warm start
+    for the next call than ``eigenvectors`` when the run stopped before converging. With ``return_basis``,
+    ``basis`` holds the orthonormal Krylov basis ``V`` (rows, in the order built, unless a restart compressed it)
+    the run multiplied by ``H``, and ``basis_projection = V H V^T``, known without further products; its trace
     ``basis_trace`` is the exact part of a deflated trace estimate
     (``hutchinson_trace(op, basis=..., basis_trace=...)``).
     """
@@ -51,6 +53,7 @@ class EigenResult:
     iterations: int
     basis: torch.Tensor | None = None
     basis_projection: torch.Tensor | None = None
+    stepped_vectors: torch.Tensor | None = None
 
     @property
     def basis_trace(self) -> float | None:
@@ -398,6 +401,11 @@ class KrylovSolver:
     def result(self, return_basis: bool = False) -> EigenResult:
         k = min(self.k, self.n)
         vectors = torch.from_numpy(self.S[:, :k].T.copy()).to(self.V) @ self.V[: self.n]
+        # H V_n = V_n T + P^T B (P the pending rows), so H x_i = theta_i x_i + P^T B s_i without a product
+        coupling = torch.from_numpy((self.T[self.n : self.m, : self.n] @ self.S[:, :k]).T.copy()).to(self.V)
+        stepped = torch.from_numpy(self.theta[:k].copy()).to(self.V)[:, None] * vectors
+        stepped += coupling @ self.V[self.n : self.m]
+        stepped /= torch.linalg.vector_norm(stepped, dim=1, keepdim=True).clamp_min(torch.finfo(stepped.dtype).tiny)
         basis = self.V[: self.n].clone() if return_basis else None
         projection = torch.from_numpy(self.T[: self.n, : self.n].copy()) if return_basis else None
         return EigenResult(
@@ -409,6 +417,7 @@ class KrylovSolver:
             iterations=self.iterations,
             basis=basis,
             basis_projection=projection,
+            stepped_vectors=stepped,
         )
 
 

@@ -1,6 +1,9 @@
-"""A tiny fit for the batch-size schedules: 128 separable samples, and a module that records each step's rows and LR."""
+"""A tiny fit for the batch-size schedules: 128 separable samples, a module that records each step's rows and LR, and
+a way to script the probed eigenvalues."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import torch
@@ -46,3 +49,16 @@ class Module(pl.LightningModule):
         if not self.milestones:
             return opt
         return [opt], [torch.optim.lr_scheduler.MultiStepLR(opt, self.milestones, gamma=0.5)]
+
+
+def scripted_record(value: float) -> SimpleNamespace:
+    """What ``HessianProbe.measure`` returns, for a converged top eigenvalue ``value`` (one product)."""
+    return SimpleNamespace(eigenvalues=[value], eigen=SimpleNamespace(converged=True), hvps=1)
+
+
+def script_probe(monkeypatch, eigenvalue) -> None:
+    """Make every probe measure ``eigenvalue(epoch)`` (the probe set is still found and checked)."""
+    from lightning_hessian.callbacks.hessian_probe import HessianProbe
+
+    monkeypatch.setattr(HessianProbe, "measure",
+                        lambda self, module, **_: scripted_record(eigenvalue(module.current_epoch)))
