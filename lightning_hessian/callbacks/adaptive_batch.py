@@ -49,8 +49,9 @@ class AdaptiveBatchSizeCallback(Callback):
     (``probe_size=None``) the probe set's size is chosen at the first epoch's end: the largest power of two from
     128 to 1,024 samples (or the training set) whose probe, predicted from one timed Hessian-vector product,
     costs 2% of that epoch; it is kept for the run (and in the checkpoint). ``eig_tol`` (5%) bounds the relative
-    residual of the eigenpair, so the eigenvalue is within 5% (usually far closer): ample for a rule that waits
-    for the eigenvalue to halve. Once the reference is set, a probe stops as soon as the eigenvalue is known to
+    residual of the eigenpair, so the value is within 5% of an eigenvalue, the top one unless the top two lie
+    about that close (then it may be the second): ample for a rule that waits for the eigenvalue to halve. Once
+    the reference is set, a probe stops as soon as the eigenvalue is known to
     exceed ``reference / decay_ratio`` (a Ritz value is a lower bound of the top eigenvalue): the decision is then
     the same as with the exact value, and the history and the log mark the value as that lower bound
     (``eigenvalue_lower_bound``, ``abs/eigenvalue_lower_bound``); the history also counts each probe's products
