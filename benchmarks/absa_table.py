@@ -19,7 +19,8 @@ the method's, both measured in the same seed's block of runs.
 ``--quick`` is a smoke run (9 epochs on 4,000 samples, caps 4x and 16x, one seed): it prints the tables and
 writes no result file. ``--save-runs`` keeps every run's record; ``--reuse-runs`` takes those of a saved file
 instead of running them again (to add ``--timing-seeds`` to a finished table within another hour, say);
-``--rerun-timing`` runs table 2 again all the same (after a change to the probe's cost alone).
+``--rerun-timing`` runs table 2 again all the same (after a change to the probe's cost alone), ``--rerun-methods``
+table 1's runs of the methods named (after a change to how they decide).
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ def run(args: argparse.Namespace) -> str:
 
     def take(table: str, jobs: list[tuple[str, int, int]]) -> tuple[list[dict[str, Any]], list[tuple[str, int, int]]]:
         """The saved runs of ``jobs`` and the jobs still to run."""
-        have = {(r["method"], r["cap"], r["seed"]): r for r in saved[table]}
+        have = {(r["method"], r["cap"], r["seed"]): r for r in saved[table]
+                if table != "table_1" or r["method"] not in args.rerun_methods}
         return [have[j] for j in jobs if j in have], [j for j in jobs if j not in have]
 
     jobs = [("BL", args.base_batch, seed) for seed in args.seeds]
@@ -328,6 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-runs", default=None, help="also write every run's record to this JSON file")
     parser.add_argument("--rerun-timing", action="store_true",
                         help="run table 2 again even where --reuse-runs holds its runs (after a change to the probe)")
+    parser.add_argument("--rerun-methods", nargs="+", default=[], choices=METHODS,
+                        help="run these methods' table-1 runs again even where --reuse-runs holds them")
     parser.add_argument("--reuse-runs", default=None,
                         help="take the runs this --save-runs file holds instead of running them again (e.g. to add "
                              "--timing-seeds)")

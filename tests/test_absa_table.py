@@ -149,7 +149,7 @@ def test_saved_runs_are_reused_and_only_the_missing_ones_run(tmp_path, data_dir,
 
     def train(method, cap, seed, args, devices=1):
         trained.append((method, cap, seed, devices))
-        return next(dict(r, seed=seed) for r in timed if (r["method"], r["cap"]) == (method, cap))
+        return next(dict(r, seed=seed, cap=cap, devices=devices) for r in timed if r["method"] == method)
 
     monkeypatch.setattr(absa_table, "train", train)
     args = absa_table.parse_args([*settings, "--timing-seeds", "0", "1", "--reuse-runs", str(saved),
@@ -164,5 +164,9 @@ def test_saved_runs_are_reused_and_only_the_missing_ones_run(tmp_path, data_dir,
     assert trained == [(m, c, seed, 2) for seed in (0, 1) for m, c in [("BL", 64)] + [(m, 4096) for m in
                                                                                    absa_table.METHODS]]
     assert "the other 22 + 0 are from" in text
+    # --rerun-methods: those methods' table-1 runs (2 caps x 2 seeds each) trained again, table 2 from the file
+    text = absa_table.run(absa_table.parse_args([*settings, "--timing-seeds", "0", "1", "--reuse-runs", str(saved),
+                                                 "--rerun-methods", "ABS", "ABSA", "--workers", "1"]))
+    assert "for 8 + 0 runs; the other 14 + 12 are from" in text
     with pytest.raises(SystemExit, match="was made with"):
         absa_table.run(absa_table.parse_args([*settings, "--epochs", "30", "--reuse-runs", str(saved)]))

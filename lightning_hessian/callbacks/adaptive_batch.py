@@ -51,11 +51,10 @@ class AdaptiveBatchSizeCallback(Callback):
     costs 2% of that epoch; it is kept for the run (and in the checkpoint). ``eig_tol`` (5%) bounds the relative
     residual of the eigenpair, so the value is within 5% of an eigenvalue, the top one unless the top two lie
     about that close (then it may be the second): ample for a rule that waits for the eigenvalue to halve. Once
-    the reference is set, a probe stops as soon as the eigenvalue is known to
-    exceed ``reference / decay_ratio`` (a Ritz value is a lower bound of the top eigenvalue): the decision is then
-    the same as with the exact value, and the history and the log mark the value as that lower bound
-    (``eigenvalue_lower_bound``, ``abs/eigenvalue_lower_bound``); the history also counts each probe's products
-    (``probe_hvps``).
+    the reference is set, a probe stops as soon as the eigenvalue is known to exceed ``reference / decay_ratio``
+    (a Ritz value is a lower bound of the top eigenvalue): that probe's decision is then the exact value's, and
+    the history and the log mark the value as that lower bound (``eigenvalue_lower_bound``,
+    ``abs/eigenvalue_lower_bound``); the history also counts each probe's products (``probe_hvps``).
     With ``adversarial=True`` (ABSA) an ``AdversarialAugmentCallback`` replaces a fraction of every batch
     (``adversarial_fraction``, halved at each growth, 0 at the cap and in the second half of training):
     the one in the Trainer's callbacks if there is one (choose attack and ``eps`` there), else FGSM at its

@@ -37,11 +37,11 @@ class EigenResult:
     "LM", ascending for "SA"; ``eigenvectors`` is ``(k, dim)`` (rows, unit norm, on the operator's device);
     ``residual_norms[i] = ||H x_i - lambda_i x_i||``; ``num_hvps`` counts the HVPs this call made;
     ``converged`` says every residual met ``tol * |lambda_i|``. ``stepped_vectors`` are the rows ``H x_i`` at unit
-    norm, known from the products made (one power step beyond the Ritz vectors, for free): a better warm start
-    for the next call than ``eigenvectors`` when the run stopped before converging. With ``return_basis``,
-    ``basis`` holds the orthonormal Krylov basis ``V`` (rows, in the order built, unless a restart compressed it)
-    the run multiplied by ``H``, and ``basis_projection = V H V^T``, known without further products; its trace
-    ``basis_trace`` is the exact part of a deflated trace estimate
+    norm, known from the products made (one power step beyond the Ritz vectors, for free): for ``"LA"`` and
+    ``"LM"``, a better warm start for the next call than ``eigenvectors`` when the run stopped before
+    converging. With ``return_basis``, ``basis`` holds the orthonormal Krylov basis ``V`` (rows, in the order
+    built, unless a restart compressed it) the run multiplied by ``H``, and ``basis_projection = V H V^T``,
+    known without further products; its trace ``basis_trace`` is the exact part of a deflated trace estimate
     (``hutchinson_trace(op, basis=..., basis_trace=...)``).
     """
 

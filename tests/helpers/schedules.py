@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_hessian.callbacks.hessian_probe import HessianProbe
+
 N = 128
 
 
@@ -58,7 +60,5 @@ def scripted_record(value: float) -> SimpleNamespace:
 
 def script_probe(monkeypatch, eigenvalue) -> None:
     """Make every probe measure ``eigenvalue(epoch)`` (the probe set is still found and checked)."""
-    from lightning_hessian.callbacks.hessian_probe import HessianProbe
-
     monkeypatch.setattr(HessianProbe, "measure",
                         lambda self, module, **_: scripted_record(eigenvalue(module.current_epoch)))
